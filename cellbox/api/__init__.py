@@ -1,0 +1,1 @@
+"""The HTTP faces of cellbox (FastAPI). The only package that imports fastapi/starlette."""

@@ -1,0 +1,93 @@
+"""The application factory: ``create_app(settings)``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import cellbox
+from cellbox.api import errors
+from cellbox.api.errors import error_response
+from cellbox.api.routes import artifacts, executions, sandboxes
+from cellbox.interpreter.config import Settings
+from cellbox.interpreter.errors import RequestTooLarge
+from cellbox.interpreter.manager import SandboxManager
+from cellbox.interpreter.models import Health
+
+log = logging.getLogger("cellbox.api")
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes with a 413 JSON error, whether the client
+    announced the size (Content-Length) or streams it (chunked)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = RequestTooLarge(f"request body larger than {self.limit} bytes", limit=self.limit)
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await error_response(too_large)(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise too_large
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def create_app(settings: Settings, manager: SandboxManager | None = None) -> FastAPI:
+    """Build the ASGI app. Without ``manager`` the lifespan opens one from ``settings`` (and
+    closes it at shutdown); tests may pass their own."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manager is not None:
+            app.state.manager = manager
+            yield
+            return
+        opened = await SandboxManager.open(settings)
+        app.state.manager = opened
+        try:
+            yield
+        finally:
+            await opened.close()
+
+    app = FastAPI(
+        title="cellbox",
+        version=cellbox.__version__,
+        description="Self-hosted code interpreter: sandboxes with stateful Jupyter kernels.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    errors.install(app)
+    app.include_router(sandboxes.router)
+    app.include_router(executions.router)
+    app.include_router(artifacts.router)
+
+    @app.get("/healthz", response_model=Health, tags=["service"])
+    async def healthz(request: Request) -> Health:
+        m: SandboxManager = request.app.state.manager
+        return Health(
+            version=cellbox.__version__, isolation=m.runtime.isolation, runtime=m.runtime.name,
+            sandboxes=len(m.sandboxes),
+        )
+
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    return app

@@ -1,0 +1,89 @@
+"""The one table from the core's exceptions to HTTP statuses and WebSocket close codes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette import status
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cellbox.interpreter import errors as e
+
+log = logging.getLogger("cellbox.api")
+
+# Most specific first: the first class an error is an instance of decides.
+STATUS_TABLE: list[tuple[type[e.InterpreterError], int, int]] = [
+    (e.RequestTooLarge, status.HTTP_413_CONTENT_TOO_LARGE, status.WS_1009_MESSAGE_TOO_BIG),
+    (e.InvalidRequest, status.HTTP_422_UNPROCESSABLE_CONTENT, status.WS_1008_POLICY_VIOLATION),
+    (e.Unauthorized, status.HTTP_401_UNAUTHORIZED, status.WS_1008_POLICY_VIOLATION),
+    (e.NotFound, status.HTTP_404_NOT_FOUND, status.WS_1008_POLICY_VIOLATION),
+    (e.Conflict, status.HTTP_409_CONFLICT, status.WS_1008_POLICY_VIOLATION),
+    (e.SandboxLimitReached, status.HTTP_429_TOO_MANY_REQUESTS, status.WS_1013_TRY_AGAIN_LATER),
+    (e.CapacityError, status.HTTP_503_SERVICE_UNAVAILABLE, status.WS_1013_TRY_AGAIN_LATER),
+    (e.KernelError, status.HTTP_503_SERVICE_UNAVAILABLE, status.WS_1011_INTERNAL_ERROR),
+    (e.RuntimeUnavailable, status.HTTP_503_SERVICE_UNAVAILABLE, status.WS_1011_INTERNAL_ERROR),
+    (e.InterpreterError, status.HTTP_500_INTERNAL_SERVER_ERROR, status.WS_1011_INTERNAL_ERROR),
+]
+
+
+def status_for(exc: e.InterpreterError) -> tuple[int, int]:
+    """(HTTP status, WebSocket close code) for a core exception."""
+    for cls, http_status, ws_code in STATUS_TABLE:
+        if isinstance(exc, cls):
+            return http_status, ws_code
+    return status.HTTP_500_INTERNAL_SERVER_ERROR, status.WS_1011_INTERNAL_ERROR
+
+
+def error_response(exc: e.InterpreterError) -> JSONResponse:
+    http_status, _ = status_for(exc)
+    headers: dict[str, str] = {}
+    if http_status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if "retry_after" in exc.details:
+        headers["Retry-After"] = str(int(exc.details["retry_after"]))
+    return JSONResponse(exc.to_payload(), status_code=http_status, headers=headers)
+
+
+def _validation_fields(errors: Any) -> list[dict[str, Any]]:
+    out = []
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+        out.append({"field": ".".join(loc) or "body", "message": err.get("msg", "invalid")})
+    return out
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers: every error leaves as ``{"error": {"code", "message", ...}}``."""
+
+    @app.exception_handler(e.InterpreterError)
+    async def interpreter_error(request: Request, exc: e.InterpreterError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = _validation_fields(exc.errors())
+        first = fields[0] if fields else {"field": "body", "message": "invalid"}
+        return error_response(
+            e.InvalidRequest(f"invalid {first['field']}: {first['message']}", fields=fields)
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "http_error")
+        return JSONResponse(
+            {"error": {"code": code, "message": str(exc.detail)}},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(
+            {"error": {"code": "internal", "message": "internal error; the service log has the details"}},
+            status_code=500,
+        )

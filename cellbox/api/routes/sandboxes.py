@@ -1,0 +1,91 @@
+"""Sandboxes and their contexts."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from cellbox.api.deps import Manager, Owner
+from cellbox.interpreter.errors import InvalidRequest
+from cellbox.interpreter.models import ContextCreate, ContextInfo, SandboxCreate, SandboxInfo, SandboxList
+
+router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
+
+
+class TimeoutBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    timeout: float = Field(gt=0, description="Seconds from now until the sandbox expires.")
+
+
+class ContextList(BaseModel):
+    contexts: list[ContextInfo]
+
+
+@router.post("", status_code=201, response_model=SandboxInfo)
+async def create_sandbox(body: SandboxCreate, owner: Owner, manager: Manager) -> SandboxInfo:
+    sandbox = await manager.create(owner, body)
+    return sandbox.info()
+
+
+@router.get("", response_model=SandboxList)
+async def list_sandboxes(
+    owner: Owner,
+    manager: Manager,
+    state: Annotated[list[str] | None, Query(description="Filter by state (repeatable).")] = None,
+    metadata: Annotated[list[str] | None, Query(description="key=value (repeatable).")] = None,
+) -> SandboxList:
+    wanted: dict[str, str] = {}
+    for item in metadata or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidRequest("metadata filters are key=value", field="metadata")
+        wanted[key] = value
+    return SandboxList(sandboxes=await manager.list(owner, state, wanted))
+
+
+@router.get("/{sandbox_id}", response_model=SandboxInfo)
+async def get_sandbox(sandbox_id: str, owner: Owner, manager: Manager) -> SandboxInfo:
+    return await manager.info(owner, sandbox_id)
+
+
+@router.delete("/{sandbox_id}", status_code=204)
+async def delete_sandbox(sandbox_id: str, owner: Owner, manager: Manager) -> Response:
+    await manager.delete(owner, sandbox_id)
+    return Response(status_code=204)
+
+
+@router.post("/{sandbox_id}/timeout", response_model=SandboxInfo)
+async def set_timeout(sandbox_id: str, body: TimeoutBody, owner: Owner, manager: Manager) -> SandboxInfo:
+    return await manager.set_timeout(owner, sandbox_id, body.timeout)
+
+
+@router.post("/{sandbox_id}/contexts", status_code=201, response_model=ContextInfo)
+async def create_context(sandbox_id: str, body: ContextCreate, owner: Owner, manager: Manager) -> ContextInfo:
+    return await manager.create_context(owner, sandbox_id, body.language, body.cwd)
+
+
+@router.get("/{sandbox_id}/contexts", response_model=ContextList)
+async def list_contexts(sandbox_id: str, owner: Owner, manager: Manager) -> ContextList:
+    return ContextList(contexts=manager.contexts(owner, sandbox_id))
+
+
+@router.delete("/{sandbox_id}/contexts/{context_id}", status_code=204)
+async def remove_context(sandbox_id: str, context_id: str, owner: Owner, manager: Manager) -> Response:
+    await manager.remove_context(owner, sandbox_id, context_id)
+    return Response(status_code=204)
+
+
+@router.post("/{sandbox_id}/contexts/{context_id}/restart", response_model=ContextInfo)
+async def restart_context(sandbox_id: str, context_id: str, owner: Owner, manager: Manager) -> ContextInfo:
+    ctx = manager.context(owner, sandbox_id, context_id)
+    await ctx.restart()
+    return ctx.info()
+
+
+@router.post("/{sandbox_id}/contexts/{context_id}/interrupt", response_model=ContextInfo)
+async def interrupt_context(sandbox_id: str, context_id: str, owner: Owner, manager: Manager) -> ContextInfo:
+    ctx = manager.context(owner, sandbox_id, context_id)
+    await ctx.interrupt()
+    return ctx.info()

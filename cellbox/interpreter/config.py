@@ -1,0 +1,82 @@
+"""Service settings: one typed object, built at the edge (CLI, tests) and passed down.
+
+Every field can be set from the environment with the ``CELLBOX_`` prefix
+(``CELLBOX_PORT=9000``, ``CELLBOX_API_KEYS='["k1","k2"]'``). Every field has a description;
+a test keeps it so.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/cellbox")
+    return Path.home() / ".local" / "share" / "cellbox"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CELLBOX_", frozen=True, extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
+    port: int = Field(8080, description="Port the HTTP server binds.")
+    public_url: str | None = Field(
+        None, description="Base URL clients reach the service at (for artifact URLs); default: from the request."
+    )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Accepted API keys. Empty: no auth, and the server may only bind a loopback address.",
+    )
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Holds the SQLite state store, artifacts and sandbox homes.",
+    )
+    run_dir: Path | None = Field(
+        None,
+        description="Short path for kernel ipc sockets (unix socket paths are limited to 107 bytes); "
+        "default: /run/cellbox as root, else a directory under /tmp.",
+    )
+    templates_dir: Path | None = Field(None, description="Where templates live; default: DATA_DIR/templates.")
+    runtime: str = Field("local", description="Where sandboxes live: 'local' (this host).")
+    isolation: str = Field(
+        "none",
+        description="'none' runs kernels as plain child processes (trusted code only).",
+    )
+    max_sandboxes: int = Field(200, description="Sandboxes the host runs at once (503 past it).")
+    max_sandboxes_per_key: int = Field(100, description="Sandboxes one API key may have at once (429 past it).")
+    max_contexts_per_sandbox: int = Field(8, description="Contexts (kernels) one sandbox may have.")
+    sandbox_timeout: float = Field(300.0, description="Default seconds until a sandbox expires.")
+    max_sandbox_timeout: float = Field(24 * 3600.0, description="Largest timeout a create may ask for.")
+    execution_timeout: float = Field(300.0, description="Default wall-clock limit of one execution, seconds.")
+    max_execution_timeout: float = Field(3600.0, description="Largest execution timeout a request may ask for.")
+    keepalive_interval: float = Field(5.0, description="Seconds of silence before a live stream sends a keepalive.")
+    interrupt_grace: float = Field(
+        5.0, description="Seconds an interrupted kernel has to go idle before it is restarted."
+    )
+    kernel_start_timeout: float = Field(60.0, description="Seconds a kernel has to become ready.")
+    max_output_bytes: int = Field(
+        64 * 1024 * 1024,
+        description="stdout+stderr kept per execution; past it output is cut with a marker.",
+    )
+    max_request_bytes: int = Field(16 * 1024 * 1024, description="Largest JSON request body (413 past it).")
+    history_retention: float = Field(
+        24 * 3600.0, description="Seconds a killed sandbox's executions and artifacts are kept."
+    )
+    reap_interval: float = Field(5.0, description="Seconds between sweeps for expired sandboxes.")
+    log_level: str = Field("info", description="Log level of the service.")
+    log_code: bool = Field(False, description="Log submitted code at DEBUG level (never at INFO).")
+
+    def resolved_run_dir(self) -> Path:
+        if self.run_dir is not None:
+            return self.run_dir
+        if os.geteuid() == 0:
+            return Path("/run/cellbox")
+        return Path(f"/tmp/cellbox-{os.geteuid()}")
+
+    def resolved_templates_dir(self) -> Path:
+        return self.templates_dir or self.data_dir / "templates"

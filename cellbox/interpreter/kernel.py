@@ -1,0 +1,253 @@
+"""KernelSession: our async wrapper around one kernel process and its jupyter_client.
+
+The only module that imports jupyter_client. A session owns:
+
+* the kernel process, started by the runtime (``Runtime.start_kernel``);
+* one ``AsyncKernelClient`` (heartbeat off: liveness comes from the process, because a missed
+  1 s heartbeat during a slow start reads as a false death);
+* three pump tasks (iopub, shell, stdin) that route every message by its parent
+  ``msg_id`` to the queue of the request that caused it, and drop the rest;
+* a watcher task that notices the process exiting at once and pushes a ``Died`` marker into
+  every open route, so nobody waits on a dead kernel.
+
+Executions are not serialised here; ``Context`` in ``sandbox.py`` does that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from jupyter_client.asynchronous.client import AsyncKernelClient
+
+from cellbox.interpreter.errors import KernelDied, KernelStartFailed
+from cellbox.interpreter.models import KernelExit
+from cellbox.runtimes.base import KernelProcess, KernelSpec
+
+log = logging.getLogger("cellbox.kernel")
+
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Died:
+    """Put into routes when the kernel process exits."""
+
+    exit: KernelExit
+
+
+RouteItem = tuple[str, Message] | Died
+
+
+class Route:
+    """The messages (``(channel, msg)``) caused by one request, in arrival order."""
+
+    def __init__(self, msg_id: str) -> None:
+        self.msg_id = msg_id
+        self.queue: asyncio.Queue[RouteItem] = asyncio.Queue()
+
+    async def get(self, deadline: float | None = None) -> RouteItem:
+        """The next item; raises TimeoutError at the loop-time ``deadline``."""
+        if deadline is None:
+            return await self.queue.get()
+        async with asyncio.timeout_at(deadline):
+            return await self.queue.get()
+
+
+class KernelSession:
+    """One kernel: start, route messages, interrupt, stop.
+
+    Launch = ``await runtime.start_kernel(...)`` through ``launch`` (a callable that returns a
+    fresh :class:`KernelProcess`), so restart is just stop + start with the same callable.
+    """
+
+    def __init__(self, launch: Callable[[], Any], spec: KernelSpec, start_timeout: float) -> None:
+        self._launch = launch
+        self.spec = spec
+        self.start_timeout = start_timeout
+        self.process: KernelProcess | None = None
+        self.client: AsyncKernelClient | None = None
+        self.exit: KernelExit | None = None
+        self.died = asyncio.Event()
+        self._routes: dict[str, Route] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._on_death: list[Callable[[KernelExit], None]] = []
+        self.started_at = 0.0
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and not self.died.is_set()
+
+    def on_death(self, callback: Callable[[KernelExit], None]) -> None:
+        """Register ``callback(exit)``, called once each time a started kernel dies."""
+        self._on_death.append(callback)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Launch the kernel and return when it answers ``kernel_info`` on shell *and* iopub
+        delivered a message to us (else the first output can be lost to ZMQ's slow joiner).
+
+        Raises KernelStartFailed (process exit or no answer within ``start_timeout``).
+        """
+        self.exit = None
+        self.died = asyncio.Event()
+        t0 = time.monotonic()
+        self.process = process = await self._launch()
+        client = AsyncKernelClient()
+        client.load_connection_info(process.connection_info)
+        client.start_channels(shell=True, iopub=True, stdin=True, control=True, hb=False)
+        self.client = client
+        self._tasks = [
+            asyncio.create_task(self._watch(process), name="kernel-watch"),
+            asyncio.create_task(self._pump("iopub", client.get_iopub_msg), name="kernel-iopub"),
+            asyncio.create_task(self._pump("shell", client.get_shell_msg), name="kernel-shell"),
+            asyncio.create_task(self._pump("stdin", client.get_stdin_msg), name="kernel-stdin"),
+            asyncio.create_task(self._pump("control", client.get_control_msg), name="kernel-control"),
+        ]
+        try:
+            await self._wait_ready(time.monotonic() + self.start_timeout)
+        except BaseException:
+            await self.stop()
+            raise
+        self.started_at = time.monotonic()
+        log.debug("kernel ready in %.0f ms", (self.started_at - t0) * 1000)
+
+    async def _wait_ready(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        ldeadline = loop.time() + (deadline - time.monotonic())
+        assert self.client is not None
+        while True:
+            msg_id = self.client.kernel_info()
+            route = self.open_route(msg_id)
+            got_reply = got_iopub = False
+            try:
+                # Each probe waits up to 1 s; a starting kernel answers the first one it sees.
+                probe_deadline = min(ldeadline, loop.time() + 1.0)
+                while not (got_reply and got_iopub):
+                    item = await route.get(probe_deadline)
+                    if isinstance(item, Died):
+                        raise KernelStartFailed(
+                            f"kernel exited during start: {item.exit.detail or item.exit.reason}",
+                            exit=item.exit.model_dump(),
+                        )
+                    channel, _ = item
+                    got_reply |= channel == "shell"
+                    got_iopub |= channel == "iopub"
+                return
+            except TimeoutError:
+                if loop.time() >= ldeadline:
+                    raise KernelStartFailed(f"kernel not ready after {self.start_timeout:.0f} s") from None
+            finally:
+                self.close_route(msg_id)
+
+    async def stop(self) -> None:
+        """Kill the kernel process and stop the pumps. Idempotent; never raises."""
+        for t in self._tasks:
+            t.cancel()
+        process, client = self.process, self.client
+        if process is not None:
+            with contextlib.suppress(Exception):
+                await process.kill()
+        for t in self._tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        self._tasks = []
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.stop_channels()
+        self.client = None
+        if self.exit is None:
+            self.exit = KernelExit(reason="stopped", at=time.time())
+        self.died.set()
+        self._fail_routes(Died(self.exit))
+
+    # -- messaging -------------------------------------------------------------------------
+
+    def open_route(self, msg_id: str) -> Route:
+        route = Route(msg_id)
+        self._routes[msg_id] = route
+        if self.died.is_set() and self.exit is not None:
+            route.queue.put_nowait(Died(self.exit))
+        return route
+
+    def close_route(self, msg_id: str) -> None:
+        self._routes.pop(msg_id, None)
+
+    def execute(self, code: str, *, silent: bool = False, allow_stdin: bool = True) -> Route:
+        """Send an execute_request; returns the route its replies and outputs arrive on."""
+        client = self._require_client()
+        msg = client.session.msg(
+            "execute_request",
+            {
+                "code": code,
+                "silent": silent,
+                "store_history": not silent,
+                "user_expressions": {},
+                "allow_stdin": allow_stdin,
+                "stop_on_error": True,
+            },
+        )
+        # Open the route before sending, so no reply can arrive unrouted.
+        route = self.open_route(msg["header"]["msg_id"])
+        client.shell_channel.send(msg)
+        return route
+
+    def send_input(self, value: str) -> None:
+        """Answer the kernel's pending ``input_request``."""
+        self._require_client().input(value)
+
+    async def interrupt(self) -> None:
+        """Interrupt the running cell: ``interrupt_request`` on control, or SIGINT for kernels
+        whose spec says ``signal``. Does not wait for the cell to stop."""
+        if not self.alive:
+            return
+        if self.spec.interrupt_mode == "signal":
+            assert self.process is not None
+            self.process.signal(signal.SIGINT)
+            return
+        client = self._require_client()
+        msg = client.session.msg("interrupt_request", {})
+        client.control_channel.send(msg)
+
+    def _require_client(self) -> AsyncKernelClient:
+        if self.client is None or self.died.is_set():
+            raise KernelDied("the kernel is not running", exit=self.exit.model_dump() if self.exit else None)
+        return self.client
+
+    async def _pump(self, channel: str, get: Callable[..., Any]) -> None:
+        while True:
+            try:
+                msg = await get()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a malformed or unsigned message: skip it, keep pumping
+                log.warning("dropped an unreadable %s message", channel, exc_info=True)
+                continue
+            parent = msg.get("parent_header") or {}
+            route = self._routes.get(parent.get("msg_id", ""))
+            if route is not None:
+                route.queue.put_nowait((channel, msg))
+
+    async def _watch(self, process: KernelProcess) -> None:
+        exit_info = await process.wait()
+        if self.process is not process:
+            return
+        self.exit = exit_info
+        self.died.set()
+        self._fail_routes(Died(exit_info))
+        for cb in self._on_death:
+            try:
+                cb(exit_info)
+            except Exception:
+                log.exception("kernel death callback failed")
+
+    def _fail_routes(self, died: Died) -> None:
+        for route in self._routes.values():
+            route.queue.put_nowait(died)

@@ -1,0 +1,362 @@
+"""SandboxManager: the core's front door. Every face (HTTP, WebSocket, CLI, tests) calls it.
+
+It owns the live sandboxes, the state store and the artifact store, enforces ownership (a
+sandbox belongs to the API key that created it; anyone else gets ``SandboxNotFound``),
+capacity, timeouts and expiry, and keeps the store in step with what is live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from cellbox.interpreter.artifacts import ArtifactStore
+from cellbox.interpreter.config import Settings
+from cellbox.interpreter.errors import (
+    ArtifactNotFound,
+    ExecutionNotFound,
+    InvalidRequest,
+    SandboxLimitReached,
+    SandboxNotFound,
+    ServiceAtCapacity,
+)
+from cellbox.interpreter.execution import ExecutionLog
+from cellbox.interpreter.models import (
+    ArtifactInfo,
+    ContextInfo,
+    ExecuteRequest,
+    ExecutionInfo,
+    ExecutionRecord,
+    Limits,
+    SandboxCreate,
+    SandboxInfo,
+    SandboxState,
+)
+from cellbox.interpreter.sandbox import Context, Sandbox, new_id, start_event
+from cellbox.interpreter.store import Store
+from cellbox.interpreter.templates import TemplateRegistry
+from cellbox.runtimes.base import Runtime
+
+log = logging.getLogger("cellbox.manager")
+
+# An ended execution stays in memory this long, so followers that are a little late still
+# read it without a store round trip; after that it is served from the store.
+_KEEP_ENDED_SECONDS = 30.0
+
+
+class SandboxManager:
+    """Creates, finds and removes sandboxes; runs executions. Start with :meth:`start`."""
+
+    def __init__(self, settings: Settings, runtime: Runtime, store: Store, artifacts: ArtifactStore) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.store = store
+        self.artifacts = artifacts
+        self.templates = TemplateRegistry(settings.resolved_templates_dir())
+        self.sandboxes: dict[str, Sandbox] = {}
+        self._creating = 0
+        self._reaper: asyncio.Task[None] | None = None
+        self._saves: dict[str, asyncio.Task[None]] = {}
+        self._save_again: set[str] = set()
+
+    @classmethod
+    async def open(cls, settings: Settings, runtime: Runtime | None = None) -> SandboxManager:
+        """Build the stores and the runtime from settings and start. Used by the API's lifespan."""
+        if runtime is None:
+            from cellbox.runtimes import load_runtime
+
+            runtime = load_runtime(settings)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = await Store.open(settings.data_dir / "state.sqlite3")
+        manager = cls(settings, runtime, store, ArtifactStore(settings.data_dir / "artifacts"))
+        try:
+            await manager.start()
+        except BaseException:
+            await store.close()
+            raise
+        return manager
+
+    async def start(self) -> None:
+        await self.runtime.startup()
+        lost, ended = await self.store.mark_lost("the service restarted; the kernel ended with it")
+        if lost or ended:
+            log.warning("service restart: %d sandboxes marked lost, %d executions closed", len(lost), len(ended))
+        self._reaper = asyncio.create_task(self._reap_loop(), name="cellbox-reaper")
+
+    async def close(self) -> None:
+        """Stop every sandbox's kernels (their records stay, marked lost on next start)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reaper
+        await asyncio.gather(*(sb.close() for sb in self.sandboxes.values()), return_exceptions=True)
+        for sb in self.sandboxes.values():
+            if sb.handle is not None:
+                with contextlib.suppress(Exception):
+                    await self.runtime.destroy_sandbox(sb.handle)
+        for task in list(self._saves.values()):
+            with contextlib.suppress(BaseException):
+                await task
+        await self.runtime.shutdown()
+        await self.store.close()
+
+    # -- sandboxes -------------------------------------------------------------------------
+
+    async def create(self, owner: str, req: SandboxCreate) -> Sandbox:
+        """Create a sandbox and return once its default python context is ready.
+
+        Raises TemplateNotFound, SandboxLimitReached (per key), ServiceAtCapacity (host),
+        InvalidRequest (a timeout or limit beyond the configured maxima), KernelStartFailed.
+        """
+        s = self.settings
+        if len(self.sandboxes) + self._creating >= s.max_sandboxes:
+            raise ServiceAtCapacity(f"this service runs its maximum of {s.max_sandboxes} sandboxes", retry_after=5)
+        mine = sum(1 for sb in self.sandboxes.values() if sb.owner == owner)
+        if mine >= s.max_sandboxes_per_key:
+            raise SandboxLimitReached(f"this API key has its maximum of {s.max_sandboxes_per_key} sandboxes")
+        timeout = req.timeout if req.timeout is not None else s.sandbox_timeout
+        if timeout > s.max_sandbox_timeout:
+            raise InvalidRequest(f"timeout may be at most {s.max_sandbox_timeout:g} s", field="timeout")
+        if req.network.internet:
+            raise InvalidRequest("network access is not available on this service", field="network")
+        template = self.templates.get(req.template)
+        limits = Limits(**{**template.limits.model_dump(exclude_none=True), **req.limits.model_dump(exclude_none=True)})
+        now = time.time()
+        sid = new_id("sb_")
+        info = SandboxInfo(
+            id=sid, template=template.name, state=SandboxState.STARTING, created_at=now, end_at=now + timeout,
+            metadata=req.metadata, envs=req.envs, limits=limits, isolation=self.runtime.isolation,
+            runtime=self.runtime.name,
+        )
+        sandbox = Sandbox(sid, owner, s, self.runtime, self.store, self.artifacts, info, self._save)
+        self._creating += 1
+        try:
+            sandbox.handle = await self.runtime.create_sandbox(sid, template, limits, req.envs)
+            try:
+                await sandbox.add_context("python", None)
+            except BaseException:
+                await sandbox.close()
+                await self.runtime.destroy_sandbox(sandbox.handle)
+                raise
+        finally:
+            self._creating -= 1
+        info.state = SandboxState.RUNNING
+        self.sandboxes[sid] = sandbox
+        await self.store.put_sandbox(owner, sandbox.info().model_dump(mode="json"))
+        log.info("sandbox %s created (template %s)", sid, template.name)
+        return sandbox
+
+    def _save(self, sandbox: Sandbox) -> None:
+        """Persist a sandbox's record soon; coalesces bursts of changes into one write."""
+        sid = sandbox.id
+        task = self._saves.get(sid)
+        if task is not None and not task.done():
+            self._save_again.add(sid)
+            return
+
+        async def save() -> None:
+            while True:
+                self._save_again.discard(sid)
+                try:
+                    await self.store.put_sandbox(sandbox.owner, sandbox.info().model_dump(mode="json"))
+                except Exception:
+                    log.exception("could not save sandbox %s", sid)
+                if sid not in self._save_again:
+                    return
+
+        self._saves[sid] = asyncio.create_task(save())
+
+    def live(self, owner: str, sandbox_id: str) -> Sandbox:
+        """The live sandbox; SandboxNotFound if unknown or someone else's, SandboxNotRunning if
+        it exists but is not running."""
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is None or sb.owner != owner:
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        sb.require_running()
+        return sb
+
+    async def info(self, owner: str, sandbox_id: str) -> SandboxInfo:
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is not None:
+            if sb.owner != owner:
+                raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+            return sb.info()
+        row = await self.store.get_sandbox(sandbox_id)
+        if row is None or row[0] != owner:
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        return SandboxInfo.model_validate(row[1])
+
+    async def list(
+        self, owner: str, states: list[str] | None = None, metadata: dict[str, str] | None = None
+    ) -> list[SandboxInfo]:
+        wanted = states or [SandboxState.RUNNING.value, SandboxState.PAUSED.value, SandboxState.STARTING.value]
+        out = []
+        for doc in await self.store.list_sandboxes(owner, wanted):
+            live = self.sandboxes.get(doc["id"])
+            info = live.info() if live is not None else SandboxInfo.model_validate(doc)
+            if metadata and any(info.metadata.get(k) != v for k, v in metadata.items()):
+                continue
+            out.append(info)
+        return out
+
+    async def delete(self, owner: str, sandbox_id: str) -> None:
+        """Kill a sandbox and free its resources; its history stays for ``history_retention``."""
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is None or sb.owner != owner:
+            await self.info(owner, sandbox_id)  # raises SandboxNotFound if it is not ours
+            return  # already killed or lost: nothing live to free
+        await self._kill(sb, "killed")
+
+    async def _kill(self, sb: Sandbox, why: str) -> None:
+        self.sandboxes.pop(sb.id, None)
+        sb.info_base.state = SandboxState.KILLED
+        sb.info_base.ended_at = time.time()
+        sb.info_base.end_reason = why
+        await sb.close()
+        if sb.handle is not None:
+            await self.runtime.destroy_sandbox(sb.handle)
+        await self.store.put_sandbox(sb.owner, sb.info().model_dump(mode="json"))
+        log.info("sandbox %s %s", sb.id, why)
+
+    async def set_timeout(self, owner: str, sandbox_id: str, timeout: float) -> SandboxInfo:
+        if timeout <= 0 or timeout > self.settings.max_sandbox_timeout:
+            raise InvalidRequest(
+                f"timeout must be in (0, {self.settings.max_sandbox_timeout:g}] seconds", field="timeout"
+            )
+        sb = self.live(owner, sandbox_id)
+        sb.info_base.end_at = time.time() + timeout
+        await self.store.put_sandbox(owner, sb.info().model_dump(mode="json"))
+        return sb.info()
+
+    async def _reap_loop(self) -> None:
+        last_purge = 0.0
+        while True:
+            await asyncio.sleep(self.settings.reap_interval)
+            now = time.time()
+            for sb in list(self.sandboxes.values()):
+                if sb.info_base.end_at is not None and sb.info_base.end_at <= now:
+                    try:
+                        await self._kill(sb, "expired")
+                    except Exception:
+                        log.exception("could not expire sandbox %s", sb.id)
+            if now - last_purge > 600:
+                last_purge = now
+                try:
+                    await self._purge(now - self.settings.history_retention)
+                except Exception:
+                    log.exception("history purge failed")
+
+    async def _purge(self, older_than: float) -> None:
+        purged = await self.store.purge_sandboxes(older_than)
+        if purged:
+            referenced = await self.store.referenced_artifacts()
+            removed = await asyncio.to_thread(self.artifacts.remove_unreferenced, referenced)
+            log.info("purged %d old sandboxes and %d artifact blobs", len(purged), removed)
+
+    # -- contexts --------------------------------------------------------------------------
+
+    async def create_context(self, owner: str, sandbox_id: str, language: str, cwd: str | None) -> ContextInfo:
+        ctx = await self.live(owner, sandbox_id).add_context(language, cwd)
+        return ctx.info()
+
+    def contexts(self, owner: str, sandbox_id: str) -> list[ContextInfo]:
+        return [c.info() for c in self.live(owner, sandbox_id).contexts.values()]
+
+    def context(self, owner: str, sandbox_id: str, context_id: str) -> Context:
+        return self.live(owner, sandbox_id).context(context_id)
+
+    async def remove_context(self, owner: str, sandbox_id: str, context_id: str) -> None:
+        await self.live(owner, sandbox_id).remove_context(context_id)
+
+    # -- executions ------------------------------------------------------------------------
+
+    async def execute(self, owner: str, sandbox_id: str, req: ExecuteRequest) -> ExecutionLog:
+        """Queue an execution and return its log at once (already holding a ``start`` event).
+        It runs to its end whether or not anyone follows the log."""
+        sb = self.live(owner, sandbox_id)
+        ctx = sb.context(req.context, req.language)
+        timeout = req.timeout or sb.info_base.limits.execution_timeout or self.settings.execution_timeout
+        if timeout > self.settings.max_execution_timeout:
+            raise InvalidRequest(
+                f"timeout may be at most {self.settings.max_execution_timeout:g} s", field="timeout"
+            )
+        xlog = ExecutionLog(new_id("ex_"), sb.id, ctx.id, req.code, self.store)
+        await xlog.begin(start_event(xlog))
+        sb.executions[xlog.id] = xlog
+        if self.settings.log_code:
+            log.debug("execution %s in %s/%s: %r", xlog.id, sb.id, ctx.id, req.code)
+        log.info("execution %s queued in %s/%s (%d bytes)", xlog.id, sb.id, ctx.id, len(req.code))
+
+        async def run() -> None:
+            try:
+                await ctx.run(xlog, req, timeout)
+            finally:
+                asyncio.get_running_loop().call_later(_KEEP_ENDED_SECONDS, sb.executions.pop, xlog.id, None)
+
+        task = asyncio.create_task(run(), name=f"execution-{xlog.id}")
+        sb.tasks.add(task)
+        task.add_done_callback(sb.tasks.discard)
+        return xlog
+
+    async def _execution_owned(self, owner: str, sandbox_id: str, execution_id: str) -> ExecutionLog | dict[str, Any]:
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is not None and sb.owner == owner and execution_id in sb.executions:
+            return sb.executions[execution_id]
+        await self.info(owner, sandbox_id)  # ownership check, raises SandboxNotFound
+        doc = await self.store.get_execution(execution_id)
+        if doc is None or doc["sandbox_id"] != sandbox_id:
+            raise ExecutionNotFound(f"no execution {execution_id!r} in sandbox {sandbox_id}")
+        return doc
+
+    async def execution(self, owner: str, sandbox_id: str, execution_id: str, after: int = -1) -> ExecutionRecord:
+        found = await self._execution_owned(owner, sandbox_id, execution_id)
+        if isinstance(found, ExecutionLog):
+            return ExecutionRecord.model_validate({**found.doc(), "events": found.events[after + 1:]})
+        events = await self.store.get_events(execution_id, after)
+        return ExecutionRecord.model_validate({**found, "events": events})
+
+    async def follow(
+        self, owner: str, sandbox_id: str, execution_id: str, after: int = -1
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Events with ``seq > after``: stored ones, then live ones until ``end``."""
+        found = await self._execution_owned(owner, sandbox_id, execution_id)
+        keepalive = self.settings.keepalive_interval
+        if isinstance(found, ExecutionLog):
+            return found.follow(after, keepalive)
+
+        async def stored() -> AsyncIterator[dict[str, Any]]:
+            for ev in await self.store.get_events(execution_id, after):
+                yield ev
+
+        return stored()
+
+    async def executions(self, owner: str, sandbox_id: str) -> list[ExecutionInfo]:
+        await self.info(owner, sandbox_id)
+        return [ExecutionInfo.model_validate(d) for d in await self.store.list_executions(sandbox_id)]
+
+    def send_input(self, owner: str, sandbox_id: str, execution_id: str, value: str) -> None:
+        sb = self.live(owner, sandbox_id)
+        xlog = sb.executions.get(execution_id)
+        if xlog is None or xlog.done.is_set():
+            raise ExecutionNotFound(f"no running execution {execution_id!r} in sandbox {sandbox_id}")
+        sb.context(xlog.context_id).send_input(value)
+
+    # -- artifacts -------------------------------------------------------------------------
+
+    async def artifact(self, owner: str, artifact_id: str) -> tuple[Path, ArtifactInfo]:
+        row = await self.store.find_artifact(artifact_id, owner)
+        if row is None or not self.artifacts.exists(artifact_id):
+            raise ArtifactNotFound(f"no artifact {artifact_id!r}")
+        return self.artifacts.path_for(artifact_id), ArtifactInfo(url=f"/v1/artifacts/{artifact_id}", **row)
+
+    async def list_artifacts(self, owner: str, sandbox_id: str) -> list[ArtifactInfo]:
+        await self.info(owner, sandbox_id)
+        return [
+            ArtifactInfo(url=f"/v1/artifacts/{row['id']}", **row)
+            for row in await self.store.list_artifacts(sandbox_id)
+        ]

@@ -1,0 +1,337 @@
+"""The one wire schema of cellbox, used by the server and the SDK alike.
+
+An execution streams :data:`Event` objects. The same JSON object is an NDJSON line, a
+WebSocket frame and, parsed with :func:`parse_event`, an SDK object. Every event carries the
+``execution_id`` and, except ``keepalive``, a ``seq`` number (0, 1, 2, ...) so a client that
+lost its connection can replay from the first event it did not see
+(``GET /v1/sandboxes/{id}/executions/{eid}?after=SEQ``).
+
+This module imports only pydantic: ``pip install cellbox`` (the SDK alone) can use it.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+# ---------------------------------------------------------------------------------------------
+# Events
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    execution_id: str = ""
+    seq: int | None = None
+
+
+class StartEvent(_Event):
+    """The execution was accepted; sent first, before the kernel runs it (it may queue)."""
+
+    type: Literal["start"] = "start"
+    sandbox_id: str = ""
+    context_id: str = ""
+
+
+class StdoutEvent(_Event):
+    type: Literal["stdout"] = "stdout"
+    text: str
+
+
+class StderrEvent(_Event):
+    type: Literal["stderr"] = "stderr"
+    text: str
+
+
+class ArtifactRef(BaseModel):
+    """A rich output kept on the server; ``url`` downloads it."""
+
+    id: str
+    mime: str
+    url: str
+    size: int
+
+
+class ResultEvent(_Event):
+    """A rich output: ``execute_result`` (``is_main_result``) or ``display_data``.
+
+    ``data`` is the MIME bundle without the binary/large formats, which are stored as
+    artifacts and listed in ``artifacts`` (with ``inline=true`` they stay in ``data`` too).
+    """
+
+    type: Literal["result"] = "result"
+    data: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    artifacts: list[ArtifactRef] = Field(default_factory=list)
+    is_main_result: bool = False
+    execution_count: int | None = None
+    display_id: str | None = None
+
+
+class DisplayUpdateEvent(_Event):
+    """``update_display_data``: replaces the earlier result with the same ``display_id``."""
+
+    type: Literal["display_update"] = "display_update"
+    display_id: str
+    data: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    artifacts: list[ArtifactRef] = Field(default_factory=list)
+
+
+class ClearOutputEvent(_Event):
+    type: Literal["clear_output"] = "clear_output"
+    wait: bool = False
+
+
+class ErrorEvent(_Event):
+    """An exception raised by the code (``traceback`` is plain text lines, no ANSI colours)."""
+
+    type: Literal["error"] = "error"
+    name: str
+    value: str
+    traceback: list[str] = Field(default_factory=list)
+
+
+class InputRequestEvent(_Event):
+    """The code called ``input()``; answer over the WebSocket (HTTP streams cannot)."""
+
+    type: Literal["input_request"] = "input_request"
+    prompt: str = ""
+    password: bool = False
+
+
+class KeepaliveEvent(_Event):
+    """Sent on live streams while the execution is quiet; never stored."""
+
+    type: Literal["keepalive"] = "keepalive"
+
+
+class EndStatus(str, enum.Enum):
+    OK = "ok"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    INTERRUPTED = "interrupted"
+    KERNEL_DIED = "kernel_died"
+
+
+class EndEvent(_Event):
+    """Always the last event of an execution, exactly once.
+
+    ``state_lost`` is true when the kernel had to be restarted (after it died, or when it
+    ignored an interrupt): the context runs on, but its variables are gone.
+    """
+
+    type: Literal["end"] = "end"
+    status: EndStatus
+    execution_count: int | None = None
+    duration_ms: float = 0.0
+    reason: str | None = None
+    state_lost: bool = False
+
+
+Event = Annotated[
+    Union[
+        StartEvent,
+        StdoutEvent,
+        StderrEvent,
+        ResultEvent,
+        DisplayUpdateEvent,
+        ClearOutputEvent,
+        ErrorEvent,
+        InputRequestEvent,
+        KeepaliveEvent,
+        EndEvent,
+    ],
+    Field(discriminator="type"),
+]
+
+_EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+EVENT_TYPES = frozenset(
+    ["start", "stdout", "stderr", "result", "display_update", "clear_output", "error",
+     "input_request", "keepalive", "end"]
+)
+
+
+def parse_event(obj: dict[str, Any] | str | bytes) -> Event | None:
+    """Parse one NDJSON line or WS frame; ``None`` for an event type this version does not know.
+
+    Unknown types are skipped rather than rejected, so an older SDK keeps working against a
+    newer server.
+    """
+    if isinstance(obj, (str, bytes)):
+        import json
+
+        obj = json.loads(obj)
+    assert isinstance(obj, dict)
+    if obj.get("type") not in EVENT_TYPES:
+        return None
+    return _EVENT_ADAPTER.validate_python(obj)
+
+
+def dump_event(event: _Event) -> dict[str, Any]:
+    """The wire form of an event: ``None`` fields left out, ``type`` always present."""
+    return event.model_dump(mode="json", exclude_none=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sandboxes and contexts
+
+
+class SandboxState(str, enum.Enum):
+    STARTING = "starting"  # being created; not handed out yet
+    RUNNING = "running"  # kernels up (or restartable); accepts work
+    PAUSED = "paused"  # frozen in memory (pause/resume)
+    KILLED = "killed"  # deleted or expired; history kept until retention ends
+    LOST = "lost"  # the service restarted under it; history intact, kernels gone
+
+
+class ContextState(str, enum.Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    RESTARTING = "restarting"
+    DEAD = "dead"
+
+
+class KernelExit(BaseModel):
+    """Why a kernel process ended: the exit code or signal, and a reason when known."""
+
+    exit_code: int | None = None
+    signal: int | None = None
+    reason: str = "exited"  # exited | killed | oom | pids | service_restart | ...
+    detail: str = ""
+    at: float = 0.0
+
+
+class Limits(BaseModel):
+    """Resource limits of a sandbox. ``None`` means the service default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    memory_mb: int | None = Field(default=None, ge=16)
+    cpu: float | None = Field(default=None, gt=0)
+    pids: int | None = Field(default=None, ge=16)
+    disk_mb: int | None = Field(default=None, ge=16)
+    nofile: int | None = Field(default=None, ge=64)
+    fsize_mb: int | None = Field(default=None, ge=1)
+    execution_timeout: float | None = Field(default=None, gt=0)
+
+
+class NetworkSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    internet: bool = False
+
+
+class SandboxCreate(BaseModel):
+    """Body of ``POST /v1/sandboxes``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    template: str = "default"
+    timeout: float | None = Field(default=None, gt=0, description="Seconds until the sandbox expires.")
+    envs: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    limits: Limits = Field(default_factory=Limits)
+    network: NetworkSpec = Field(default_factory=NetworkSpec)
+
+
+class ContextInfo(BaseModel):
+    id: str
+    language: str
+    cwd: str
+    state: ContextState
+    execution_count: int = 0
+    restarts: int = 0
+    last_exit: KernelExit | None = None
+
+
+class SandboxInfo(BaseModel):
+    id: str
+    template: str
+    state: SandboxState
+    created_at: float
+    end_at: float | None = None
+    ended_at: float | None = None
+    end_reason: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    envs: dict[str, str] = Field(default_factory=dict)
+    limits: Limits = Field(default_factory=Limits)
+    contexts: list[ContextInfo] = Field(default_factory=list)
+    isolation: str = "none"
+    runtime: str = "local"
+
+
+class SandboxList(BaseModel):
+    sandboxes: list[SandboxInfo]
+
+
+class ContextCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    language: str = "python"
+    cwd: str | None = None
+
+
+class ExecuteRequest(BaseModel):
+    """Body of ``POST /v1/sandboxes/{id}/execute``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    code: str
+    context: str | None = Field(default=None, description="Context id; default: the sandbox's python context.")
+    language: str | None = Field(default=None, description="Pick the sandbox's first context of this language.")
+    envs: dict[str, str] = Field(default_factory=dict)
+    timeout: float | None = Field(default=None, gt=0)
+    inline: bool = Field(default=False, description="Also keep images base64 in the result data.")
+    interrupt_on_disconnect: bool = Field(
+        default=False, description="Interrupt the execution when the client that started it goes away."
+    )
+    allow_stdin: bool = Field(
+        default=False,
+        description="Let input() ask for a value (answer with POST .../executions/{eid}/input); "
+        "else input() raises at once.",
+    )
+
+
+class ExecutionInfo(BaseModel):
+    """An execution without its events (``GET .../executions``)."""
+
+    id: str
+    sandbox_id: str
+    context_id: str
+    status: Literal["queued", "running"] | EndStatus
+    created_at: float
+    ended_at: float | None = None
+    execution_count: int | None = None
+    code: str = ""
+
+
+class ExecutionRecord(ExecutionInfo):
+    """An execution with its events (replay)."""
+
+    events: list[Event] = Field(default_factory=list)
+
+
+class ArtifactInfo(BaseModel):
+    id: str
+    sandbox_id: str
+    execution_id: str | None
+    mime: str
+    size: int
+    url: str
+    created_at: float
+
+
+class ArtifactList(BaseModel):
+    artifacts: list[ArtifactInfo]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str
+    isolation: str
+    runtime: str
+    sandboxes: int

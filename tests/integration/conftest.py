@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from cellbox.interpreter.config import Settings
+from tests.integration.server import RunningServer, run_server
+
+
+def make_settings(base: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"data_dir": base / "data", "run_dir": base / "run", "reap_interval": 0.5}
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest_asyncio.fixture
+async def server(short_tmp: Path) -> AsyncIterator[RunningServer]:
+    async with run_server(make_settings(short_tmp)) as srv:
+        yield srv
+
+
+@pytest_asyncio.fixture
+async def client(server: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+@pytest_asyncio.fixture
+async def sandbox(client: httpx.AsyncClient) -> str:
+    r = await client.post("/v1/sandboxes", json={})
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+async def execute(client: httpx.AsyncClient, sandbox_id: str, code: str, **body: Any) -> list[dict[str, Any]]:
+    """Run code through the NDJSON endpoint; return every event (keepalives dropped)."""
+    events = []
+    async with client.stream("POST", f"/v1/sandboxes/{sandbox_id}/execute", json={"code": code, **body}) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            ev = json.loads(line)
+            if ev["type"] != "keepalive":
+                events.append(ev)
+    assert events[-1]["type"] == "end", events
+    assert [e["type"] for e in events].count("end") == 1
+    return events
+
+
+def stdout(events: list[dict[str, Any]]) -> str:
+    return "".join(e["text"] for e in events if e["type"] == "stdout")
+
+
+def main_text(events: list[dict[str, Any]]) -> str | None:
+    for e in events:
+        if e["type"] == "result" and e["is_main_result"]:
+            return str(e["data"].get("text/plain"))
+    return None
