@@ -39,17 +39,37 @@ class BodyLimit:
                 await error_response(too_large)(scope, receive, send)
                 return
         seen = 0
+        too_large_seen = False
+        started = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, too_large_seen
+            if too_large_seen:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise too_large
+                    # Stop feeding the app; it sees a client that went away, and we answer.
+                    too_large_seen = True
+                    return {"type": "http.disconnect"}
             return message
 
-        await self.app(scope, limited_receive, send)
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if too_large_seen:
+                return  # the app's answer to a "disconnect" is replaced by our 413
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not too_large_seen:
+                raise
+        if too_large_seen and not started:
+            await error_response(too_large)(scope, receive, send)
 
 
 def create_app(settings: Settings, manager: SandboxManager | None = None) -> FastAPI:

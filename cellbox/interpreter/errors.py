@@ -173,7 +173,7 @@ ERRORS_BY_CODE: dict[str, type[InterpreterError]] = {
 def from_payload(payload: Any, fallback_message: str = "") -> InterpreterError:
     """Rebuild the exception a JSON error body describes (used by the SDK).
 
-    An unknown code gives the nearest class by its family, then :class:`InterpreterError`.
+    An unknown code gives :class:`InterpreterError` (the SDK then picks a class by HTTP status).
     """
     body = payload.get("error") if isinstance(payload, dict) else None
     if not isinstance(body, dict):

@@ -23,6 +23,7 @@ from cellbox.interpreter.errors import (
     InvalidRequest,
     SandboxLimitReached,
     SandboxNotFound,
+    SandboxNotRunning,
     ServiceAtCapacity,
 )
 from cellbox.interpreter.execution import ExecutionLog
@@ -171,12 +172,13 @@ class SandboxManager:
 
         self._saves[sid] = asyncio.create_task(save())
 
-    def live(self, owner: str, sandbox_id: str) -> Sandbox:
+    async def live(self, owner: str, sandbox_id: str) -> Sandbox:
         """The live sandbox; SandboxNotFound if unknown or someone else's, SandboxNotRunning if
-        it exists but is not running."""
+        it exists but is not running (killed, expired, lost)."""
         sb = self.sandboxes.get(sandbox_id)
         if sb is None or sb.owner != owner:
-            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+            info = await self.info(owner, sandbox_id)  # raises SandboxNotFound
+            raise SandboxNotRunning(f"sandbox {sandbox_id} is {info.state.value}", state=info.state.value)
         sb.require_running()
         return sb
 
@@ -228,7 +230,7 @@ class SandboxManager:
             raise InvalidRequest(
                 f"timeout must be in (0, {self.settings.max_sandbox_timeout:g}] seconds", field="timeout"
             )
-        sb = self.live(owner, sandbox_id)
+        sb = (await self.live(owner, sandbox_id))
         sb.info_base.end_at = time.time() + timeout
         await self.store.put_sandbox(owner, sb.info().model_dump(mode="json"))
         return sb.info()
@@ -261,24 +263,24 @@ class SandboxManager:
     # -- contexts --------------------------------------------------------------------------
 
     async def create_context(self, owner: str, sandbox_id: str, language: str, cwd: str | None) -> ContextInfo:
-        ctx = await self.live(owner, sandbox_id).add_context(language, cwd)
+        ctx = await (await self.live(owner, sandbox_id)).add_context(language, cwd)
         return ctx.info()
 
-    def contexts(self, owner: str, sandbox_id: str) -> list[ContextInfo]:
-        return [c.info() for c in self.live(owner, sandbox_id).contexts.values()]
+    async def contexts(self, owner: str, sandbox_id: str) -> list[ContextInfo]:
+        return [c.info() for c in (await self.live(owner, sandbox_id)).contexts.values()]
 
-    def context(self, owner: str, sandbox_id: str, context_id: str) -> Context:
-        return self.live(owner, sandbox_id).context(context_id)
+    async def context(self, owner: str, sandbox_id: str, context_id: str) -> Context:
+        return (await self.live(owner, sandbox_id)).context(context_id)
 
     async def remove_context(self, owner: str, sandbox_id: str, context_id: str) -> None:
-        await self.live(owner, sandbox_id).remove_context(context_id)
+        await (await self.live(owner, sandbox_id)).remove_context(context_id)
 
     # -- executions ------------------------------------------------------------------------
 
     async def execute(self, owner: str, sandbox_id: str, req: ExecuteRequest) -> ExecutionLog:
         """Queue an execution and return its log at once (already holding a ``start`` event).
         It runs to its end whether or not anyone follows the log."""
-        sb = self.live(owner, sandbox_id)
+        sb = (await self.live(owner, sandbox_id))
         ctx = sb.context(req.context, req.language)
         timeout = req.timeout or sb.info_base.limits.execution_timeout or self.settings.execution_timeout
         if timeout > self.settings.max_execution_timeout:
@@ -339,8 +341,8 @@ class SandboxManager:
         await self.info(owner, sandbox_id)
         return [ExecutionInfo.model_validate(d) for d in await self.store.list_executions(sandbox_id)]
 
-    def send_input(self, owner: str, sandbox_id: str, execution_id: str, value: str) -> None:
-        sb = self.live(owner, sandbox_id)
+    async def send_input(self, owner: str, sandbox_id: str, execution_id: str, value: str) -> None:
+        sb = (await self.live(owner, sandbox_id))
         xlog = sb.executions.get(execution_id)
         if xlog is None or xlog.done.is_set():
             raise ExecutionNotFound(f"no running execution {execution_id!r} in sandbox {sandbox_id}")

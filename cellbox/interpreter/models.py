@@ -248,6 +248,10 @@ class ContextInfo(BaseModel):
     last_exit: KernelExit | None = None
 
 
+class ContextList(BaseModel):
+    contexts: list[ContextInfo]
+
+
 class SandboxInfo(BaseModel):
     id: str
     template: str

@@ -38,7 +38,7 @@ async def execute(sandbox_id: str, body: ExecuteRequest, request: Request, owner
     xlog = await manager.execute(owner, sandbox_id, body)
     on_disconnect = None
     if body.interrupt_on_disconnect:
-        ctx = manager.context(owner, sandbox_id, xlog.context_id)
+        ctx = await manager.context(owner, sandbox_id, xlog.context_id)
 
         async def on_disconnect() -> None:
             if ctx.current is xlog:
@@ -78,5 +78,5 @@ async def get_execution(
 
 @router.post("/{sandbox_id}/executions/{execution_id}/input", status_code=204)
 async def send_input(sandbox_id: str, execution_id: str, body: InputBody, owner: Owner, manager: Manager) -> Response:
-    manager.send_input(owner, sandbox_id, execution_id, body.value)
+    await manager.send_input(owner, sandbox_id, execution_id, body.value)
     return Response(status_code=204)

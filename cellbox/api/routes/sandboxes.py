@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cellbox.api.deps import Manager, Owner
 from cellbox.interpreter.errors import InvalidRequest
-from cellbox.interpreter.models import ContextCreate, ContextInfo, SandboxCreate, SandboxInfo, SandboxList
+from cellbox.interpreter.models import ContextCreate, ContextInfo, ContextList, SandboxCreate, SandboxInfo, SandboxList
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
 
@@ -17,10 +17,6 @@ router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
 class TimeoutBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     timeout: float = Field(gt=0, description="Seconds from now until the sandbox expires.")
-
-
-class ContextList(BaseModel):
-    contexts: list[ContextInfo]
 
 
 @router.post("", status_code=201, response_model=SandboxInfo)
@@ -68,7 +64,7 @@ async def create_context(sandbox_id: str, body: ContextCreate, owner: Owner, man
 
 @router.get("/{sandbox_id}/contexts", response_model=ContextList)
 async def list_contexts(sandbox_id: str, owner: Owner, manager: Manager) -> ContextList:
-    return ContextList(contexts=manager.contexts(owner, sandbox_id))
+    return ContextList(contexts=await manager.contexts(owner, sandbox_id))
 
 
 @router.delete("/{sandbox_id}/contexts/{context_id}", status_code=204)
@@ -79,13 +75,13 @@ async def remove_context(sandbox_id: str, context_id: str, owner: Owner, manager
 
 @router.post("/{sandbox_id}/contexts/{context_id}/restart", response_model=ContextInfo)
 async def restart_context(sandbox_id: str, context_id: str, owner: Owner, manager: Manager) -> ContextInfo:
-    ctx = manager.context(owner, sandbox_id, context_id)
+    ctx = await manager.context(owner, sandbox_id, context_id)
     await ctx.restart()
     return ctx.info()
 
 
 @router.post("/{sandbox_id}/contexts/{context_id}/interrupt", response_model=ContextInfo)
 async def interrupt_context(sandbox_id: str, context_id: str, owner: Owner, manager: Manager) -> ContextInfo:
-    ctx = manager.context(owner, sandbox_id, context_id)
+    ctx = await manager.context(owner, sandbox_id, context_id)
     await ctx.interrupt()
     return ctx.info()

@@ -1,0 +1,291 @@
+"""The ``cellbox`` command: ``serve`` the service, ``run`` code in a sandbox, manage ``sandbox``es.
+
+``run`` and ``sandbox`` use only the SDK (:mod:`cellbox.client`); ``serve`` imports the server
+(FastAPI, uvicorn, pydantic-settings) when it runs, so the SDK-only install keeps a working CLI
+client and ``serve`` says which extra to install.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import mimetypes
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+import httpx
+
+from cellbox.client import Execution, InterpreterError, Result, Sandbox
+
+if TYPE_CHECKING:
+    from cellbox.interpreter.config import Settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+NO_KEY_WARNING = "no API key: bound to {host} only, anyone on this host can use it"
+_EXTENSIONS = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/gif": ".gif",
+    "image/svg+xml": ".svg",
+    "application/pdf": ".pdf",
+    "text/html": ".html",
+    "text/plain": ".txt",
+    "application/json": ".json",
+}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """cellbox: a self-hosted code interpreter (Jupyter kernels in sandboxes)."""
+
+
+# -- serve ---------------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (``127.0.0.0/8``, ``::1``) or ``localhost``."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # another host name: assume it is reachable from elsewhere
+        return False
+
+
+def _server_missing(exc: ImportError) -> click.ClickException:
+    return click.ClickException(f"the server is not installed ({exc}); install it with:  pip install 'cellbox[server]'")
+
+
+def build_settings(**given: Any) -> Settings:
+    """``Settings`` from the options the user gave (``None`` = not given: env or default decides).
+
+    Raises :class:`click.UsageError` for a value Settings rejects.
+    """
+    try:
+        from cellbox.interpreter.config import Settings
+    except ImportError as exc:  # pydantic-settings comes with the server extra
+        raise _server_missing(exc) from exc
+    try:
+        return Settings(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:  # pydantic's ValidationError
+        raise click.UsageError(f"invalid settings: {exc}") from exc
+
+
+def exposure_warning(settings: Settings) -> str | None:
+    """The warning to print for these settings, if any.
+
+    Raises :class:`click.UsageError` (exit 2) for a non-loopback host without an API key:
+    anyone who can reach the port could run code on this host.
+    """
+    if settings.api_keys:
+        return None
+    if not is_loopback(settings.host):
+        raise click.UsageError(
+            f"refusing to bind {settings.host} without an API key: anyone who can reach it could run code "
+            "on this host. Pass --api-key KEY (or set CELLBOX_API_KEYS), or bind 127.0.0.1."
+        )
+    return NO_KEY_WARNING.format(host=settings.host)
+
+
+@main.command()
+@click.option("--host", help="Address to bind [default: 127.0.0.1; env CELLBOX_HOST].")
+@click.option("--port", type=int, help="Port to bind [default: 8080; env CELLBOX_PORT].")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="State, artifacts, homes.")
+@click.option("--api-key", "api_keys", multiple=True, help="Accepted API key (repeatable) [env CELLBOX_API_KEYS].")
+@click.option("--isolation", help="Sandbox isolation; 'none' runs kernels as plain processes (trusted code only).")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug", "trace"]))
+def serve(
+    host: str | None,
+    port: int | None,
+    data_dir: Path | None,
+    api_keys: tuple[str, ...],
+    isolation: str | None,
+    log_level: str | None,
+) -> None:
+    """Run the cellbox service. Options not given come from CELLBOX_* env vars, then defaults."""
+    keys = list(api_keys) if api_keys else None
+    settings = build_settings(
+        host=host, port=port, data_dir=data_dir, api_keys=keys, isolation=isolation, log_level=log_level
+    )
+    warning = exposure_warning(settings)
+    try:
+        import uvicorn
+
+        from cellbox.api.app import create_app
+    except ImportError as exc:
+        raise _server_missing(exc) from exc
+    if warning:
+        click.secho(f"WARNING: {warning}", fg="yellow", bold=True, err=True)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on")
+    uvicorn.Server(config).run()
+
+
+# -- client commands -----------------------------------------------------------------------------
+
+
+def _client_options(command: F) -> F:
+    command = click.option("--api-key", envvar="CELLBOX_API_KEY", help="API key [env CELLBOX_API_KEY].")(command)
+    command = click.option(
+        "--url", envvar="CELLBOX_URL", default="http://127.0.0.1:8080", show_default=True, help="Service URL."
+    )(command)
+    return command
+
+
+def _connection(url: str, api_key: str | None) -> dict[str, Any]:
+    # ``click.get_current_context().obj["transport"]`` lets an embedding program (or a test)
+    # hand the SDK an httpx transport instead of the network.
+    obj = click.get_current_context().find_root().obj
+    transport = obj.get("transport") if isinstance(obj, dict) else None
+    return {"base_url": url, "api_key": api_key, "transport": transport}
+
+
+@contextmanager
+def _reported_errors() -> Iterator[None]:
+    """Turn SDK and connection errors into one line on stderr and exit status 1."""
+    try:
+        yield
+    except InterpreterError as exc:
+        raise click.ClickException(f"{exc.code}: {exc.message}") from exc
+    except httpx.TransportError as exc:
+        raise click.ClickException(f"cannot reach the cellbox service: {exc}") from exc
+
+
+@contextmanager
+def _attached(sandbox_id: str, connection: dict[str, Any]) -> Iterator[Sandbox]:
+    """An existing sandbox, left running on exit (unlike ``with Sandbox.connect(...)``)."""
+    sbx = Sandbox.connect(sandbox_id, **connection)
+    try:
+        yield sbx
+    finally:
+        sbx.close()
+
+
+def _read_code(code_or_file: str) -> str:
+    if code_or_file == "-":
+        return sys.stdin.read()
+    try:
+        path = Path(code_or_file)
+        if path.is_file():
+            return path.read_text()
+    except (OSError, ValueError):  # code too long or odd for a path name: it is code
+        pass
+    return code_or_file
+
+
+def _print_result(result: Result) -> None:
+    if result.text is not None:
+        click.echo(result.text)
+
+
+def _save_artifacts(sandbox: Sandbox, execution: Execution, directory: Path) -> list[Path]:
+    """Download every artifact of the execution's results as ``<execution-count or n>-<k>.<ext>``."""
+    prefix = str(execution.execution_count) if execution.execution_count is not None else "n"
+    refs = [ref for result in execution.results for ref in result.artifacts]
+    saved = []
+    for k, ref in enumerate(refs, start=1):
+        ext = _EXTENSIONS.get(ref.mime) or mimetypes.guess_extension(ref.mime) or ".bin"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{prefix}-{k}{ext}"
+        path.write_bytes(sandbox.download_artifact(ref))
+        saved.append(path)
+    return saved
+
+
+@main.command()
+@click.argument("code_or_file")
+@_client_options
+@click.option("--sandbox", "sandbox_id", help="Run in this existing sandbox (left running) instead of a new one.")
+@click.option("--keep", is_flag=True, help="Leave the new sandbox running and print its id.")
+@click.option(
+    "--artifacts-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("cellbox-artifacts"),
+    show_default=True,
+    help="Where rich outputs (plots, ...) are saved.",
+)
+@click.option("--timeout", type=float, help="Execution time limit, seconds.")
+@click.option("--language", help="Context language (python, bash, ...) [default: python].")
+def run(
+    code_or_file: str,
+    url: str,
+    api_key: str | None,
+    sandbox_id: str | None,
+    keep: bool,
+    artifacts_dir: Path,
+    timeout: float | None,
+    language: str | None,
+) -> None:
+    """Run CODE_OR_FILE (code, a file path, or - for stdin) in a sandbox and stream its output.
+
+    Exit status: 0 when the code ran to the end, 1 on an error, a timeout, an interrupt or a
+    dead kernel (or when the service reports an error).
+    """
+    code = _read_code(code_or_file)
+    connection = _connection(url, api_key)
+    with _reported_errors():
+        sandbox = Sandbox.connect(sandbox_id, **connection) if sandbox_id else Sandbox.create(**connection)
+        try:
+            execution = sandbox.run_code(
+                code,
+                language=language,
+                timeout=timeout,
+                on_stdout=lambda text: click.echo(text, nl=False),
+                on_stderr=lambda text: click.echo(text, nl=False, err=True),
+                on_result=_print_result,
+                on_error=lambda error: click.echo(error.traceback, err=True),
+            )
+            for saved in _save_artifacts(sandbox, execution, artifacts_dir):
+                click.echo(f"saved {saved}", err=True)
+        finally:
+            if sandbox_id is None and not keep:
+                sandbox.kill()
+            sandbox.close()
+    if keep and sandbox_id is None:
+        click.echo(f"sandbox {sandbox.sandbox_id} kept", err=True)
+    if execution.status != "ok":
+        if execution.status != "error":
+            reason = f" ({execution.reason})" if execution.reason else ""
+            click.echo(f"execution {execution.id} ended: {execution.status}{reason}", err=True)
+        sys.exit(1)
+
+
+@main.group()
+def sandbox() -> None:
+    """List, inspect and kill sandboxes."""
+
+
+@sandbox.command("list")
+@_client_options
+@click.option("--state", multiple=True, help="Only sandboxes in this state (repeatable).")
+def sandbox_list(url: str, api_key: str | None, state: tuple[str, ...]) -> None:
+    """List this API key's sandboxes."""
+    with _reported_errors():
+        infos = Sandbox.list(state=state or None, **_connection(url, api_key))
+    for info in infos:
+        meta = ",".join(f"{k}={v}" for k, v in info.metadata.items())
+        click.echo(f"{info.id}\t{info.state.value}\t{info.template}\t{meta}")
+
+
+@sandbox.command("info")
+@_client_options
+@click.argument("sandbox_id")
+def sandbox_info(url: str, api_key: str | None, sandbox_id: str) -> None:
+    """Print a sandbox's info as JSON."""
+    with _reported_errors(), _attached(sandbox_id, _connection(url, api_key)) as sbx:
+        info = sbx.get_info()
+    click.echo(info.model_dump_json(indent=2))
+
+
+@sandbox.command("kill")
+@_client_options
+@click.argument("sandbox_id")
+def sandbox_kill(url: str, api_key: str | None, sandbox_id: str) -> None:
+    """Kill a sandbox."""
+    with _reported_errors(), _attached(sandbox_id, _connection(url, api_key)) as sbx:
+        sbx.kill()
+    click.echo(f"killed {sandbox_id}")

@@ -1,0 +1,94 @@
+"""The cellbox Python SDK: run code in sandboxes on a cellbox service.
+
+>>> from cellbox.client import Sandbox
+>>> with Sandbox.create() as sbx:                     # doctest: +SKIP
+...     execution = sbx.run_code("x = 41\\nx + 1", on_stdout=print)
+...     execution.text
+'42'
+
+:class:`Sandbox` blocks; :class:`AsyncSandbox` is its asyncio twin (``async with
+AsyncSandbox.create() as sbx``, ``await sbx.run_code(...)``). The service URL comes from
+``base_url=`` or ``$CELLBOX_URL`` (default ``http://127.0.0.1:8080``), the key from
+``api_key=`` or ``$CELLBOX_API_KEY``. Errors the service reports are raised as the classes of
+:mod:`cellbox.interpreter.errors`, re-exported here. Needs only httpx and pydantic.
+"""
+
+from __future__ import annotations
+
+from cellbox.interpreter.errors import (
+    ArtifactNotFound,
+    CapacityError,
+    Conflict,
+    ContextNotFound,
+    ExecutionNotFound,
+    InterpreterError,
+    InvalidRequest,
+    KernelDied,
+    KernelError,
+    KernelStartFailed,
+    NotFound,
+    RequestTooLarge,
+    RuntimeUnavailable,
+    SandboxLimitReached,
+    SandboxNotFound,
+    SandboxNotRunning,
+    ServiceAtCapacity,
+    TemplateNotFound,
+    Unauthorized,
+)
+from cellbox.interpreter.models import (
+    ArtifactInfo,
+    ArtifactRef,
+    EndStatus,
+    Event,
+    Limits,
+    NetworkSpec,
+    SandboxInfo,
+    SandboxState,
+)
+
+from ._async import AsyncSandbox
+from ._base import USE_CLIENT_DEFAULT, ConnectionOptions, UseClientDefault
+from ._models import Context, Execution, ExecutionError, ExecutionIncomplete, Logs, Result
+from ._sync import Sandbox
+
+__all__ = [
+    "ArtifactInfo",
+    "ArtifactNotFound",
+    "ArtifactRef",
+    "AsyncSandbox",
+    "CapacityError",
+    "Conflict",
+    "ConnectionOptions",
+    "Context",
+    "ContextNotFound",
+    "EndStatus",
+    "Event",
+    "Execution",
+    "ExecutionError",
+    "ExecutionIncomplete",
+    "ExecutionNotFound",
+    "InterpreterError",
+    "InvalidRequest",
+    "KernelDied",
+    "KernelError",
+    "KernelStartFailed",
+    "Limits",
+    "Logs",
+    "NetworkSpec",
+    "NotFound",
+    "RequestTooLarge",
+    "Result",
+    "RuntimeUnavailable",
+    "Sandbox",
+    "SandboxInfo",
+    "SandboxLimitReached",
+    "SandboxNotFound",
+    "SandboxNotRunning",
+    "SandboxState",
+    "ServiceAtCapacity",
+    "TemplateNotFound",
+    "USE_CLIENT_DEFAULT",
+    "Unauthorized",
+    "UseClientDefault",
+]

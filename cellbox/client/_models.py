@@ -1,0 +1,328 @@
+"""What the SDK hands back: :class:`Execution`, :class:`Result`, :class:`Logs`, :class:`ExecutionError`.
+
+Built from the wire events (:mod:`cellbox.interpreter.models`) by :class:`ExecutionBuilder`,
+which is pure code: the sync and async clients feed it the same NDJSON lines and call the
+callbacks it returns. The accumulation follows nbclient's ``process_message``: a result with
+a ``display_id`` (or a ``display_update``) rewrites every earlier result with that id, and
+``clear_output`` empties the collected results and logs, at once or, with ``wait=True``, just
+before the next output arrives.
+
+The names mirror ``e2b_code_interpreter.models`` so E2B users feel at home.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, overload
+
+import pydantic
+
+from cellbox.interpreter import errors, models
+
+#: A context is the server's :class:`~cellbox.interpreter.models.ContextInfo` (id, language, cwd, state...).
+Context = models.ContextInfo
+
+# Short names of MIME types, used by ``Result.formats()``; each ``_Format`` attribute adds its own.
+_FORMAT_NAMES: dict[str, str] = {"application/json": "json", "application/pdf": "pdf"}
+
+
+class _Format:
+    """A read-only :class:`Result` attribute named after a format (``text``, ``html``, ...).
+
+    Its value is the bundle's entry for one MIME type when that is a string, else ``None``.
+    """
+
+    def __init__(self, mime: str, doc: str = "") -> None:
+        self.mime = mime
+        self.__doc__ = f"``{mime}``{doc}, or ``None``."
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        _FORMAT_NAMES[self.mime] = name
+
+    @overload
+    def __get__(self, result: None, owner: type | None = None) -> _Format: ...
+    @overload
+    def __get__(self, result: Result, owner: type | None = None) -> str | None: ...
+    def __get__(self, result: Result | None, owner: type | None = None) -> _Format | str | None:
+        if result is None:
+            return self
+        value = result.data.get(self.mime)
+        return value if isinstance(value, str) else None
+
+
+@dataclass
+class Logs:
+    """The stdout and stderr chunks of an execution, in arrival order."""
+
+    stdout: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExecutionError:
+    """The exception the code raised: ``traceback`` is the plain-text lines joined with newlines."""
+
+    name: str
+    value: str
+    traceback: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.value}"
+
+
+@dataclass
+class Result:
+    """One rich output: the value of the last expression (``is_main_result``) or a ``display()``.
+
+    ``data`` is the MIME bundle as the server sent it: binary formats (PNG, PDF, ...) are not in
+    it unless the execution asked for ``inline=True``; they are in ``artifacts``, each with a
+    download URL (:meth:`Sandbox.download_artifact`).
+    """
+
+    data: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[models.ArtifactRef] = field(default_factory=list)
+    is_main_result: bool = False
+    execution_count: int | None = None
+    display_id: str | None = None
+
+    # E2B's names. Images are in ``data`` (base64) only with ``inline=True``; else see ``artifacts``.
+    text = _Format("text/plain")
+    html = _Format("text/html")
+    markdown = _Format("text/markdown")
+    latex = _Format("text/latex")
+    javascript = _Format("application/javascript")
+    svg = _Format("image/svg+xml", " when inline")
+    png = _Format("image/png", " as base64 when inline")
+    jpeg = _Format("image/jpeg", " as base64 when inline")
+
+    @property
+    def json(self) -> Any:
+        """``application/json`` (already decoded), or ``None``."""
+        value = self.data.get("application/json")
+        return json.loads(value) if isinstance(value, str) else value
+
+    def formats(self) -> list[str]:
+        """The formats this result has, inline or as artifacts: short names (``"png"``) or MIME types."""
+        mimes = [*self.data, *(a.mime for a in self.artifacts)]
+        return list(dict.fromkeys(_FORMAT_NAMES.get(m, m) for m in mimes))
+
+    def artifact(self, mime: str) -> models.ArtifactRef | None:
+        """The artifact of this MIME type, if the server stored one."""
+        return next((a for a in self.artifacts if a.mime == mime), None)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        # Lets a Result render itself in a notebook the way the kernel's output would have.
+        return dict(self.data)
+
+    def __str__(self) -> str:
+        return self.text or ""
+
+
+@dataclass
+class Execution:
+    """One run of code and everything it produced.
+
+    ``status`` is the end status (``ok``, ``error``, ``timeout``, ``interrupted``,
+    ``kernel_died``) once the ``end`` event arrived; for a replay of an execution still running
+    it is the server's ``queued``/``running``. ``events`` holds every event but keepalives.
+    """
+
+    id: str = ""
+    sandbox_id: str = ""
+    context_id: str = ""
+    results: list[Result] = field(default_factory=list)
+    logs: Logs = field(default_factory=Logs)
+    error: ExecutionError | None = None
+    execution_count: int | None = None
+    status: str | None = None
+    duration_ms: float | None = None
+    state_lost: bool = False
+    reason: str | None = None
+    events: list[models.Event] = field(default_factory=list)
+
+    @property
+    def text(self) -> str | None:
+        """The ``text/plain`` of the main result (the value of the last expression), if any."""
+        main = next((r for r in self.results if r.is_main_result), None)
+        return main.text if main is not None else None
+
+
+class ExecutionIncomplete(errors.InterpreterError):
+    """The stream broke before the execution's ``end`` event; the execution may still be running.
+
+    ``execution_id`` and ``last_seq`` say where to pick up: ``get_execution(execution_id,
+    after=last_seq)`` or ``stream_execution(...)``. ``execution`` holds what arrived so far.
+    """
+
+    code = "execution_incomplete"
+
+    def __init__(self, message: str, *, execution: Execution, last_seq: int) -> None:
+        super().__init__(message, execution_id=execution.id, last_seq=last_seq)
+        self.execution = execution
+        self.execution_id = execution.id
+        self.last_seq = last_seq
+
+
+#: A callback of ``run_code``: called with the text, the Result, the ExecutionError or the event.
+#: The async client also awaits what it returns when that is awaitable.
+Callback = Callable[[Any], object]
+PendingCall = tuple[Callback, Any]
+
+
+@dataclass(frozen=True)
+class Callbacks:
+    """The ``on_*`` callbacks of one ``run_code`` call."""
+
+    on_stdout: Callback | None = None
+    on_stderr: Callback | None = None
+    on_result: Callback | None = None
+    on_error: Callback | None = None
+    on_event: Callback | None = None
+
+
+class ExecutionBuilder:
+    """Turns NDJSON event lines into an :class:`Execution`, the way nbclient builds a cell's outputs.
+
+    Called by both clients' ``run_code``, ``get_execution`` and ``stream_execution`` with each
+    line; :meth:`feed` returns the callbacks to call, in order, and never does I/O.
+    """
+
+    def __init__(self, execution_id: str = "", callbacks: Callbacks | None = None) -> None:
+        self.execution = Execution(id=execution_id)
+        self.callbacks = callbacks or Callbacks()
+        self.done = False  # the end event arrived
+        self.last_event: models.Event | None = None  # the event of the last fed line, if any
+        self.last_seq = -1
+        self._clear_pending = False  # clear_output(wait=True) seen, not applied yet
+
+    def feed(self, line: str | bytes) -> list[PendingCall]:
+        """Take one NDJSON line; return the ``(callback, argument)`` pairs to call now, in order.
+
+        Blank lines and event types this SDK does not know are skipped; a line that is not an
+        event raises :class:`~cellbox.interpreter.errors.InterpreterError`.
+        """
+        self.last_event = None
+        if not line.strip():
+            return []
+        try:
+            event = models.parse_event(line)
+        except (ValueError, AssertionError) as exc:  # JSON or pydantic validation error
+            raise errors.InterpreterError(f"malformed event from the server: {line[:200]!r}") from exc
+        return [] if event is None else self.add(event)
+
+    def add(self, event: models.Event) -> list[PendingCall]:
+        """Take one parsed event; same contract as :meth:`feed`."""
+        self.last_event = event
+        ex, cb = self.execution, self.callbacks
+        if event.execution_id and not ex.id:
+            ex.id = event.execution_id
+        calls: list[PendingCall] = [(cb.on_event, event)] if cb.on_event else []
+        if isinstance(event, models.KeepaliveEvent):
+            return calls
+        ex.events.append(event)
+        if event.seq is not None:
+            self.last_seq = max(self.last_seq, event.seq)
+        if isinstance(event, models.StartEvent):
+            ex.sandbox_id, ex.context_id = event.sandbox_id, event.context_id
+        elif isinstance(event, (models.StdoutEvent, models.StderrEvent)):
+            self._before_output()
+            is_out = isinstance(event, models.StdoutEvent)
+            (ex.logs.stdout if is_out else ex.logs.stderr).append(event.text)
+            calls += self._call(cb.on_stdout if is_out else cb.on_stderr, event.text)
+        elif isinstance(event, models.ResultEvent):
+            self._before_output()
+            result = Result(
+                data=dict(event.data),
+                metadata=dict(event.metadata),
+                artifacts=list(event.artifacts),
+                is_main_result=event.is_main_result,
+                execution_count=event.execution_count,
+                display_id=event.display_id,
+            )
+            self._update_display(result)
+            ex.results.append(result)
+            calls += self._call(cb.on_result, result)
+        elif isinstance(event, models.DisplayUpdateEvent):
+            # Not an output of its own: no deferred clear, nothing appended (nbclient does the same).
+            self._update_display(Result(event.data, event.metadata, event.artifacts, display_id=event.display_id))
+        elif isinstance(event, models.ClearOutputEvent):
+            self._clear_pending = True
+            if not event.wait:
+                self._before_output()
+        elif isinstance(event, models.ErrorEvent):
+            self._before_output()
+            ex.error = ExecutionError(event.name, event.value, "\n".join(event.traceback))
+            calls += self._call(cb.on_error, ex.error)
+        elif isinstance(event, models.EndEvent):
+            self.done = True
+            ex.status = event.status.value
+            ex.execution_count = event.execution_count
+            ex.duration_ms = event.duration_ms
+            ex.state_lost = event.state_lost
+            ex.reason = event.reason
+        return calls
+
+    def finish(self) -> Execution:
+        """The execution, once the end event arrived; else raise :class:`ExecutionIncomplete`."""
+        if not self.done:
+            raise self.incomplete()
+        return self.execution
+
+    def incomplete(self, cause: BaseException | None = None) -> ExecutionIncomplete:
+        """The error for a stream that stopped (or broke with ``cause``) before the end event."""
+        eid = self.execution.id or "(unknown id)"
+        why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+        return ExecutionIncomplete(
+            f"the stream of execution {eid} ended before its end event{why}; the execution may still "
+            f"be running: replay it with get_execution({eid!r}, after={self.last_seq}) or "
+            f"stream_execution({eid!r}, after={self.last_seq})",
+            execution=self.execution,
+            last_seq=self.last_seq,
+        )
+
+    def _call(self, callback: Callback | None, arg: Any) -> list[PendingCall]:
+        return [(callback, arg)] if callback is not None else []
+
+    def _before_output(self) -> None:
+        if self._clear_pending:
+            self._clear_pending = False
+            self.execution.results.clear()
+            self.execution.logs.stdout.clear()
+            self.execution.logs.stderr.clear()
+
+    def _update_display(self, new: Result) -> None:
+        if new.display_id is None:
+            return
+        for result in self.execution.results:
+            if result.display_id == new.display_id:
+                result.data, result.metadata = dict(new.data), dict(new.metadata)
+                result.artifacts = list(new.artifacts)
+
+
+def execution_from_record(record: models.ExecutionRecord) -> Execution:
+    """An :class:`Execution` rebuilt from a replay (``GET .../executions/{eid}``).
+
+    Called by both clients' ``get_execution``; the status of a still-running execution is the
+    record's (``queued``/``running``).
+    """
+    builder = ExecutionBuilder(record.id)
+    for event in record.events:
+        builder.add(event)
+    ex = builder.execution
+    ex.sandbox_id, ex.context_id = ex.sandbox_id or record.sandbox_id, ex.context_id or record.context_id
+    if not builder.done:
+        status = record.status
+        ex.status = status.value if isinstance(status, models.EndStatus) else status
+        ex.execution_count = record.execution_count
+    return ex
+
+
+def validated(model: type[pydantic.BaseModel], **fields: Any) -> dict[str, Any]:
+    """The JSON body of ``model(**fields)``; a bad value raises :class:`~errors.InvalidRequest` before any I/O."""
+    try:
+        return model(**fields).model_dump(mode="json", exclude_none=True)
+    except pydantic.ValidationError as exc:
+        raise errors.InvalidRequest(str(exc), fields=exc.errors(include_url=False)) from exc
