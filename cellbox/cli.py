@@ -8,6 +8,7 @@ client and ``serve`` says which extra to install.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import mimetypes
 import sys
 from collections.abc import Callable, Iterator
@@ -120,6 +121,10 @@ def serve(
         raise _server_missing(exc) from exc
     if warning:
         click.secho(f"WARNING: {warning}", fg="yellow", bold=True, err=True)
+    logging.basicConfig(
+        level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on")
     uvicorn.Server(config).run()
@@ -289,3 +294,55 @@ def sandbox_kill(url: str, api_key: str | None, sandbox_id: str) -> None:
     with _reported_errors(), _attached(sandbox_id, _connection(url, api_key)) as sbx:
         sbx.kill()
     click.echo(f"killed {sandbox_id}")
+
+
+# -- templates -----------------------------------------------------------------------------------
+
+
+@main.group()
+def template() -> None:
+    """Build and list sandbox templates (kernel environments)."""
+
+
+def _templates_root(data_dir: Path | None) -> Path:
+    return build_settings(data_dir=data_dir).resolved_templates_dir()
+
+
+@template.command("build")
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Template name, e.g. 'default'.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="The service's data dir.")
+@click.option("--python", "python", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Interpreter the venv is made from [default: /usr/bin/python3].")
+def template_build(source: Path, name: str, data_dir: Path | None, python: Path | None) -> None:
+    """Build template NAME from SOURCE (a directory with requirements.txt, startup/, template.json)."""
+    from cellbox.interpreter.templates import build_template
+
+    root = _templates_root(data_dir)
+    steps = {"Collecting": "resolving", "Downloading": "downloading", "Installing": "installing",
+             "Successfully": "done"}
+    with click.progressbar(length=4, label=f"building template {name!r}", file=sys.stderr) as bar:
+        seen: set[str] = set()
+
+        def on_line(line: str) -> None:
+            for prefix, step in steps.items():
+                if line.startswith(prefix) and step not in seen:
+                    seen.add(step)
+                    bar.update(1)
+
+        with _reported_errors():
+            target = build_template(source, root, name, python=python, on_line=on_line)
+        bar.update(4 - len(seen))
+    click.echo(f"template {name!r} built at {target}")
+
+
+@template.command("list")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="The service's data dir.")
+def template_list(data_dir: Path | None) -> None:
+    """List the templates this host has."""
+    from cellbox.interpreter.templates import TemplateRegistry
+
+    registry = TemplateRegistry(_templates_root(data_dir))
+    for name in registry.names():
+        info = registry.get(name)
+        click.echo(f"{name}\t{info.python}\t{','.join(sorted(info.kernels))}")

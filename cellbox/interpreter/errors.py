@@ -25,6 +25,7 @@ the core in-process or talks to a server.
     - KernelDied                   "kernel_died"
     - KernelStartFailed            "kernel_start_failed"
   + RuntimeUnavailable             "runtime_unavailable"
+  + TemplateBuildFailed            "template_build_failed"
 """
 
 from __future__ import annotations
@@ -156,6 +157,12 @@ class RuntimeUnavailable(InterpreterError):
     """The runtime cannot work on this host (missing tool, missing privilege)."""
 
     code = "runtime_unavailable"
+
+
+class TemplateBuildFailed(InterpreterError):
+    """Building a template failed; ``details["output"]`` has the end of the build log."""
+
+    code = "template_build_failed"
 
 
 def _all_subclasses(cls: type[InterpreterError]) -> list[type[InterpreterError]]:

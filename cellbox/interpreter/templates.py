@@ -16,11 +16,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import shutil
+import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cellbox.interpreter.errors import TemplateNotFound
+from cellbox.interpreter.errors import InvalidRequest, TemplateBuildFailed, TemplateNotFound
 from cellbox.interpreter.models import Limits
 from cellbox.runtimes.base import KernelSpec, TemplateInfo
 
@@ -94,3 +98,70 @@ class TemplateRegistry:
         if importlib.util.find_spec("bash_kernel") is not None:
             kernels.append("bash")
         return kernels
+
+
+def default_template_python() -> Path:
+    """The interpreter a template venv is made from: the system Python when there is one
+    (isolated sandboxes then only need /usr mounted), else the service's own."""
+    system = Path("/usr/bin/python3")
+    return system if system.exists() else Path(sys.executable)
+
+
+def build_template(
+    source: Path,
+    root: Path,
+    name: str,
+    *,
+    python: Path | None = None,
+    on_line: Callable[[str], None] | None = None,
+) -> Path:
+    """Build template ``name`` under ``root`` from a directory like ``kernel_image/``
+    (``requirements.txt``, optional ``startup/*.py`` and ``template.json``).
+
+    Builds into a temporary directory and renames it into place, so a failed build leaves the
+    previous template untouched. Calls ``on_line`` with every line of pip's output. Raises
+    InvalidRequest for a bad source directory, TemplateBuildFailed when pip fails.
+    """
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise InvalidRequest("a template name is letters, digits, - and _", field="name")
+    requirements = source / "requirements.txt"
+    if not requirements.is_file():
+        raise InvalidRequest(f"{source} has no requirements.txt", field="source")
+    doc: dict[str, Any] = {}
+    if (source / "template.json").is_file():
+        doc = json.loads((source / "template.json").read_text())
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        python = python or default_template_python()
+        _run([str(python), "-m", "venv", str(staging / "venv")], on_line)
+        pip = [str(staging / "venv" / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]
+        _run([*pip, "install", "--progress-bar", "off", "-r", str(requirements)], on_line)
+        if (source / "startup").is_dir():
+            shutil.copytree(source / "startup", staging / "startup")
+        doc["python"] = "venv/bin/python"
+        doc.setdefault("kernels", ["python", "bash"])
+        (staging / "template.json").write_text(json.dumps(doc, indent=2))
+        target = root / name
+        old = root / f".{name}.old"
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+        return target
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _run(argv: list[str], on_line: Callable[[str], None] | None) -> None:
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    tail: list[str] = []
+    for line in proc.stdout:
+        tail = [*tail[-19:], line.rstrip()]
+        if on_line is not None:
+            on_line(line.rstrip())
+    if proc.wait() != 0:
+        raise TemplateBuildFailed(f"{' '.join(argv[:4])} ... failed", output="\n".join(tail))

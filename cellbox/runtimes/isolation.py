@@ -81,32 +81,37 @@ from typing import Any, Literal
 from cellbox.interpreter.errors import KernelStartFailed, RuntimeUnavailable, ServiceAtCapacity
 
 __all__ = [
-    "CONNECTION_FILE",
-    "DENIED_SYSCALLS",
-    "IPC_PORTS",
-    "SANDBOX_GID",
-    "SANDBOX_HOME",
-    "SANDBOX_RUN",
-    "SANDBOX_UID",
+    "build_bwrap_argv",
+    "build_seccomp_bpf",
     "BwrapCommand",
     "Cgroup",
     "CgroupCounters",
     "CgroupTree",
     "CgroupUsage",
-    "DiskHome",
-    "HostReport",
-    "IpcConnection",
-    "Rlimits",
-    "UidPool",
-    "build_bwrap_argv",
-    "build_seccomp_bpf",
     "check_host",
+    "CONNECTION_FILE",
     "death_reason",
+    "DENIED_SYSCALLS",
+    "DiskHome",
     "hand_back_ipc_dir",
+    "HOST_ETC",
+    "HostReport",
+    "IPC_BASENAME",
+    "IPC_PORTS",
+    "IpcConnection",
+    "loop_available",
     "make_preexec",
     "prepare_ipc_dir",
+    "REQUIRED_V1",
+    "REQUIRED_V2",
+    "Rlimits",
     "sandbox_env",
+    "SANDBOX_GID",
+    "SANDBOX_HOME",
+    "SANDBOX_RUN",
+    "SANDBOX_UID",
     "seccomp_bpf",
+    "UidPool",
     "wait_for_ipc_sockets",
     "write_etc_files",
     "write_ipc_connection",
@@ -276,6 +281,8 @@ class CgroupTree:
                 raise RuntimeUnavailable("no cgroup2 mount")
             need = set(REQUIRED_V2 if required is None else required)
             own_dir = _own_dir(v2, own.get("", "/"))
+            if own_dir.name == f"{prefix}-service":  # prepare() moved the service there earlier
+                own_dir = own_dir.parent
             available = set(_read(own_dir / "cgroup.controllers").split())
             if missing := need - available:
                 raise RuntimeUnavailable(
@@ -567,12 +574,12 @@ class Cgroup:
         if not self.exists():
             return
         deadline = time.monotonic() + timeout
-        kill_file = self.dirs.get("", Path()) / "cgroup.kill"
+        kill_file = self.dirs[""] / "cgroup.kill" if self.version == 2 else None
         delay = 0.001
         while pids := self.pids():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self!r} still has processes {pids[:10]} after {timeout} s")
-            if self.version == 2 and kill_file.exists():  # Linux >= 5.14
+            if kill_file is not None and kill_file.exists():  # Linux >= 5.14
                 _write(kill_file, 1)
             else:
                 await self._freeze_kill_thaw(pids, deadline)
@@ -580,7 +587,7 @@ class Cgroup:
             delay = min(delay * 2, 0.05)
 
     async def _freeze_kill_thaw(self, pids: list[int], deadline: float) -> None:
-        if self._has("freezer") or self.version == 2:
+        if self.version == 2 or self._has("freezer"):
             with contextlib.suppress(TimeoutError):
                 await self.freeze(timeout=max(0.05, min(1.0, deadline - time.monotonic())))
             pids = self.pids()  # the full list once nothing can fork any more

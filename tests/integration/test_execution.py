@@ -282,3 +282,11 @@ async def test_output_past_the_cap_is_cut_with_a_marker(short_tmp) -> None:  # t
             assert "output truncated" in out
             assert len(out.encode()) < 100_000 + 1000
             assert main_text(events) == "'finished'"
+
+
+async def test_pil_show_displays_the_image(client: httpx.AsyncClient, sandbox: str) -> None:
+    events = await execute(client, sandbox, "from PIL import Image\nImage.new('RGB', (8, 8), 'red').show()")
+    if any(e["type"] == "error" and e["name"] == "ModuleNotFoundError" for e in events):
+        pytest.skip("PIL is not in this template")
+    results = [e for e in events if e["type"] == "result"]
+    assert results and results[0]["artifacts"][0]["mime"] == "image/png"
