@@ -346,3 +346,5 @@ def template_list(data_dir: Path | None) -> None:
     for name in registry.names():
         info = registry.get(name)
         click.echo(f"{name}\t{info.python}\t{','.join(sorted(info.kernels))}")
+if __name__ == "__main__":
+    main()

@@ -33,6 +33,7 @@ from cellbox.interpreter.errors import (
     SandboxNotFound,
     SandboxNotRunning,
     ServiceAtCapacity,
+    TemplateBuildFailed,
     TemplateNotFound,
     Unauthorized,
 )
@@ -87,6 +88,7 @@ __all__ = [
     "SandboxNotRunning",
     "SandboxState",
     "ServiceAtCapacity",
+    "TemplateBuildFailed",
     "TemplateNotFound",
     "USE_CLIENT_DEFAULT",
     "Unauthorized",
