@@ -1,0 +1,156 @@
+"""The service's side of the in-sandbox agent protocol (see ``agent.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from cellbox.interpreter.errors import InterpreterError, KernelDied, NotFound
+
+log = logging.getLogger("cellbox.agent")
+
+# Agent lines can carry 64 KiB of base64 output plus framing.
+_LINE_LIMIT = 1 << 20
+
+
+class AgentGone(KernelDied):
+    """The sandbox's agent (its first process) exited: everything in the sandbox ended."""
+
+    code = "kernel_died"
+
+
+class ProcessHandle:
+    """A process the agent started: its exit, and its output when started with pipes."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.exited: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self.output: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+
+
+class AgentClient:
+    """One connection to one sandbox's agent. Create with :meth:`connect`."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._procs: dict[int, ProcessHandle] = {}
+        self._early_exits: dict[int, int | None] = {}
+        self.closed = asyncio.Event()
+        self._on_close: list[Callable[[], None]] = []
+        self._task = asyncio.create_task(self._read(), name="agent-reader")
+
+    @classmethod
+    async def connect(cls, socket_path: str) -> AgentClient:
+        reader, writer = await asyncio.open_unix_connection(socket_path, limit=_LINE_LIMIT)
+        client = cls(reader, writer)
+        await client.request("ping")
+        return client
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        self._on_close.append(callback)
+
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one request and wait for its response; raises AgentGone, NotFound or
+        InterpreterError (the agent's error message)."""
+        if self.closed.is_set():
+            raise AgentGone("the sandbox's agent is gone")
+        rid = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        self._writer.write(json.dumps({"id": rid, "op": op, **fields}).encode() + b"\n")
+        try:
+            await self._writer.drain()
+            resp = await fut
+        finally:
+            self._pending.pop(rid, None)
+        if not resp.get("ok"):
+            err = resp.get("error") or {}
+            cls = NotFound if err.get("code") == "not_found" else InterpreterError
+            raise cls(str(err.get("message", "agent error")))
+        return resp
+
+    async def spawn(
+        self, argv: list[str], env: dict[str, str], cwd: str | None, *, log: str | None = None,
+        pipes: bool = False, tag: str = "",
+    ) -> ProcessHandle:
+        resp = await self.request("spawn", argv=argv, env=env, cwd=cwd, log=log, pipes=pipes, tag=tag)
+        pid = int(resp["pid"])
+        handle = ProcessHandle(pid)
+        self._procs[pid] = handle
+        if pid in self._early_exits:  # it exited before we registered it
+            self._finish(handle, self._early_exits.pop(pid))
+        return handle
+
+    async def signal(self, pid: int, signum: int, group: bool = True) -> None:
+        await self.request("signal", pid=pid, signum=signum, group=group)
+
+    async def write_stdin(self, pid: int, data: bytes) -> None:
+        await self.request("stdin", pid=pid, data=base64.b64encode(data).decode())
+
+    async def close_stdin(self, pid: int) -> None:
+        await self.request("close_stdin", pid=pid)
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await self._writer.wait_closed()
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
+        self._mark_closed()
+
+    def _finish(self, handle: ProcessHandle, code: int | None) -> None:
+        handle.output.put_nowait(None)
+        if not handle.exited.done():
+            handle.exited.set_result(code)
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                line = await self._reader.readline()
+                if not line:
+                    return
+                msg = json.loads(line)
+                if "id" in msg:
+                    fut = self._pending.get(msg["id"])
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
+                    continue
+                event, pid = msg.get("event"), int(msg.get("pid", 0))
+                handle = self._procs.get(pid)
+                if event == "output" and handle is not None:
+                    handle.output.put_nowait((msg["stream"], base64.b64decode(msg["data"])))
+                elif event == "exit":
+                    if handle is None:
+                        self._early_exits[pid] = msg.get("returncode")
+                    else:
+                        self._procs.pop(pid, None)
+                        self._finish(handle, msg.get("returncode"))
+        except (ConnectionError, ValueError, asyncio.IncompleteReadError) as exc:
+            log.warning("agent connection failed: %s", exc)
+        finally:
+            self._mark_closed()
+
+    def _mark_closed(self) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        gone = AgentGone("the sandbox's agent is gone")
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(gone)
+        for handle in list(self._procs.values()):
+            self._finish(handle, None)
+        self._procs.clear()
+        for cb in self._on_close:
+            with contextlib.suppress(Exception):
+                cb()

@@ -1,0 +1,92 @@
+"""The in-sandbox agent and its client, with the agent as a plain local process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from cellbox.runtimes import agent as agent_module
+from cellbox.runtimes.agent_client import AgentClient, AgentGone, ProcessHandle
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest_asyncio.fixture
+async def agent(short_tmp: Path) -> AsyncIterator[tuple[AgentClient, asyncio.subprocess.Process]]:
+    sock = short_tmp / "agent.sock"
+    proc = await asyncio.create_subprocess_exec(sys.executable, agent_module.__file__, "--socket", str(sock))
+    # Readiness is the socket accepting a connection: retry connecting until it does (bounded).
+    client = None
+    async with asyncio.timeout(20):
+        while client is None:
+            try:
+                client = await AgentClient.connect(str(sock))
+            except (FileNotFoundError, ConnectionRefusedError):
+                assert proc.returncode is None
+                await asyncio.sleep(0.02)
+    try:
+        yield client, proc
+    finally:
+        await client.close()
+        async with asyncio.timeout(20):
+            await proc.wait()
+
+
+async def collect(handle: ProcessHandle) -> dict[str, bytes]:
+    out = {"stdout": b"", "stderr": b""}
+    while (item := await handle.output.get()) is not None:
+        out[item[0]] += item[1]
+    return out
+
+
+async def test_spawn_streams_output_and_exit(agent) -> None:  # type: ignore[no-untyped-def]
+    client, _ = agent
+    h = await client.spawn(["/bin/sh", "-c", "echo out; echo err >&2; exit 3"], {"PATH": "/usr/bin:/bin"}, None, pipes=True)
+    out = await collect(h)
+    assert out == {"stdout": b"out\n", "stderr": b"err\n"}
+    assert await h.exited == 3
+
+
+async def test_stdin_signal_and_errors(agent) -> None:  # type: ignore[no-untyped-def]
+    client, _ = agent
+    cat = await client.spawn(["/bin/cat"], {}, None, pipes=True)
+    await client.write_stdin(cat.pid, b"echo me\n")
+    assert await cat.output.get() == ("stdout", b"echo me\n")
+    await client.close_stdin(cat.pid)
+    assert await cat.exited == 0
+    sleeper = await client.spawn(["/bin/sleep", "60"], {}, None)
+    await client.signal(sleeper.pid, signal.SIGKILL)
+    assert await sleeper.exited == -signal.SIGKILL
+    with pytest.raises(Exception, match="not_found|KeyError|ProcessLookup|no"):
+        await client.signal(999999, signal.SIGKILL)
+
+
+async def test_closing_the_connection_ends_the_sandbox(agent) -> None:  # type: ignore[no-untyped-def]
+    client, proc = agent
+    sleeper = await client.spawn(["/bin/sleep", "60"], {}, None)
+    await client.close()
+    async with asyncio.timeout(20):
+        await proc.wait()
+    # The agent killed its children before exiting: the sleeper is gone or a zombie waiting to
+    # be reaped by whoever inherited it.
+    async with asyncio.timeout(20):
+        while _alive(sleeper.pid):
+            await asyncio.sleep(0.02)
+    assert sleeper.exited.done()
+    with pytest.raises(AgentGone):
+        await client.request("ping")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
