@@ -22,6 +22,8 @@ STATUS_TABLE: list[tuple[type[e.InterpreterError], int, int]] = [
     (e.Unauthorized, status.HTTP_401_UNAUTHORIZED, status.WS_1008_POLICY_VIOLATION),
     (e.NotFound, status.HTTP_404_NOT_FOUND, status.WS_1008_POLICY_VIOLATION),
     (e.Conflict, status.HTTP_409_CONFLICT, status.WS_1008_POLICY_VIOLATION),
+    (e.PermissionDenied, status.HTTP_403_FORBIDDEN, status.WS_1008_POLICY_VIOLATION),
+    (e.NoSpace, status.HTTP_507_INSUFFICIENT_STORAGE, status.WS_1011_INTERNAL_ERROR),
     (e.SandboxLimitReached, status.HTTP_429_TOO_MANY_REQUESTS, status.WS_1013_TRY_AGAIN_LATER),
     (e.CapacityError, status.HTTP_503_SERVICE_UNAVAILABLE, status.WS_1013_TRY_AGAIN_LATER),
     (e.KernelError, status.HTTP_503_SERVICE_UNAVAILABLE, status.WS_1011_INTERNAL_ERROR),

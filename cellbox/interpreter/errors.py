@@ -16,8 +16,12 @@ the core in-process or talks to a server.
     - ExecutionNotFound            "execution_not_found"
     - ArtifactNotFound             "artifact_not_found"
     - TemplateNotFound             "template_not_found"
+    - FileNotFound                 "file_not_found"        no such path in the sandbox
+  + PermissionDenied               "permission_denied"     a path outside the sandbox, or not allowed
   + Conflict                       "conflict"
     - SandboxNotRunning            "sandbox_not_running"
+    - FileExists                   "file_exists"
+  + NoSpace                        "no_space"              the sandbox's disk quota is full
   + CapacityError                  "capacity"
     - SandboxLimitReached          "sandbox_limit_reached" per-key quota (429)
     - ServiceAtCapacity            "service_at_capacity"   the host is full (503)
@@ -105,6 +109,24 @@ class TemplateNotFound(NotFound):
     code = "template_not_found"
 
 
+class FileNotFound(NotFound):
+    """No such file or directory in the sandbox."""
+
+    code = "file_not_found"
+
+
+class PermissionDenied(InterpreterError):
+    """The path is outside the sandbox (``..``, a symlink out) or the sandbox may not touch it."""
+
+    code = "permission_denied"
+
+
+class NoSpace(InterpreterError):
+    """The sandbox's disk quota (or file size limit) is exhausted."""
+
+    code = "no_space"
+
+
 class Conflict(InterpreterError):
     """The request clashes with the current state of the resource."""
 
@@ -115,6 +137,12 @@ class SandboxNotRunning(Conflict):
     """The sandbox exists but is killed, lost or otherwise not running."""
 
     code = "sandbox_not_running"
+
+
+class FileExists(Conflict):
+    """The path exists and the request would not replace it."""
+
+    code = "file_exists"
 
 
 class CapacityError(InterpreterError):

@@ -14,7 +14,12 @@ or ``{"id": N, "ok": false, "error": {"code", "message"}}``. Unsolicited events:
 a process is sent before its exit event).
 
 Ops: ``ping``; ``spawn`` (argv, env, cwd, log, pipes) -> pid; ``signal`` (pid, signum,
-group); ``stdin`` (pid, data base64); ``close_stdin`` (pid); ``list``.
+group); ``stdin`` (pid, data base64); ``close_stdin`` (pid); ``list``; files: ``stat``,
+``listdir`` (path, depth), ``mkdir`` (path, parents), ``move`` (src, dst), ``remove``,
+``read`` (path, offset, length) -> data base64 + eof, ``write`` (path, offset, data,
+truncate). Relative paths start at the home. With ``--jail`` (sandboxes without a mount
+namespace of their own) every path must resolve, symlinks followed, inside the home, and
+``/home/user/...`` names the home.
 
 When the service's connection closes, the agent kills every process it started and exits:
 a sandbox never outlives the service that runs it.
@@ -28,17 +33,38 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import errno
 import json
 import os
+import shutil
 import signal
+import stat
 import sys
 from typing import Any
 
 _CHUNK = 65536
 
 
+def _error_code(exc: Exception) -> str:
+    if isinstance(exc, (KeyError, ProcessLookupError)):
+        return "no_process"
+    if isinstance(exc, FileNotFoundError):
+        return "not_found"
+    if isinstance(exc, PermissionError):
+        return "permission_denied"
+    if isinstance(exc, FileExistsError):
+        return "exists"
+    if isinstance(exc, (NotADirectoryError, IsADirectoryError, ValueError)):
+        return "invalid"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return "no_space"
+    return "failed"
+
+
 class Agent:
-    def __init__(self) -> None:
+    def __init__(self, home: str = "/home/user", jail: bool = False) -> None:
+        self.home = os.path.realpath(home)
+        self.jail = jail
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.meta: dict[int, dict[str, Any]] = {}
         self.writer: asyncio.StreamWriter | None = None
@@ -77,7 +103,7 @@ class Agent:
             result = await getattr(self, "op_" + str(req.get("op")), self.op_unknown)(req)
             await self.send({"id": rid, "ok": True, **result})
         except Exception as exc:  # every failure is an answer, never a crash
-            code = "not_found" if isinstance(exc, (KeyError, ProcessLookupError, FileNotFoundError)) else "failed"
+            code = _error_code(exc)
             await self.send({"id": rid, "ok": False, "error": {"code": code, "message": f"{type(exc).__name__}: {exc}"}})
 
     async def op_unknown(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -129,7 +155,10 @@ class Agent:
             await self.send({"event": "output", "pid": pid, "stream": stream, "data": base64.b64encode(data).decode()})
 
     def _proc(self, req: dict[str, Any]) -> asyncio.subprocess.Process:
-        return self.procs[int(req["pid"])]
+        pid = int(req["pid"])
+        if pid not in self.procs:
+            raise ProcessLookupError(f"no process {pid} started by this sandbox's agent")
+        return self.procs[pid]
 
     async def op_signal(self, req: dict[str, Any]) -> dict[str, Any]:
         proc = self._proc(req)
@@ -157,14 +186,126 @@ class Agent:
     async def op_list(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"processes": [{"pid": pid, **meta} for pid, meta in self.meta.items()]}
 
+    # -- files ---------------------------------------------------------------------------
+
+    def resolve(self, path: str, follow_last: bool = True) -> str:
+        """The real path for a sandbox path; PermissionError outside the jail."""
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise ValueError("a path is a non-empty string")
+        if path == "/home/user" or path.startswith("/home/user/"):
+            path = self.home + path[len("/home/user"):]
+        elif not path.startswith("/"):
+            path = os.path.join(self.home, path)
+        elif self.jail:
+            raise PermissionError(f"{path} is outside the sandbox home")
+        parent, name = os.path.split(os.path.normpath(path))
+        real = os.path.realpath(path) if follow_last else os.path.join(os.path.realpath(parent), name)
+        if self.jail and real != self.home and not real.startswith(self.home + "/"):
+            raise PermissionError(f"{path} resolves outside the sandbox home")
+        return real
+
+    def shown(self, real: str) -> str:
+        """How a real path is shown to the user (``/home/user/...`` for the home)."""
+        if real == self.home or real.startswith(self.home + "/"):
+            return "/home/user" + real[len(self.home):]
+        return real
+
+    def entry(self, real: str) -> dict[str, Any]:
+        st = os.lstat(real)
+        kind = ("dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode)
+                else "symlink" if stat.S_ISLNK(st.st_mode) else "other")
+        out: dict[str, Any] = {
+            "name": os.path.basename(real) or "/", "path": self.shown(real), "type": kind,
+            "size": st.st_size, "mode": stat.S_IMODE(st.st_mode), "permissions": stat.filemode(st.st_mode),
+            "uid": st.st_uid, "gid": st.st_gid, "modified_time": st.st_mtime,
+        }
+        if kind == "symlink":
+            out["symlink_target"] = os.readlink(real)
+        return out
+
+    async def op_stat(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"entry": self.entry(self.resolve(req["path"], follow_last=False))}
+
+    async def op_listdir(self, req: dict[str, Any]) -> dict[str, Any]:
+        root = self.resolve(req["path"])
+        depth = max(1, int(req.get("depth", 1)))
+        entries: list[dict[str, Any]] = []
+        limit = int(req.get("limit", 10000))
+
+        def walk(directory: str, level: int) -> None:
+            with os.scandir(directory) as it:
+                for de in sorted(it, key=lambda d: d.name):
+                    if len(entries) >= limit:
+                        return
+                    entries.append(self.entry(de.path))
+                    if level < depth and de.is_dir(follow_symlinks=False):
+                        walk(de.path, level + 1)
+
+        if not os.path.isdir(root):
+            raise NotADirectoryError(f"{self.shown(root)} is not a directory")
+        walk(root, 1)
+        return {"entries": entries, "truncated": len(entries) >= limit}
+
+    async def op_mkdir(self, req: dict[str, Any]) -> dict[str, Any]:
+        real = self.resolve(req["path"])
+        if os.path.isdir(real):
+            return {"created": False, "entry": self.entry(real)}
+        if req.get("parents", True):
+            os.makedirs(real)
+        else:
+            os.mkdir(real)
+        return {"created": True, "entry": self.entry(real)}
+
+    async def op_move(self, req: dict[str, Any]) -> dict[str, Any]:
+        src = self.resolve(req["src"], follow_last=False)
+        dst = self.resolve(req["dst"], follow_last=False)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.rename(src, dst)
+        return {"entry": self.entry(dst)}
+
+    async def op_remove(self, req: dict[str, Any]) -> dict[str, Any]:
+        real = self.resolve(req["path"], follow_last=False)
+        if real == self.home:
+            raise PermissionError("the home itself cannot be removed")
+        if os.path.isdir(real) and not os.path.islink(real):
+            shutil.rmtree(real)
+        else:
+            os.unlink(real)
+        return {}
+
+    async def op_read(self, req: dict[str, Any]) -> dict[str, Any]:
+        real = self.resolve(req["path"])
+        length = min(int(req.get("length", _CHUNK * 16)), 4 << 20)
+        with open(real, "rb") as f:
+            f.seek(int(req.get("offset", 0)))
+            data = f.read(length)
+            eof = len(data) < length or f.read(1) == b""
+        return {"data": base64.b64encode(data).decode(), "eof": eof, "size": os.path.getsize(real)}
+
+    async def op_write(self, req: dict[str, Any]) -> dict[str, Any]:
+        real = self.resolve(req["path"])
+        if req.get("truncate"):
+            os.makedirs(os.path.dirname(real), exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if req.get("truncate") else 0)
+        fd = os.open(real, flags, 0o644)
+        try:
+            os.lseek(fd, int(req.get("offset", 0)), os.SEEK_SET)
+            data = base64.b64decode(req.get("data", ""))
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        return {"entry": self.entry(real)}
+
     def kill_all(self) -> None:
         for pid in list(self.procs):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
 
 
-async def main(socket_path: str) -> None:
-    agent = Agent()
+async def main(socket_path: str, home: str, jail: bool) -> None:
+    agent = Agent(home, jail)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)
     server = await asyncio.start_unix_server(agent.serve, path=socket_path)
@@ -179,7 +320,9 @@ async def main(socket_path: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="cellbox in-sandbox agent")
     parser.add_argument("--socket", required=True)
+    parser.add_argument("--home", default="/home/user")
+    parser.add_argument("--jail", action="store_true")
     args = parser.parse_args()
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    asyncio.run(main(args.socket))
+    asyncio.run(main(args.socket, args.home, args.jail))
     sys.exit(0)

@@ -11,12 +11,29 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from cellbox.interpreter.errors import InterpreterError, KernelDied, NotFound
+from cellbox.interpreter import errors
+from cellbox.interpreter.errors import InterpreterError, KernelDied
 
 log = logging.getLogger("cellbox.agent")
 
 # Agent lines can carry 64 KiB of base64 output plus framing.
 _LINE_LIMIT = 1 << 20
+
+
+_AGENT_ERRORS: dict[str, type[InterpreterError]] = {
+    "not_found": errors.FileNotFound,
+    "no_process": errors.NotFound,
+    "permission_denied": errors.PermissionDenied,
+    "exists": errors.FileExists,
+    "invalid": errors.InvalidRequest,
+    "no_space": errors.NoSpace,
+}
+
+
+def _user_message(message: str) -> str:
+    """The agent's ``"ExcType: [Errno N] text: 'path'"`` without the Python class name."""
+    _, sep, rest = message.partition(": ")
+    return rest if sep else message
 
 
 class AgentGone(KernelDied):
@@ -74,8 +91,8 @@ class AgentClient:
             self._pending.pop(rid, None)
         if not resp.get("ok"):
             err = resp.get("error") or {}
-            cls = NotFound if err.get("code") == "not_found" else InterpreterError
-            raise cls(str(err.get("message", "agent error")))
+            cls = _AGENT_ERRORS.get(str(err.get("code")), InterpreterError)
+            raise cls(_user_message(str(err.get("message", "agent error"))))
         return resp
 
     async def spawn(

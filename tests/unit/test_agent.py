@@ -64,7 +64,9 @@ async def test_stdin_signal_and_errors(agent) -> None:  # type: ignore[no-untype
     sleeper = await client.spawn(["/bin/sleep", "60"], {}, None)
     await client.signal(sleeper.pid, signal.SIGKILL)
     assert await sleeper.exited == -signal.SIGKILL
-    with pytest.raises(Exception, match="not_found|KeyError|ProcessLookup|no"):
+    from cellbox.interpreter.errors import NotFound
+
+    with pytest.raises(NotFound):
         await client.signal(999999, signal.SIGKILL)
 
 
@@ -90,3 +92,57 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return "\nState:\tZ" not in status
+
+
+@pytest_asyncio.fixture
+async def jailed(short_tmp: Path) -> AsyncIterator[tuple[AgentClient, Path]]:
+    home = short_tmp / "home"
+    home.mkdir()
+    (short_tmp / "outside.txt").write_text("secret")
+    sock = short_tmp / "a.sock"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, agent_module.__file__, "--socket", str(sock), "--home", str(home), "--jail"
+    )
+    client = None
+    async with asyncio.timeout(20):
+        while client is None:
+            try:
+                client = await AgentClient.connect(str(sock))
+            except (FileNotFoundError, ConnectionRefusedError):
+                await asyncio.sleep(0.02)
+    try:
+        yield client, home
+    finally:
+        await client.close()
+        async with asyncio.timeout(20):
+            await proc.wait()
+
+
+async def test_file_operations_stay_in_the_home(jailed) -> None:  # type: ignore[no-untyped-def]
+    import base64
+
+    from cellbox.interpreter.errors import FileNotFound, PermissionDenied
+
+    client, home = jailed
+    await client.request("write", path="dir/a.txt", data=base64.b64encode(b"hello").decode(), truncate=True)
+    assert (home / "dir" / "a.txt").read_bytes() == b"hello"
+    got = await client.request("read", path="/home/user/dir/a.txt")
+    assert base64.b64decode(got["data"]) == b"hello" and got["eof"]
+    listing = await client.request("listdir", path="/home/user", depth=2)
+    assert [e["path"] for e in listing["entries"]] == ["/home/user/dir", "/home/user/dir/a.txt"]
+    moved = await client.request("move", src="dir/a.txt", dst="b/c.txt")
+    assert moved["entry"]["path"] == "/home/user/b/c.txt"
+    assert (await client.request("mkdir", path="b"))["created"] is False
+    (home / "escape").symlink_to(home.parent / "outside.txt")
+    for bad in ["../outside.txt", "/etc/passwd", "escape", "/home/user/../outside.txt"]:
+        with pytest.raises(PermissionDenied):
+            await client.request("read", path=bad)
+    with pytest.raises(PermissionDenied):
+        await client.request("write", path="escape", data="eA==", truncate=True)
+    assert (home.parent / "outside.txt").read_text() == "secret"
+    await client.request("remove", path="escape")  # the link itself may go, not its target
+    assert (home.parent / "outside.txt").exists()
+    with pytest.raises(FileNotFound):
+        await client.request("stat", path="nope")
+    with pytest.raises(PermissionDenied):
+        await client.request("remove", path="/home/user")
