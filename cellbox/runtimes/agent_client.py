@@ -60,6 +60,9 @@ class AgentClient:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._procs: dict[int, ProcessHandle] = {}
+        # Events that arrive between the agent's spawn response and spawn() registering the
+        # handle (the reader runs ahead of the caller): replayed at registration.
+        self._early_output: dict[int, list[tuple[str, bytes]]] = {}
         self._early_exits: dict[int, int | None] = {}
         self.closed = asyncio.Event()
         self._on_close: list[Callable[[], None]] = []
@@ -103,7 +106,10 @@ class AgentClient:
         pid = int(resp["pid"])
         handle = ProcessHandle(pid)
         self._procs[pid] = handle
+        for item in self._early_output.pop(pid, []):
+            handle.output.put_nowait(item)
         if pid in self._early_exits:  # it exited before we registered it
+            self._procs.pop(pid, None)
             self._finish(handle, self._early_exits.pop(pid))
         return handle
 
@@ -144,8 +150,12 @@ class AgentClient:
                     continue
                 event, pid = msg.get("event"), int(msg.get("pid", 0))
                 handle = self._procs.get(pid)
-                if event == "output" and handle is not None:
-                    handle.output.put_nowait((msg["stream"], base64.b64decode(msg["data"])))
+                if event == "output":
+                    item = (msg["stream"], base64.b64decode(msg["data"]))
+                    if handle is None:
+                        self._early_output.setdefault(pid, []).append(item)
+                    else:
+                        handle.output.put_nowait(item)
                 elif event == "exit":
                     if handle is None:
                         self._early_exits[pid] = msg.get("returncode")
