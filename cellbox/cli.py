@@ -1,6 +1,7 @@
-"""The ``cellbox`` command: ``serve`` the service, ``run`` code in a sandbox, manage ``sandbox``es.
+"""The ``cellbox`` command: ``serve`` the service, ``run`` code in a sandbox, manage ``sandbox``es
+(and run shell commands in them with ``sandbox exec``), move ``files`` in and out of them.
 
-``run`` and ``sandbox`` use only the SDK (:mod:`cellbox.client`); ``serve`` imports the server
+``run``, ``sandbox`` and ``files`` use only the SDK (:mod:`cellbox.client`); ``serve`` imports the server
 (FastAPI, uvicorn, pydantic-settings) when it runs, so the SDK-only install keeps a working CLI
 client and ``serve`` says which extra to install.
 """
@@ -10,16 +11,17 @@ from __future__ import annotations
 import ipaddress
 import logging
 import mimetypes
+import shlex
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import click
 import httpx
 
-from cellbox.client import Execution, InterpreterError, Result, Sandbox
+from cellbox.client import CommandExitError, Execution, InterpreterError, Result, Sandbox
 
 if TYPE_CHECKING:
     from cellbox.interpreter.config import Settings
@@ -294,6 +296,122 @@ def sandbox_kill(url: str, api_key: str | None, sandbox_id: str) -> None:
     with _reported_errors(), _attached(sandbox_id, _connection(url, api_key)) as sbx:
         sbx.kill()
     click.echo(f"killed {sandbox_id}")
+
+
+def _parse_envs(pairs: tuple[str, ...]) -> dict[str, str]:
+    envs = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--env")
+        envs[key] = value
+    return envs
+
+
+def command_exit_status(error: CommandExitError) -> int:
+    """The exit status ``sandbox exec`` ends with: the command's own code, else 124 after a
+    timeout (as coreutils ``timeout``), 128+N after signal N (as a shell), else 1."""
+    if error.exit_code is not None and not error.timed_out:
+        return error.exit_code
+    if error.timed_out:
+        return 124
+    return 128 + error.signal if error.signal is not None else 1
+
+
+@sandbox.command("exec")
+@_client_options
+@click.option("--cwd", help="Working directory in the sandbox [default: /home/user].")
+@click.option("--env", "envs", multiple=True, metavar="KEY=VALUE", help="Environment variable (repeatable).")
+@click.option("--timeout", type=float, help="Kill the command after this many seconds [default: no limit].")
+@click.argument("sandbox_id")
+@click.argument("command", nargs=-1, required=True)
+def sandbox_exec(
+    url: str,
+    api_key: str | None,
+    cwd: str | None,
+    envs: tuple[str, ...],
+    timeout: float | None,
+    sandbox_id: str,
+    command: tuple[str, ...],
+) -> None:
+    """Run a shell command in a sandbox, streaming its output: ``sandbox exec ID -- CMD [ARG...]``.
+
+    A single CMD is a shell line (``-- 'ls | wc -l'``); several words are quoted and run as
+    they are. Exits with the command's exit code (124 after --timeout, 128+N after signal N).
+    """
+    line = command[0] if len(command) == 1 else shlex.join(command)
+    env = _parse_envs(envs)
+    status = 0
+    with _reported_errors(), _attached(sandbox_id, _connection(url, api_key)) as sbx:
+        try:
+            sbx.commands.run(
+                line,
+                envs=env,
+                cwd=cwd,
+                timeout=timeout,
+                on_stdout=lambda text: click.echo(text, nl=False),
+                on_stderr=lambda text: click.echo(text, nl=False, err=True),
+            )
+        except CommandExitError as exc:
+            status = command_exit_status(exc)
+            if exc.exit_code is None or exc.timed_out:
+                click.echo(f"cellbox: {exc}", err=True)
+    sys.exit(status)
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+
+@main.group("files")
+def files_group() -> None:
+    """Copy files into and out of a sandbox, and list them."""
+
+
+def _copy(chunks: Iterable[bytes], target: IO[bytes]) -> None:
+    for chunk in chunks:
+        target.write(chunk)
+    target.flush()
+
+
+@files_group.command("get")
+@_client_options
+@click.argument("sandbox_id")
+@click.argument("path")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write here, not to stdout.")
+def files_get(url: str, api_key: str | None, sandbox_id: str, path: str, output: Path | None) -> None:
+    """Download PATH from the sandbox (streamed) to stdout or --output."""
+    with _reported_errors(), _attached(sandbox_id, _connection(url, api_key)) as sbx:
+        chunks = sbx.files.read(path, format="stream")  # raises before anything is written
+        if output is None:
+            _copy(chunks, click.get_binary_stream("stdout"))
+        else:
+            with output.open("wb") as target:
+                _copy(chunks, target)
+
+
+@files_group.command("put")
+@_client_options
+@click.argument("sandbox_id")
+@click.argument("local", type=click.File("rb"))
+@click.argument("path")
+def files_put(url: str, api_key: str | None, sandbox_id: str, local: IO[bytes], path: str) -> None:
+    """Upload the file LOCAL (- for stdin, streamed) to PATH in the sandbox; prints the path and size."""
+    with _reported_errors(), _attached(sandbox_id, _connection(url, api_key)) as sbx:
+        entry = sbx.files.write(path, local)
+    click.echo(f"{entry.path}\t{entry.size}")
+
+
+@files_group.command("ls")
+@_client_options
+@click.argument("sandbox_id")
+@click.argument("path", default="/home/user")
+@click.option("--depth", type=click.IntRange(1, 32), default=1, show_default=True, help="Levels to descend.")
+def files_ls(url: str, api_key: str | None, sandbox_id: str, path: str, depth: int) -> None:
+    """List the directory PATH [default: /home/user]: type, size, permissions, path."""
+    with _reported_errors(), _attached(sandbox_id, _connection(url, api_key)) as sbx:
+        entries = sbx.files.list(path, depth=depth)
+    for entry in entries:
+        click.echo(f"{entry.type}\t{entry.size}\t{entry.permissions}\t{entry.path}")
 
 
 # -- templates -----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import cellbox
 from cellbox.api import errors
 from cellbox.api.errors import error_response
-from cellbox.api.routes import artifacts, executions, sandboxes
+from cellbox.api.routes import artifacts, commands, executions, files, sandboxes
 from cellbox.interpreter.config import Settings
 from cellbox.interpreter.errors import RequestTooLarge
 from cellbox.interpreter.manager import SandboxManager
@@ -22,20 +22,28 @@ log = logging.getLogger("cellbox.api")
 
 
 class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with a 413 JSON error, whether the client
-    announced the size (Content-Length) or streams it (chunked)."""
+    """Refuse request bodies over the limit with a 413 JSON error, whether the client
+    announced the size (Content-Length) or streams it (chunked). File uploads get their own,
+    larger limit."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, upload_limit: int) -> None:
         self.app = app
-        self.limit = limit
+        self.json_limit = limit
+        self.upload_limit = upload_limit
+
+    def limit_for(self, scope: Scope) -> int:
+        if scope["method"] in ("PUT", "POST") and scope["path"].endswith("/files"):
+            return self.upload_limit
+        return self.json_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = RequestTooLarge(f"request body larger than {self.limit} bytes", limit=self.limit)
+        limit = self.limit_for(scope)
+        too_large = RequestTooLarge(f"request body larger than {limit} bytes", limit=limit)
         for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
                 await error_response(too_large)(scope, receive, send)
                 return
         seen = 0
@@ -49,7 +57,7 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     # Stop feeding the app; it sees a client that went away, and we answer.
                     too_large_seen = True
                     return {"type": "http.disconnect"}
@@ -100,6 +108,8 @@ def create_app(settings: Settings, manager: SandboxManager | None = None) -> Fas
     app.include_router(sandboxes.router)
     app.include_router(executions.router)
     app.include_router(artifacts.router)
+    app.include_router(commands.router)
+    app.include_router(files.router)
 
     @app.get("/healthz", response_model=Health, tags=["service"])
     async def healthz(request: Request) -> Health:
@@ -109,5 +119,5 @@ def create_app(settings: Settings, manager: SandboxManager | None = None) -> Fas
             sandboxes=len(m.sandboxes),
         )
 
-    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes, upload_limit=settings.max_upload_bytes)
     return app

@@ -11,6 +11,13 @@ AsyncSandbox.create() as sbx``, ``await sbx.run_code(...)``). The service URL co
 ``base_url=`` or ``$CELLBOX_URL`` (default ``http://127.0.0.1:8080``), the key from
 ``api_key=`` or ``$CELLBOX_API_KEY``. Errors the service reports are raised as the classes of
 :mod:`cellbox.interpreter.errors`, re-exported here. Needs only httpx and pydantic.
+
+``sbx.files`` reads and writes the sandbox's files and ``sbx.commands`` runs shell commands
+in it, shaped like E2B's ``sandbox.files`` and ``sandbox.commands``:
+
+>>> entry = sbx.files.write("data.csv", "a,b\\n1,2\\n")  # doctest: +SKIP
+>>> sbx.commands.run("wc -l data.csv").stdout          # doctest: +SKIP
+'2 data.csv\\n'
 """
 
 from __future__ import annotations
@@ -44,7 +51,9 @@ from cellbox.interpreter.errors import (
 from cellbox.interpreter.models import (
     ArtifactInfo,
     ArtifactRef,
+    CommandInfo,
     EndStatus,
+    EntryInfo,
     Event,
     Limits,
     NetworkSpec,
@@ -52,22 +61,42 @@ from cellbox.interpreter.models import (
     SandboxState,
 )
 
-from ._async import AsyncSandbox
-from ._base import USE_CLIENT_DEFAULT, ConnectionOptions, UseClientDefault
-from ._models import Context, Execution, ExecutionError, ExecutionIncomplete, Logs, Result
-from ._sync import Sandbox
+from ._async import AsyncCommandHandle, AsyncCommands, AsyncFilesystem, AsyncSandbox
+from ._base import USE_CLIENT_DEFAULT, ConnectionOptions, UseClientDefault, WriteEntry
+from ._models import (
+    CommandExitError,
+    CommandIncomplete,
+    CommandResult,
+    Context,
+    Execution,
+    ExecutionError,
+    ExecutionIncomplete,
+    Logs,
+    Result,
+)
+from ._sync import CommandHandle, Commands, Filesystem, Sandbox
 
 __all__ = [
     "ArtifactInfo",
     "ArtifactNotFound",
     "ArtifactRef",
+    "AsyncCommandHandle",
+    "AsyncCommands",
+    "AsyncFilesystem",
     "AsyncSandbox",
     "CapacityError",
+    "CommandExitError",
+    "CommandHandle",
+    "CommandIncomplete",
+    "CommandInfo",
+    "CommandResult",
+    "Commands",
     "Conflict",
     "ConnectionOptions",
     "Context",
     "ContextNotFound",
     "EndStatus",
+    "EntryInfo",
     "Event",
     "Execution",
     "ExecutionError",
@@ -75,6 +104,7 @@ __all__ = [
     "ExecutionNotFound",
     "FileExists",
     "FileNotFound",
+    "Filesystem",
     "InterpreterError",
     "InvalidRequest",
     "KernelDied",
@@ -101,4 +131,5 @@ __all__ = [
     "USE_CLIENT_DEFAULT",
     "Unauthorized",
     "UseClientDefault",
+    "WriteEntry",
 ]

@@ -1,8 +1,9 @@
-"""The asyncio client: :class:`AsyncSandbox`, the twin of :class:`~._sync.Sandbox`.
+"""The asyncio client: :class:`AsyncSandbox`, the twin of :class:`~._sync.Sandbox`, with
+``sbx.files`` (:class:`AsyncFilesystem`) and ``sbx.commands`` (:class:`AsyncCommands`).
 
-Same requests, same parsing (:class:`~._base.SandboxBase`), same results; only the I/O is
-``httpx.AsyncClient``, and ``run_code`` callbacks may be coroutine functions (awaited in
-order) as well as plain functions. Each method's contract is documented on the sync twin.
+Same requests, same parsing (:mod:`._base`), same results; only the I/O is
+``httpx.AsyncClient``, and callbacks may be coroutine functions (awaited in order) as well as
+plain functions. Each method's contract is documented on the sync twin.
 """
 
 from __future__ import annotations
@@ -10,9 +11,18 @@ from __future__ import annotations
 import builtins
 import contextlib
 import inspect
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Generator, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Coroutine,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from types import TracebackType
-from typing import Any, TypeVar, Unpack
+from typing import Any, Literal, TypeVar, Unpack, overload
 
 import httpx
 
@@ -22,20 +32,84 @@ from ._base import (
     USE_CLIENT_DEFAULT,
     ArtifactLike,
     Call,
+    CommandHandleBase,
+    CommandsBase,
     ConnectionConfig,
     ConnectionOptions,
     ContextLike,
+    FilesBase,
+    ReadFormat,
     RequestTimeout,
     SandboxBase,
+    WriteData,
 )
-from ._models import Callback, Callbacks, Context, Execution, ExecutionBuilder, PendingCall
+from ._models import Callback, Callbacks, CommandResult, Context, Execution, PendingCall, StreamBuilder
 
 T = TypeVar("T")
 Options = ConnectionOptions[httpx.AsyncBaseTransport]
 
 
+async def _chunks(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+def _options(call: Call[Any]) -> dict[str, Any]:
+    """``call.options()``, with a body of sync chunks made async (``httpx.AsyncClient`` needs that)."""
+    options = call.options()
+    if isinstance(options["content"], Iterator):
+        options["content"] = _chunks(options["content"])
+    return options
+
+
 async def _send(http: httpx.AsyncClient, call: Call[T]) -> T:
-    return call.parse(await http.request(**call.options()))
+    return call.parse(await http.request(**_options(call)))
+
+
+async def _open(http: httpx.AsyncClient, call: Call[Any]) -> httpx.Response:
+    """Async :func:`~._sync._open`: the response with its body not read yet, or the error raised."""
+    response = await http.send(http.build_request(**_options(call)), stream=True)
+    try:
+        if response.is_error:
+            await response.aread()
+        call.parse(response)
+    except BaseException:
+        await response.aclose()
+        raise
+    return response
+
+
+async def _aiter_bytes(response: httpx.Response) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in response.aiter_bytes():
+            yield chunk
+    finally:
+        await response.aclose()
+
+
+async def _stream(
+    http: httpx.AsyncClient, call: Call[None], builder: StreamBuilder
+) -> AsyncGenerator[list[PendingCall], None]:
+    """Feed the NDJSON lines of ``call`` to ``builder``; yield the callbacks due after each, until it is done."""
+    response = await _open(http, call)
+    try:
+        async for line in response.aiter_lines():
+            yield builder.feed(line)
+            if builder.done:
+                return
+    except httpx.TransportError as exc:
+        raise builder.incomplete(exc) from exc
+    finally:
+        await response.aclose()
+
+
+async def _drive(http: httpx.AsyncClient, call: Call[None], builder: StreamBuilder) -> None:
+    """Run a stream to its end (or its break), calling (and awaiting) each callback as its line arrives."""
+    async with contextlib.aclosing(_stream(http, call, builder)) as steps:
+        async for calls in steps:
+            for callback, arg in calls:
+                if inspect.isawaitable(returned := callback(arg)):
+                    await returned
 
 
 class _Opening:
@@ -65,6 +139,12 @@ class _Opening:
 
 class AsyncSandbox(SandboxBase[httpx.AsyncClient]):
     """A sandbox on a cellbox service, driven with ``await``; see :class:`Sandbox` for the contracts."""
+
+    def __init__(self, sandbox_id: str, *, http: httpx.AsyncClient, config: ConnectionConfig) -> None:
+        """Wrap a client the object then owns; use ``create`` or ``connect`` instead."""
+        super().__init__(sandbox_id, http=http, config=config)
+        self.files = AsyncFilesystem(self)
+        self.commands = AsyncCommands(self)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -96,7 +176,8 @@ class AsyncSandbox(SandboxBase[httpx.AsyncClient]):
         **options: Unpack[Options],
     ) -> builtins.list[models.SandboxInfo]:
         """Async :meth:`Sandbox.list`."""
-        async with httpx.AsyncClient(**ConnectionConfig.resolve(options).client_options(httpx.AsyncHTTPTransport)) as http:
+        client_options = ConnectionConfig.resolve(options).client_options(httpx.AsyncHTTPTransport)
+        async with httpx.AsyncClient(**client_options) as http:
             return await _send(http, cls._list_call(state, metadata))
 
     @classmethod
@@ -166,11 +247,7 @@ class AsyncSandbox(SandboxBase[httpx.AsyncClient]):
         call, builder = self._execute_call(
             code, context, language, envs, timeout, inline, interrupt_on_disconnect, callbacks
         )
-        async with contextlib.aclosing(self._stream(call, builder)) as steps:
-            async for calls in steps:
-                for callback, arg in calls:
-                    if inspect.isawaitable(returned := callback(arg)):
-                        await returned
+        await _drive(self._http, call, builder)
         return builder.finish()
 
     async def get_execution(
@@ -182,27 +259,11 @@ class AsyncSandbox(SandboxBase[httpx.AsyncClient]):
     async def stream_execution(self, execution_id: str, after: int = -1) -> AsyncIterator[models.Event]:
         """Async :meth:`Sandbox.stream_execution` (``async for event in sbx.stream_execution(eid)``)."""
         call, builder = self._follow_call(execution_id, after)
-        async with contextlib.aclosing(self._stream(call, builder)) as steps:
+        async with contextlib.aclosing(_stream(self._http, call, builder)) as steps:
             async for _ in steps:
                 if builder.last_event is not None and builder.last_event.type != "keepalive":
                     yield builder.last_event
         builder.finish()
-
-    async def _stream(
-        self, call: Call[None], builder: ExecutionBuilder
-    ) -> AsyncGenerator[builtins.list[PendingCall], None]:
-        """Feed the NDJSON lines of ``call`` to ``builder``; yield the callbacks due after each, until ``end``."""
-        async with self._http.stream(**call.options()) as response:
-            if response.is_error:
-                await response.aread()
-            call.parse(response)
-            try:
-                async for line in response.aiter_lines():
-                    yield builder.feed(line)
-                    if builder.done:
-                        return
-            except httpx.TransportError as exc:
-                raise builder.incomplete(exc) from exc
 
     # -- contexts -----------------------------------------------------------------------------
 
@@ -249,3 +310,195 @@ class AsyncSandbox(SandboxBase[httpx.AsyncClient]):
     ) -> builtins.list[models.ArtifactInfo]:
         """Async :meth:`Sandbox.list_artifacts`."""
         return await _send(self._http, self._list_artifacts_call(request_timeout))
+
+
+class AsyncFilesystem(FilesBase):
+    """``sbx.files`` of an :class:`AsyncSandbox`; see :class:`~._sync.Filesystem` for the contracts.
+
+    ``write`` also takes an async iterable of bytes.
+    """
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        super().__init__(sandbox)
+        self._http = sandbox._http
+
+    @overload
+    async def read(
+        self, path: str, format: Literal["text"] = "text", *, request_timeout: RequestTimeout = ...
+    ) -> str: ...
+    @overload
+    async def read(self, path: str, format: Literal["bytes"], *, request_timeout: RequestTimeout = ...) -> bytes: ...
+    @overload
+    async def read(
+        self, path: str, format: Literal["stream"], *, request_timeout: RequestTimeout = ...
+    ) -> AsyncIterator[bytes]: ...
+    async def read(
+        self, path: str, format: ReadFormat = "text", *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT
+    ) -> str | bytes | AsyncIterator[bytes]:
+        """Async :meth:`Filesystem.read`; ``"stream"`` gives an async iterator (``async for chunk in await ...``)."""
+        call = self._read_call(path, format, request_timeout)
+        if format == "stream":
+            return _aiter_bytes(await _open(self._http, call))
+        return await _send(self._http, call)
+
+    async def write(
+        self,
+        path: str,
+        data: WriteData | AsyncIterable[bytes],
+        *,
+        request_timeout: RequestTimeout = USE_CLIENT_DEFAULT,
+    ) -> models.EntryInfo:
+        """Async :meth:`Filesystem.write`."""
+        return await _send(self._http, self._write_call(path, data, request_timeout))
+
+    async def write_files(
+        self, files: Iterable[tuple[str, WriteData]], *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT
+    ) -> builtins.list[models.EntryInfo]:
+        """Async :meth:`Filesystem.write_files`."""
+        return await _send(self._http, self._write_files_call(files, request_timeout))
+
+    async def list(
+        self, path: str = "/home/user", depth: int = 1, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT
+    ) -> builtins.list[models.EntryInfo]:
+        """Async :meth:`Filesystem.list`."""
+        return await _send(self._http, self._list_call(path, depth, request_timeout))
+
+    async def get_info(self, path: str, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> models.EntryInfo:
+        """Async :meth:`Filesystem.get_info`."""
+        return await _send(self._http, self._get_info_call(path, request_timeout))
+
+    async def exists(self, path: str, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> bool:
+        """Async :meth:`Filesystem.exists`."""
+        return await _send(self._http, self._exists_call(path, request_timeout))
+
+    async def make_dir(self, path: str, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> bool:
+        """Async :meth:`Filesystem.make_dir`."""
+        return await _send(self._http, self._make_dir_call(path, request_timeout))
+
+    async def rename(
+        self, old_path: str, new_path: str, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT
+    ) -> models.EntryInfo:
+        """Async :meth:`Filesystem.rename`."""
+        return await _send(self._http, self._rename_call(old_path, new_path, request_timeout))
+
+    async def remove(self, path: str, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> None:
+        """Async :meth:`Filesystem.remove`."""
+        await _send(self._http, self._remove_call(path, request_timeout))
+
+    async def keep(self, path: str, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> models.ArtifactInfo:
+        """Async :meth:`Filesystem.keep`."""
+        return await _send(self._http, self._keep_call(path, request_timeout))
+
+
+class AsyncCommands(CommandsBase):
+    """``sbx.commands`` of an :class:`AsyncSandbox`; see :class:`~._sync.Commands` for the contracts."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        super().__init__(sandbox)
+        self._http = sandbox._http
+
+    @overload
+    async def run(
+        self,
+        cmd: str,
+        *,
+        background: Literal[False] = False,
+        envs: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        on_stdout: Callback | None = None,
+        on_stderr: Callback | None = None,
+        timeout: float | None = None,
+        request_timeout: RequestTimeout = USE_CLIENT_DEFAULT,
+    ) -> CommandResult: ...
+    @overload
+    async def run(
+        self,
+        cmd: str,
+        *,
+        background: Literal[True],
+        envs: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        on_stdout: Callback | None = None,
+        on_stderr: Callback | None = None,
+        timeout: float | None = None,
+        request_timeout: RequestTimeout = USE_CLIENT_DEFAULT,
+    ) -> AsyncCommandHandle: ...
+    async def run(
+        self,
+        cmd: str,
+        *,
+        background: bool = False,
+        envs: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        on_stdout: Callback | None = None,
+        on_stderr: Callback | None = None,
+        timeout: float | None = None,
+        request_timeout: RequestTimeout = USE_CLIENT_DEFAULT,
+    ) -> CommandResult | AsyncCommandHandle:
+        """Async :meth:`Commands.run`; a callback's awaitable result is awaited before the next one runs."""
+        callbacks = Callbacks(on_stdout, on_stderr)
+        if background:
+            info = await _send(self._http, self._start_call(cmd, envs, cwd, timeout, request_timeout))
+            return AsyncCommandHandle(self, info, callbacks)
+        call, builder = self._run_call(cmd, envs, cwd, timeout, callbacks)
+        await _drive(self._http, call, builder)
+        return builder.finish()
+
+    async def list(
+        self, *, include_finished: bool = False, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT
+    ) -> builtins.list[models.CommandInfo]:
+        """Async :meth:`Commands.list`."""
+        return await _send(self._http, self._list_call(include_finished, request_timeout))
+
+    async def connect(self, pid: int, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> AsyncCommandHandle:
+        """Async :meth:`Commands.connect`."""
+        return AsyncCommandHandle(self, await _send(self._http, self._info_call(pid, request_timeout)))
+
+    async def kill(self, pid: int, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> bool:
+        """Async :meth:`Commands.kill`."""
+        return await _send(self._http, self._kill_call(pid, request_timeout))
+
+    async def send_stdin(
+        self, pid: int, data: str | bytes, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT
+    ) -> None:
+        """Async :meth:`Commands.send_stdin`."""
+        await _send(self._http, self._send_stdin_call(pid, data, request_timeout))
+
+    async def close_stdin(self, pid: int, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> None:
+        """Async :meth:`Commands.close_stdin`."""
+        await _send(self._http, self._close_stdin_call(pid, request_timeout))
+
+    async def signal(
+        self, pid: int, signal: str | int = "SIGTERM", *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT
+    ) -> models.CommandInfo:
+        """Async :meth:`Commands.signal`."""
+        return await _send(self._http, self._signal_call(pid, signal, request_timeout))
+
+    async def _wait(self, pid: int, callbacks: Callbacks) -> CommandResult:
+        call, builder = self._follow_call(pid, callbacks)
+        await _drive(self._http, call, builder)
+        return builder.finish()
+
+
+class AsyncCommandHandle(CommandHandleBase[AsyncCommands]):
+    """Async :class:`~._sync.CommandHandle`."""
+
+    async def wait(self, on_stdout: Callback | None = None, on_stderr: Callback | None = None) -> CommandResult:
+        """Async :meth:`CommandHandle.wait`."""
+        return await self._commands._wait(self.pid, self._wait_callbacks(on_stdout, on_stderr))
+
+    async def kill(self) -> bool:
+        """Async :meth:`CommandHandle.kill`."""
+        return await self._commands.kill(self.pid)
+
+    async def send_stdin(self, data: str | bytes) -> None:
+        """Async :meth:`CommandHandle.send_stdin`."""
+        await self._commands.send_stdin(self.pid, data)
+
+    async def close_stdin(self) -> None:
+        """Async :meth:`CommandHandle.close_stdin`."""
+        await self._commands.close_stdin(self.pid)
+
+    async def signal(self, signal: str | int = "SIGTERM") -> models.CommandInfo:
+        """Async :meth:`CommandHandle.signal`."""
+        return await self._commands.signal(self.pid, signal)

@@ -9,12 +9,13 @@ way httpx's ``Client`` and ``AsyncClient`` share ``BaseClient``.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata as _metadata
-from typing import Any, Generic, TypedDict, TypeVar
+from typing import IO, Any, Generic, Literal, NamedTuple, TypedDict, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -22,7 +23,16 @@ import pydantic
 
 from cellbox.interpreter import errors, models
 
-from ._models import Callbacks, Context, Execution, ExecutionBuilder, execution_from_record, validated
+from ._models import (
+    Callback,
+    Callbacks,
+    CommandBuilder,
+    Context,
+    Execution,
+    ExecutionBuilder,
+    execution_from_record,
+    validated,
+)
 
 T = TypeVar("T")
 
@@ -132,11 +142,21 @@ class Call(Generic[T]):
     params: list[tuple[str, str]] | None = None
     json: Any = None
     timeout: httpx.Timeout | RequestTimeout = USE_CLIENT_DEFAULT
+    content: Any = None  # a raw body: bytes, or an iterator of bytes chunks (streamed)
+    files: Any = None  # multipart parts, as httpx takes them
 
     def options(self) -> dict[str, Any]:
-        """Keyword arguments for ``request()`` / ``stream()`` of either httpx client."""
+        """Keyword arguments for ``request()`` / ``build_request()`` / ``stream()`` of either httpx client."""
         timeout = httpx.USE_CLIENT_DEFAULT if isinstance(self.timeout, UseClientDefault) else self.timeout
-        return {"method": self.method, "url": self.url, "params": self.params, "json": self.json, "timeout": timeout}
+        return {
+            "method": self.method,
+            "url": self.url,
+            "params": self.params,
+            "json": self.json,
+            "content": self.content,
+            "files": self.files,
+            "timeout": timeout,
+        }
 
 
 # Used when an error body carries no code this SDK knows (a proxy's HTML page, an older server).
@@ -194,6 +214,54 @@ def _false_if_missing(parse: Callable[[httpx.Response], bool]) -> Callable[[http
         return False if response.status_code == 404 else parse(response)
 
     return wrapped
+
+
+def _false_on(error: type[errors.InterpreterError], parse: Callable[[httpx.Response], bool]) -> Callable[..., bool]:
+    """``parse``, but ``False`` when the response is exactly ``error`` (not a subclass, not another 404)."""
+
+    def wrapped(response: httpx.Response) -> bool:
+        try:
+            return parse(response)
+        except errors.InterpreterError as exc:
+            if type(exc) is error:
+                return False
+            raise
+
+    return wrapped
+
+
+def _true(response: httpx.Response) -> bool:
+    raise_for_error(response)
+    return True
+
+
+def _json_bool(key: str) -> Callable[[httpx.Response], bool]:
+    def parse(response: httpx.Response) -> bool:
+        raise_for_error(response)
+        return bool(response.json()[key])
+
+    return parse
+
+
+def _text(response: httpx.Response) -> str:
+    raise_for_error(response)
+    return response.text
+
+
+def _follow(url: str, after: int, config: ConnectionConfig) -> Call[None]:
+    """``GET url?follow=true&after=N``: a replay, then the live events, with no read timeout
+    (the server sends keepalives while it is quiet)."""
+    params = [("follow", "true"), ("after", str(after))]
+    return Call("GET", url, _nothing, params=params, timeout=httpx.Timeout(config.request_timeout, read=None))
+
+
+def _stream_timeout(config: ConnectionConfig, timeout: float | None) -> httpx.Timeout:
+    """The timeouts of a stream the server ends itself after ``timeout`` seconds (if any).
+
+    No read timeout without one: a long quiet run is normal, and the server's keepalives show
+    the connection is alive. With one, the read timeout only catches a server that went silent.
+    """
+    return httpx.Timeout(config.request_timeout, read=timeout + STREAM_READ_GRACE if timeout else None)
 
 
 def _context_id(context: ContextLike) -> str:
@@ -339,11 +407,7 @@ class SandboxBase(Generic[HttpT]):
             raise_for_error(response)
             builder.execution.id = response.headers.get("X-Execution-Id", "")
 
-        # No read timeout by default: a long quiet computation is normal, and the server's
-        # keepalives show the connection is alive. With a timeout, the server ends the
-        # execution itself; the read timeout only catches a server that went silent.
-        read = None if timeout is None else timeout + STREAM_READ_GRACE
-        stream_timeout = httpx.Timeout(self._config.request_timeout, read=read)
+        stream_timeout = _stream_timeout(self._config, timeout)
         return Call("POST", self._path("execute"), parse, json=body, timeout=stream_timeout), builder
 
     def _get_execution_call(self, execution_id: str, after: int, request_timeout: RequestTimeout) -> Call[Execution]:
@@ -353,9 +417,7 @@ class SandboxBase(Generic[HttpT]):
         return Call("GET", path, lambda r: execution_from_record(parse(r)), params=params, timeout=request_timeout)
 
     def _follow_call(self, execution_id: str, after: int) -> tuple[Call[None], ExecutionBuilder]:
-        params = [("follow", "true"), ("after", str(after))]
-        timeout = httpx.Timeout(self._config.request_timeout, read=None)
-        call = Call("GET", self._path("executions", execution_id), _nothing, params=params, timeout=timeout)
+        call = _follow(self._path("executions", execution_id), after, self._config)
         return call, ExecutionBuilder(execution_id)
 
     # -- artifacts ----------------------------------------------------------------------------
@@ -374,3 +436,239 @@ class SandboxBase(Generic[HttpT]):
     def _list_artifacts_call(self, request_timeout: RequestTimeout) -> Call[list[models.ArtifactInfo]]:
         parse = _model(models.ArtifactList)
         return Call("GET", self._path("artifacts"), lambda r: parse(r).artifacts, timeout=request_timeout)
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+ReadFormat = Literal["text", "bytes", "stream"]
+_READ_PARSERS: dict[str, Callable[[httpx.Response], Any]] = {"text": _text, "bytes": _content, "stream": _nothing}
+CHUNK_SIZE = 64 * 1024
+
+#: What ``files.write`` takes: text (written as UTF-8), bytes, a file object (read in chunks),
+#: or an iterable of bytes chunks. ``AsyncSandbox`` also takes an async iterable of bytes.
+WriteData = str | bytes | IO[Any] | Iterable[bytes]
+
+
+class WriteEntry(NamedTuple):
+    """One file of ``files.write_files``; a plain ``(path, data)`` tuple does as well."""
+
+    path: str
+    data: WriteData
+
+
+def _as_bytes(chunk: str | bytes | bytearray | memoryview[Any]) -> bytes:
+    return chunk.encode() if isinstance(chunk, str) else bytes(chunk)
+
+
+def _file_chunks(file: IO[Any]) -> Iterator[bytes]:
+    while chunk := file.read(CHUNK_SIZE):
+        yield _as_bytes(chunk)
+
+
+def _raw_body(data: Any) -> Any:
+    """The body of ``files.write``: bytes, or chunks the client streams (an iterator, or an async
+    iterable passed through for the async client)."""
+    if isinstance(data, (str, bytes, bytearray, memoryview)):
+        return _as_bytes(data)
+    if hasattr(data, "read"):
+        return _file_chunks(data)
+    if hasattr(data, "__aiter__"):
+        return data
+    if isinstance(data, Iterable):
+        return (_as_bytes(chunk) for chunk in data)
+    raise errors.InvalidRequest(
+        f"cannot write a {type(data).__name__}: pass str, bytes, a file object or an iterable of bytes", field="data"
+    )
+
+
+def _part(data: Any) -> bytes | IO[bytes]:
+    """A multipart part: a binary file as it is (httpx streams it), anything else as bytes."""
+    if hasattr(data, "read") and not isinstance(data, io.TextIOBase):
+        file: IO[bytes] = data
+        return file
+    body = _raw_body(data)
+    if hasattr(body, "__aiter__"):
+        raise errors.InvalidRequest("write_files cannot take an async iterable; write() streams one", field="data")
+    return body if isinstance(body, bytes) else b"".join(body)
+
+
+def _at(path: str) -> list[tuple[str, str]]:
+    return [("path", path)]
+
+
+class FilesBase:
+    """The requests of ``sbx.files``, shared by :class:`~._sync.Filesystem` and
+    :class:`~._async.AsyncFilesystem`, which only send them.
+
+    Paths are absolute (``/home/user/...``) or relative to ``/home/user``; a path that leaves
+    the sandbox raises ``PermissionDenied``, a missing one ``FileNotFound``.
+    """
+
+    def __init__(self, sandbox: SandboxBase[Any]) -> None:
+        self._config = sandbox._config
+        self._url = sandbox._path("files")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._config.base_url}{self._url})"
+
+    def download_url(self, path: str) -> str:
+        """The URL that ``GET``\\s the file's bytes; it needs the API key (``Authorization: Bearer``)."""
+        return str(httpx.URL(self._config.base_url + self._url, params={"path": path}))
+
+    def _read_call(self, path: str, format: str, request_timeout: RequestTimeout) -> Call[Any]:
+        if format not in _READ_PARSERS:
+            raise errors.InvalidRequest(f"format must be 'text', 'bytes' or 'stream', not {format!r}", field="format")
+        return Call("GET", self._url, _READ_PARSERS[format], params=_at(path), timeout=request_timeout)
+
+    def _write_call(self, path: str, data: Any, request_timeout: RequestTimeout) -> Call[models.EntryInfo]:
+        parse = _model(models.EntryInfo)
+        return Call("PUT", self._url, parse, params=_at(path), content=_raw_body(data), timeout=request_timeout)
+
+    def _write_files_call(
+        self, files: Iterable[tuple[str, Any]], request_timeout: RequestTimeout
+    ) -> Call[list[models.EntryInfo]]:
+        parts = [("file", (path, _part(data), "application/octet-stream")) for path, data in files]
+        if not parts:
+            raise errors.InvalidRequest("write_files needs at least one (path, data)", field="files")
+        parse = _model(models.EntryList)
+        return Call("POST", self._url, lambda r: parse(r).entries, files=parts, timeout=request_timeout)
+
+    def _list_call(self, path: str, depth: int, request_timeout: RequestTimeout) -> Call[list[models.EntryInfo]]:
+        parse = _model(models.EntryList)
+        params = [*_at(path), ("depth", str(depth))]
+        return Call("GET", self._url + "/list", lambda r: parse(r).entries, params=params, timeout=request_timeout)
+
+    def _get_info_call(self, path: str, request_timeout: RequestTimeout) -> Call[models.EntryInfo]:
+        return Call("GET", self._url + "/stat", _model(models.EntryInfo), params=_at(path), timeout=request_timeout)
+
+    def _exists_call(self, path: str, request_timeout: RequestTimeout) -> Call[bool]:
+        # A missing parent directory may come back as file_not_found rather than {"exists": false}.
+        parse = _false_on(errors.FileNotFound, _json_bool("exists"))
+        return Call("GET", self._url + "/exists", parse, params=_at(path), timeout=request_timeout)
+
+    def _make_dir_call(self, path: str, request_timeout: RequestTimeout) -> Call[bool]:
+        body = validated(models.MkdirBody, path=path, parents=True)
+        return Call("POST", self._url + "/mkdir", _json_bool("created"), json=body, timeout=request_timeout)
+
+    def _rename_call(self, old: str, new: str, request_timeout: RequestTimeout) -> Call[models.EntryInfo]:
+        body = validated(models.MoveBody, src=old, dst=new)
+        return Call("POST", self._url + "/move", _model(models.EntryInfo), json=body, timeout=request_timeout)
+
+    def _remove_call(self, path: str, request_timeout: RequestTimeout) -> Call[None]:
+        return Call("DELETE", self._url, _nothing, params=_at(path), timeout=request_timeout)
+
+    def _keep_call(self, path: str, request_timeout: RequestTimeout) -> Call[models.ArtifactInfo]:
+        url = self._url + "/artifact"
+        return Call("POST", url, _model(models.ArtifactInfo), params=_at(path), timeout=request_timeout)
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+# ``after`` beyond any seq: a command's record without its events (its output may be large).
+_NO_EVENTS = 2**62
+
+
+class CommandsBase:
+    """The requests of ``sbx.commands``, shared by :class:`~._sync.Commands` and
+    :class:`~._async.AsyncCommands`, which only send them."""
+
+    def __init__(self, sandbox: SandboxBase[Any]) -> None:
+        self._config = sandbox._config
+        self._url = sandbox._path("commands")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._config.base_url}{self._url})"
+
+    def _pid_url(self, pid: int, *more: str) -> str:
+        return "/".join([self._url, str(int(pid)), *more])
+
+    @staticmethod
+    def _request(
+        cmd: str, envs: Mapping[str, str] | None, cwd: str | None, timeout: float | None, background: bool
+    ) -> dict[str, Any]:
+        return validated(
+            models.CommandRequest, cmd=cmd, envs=dict(envs or {}), cwd=cwd, timeout=timeout, background=background
+        )
+
+    def _run_call(
+        self,
+        cmd: str,
+        envs: Mapping[str, str] | None,
+        cwd: str | None,
+        timeout: float | None,
+        callbacks: Callbacks,
+    ) -> tuple[Call[None], CommandBuilder]:
+        body = self._request(cmd, envs, cwd, timeout, background=False)
+        builder = CommandBuilder(callbacks=callbacks)
+
+        def parse(response: httpx.Response) -> None:
+            raise_for_error(response)
+            pid = response.headers.get("X-Command-Pid", "")
+            builder.pid = int(pid) if pid.isdigit() else None
+
+        return Call("POST", self._url, parse, json=body, timeout=_stream_timeout(self._config, timeout)), builder
+
+    def _start_call(
+        self,
+        cmd: str,
+        envs: Mapping[str, str] | None,
+        cwd: str | None,
+        timeout: float | None,
+        request_timeout: RequestTimeout,
+    ) -> Call[models.CommandInfo]:
+        body = self._request(cmd, envs, cwd, timeout, background=True)
+        return Call("POST", self._url, _model(models.CommandInfo), json=body, timeout=request_timeout)
+
+    def _follow_call(self, pid: int, callbacks: Callbacks) -> tuple[Call[None], CommandBuilder]:
+        return _follow(self._pid_url(pid), -1, self._config), CommandBuilder(pid, callbacks)
+
+    def _list_call(self, include_finished: bool, request_timeout: RequestTimeout) -> Call[list[models.CommandInfo]]:
+        parse = _model(models.CommandList)
+        params = [] if include_finished else [("running", "true")]
+        return Call("GET", self._url, lambda r: parse(r).commands, params=params, timeout=request_timeout)
+
+    def _info_call(self, pid: int, request_timeout: RequestTimeout) -> Call[models.CommandInfo]:
+        params = [("after", str(_NO_EVENTS))]
+        return Call("GET", self._pid_url(pid), _model(models.CommandRecord), params=params, timeout=request_timeout)
+
+    def _kill_call(self, pid: int, request_timeout: RequestTimeout) -> Call[bool]:
+        # An unknown pid is "not_found"; a missing sandbox (sandbox_not_found) still raises.
+        return Call("DELETE", self._pid_url(pid), _false_on(errors.NotFound, _true), timeout=request_timeout)
+
+    def _send_stdin_call(self, pid: int, data: str | bytes, request_timeout: RequestTimeout) -> Call[None]:
+        body = validated(models.StdinBody, data=data.decode() if isinstance(data, bytes) else data)
+        return Call("POST", self._pid_url(pid, "stdin"), _nothing, json=body, timeout=request_timeout)
+
+    def _close_stdin_call(self, pid: int, request_timeout: RequestTimeout) -> Call[None]:
+        return Call("POST", self._pid_url(pid, "stdin", "close"), _nothing, timeout=request_timeout)
+
+    def _signal_call(self, pid: int, signal: str | int, request_timeout: RequestTimeout) -> Call[models.CommandInfo]:
+        # int(): a signal.Signals member is an int, and its JSON must be the number.
+        body = validated(models.SignalBody, signal=int(signal) if isinstance(signal, int) else signal)
+        url = self._pid_url(pid, "signal")
+        return Call("POST", url, _model(models.CommandInfo), json=body, timeout=request_timeout)
+
+
+CommandsT = TypeVar("CommandsT", bound=CommandsBase)
+
+
+class CommandHandleBase(Generic[CommandsT]):
+    """What both clients' command handles share: the pid, the info, ``run``'s callbacks."""
+
+    def __init__(self, commands: CommandsT, info: models.CommandInfo, callbacks: Callbacks | None = None) -> None:
+        """Made by ``commands.run(..., background=True)`` and ``commands.connect(pid)``."""
+        self._commands = commands
+        self.info = info  # as it was when the handle was made: see wait() for the end
+        self._callbacks = callbacks or Callbacks()
+
+    @property
+    def pid(self) -> int:
+        """The command's process id in the sandbox (``commands.connect`` takes it)."""
+        return self.info.pid
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(pid={self.pid}, cmd={self.info.cmd!r})"
+
+    def _wait_callbacks(self, on_stdout: Callback | None, on_stderr: Callback | None) -> Callbacks:
+        """``wait``'s callbacks, else the ones ``run`` was given."""
+        return Callbacks(on_stdout or self._callbacks.on_stdout, on_stderr or self._callbacks.on_stderr)

@@ -1,8 +1,9 @@
-"""What the SDK hands back: :class:`Execution`, :class:`Result`, :class:`Logs`, :class:`ExecutionError`.
+"""What the SDK hands back: :class:`Execution`, :class:`Result`, :class:`Logs`, :class:`ExecutionError`,
+and for shell commands :class:`CommandResult` (raised as :class:`CommandExitError` on failure).
 
-Built from the wire events (:mod:`cellbox.interpreter.models`) by :class:`ExecutionBuilder`,
-which is pure code: the sync and async clients feed it the same NDJSON lines and call the
-callbacks it returns. The accumulation follows nbclient's ``process_message``: a result with
+Built from the wire events (:mod:`cellbox.interpreter.models`) by :class:`ExecutionBuilder`
+and :class:`CommandBuilder`, which are pure code: the sync and async clients feed them the same
+NDJSON lines and call the callbacks they return. The accumulation follows nbclient's ``process_message``: a result with
 a ``display_id`` (or a ``display_update``) rewrites every earlier result with that id, and
 ``clear_output`` empties the collected results and logs, at once or, with ``wait=True``, just
 before the next output arrives.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, overload
+from typing import Any, Protocol, overload
 
 import pydantic
 
@@ -205,12 +206,7 @@ class ExecutionBuilder:
         event raises :class:`~cellbox.interpreter.errors.InterpreterError`.
         """
         self.last_event = None
-        if not line.strip():
-            return []
-        try:
-            event = models.parse_event(line)
-        except (ValueError, AssertionError) as exc:  # JSON or pydantic validation error
-            raise errors.InterpreterError(f"malformed event from the server: {line[:200]!r}") from exc
+        event: models.Event | None = _decode_line(line, models.parse_event)
         return [] if event is None else self.add(event)
 
     def add(self, event: models.Event) -> list[PendingCall]:
@@ -326,3 +322,170 @@ def validated(model: type[pydantic.BaseModel], **fields: Any) -> dict[str, Any]:
         return model(**fields).model_dump(mode="json", exclude_none=True)
     except pydantic.ValidationError as exc:
         raise errors.InvalidRequest(str(exc), fields=exc.errors(include_url=False)) from exc
+
+
+def _decode_line(line: str | bytes, parse: Callable[[str | bytes], Any]) -> Any:
+    """One NDJSON line parsed with ``parse``; ``None`` for a blank line (or what ``parse`` skips).
+
+    A line that is not JSON of the expected shape raises :class:`~errors.InterpreterError`.
+    """
+    if not line.strip():
+        return None
+    try:
+        return parse(line)
+    except (ValueError, AssertionError) as exc:  # JSON or pydantic validation error
+        raise errors.InterpreterError(f"malformed event from the server: {line[:200]!r}") from exc
+
+
+class StreamBuilder(Protocol):
+    """What the clients' NDJSON loop feeds: :class:`ExecutionBuilder` or :class:`CommandBuilder`."""
+
+    done: bool
+
+    def feed(self, line: str | bytes) -> list[PendingCall]: ...
+
+    def incomplete(self, cause: BaseException | None = None) -> errors.InterpreterError: ...
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+@dataclass
+class CommandResult:
+    """A finished shell command, like E2B's ``CommandResult``.
+
+    ``stdout`` / ``stderr`` are the whole output, joined. ``exit_code`` is ``None`` when the
+    command did not exit on its own: then ``signal`` says what killed it, and ``error`` why
+    (the server's reason, e.g. a timeout). ``timed_out`` is true when the command's ``timeout``
+    killed it.
+    """
+
+    stdout: str = ""
+    stderr: str = ""
+    exit_code: int | None = None
+    error: str | None = None
+    signal: int | None = None
+    duration_ms: float | None = None
+    pid: int | None = None
+    timed_out: bool = False
+
+
+class CommandExitError(CommandResult, Exception):
+    """A command exited with a non-zero code, was killed by a signal, or timed out.
+
+    Raised by ``commands.run`` and ``CommandHandle.wait``; it has every :class:`CommandResult`
+    field (like E2B's ``CommandExitException``). Not an ``InterpreterError``: the service did
+    what was asked; the command failed.
+    """
+
+    # Exceptions compare and hash by identity, not by the dataclass fields.
+    __eq__ = Exception.__eq__
+    __hash__ = Exception.__hash__
+
+    def __str__(self) -> str:
+        why = f" ({self.error})" if self.error else ""
+        if self.timed_out:
+            return f"command {self.pid} timed out{why}"
+        if self.signal is not None:
+            return f"command {self.pid} was killed by signal {self.signal}{why}"
+        if self.exit_code is None:
+            return f"command {self.pid} ended without an exit code{why}"
+        tail = f":\n{self.stderr[-2000:]}" if self.stderr else ""
+        return f"command {self.pid} exited with code {self.exit_code}{tail}"
+
+
+class CommandIncomplete(errors.InterpreterError):
+    """The stream broke before the command's ``exit`` event; the command may still be running.
+
+    Attach again with ``commands.connect(pid)`` (its ``wait()`` replays the output from the
+    start). ``result`` holds the output that arrived so far.
+    """
+
+    code = "command_incomplete"
+
+    def __init__(self, message: str, *, result: CommandResult, last_seq: int) -> None:
+        super().__init__(message, pid=result.pid, last_seq=last_seq)
+        self.result = result
+        self.pid = result.pid
+        self.last_seq = last_seq
+
+
+def _command_event(line: str | bytes) -> dict[str, Any]:
+    event = json.loads(line)
+    if not isinstance(event, dict):
+        raise ValueError("a command event is a JSON object")
+    return event
+
+
+class CommandBuilder:
+    """Turns a command's NDJSON lines (``start``, ``stdout``/``stderr``, one ``exit``) into a result.
+
+    Called by both clients' ``commands.run`` and ``CommandHandle.wait`` with each line;
+    :meth:`feed` returns the ``on_stdout`` / ``on_stderr`` calls due, in order, and never does I/O.
+    """
+
+    def __init__(self, pid: int | None = None, callbacks: Callbacks | None = None) -> None:
+        self.pid = pid  # from the X-Command-Pid header or the events
+        self.callbacks = callbacks or Callbacks()
+        self.done = False  # the exit event arrived
+        self.last_seq = -1
+        self._stdout: list[str] = []
+        self._stderr: list[str] = []
+        self._exit: dict[str, Any] = {}
+
+    def feed(self, line: str | bytes) -> list[PendingCall]:
+        """Take one NDJSON line; keepalives, blank lines and unknown event types are skipped."""
+        event = _decode_line(line, _command_event)
+        if event is None:
+            return []
+        if self.pid is None and isinstance(event.get("pid"), int):
+            self.pid = event["pid"]
+        if isinstance(event.get("seq"), int):
+            self.last_seq = max(self.last_seq, event["seq"])
+        kind = event.get("type")
+        if kind in ("stdout", "stderr"):
+            text = str(event.get("text", ""))
+            (self._stdout if kind == "stdout" else self._stderr).append(text)
+            callback = self.callbacks.on_stdout if kind == "stdout" else self.callbacks.on_stderr
+            return [(callback, text)] if callback is not None else []
+        if kind == "exit":
+            self.done = True
+            self._exit = event
+        return []
+
+    def result(self) -> CommandResult:
+        """What arrived so far (complete once :attr:`done`)."""
+        ex = self._exit
+        return CommandResult(
+            stdout="".join(self._stdout),
+            stderr="".join(self._stderr),
+            exit_code=ex.get("exit_code"),
+            error=ex.get("reason") or None,
+            signal=ex.get("signal"),
+            duration_ms=ex.get("duration_ms"),
+            pid=self.pid,
+            timed_out=bool(ex.get("timed_out", False)),
+        )
+
+    def finish(self) -> CommandResult:
+        """The result of a command that exited with 0.
+
+        Raises :class:`CommandExitError` for any other end (non-zero code, signal, timeout) and
+        :class:`CommandIncomplete` if the exit event never came.
+        """
+        if not self.done:
+            raise self.incomplete()
+        result = self.result()
+        if result.exit_code != 0 or result.timed_out:
+            raise CommandExitError(**vars(result))
+        return result
+
+    def incomplete(self, cause: BaseException | None = None) -> CommandIncomplete:
+        """The error for a stream that stopped (or broke with ``cause``) before the exit event."""
+        why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+        return CommandIncomplete(
+            f"the stream of command {self.pid} ended before its exit event{why}; the command may still be "
+            f"running: attach again with commands.connect({self.pid}) and wait() for it",
+            result=self.result(),
+            last_seq=self.last_seq,
+        )

@@ -1,7 +1,9 @@
-"""The blocking client: :class:`Sandbox`.
+"""The blocking client: :class:`Sandbox`, with ``sbx.files`` (:class:`Filesystem`) and
+``sbx.commands`` (:class:`Commands`, :class:`CommandHandle`).
 
-All requests are built and parsed by :class:`~._base.SandboxBase`; this module only sends
-them with an ``httpx.Client`` and calls the ``run_code`` callbacks.
+All requests are built and parsed by :mod:`._base` (``SandboxBase``, ``FilesBase``,
+``CommandsBase``); this module only sends them with an ``httpx.Client`` and calls the
+callbacks.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import builtins
 import contextlib
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from types import TracebackType
-from typing import Any, TypeVar, Unpack
+from typing import Any, Literal, TypeVar, Unpack, overload
 
 import httpx
 
@@ -20,13 +22,18 @@ from ._base import (
     USE_CLIENT_DEFAULT,
     ArtifactLike,
     Call,
+    CommandHandleBase,
+    CommandsBase,
     ConnectionConfig,
     ConnectionOptions,
     ContextLike,
+    FilesBase,
+    ReadFormat,
     RequestTimeout,
     SandboxBase,
+    WriteData,
 )
-from ._models import Callback, Callbacks, Context, Execution, ExecutionBuilder, PendingCall
+from ._models import Callback, Callbacks, CommandResult, Context, Execution, PendingCall, StreamBuilder
 
 T = TypeVar("T")
 Options = ConnectionOptions[httpx.BaseTransport]
@@ -36,6 +43,51 @@ def _send(http: httpx.Client, call: Call[T]) -> T:
     return call.parse(http.request(**call.options()))
 
 
+def _open(http: httpx.Client, call: Call[Any]) -> httpx.Response:
+    """Send ``call`` and return the response with its body not read yet.
+
+    An error response is read, closed and raised (``call.parse``); the caller closes the rest.
+    """
+    response = http.send(http.build_request(**call.options()), stream=True)
+    try:
+        if response.is_error:
+            response.read()
+        call.parse(response)
+    except BaseException:
+        response.close()
+        raise
+    return response
+
+
+def _iter_bytes(response: httpx.Response) -> Iterator[bytes]:
+    try:
+        yield from response.iter_bytes()
+    finally:
+        response.close()
+
+
+def _stream(http: httpx.Client, call: Call[None], builder: StreamBuilder) -> Generator[list[PendingCall], None, None]:
+    """Feed the NDJSON lines of ``call`` to ``builder``; yield the callbacks due after each, until it is done."""
+    response = _open(http, call)
+    try:
+        for line in response.iter_lines():
+            yield builder.feed(line)
+            if builder.done:
+                return
+    except httpx.TransportError as exc:
+        raise builder.incomplete(exc) from exc
+    finally:
+        response.close()
+
+
+def _drive(http: httpx.Client, call: Call[None], builder: StreamBuilder) -> None:
+    """Run a stream to its end (or its break), calling each callback as its line arrives."""
+    with contextlib.closing(_stream(http, call, builder)) as steps:
+        for calls in steps:
+            for callback, arg in calls:
+                callback(arg)
+
+
 class Sandbox(SandboxBase[httpx.Client]):
     """A sandbox on a cellbox service, driven with blocking calls.
 
@@ -43,7 +95,16 @@ class Sandbox(SandboxBase[httpx.Client]):
     on exit. Each object owns one ``httpx.Client`` (connection pool), released by
     :meth:`close` or the ``with`` block. Errors the service reports are raised as the
     :mod:`cellbox.interpreter.errors` class the body names (``SandboxNotFound``, ...).
+
+    ``sbx.files`` reads and writes the sandbox's files (:class:`Filesystem`); ``sbx.commands``
+    runs shell commands in it (:class:`Commands`).
     """
+
+    def __init__(self, sandbox_id: str, *, http: httpx.Client, config: ConnectionConfig) -> None:
+        """Wrap a client the object then owns; use ``create`` or ``connect`` instead."""
+        super().__init__(sandbox_id, http=http, config=config)
+        self.files = Filesystem(self)
+        self.commands = Commands(self)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -164,10 +225,7 @@ class Sandbox(SandboxBase[httpx.Client]):
         call, builder = self._execute_call(
             code, context, language, envs, timeout, inline, interrupt_on_disconnect, callbacks
         )
-        with contextlib.closing(self._stream(call, builder)) as steps:
-            for calls in steps:
-                for callback, arg in calls:
-                    callback(arg)
+        _drive(self._http, call, builder)
         return builder.finish()
 
     def get_execution(
@@ -182,25 +240,11 @@ class Sandbox(SandboxBase[httpx.Client]):
         Keepalives are not yielded. Raises :class:`ExecutionIncomplete` if the stream breaks first.
         """
         call, builder = self._follow_call(execution_id, after)
-        with contextlib.closing(self._stream(call, builder)) as steps:
+        with contextlib.closing(_stream(self._http, call, builder)) as steps:
             for _ in steps:
                 if builder.last_event is not None and builder.last_event.type != "keepalive":
                     yield builder.last_event
         builder.finish()
-
-    def _stream(self, call: Call[None], builder: ExecutionBuilder) -> Generator[builtins.list[PendingCall], None, None]:
-        """Feed the NDJSON lines of ``call`` to ``builder``; yield the callbacks due after each, until ``end``."""
-        with self._http.stream(**call.options()) as response:
-            if response.is_error:
-                response.read()
-            call.parse(response)
-            try:
-                for line in response.iter_lines():
-                    yield builder.feed(line)
-                    if builder.done:
-                        return
-            except httpx.TransportError as exc:
-                raise builder.incomplete(exc) from exc
 
     # -- contexts -----------------------------------------------------------------------------
 
@@ -245,3 +289,209 @@ class Sandbox(SandboxBase[httpx.Client]):
     ) -> builtins.list[models.ArtifactInfo]:
         """Every artifact the sandbox's executions produced."""
         return _send(self._http, self._list_artifacts_call(request_timeout))
+
+
+class Filesystem(FilesBase):
+    """``sbx.files``: the sandbox's files, shaped like E2B's ``sandbox.files``.
+
+    Paths are absolute (``/home/user/...``) or relative to ``/home/user``. A missing path
+    raises ``FileNotFound``, one outside the sandbox ``PermissionDenied``, a full disk
+    ``NoSpace`` (all :mod:`cellbox.interpreter.errors`).
+    """
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        super().__init__(sandbox)
+        self._http = sandbox._http
+
+    @overload
+    def read(self, path: str, format: Literal["text"] = "text", *, request_timeout: RequestTimeout = ...) -> str: ...
+    @overload
+    def read(self, path: str, format: Literal["bytes"], *, request_timeout: RequestTimeout = ...) -> bytes: ...
+    @overload
+    def read(
+        self, path: str, format: Literal["stream"], *, request_timeout: RequestTimeout = ...
+    ) -> Iterator[bytes]: ...
+    def read(
+        self, path: str, format: ReadFormat = "text", *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT
+    ) -> str | bytes | Iterator[bytes]:
+        """The file's content: ``"text"`` (UTF-8) a str, ``"bytes"`` bytes, ``"stream"`` an
+        iterator of bytes chunks as they arrive (the connection is released when it is
+        exhausted or closed). Errors are raised here, before any chunk."""
+        call = self._read_call(path, format, request_timeout)
+        if format == "stream":
+            return _iter_bytes(_open(self._http, call))
+        return _send(self._http, call)  # type: ignore[no-any-return]  # str or bytes, per format
+
+    def write(
+        self, path: str, data: WriteData, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT
+    ) -> models.EntryInfo:
+        """Create or replace the file (parent directories are made) with ``data``: text (as
+        UTF-8), bytes, a file object or an iterable of bytes, streamed. Returns the new entry."""
+        return _send(self._http, self._write_call(path, data, request_timeout))
+
+    def write_files(
+        self, files: Iterable[tuple[str, WriteData]], *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT
+    ) -> builtins.list[models.EntryInfo]:
+        """Write several files in one request: ``[(path, data), ...]`` or :class:`WriteEntry` items."""
+        return _send(self._http, self._write_files_call(files, request_timeout))
+
+    def list(
+        self, path: str = "/home/user", depth: int = 1, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT
+    ) -> builtins.list[models.EntryInfo]:
+        """The entries under the directory ``path``, ``depth`` levels down (1: its children)."""
+        return _send(self._http, self._list_call(path, depth, request_timeout))
+
+    def get_info(self, path: str, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> models.EntryInfo:
+        """The entry at ``path``: type, size, mode, permissions, modified time, symlink target."""
+        return _send(self._http, self._get_info_call(path, request_timeout))
+
+    def exists(self, path: str, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> bool:
+        """Whether anything is at ``path``."""
+        return _send(self._http, self._exists_call(path, request_timeout))
+
+    def make_dir(self, path: str, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> bool:
+        """Make the directory and its parents; ``False`` if it already existed."""
+        return _send(self._http, self._make_dir_call(path, request_timeout))
+
+    def rename(
+        self, old_path: str, new_path: str, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT
+    ) -> models.EntryInfo:
+        """Move ``old_path`` to ``new_path``; returns the entry at its new place."""
+        return _send(self._http, self._rename_call(old_path, new_path, request_timeout))
+
+    def remove(self, path: str, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> None:
+        """Delete the file, or the directory with everything in it."""
+        _send(self._http, self._remove_call(path, request_timeout))
+
+    def keep(self, path: str, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> models.ArtifactInfo:
+        """Store a copy of the file as an artifact (it outlives the sandbox; ``download_artifact`` reads it)."""
+        return _send(self._http, self._keep_call(path, request_timeout))
+
+
+class Commands(CommandsBase):
+    """``sbx.commands``: shell commands (``bash -lc CMD``) in the sandbox, like E2B's ``sandbox.commands``.
+
+    A command keeps running when the call that started it goes away: attach again with
+    :meth:`connect` and its pid.
+    """
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        super().__init__(sandbox)
+        self._http = sandbox._http
+
+    @overload
+    def run(
+        self,
+        cmd: str,
+        *,
+        background: Literal[False] = False,
+        envs: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        on_stdout: Callback | None = None,
+        on_stderr: Callback | None = None,
+        timeout: float | None = None,
+        request_timeout: RequestTimeout = USE_CLIENT_DEFAULT,
+    ) -> CommandResult: ...
+    @overload
+    def run(
+        self,
+        cmd: str,
+        *,
+        background: Literal[True],
+        envs: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        on_stdout: Callback | None = None,
+        on_stderr: Callback | None = None,
+        timeout: float | None = None,
+        request_timeout: RequestTimeout = USE_CLIENT_DEFAULT,
+    ) -> CommandHandle: ...
+    def run(
+        self,
+        cmd: str,
+        *,
+        background: bool = False,
+        envs: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        on_stdout: Callback | None = None,
+        on_stderr: Callback | None = None,
+        timeout: float | None = None,
+        request_timeout: RequestTimeout = USE_CLIENT_DEFAULT,
+    ) -> CommandResult | CommandHandle:
+        """Run ``cmd`` with ``bash -lc`` in ``cwd`` (default ``/home/user``) with ``envs`` added.
+
+        In the foreground, wait for it: ``on_stdout`` / ``on_stderr`` get each text chunk as it
+        arrives, and the :class:`CommandResult` comes back when it exited with 0. Any other end
+        raises :class:`CommandExitError` (a non-zero code, a signal, or ``timeout`` seconds
+        passing: the server then kills the command's process group; ``None`` or 0: no limit).
+        If the stream breaks first, :class:`CommandIncomplete` names the pid to ``connect`` to.
+
+        With ``background=True``, return a :class:`CommandHandle` at once; its ``wait()`` uses
+        these callbacks unless given others. ``request_timeout`` bounds that starting request.
+        """
+        callbacks = Callbacks(on_stdout, on_stderr)
+        if background:
+            info = _send(self._http, self._start_call(cmd, envs, cwd, timeout, request_timeout))
+            return CommandHandle(self, info, callbacks)
+        call, builder = self._run_call(cmd, envs, cwd, timeout, callbacks)
+        _drive(self._http, call, builder)
+        return builder.finish()
+
+    def list(
+        self, *, include_finished: bool = False, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT
+    ) -> builtins.list[models.CommandInfo]:
+        """The running commands; with ``include_finished``, the recently finished ones too."""
+        return _send(self._http, self._list_call(include_finished, request_timeout))
+
+    def connect(self, pid: int, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> CommandHandle:
+        """A handle on the command ``pid`` (running or recently finished); ``NotFound`` if unknown."""
+        return CommandHandle(self, _send(self._http, self._info_call(pid, request_timeout)))
+
+    def kill(self, pid: int, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> bool:
+        """Send SIGKILL to the command; ``False`` if there is no command ``pid``."""
+        return _send(self._http, self._kill_call(pid, request_timeout))
+
+    def send_stdin(self, pid: int, data: str | bytes, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> None:
+        """Write ``data`` (bytes are decoded as UTF-8) to the command's stdin."""
+        _send(self._http, self._send_stdin_call(pid, data, request_timeout))
+
+    def close_stdin(self, pid: int, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> None:
+        """Close the command's stdin (it reads end of file)."""
+        _send(self._http, self._close_stdin_call(pid, request_timeout))
+
+    def signal(
+        self, pid: int, signal: str | int = "SIGTERM", *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT
+    ) -> models.CommandInfo:
+        """Send a signal (a name such as ``"SIGINT"``, or a number) to the command."""
+        return _send(self._http, self._signal_call(pid, signal, request_timeout))
+
+    def _wait(self, pid: int, callbacks: Callbacks) -> CommandResult:
+        call, builder = self._follow_call(pid, callbacks)
+        _drive(self._http, call, builder)
+        return builder.finish()
+
+
+class CommandHandle(CommandHandleBase[Commands]):
+    """A command started with ``commands.run(..., background=True)`` or found with ``commands.connect(pid)``."""
+
+    def wait(self, on_stdout: Callback | None = None, on_stderr: Callback | None = None) -> CommandResult:
+        """Wait for the command to end, replaying its output from the start through the callbacks.
+
+        Returns the :class:`CommandResult`, or raises :class:`CommandExitError` as ``run`` does.
+        """
+        return self._commands._wait(self.pid, self._wait_callbacks(on_stdout, on_stderr))
+
+    def kill(self) -> bool:
+        """Send SIGKILL; ``False`` if the service no longer knows the command."""
+        return self._commands.kill(self.pid)
+
+    def send_stdin(self, data: str | bytes) -> None:
+        """Write ``data`` to the command's stdin."""
+        self._commands.send_stdin(self.pid, data)
+
+    def close_stdin(self) -> None:
+        """Close the command's stdin."""
+        self._commands.close_stdin(self.pid)
+
+    def signal(self, signal: str | int = "SIGTERM") -> models.CommandInfo:
+        """Send a signal (name or number) to the command."""
+        return self._commands.signal(self.pid, signal)

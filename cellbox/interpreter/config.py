@@ -45,7 +45,30 @@ class Settings(BaseSettings):
     runtime: str = Field("local", description="Where sandboxes live: 'local' (this host).")
     isolation: str = Field(
         "none",
-        description="'none' runs kernels as plain child processes (trusted code only).",
+        description="'none' runs kernels as plain child processes (trusted code only); 'bwrap' runs each "
+        "kernel in a bubblewrap sandbox with its own uid, cgroup, disk-capped home and no network (needs root).",
+    )
+    sandbox_uid_first: int = Field(
+        310_000, ge=1000, description="First host uid of the range sandboxes run as (isolation 'bwrap')."
+    )
+    sandbox_uid_count: int = Field(
+        10_000, ge=1, description="How many host uids sandboxes may use (isolation 'bwrap')."
+    )
+    cgroup_prefix: str = Field(
+        "cellbox",
+        description="Name of the cgroup under the service's own cgroup that holds the sandboxes' cgroups; "
+        "everything below it is the service's to reap at startup (isolation 'bwrap').",
+    )
+    default_memory_mb: int = Field(1024, ge=16, description="Default memory limit of a sandbox, MiB (swap off).")
+    default_cpu: float = Field(1.0, gt=0, description="Default CPU quota of a sandbox, in CPUs.")
+    default_pids: int = Field(256, ge=16, description="Default limit of processes and threads in a sandbox.")
+    default_disk_mb: int = Field(1024, ge=16, description="Default size of a sandbox's home, MiB.")
+    default_nofile: int = Field(1024, ge=64, description="Default open-files limit (RLIMIT_NOFILE) of a sandbox.")
+    default_fsize_mb: int = Field(
+        1024, ge=1, description="Default largest file a sandbox may write (RLIMIT_FSIZE), MiB."
+    )
+    sandbox_tmp_mb: int = Field(
+        256, ge=1, description="Size of a sandbox kernel's /tmp (tmpfs, counted as memory), MiB."
     )
     max_sandboxes: int = Field(200, description="Sandboxes the host runs at once (503 past it).")
     max_sandboxes_per_key: int = Field(100, description="Sandboxes one API key may have at once (429 past it).")
@@ -64,6 +87,15 @@ class Settings(BaseSettings):
         description="stdout+stderr kept per execution; past it output is cut with a marker.",
     )
     max_request_bytes: int = Field(16 * 1024 * 1024, description="Largest JSON request body (413 past it).")
+    max_upload_bytes: int = Field(
+        1024 * 1024 * 1024, description="Largest file upload (PUT/POST .../files), streamed (413 past it)."
+    )
+    max_artifact_bytes: int = Field(
+        256 * 1024 * 1024, description="Largest file that can be kept as an artifact (files ?keep=true)."
+    )
+    command_timeout: float = Field(
+        0.0, description="Default seconds before a shell command is killed; 0: never (the sandbox's timeout bounds it)."
+    )
     history_retention: float = Field(
         24 * 3600.0, description="Seconds a killed sandbox's executions and artifacts are kept."
     )

@@ -20,10 +20,11 @@ import logging
 import re
 import shlex
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from cellbox.interpreter.artifacts import ArtifactStore, decode_output, is_artifact_mime
+from cellbox.interpreter.events import EventLog
 from cellbox.interpreter.kernel import Died, KernelSession, Route
 from cellbox.interpreter.models import (
     ArtifactRef,
@@ -50,7 +51,7 @@ def strip_ansi(text: str) -> str:
     return _ANSI.sub("", text)
 
 
-class ExecutionLog:
+class ExecutionLog(EventLog):
     """The ordered events of one execution, live and durable (see module docstring)."""
 
     def __init__(
@@ -62,6 +63,7 @@ class ExecutionLog:
         store: Store,
         created_at: float | None = None,
     ) -> None:
+        super().__init__()
         self.id = execution_id
         self.sandbox_id = sandbox_id
         self.context_id = context_id
@@ -71,11 +73,8 @@ class ExecutionLog:
         self.status: str = "queued"
         self.execution_count: int | None = None
         self.ended_at: float | None = None
-        self.events: list[dict[str, Any]] = []
         self._unsaved: list[dict[str, Any]] = []
-        self._changed = asyncio.Event()
         self._flushing: asyncio.Task[None] | None = None
-        self.done = asyncio.Event()
         self.pending_input = False
 
     def doc(self) -> dict[str, Any]:
@@ -90,9 +89,8 @@ class ExecutionLog:
             "code": self.code,
         }
 
-    @property
-    def next_seq(self) -> int:
-        return len(self.events)
+    def keepalive_event(self) -> dict[str, Any]:
+        return {"type": "keepalive", "execution_id": self.id}
 
     async def begin(self, start: _Event) -> None:
         """Store the execution with its first event; the execution is acknowledged after."""
@@ -114,13 +112,8 @@ class ExecutionLog:
         event.execution_id = self.id
         event.seq = self.next_seq
         wire = dump_event(event)
-        self.events.append(wire)
-        self._notify()
+        self.publish(wire)
         return wire
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
 
     async def _flush(self) -> None:
         while self._unsaved:
@@ -149,28 +142,7 @@ class ExecutionLog:
         await self.store.put_execution(self.doc(), [*self._unsaved, wire])
         self._unsaved = []
         self.events.append(wire)
-        self.done.set()
-        self._notify()
-
-    async def follow(self, after: int = -1, keepalive: float | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Yield the events with ``seq > after``, then new ones as they come, until ``end``.
-        With ``keepalive``, yield a keepalive event after that many quiet seconds."""
-        pos = after + 1
-        while True:
-            while pos < len(self.events):
-                yield self.events[pos]
-                pos += 1
-            if self.done.is_set():
-                return
-            changed = self._changed
-            if keepalive is None:
-                await changed.wait()
-                continue
-            try:
-                async with asyncio.timeout(keepalive):
-                    await changed.wait()
-            except TimeoutError:
-                yield {"type": "keepalive", "execution_id": self.id}
+        self.close()
 
 
 # ---------------------------------------------------------------------------------------------

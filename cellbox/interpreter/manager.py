@@ -15,7 +15,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from cellbox.interpreter import files
 from cellbox.interpreter.artifacts import ArtifactStore
+from cellbox.interpreter.commands import CommandLog
 from cellbox.interpreter.config import Settings
 from cellbox.interpreter.errors import (
     ArtifactNotFound,
@@ -29,6 +31,7 @@ from cellbox.interpreter.errors import (
 from cellbox.interpreter.execution import ExecutionLog
 from cellbox.interpreter.models import (
     ArtifactInfo,
+    CommandRequest,
     ContextInfo,
     ExecuteRequest,
     ExecutionInfo,
@@ -41,6 +44,7 @@ from cellbox.interpreter.models import (
 from cellbox.interpreter.sandbox import Context, Sandbox, new_id, start_event
 from cellbox.interpreter.store import Store
 from cellbox.interpreter.templates import TemplateRegistry
+from cellbox.runtimes.agent_client import AgentClient
 from cellbox.runtimes.base import Runtime
 
 log = logging.getLogger("cellbox.manager")
@@ -347,6 +351,65 @@ class SandboxManager:
         if xlog is None or xlog.done.is_set():
             raise ExecutionNotFound(f"no running execution {execution_id!r} in sandbox {sandbox_id}")
         sb.context(xlog.context_id).send_input(value)
+
+    # -- commands --------------------------------------------------------------------------
+
+    async def _agent(self, sb: Sandbox) -> AgentClient:
+        assert sb.handle is not None
+        return await self.runtime.agent(sb.handle)
+
+    async def start_command(self, owner: str, sandbox_id: str, req: CommandRequest) -> CommandLog:
+        """Start ``bash -lc cmd`` in the sandbox; returns its log at once."""
+        sb = await self.live(owner, sandbox_id)
+        assert sb.handle is not None
+        env = self.runtime.process_env(sb.handle, req.envs)
+        timeout = req.timeout if req.timeout is not None else self.settings.command_timeout
+        log.info("command started in %s (%d bytes)", sb.id, len(req.cmd))
+        return await sb.commands.start(await self._agent(sb), req.cmd, env, req.cwd or "/home/user", timeout or None)
+
+    async def commands(self, owner: str, sandbox_id: str) -> list[CommandLog]:
+        sb = await self.live(owner, sandbox_id)
+        return list(sb.commands.logs.values())
+
+    async def command(self, owner: str, sandbox_id: str, pid: int) -> CommandLog:
+        return (await self.live(owner, sandbox_id)).commands.get(pid)
+
+    async def command_stdin(self, owner: str, sandbox_id: str, pid: int, data: bytes | None) -> None:
+        """Write to a running command's stdin; ``None`` closes it."""
+        sb = await self.live(owner, sandbox_id)
+        cmd = sb.commands.get(pid)
+        if cmd.done.is_set():
+            raise InvalidRequest(f"command {pid} has ended")
+        agent = await self._agent(sb)
+        if data is None:
+            await agent.close_stdin(pid)
+        else:
+            await agent.write_stdin(pid, data)
+
+    async def command_signal(self, owner: str, sandbox_id: str, pid: int, signum: int) -> CommandLog:
+        sb = await self.live(owner, sandbox_id)
+        cmd = sb.commands.get(pid)
+        if not cmd.done.is_set():
+            await (await self._agent(sb)).signal(pid, signum, group=True)
+        return cmd
+
+    # -- files -----------------------------------------------------------------------------
+
+    async def files_agent(self, owner: str, sandbox_id: str) -> AgentClient:
+        """The agent that carries out file operations for this sandbox."""
+        return await self._agent(await self.live(owner, sandbox_id))
+
+    async def keep_file(self, owner: str, sandbox_id: str, path: str, mime: str) -> ArtifactInfo:
+        """Make a sandbox file an artifact (a copy, kept after the sandbox is gone)."""
+        agent = await self.files_agent(owner, sandbox_id)
+        first, eof, size = await files.read_first(agent, path)
+        if size > self.settings.max_artifact_bytes:
+            raise InvalidRequest(f"{path} is larger than {self.settings.max_artifact_bytes} bytes", field="path")
+        data = b"".join([chunk async for chunk in files.read_rest(agent, path, first, eof)])
+        aid = await self.artifacts.put(data)
+        created = await self.store.put_artifact(aid, sandbox_id, None, mime, len(data))
+        return ArtifactInfo(id=aid, sandbox_id=sandbox_id, execution_id=None, mime=mime, size=len(data),
+                            url=f"/v1/artifacts/{aid}", created_at=created)
 
     # -- artifacts -------------------------------------------------------------------------
 

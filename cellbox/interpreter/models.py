@@ -333,6 +333,89 @@ class ArtifactList(BaseModel):
     artifacts: list[ArtifactInfo]
 
 
+# ---------------------------------------------------------------------------------------------
+# Commands and files
+
+
+class CommandRequest(BaseModel):
+    """Body of ``POST /v1/sandboxes/{id}/commands``: runs ``bash -lc CMD`` in the sandbox."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cmd: str
+    cwd: str | None = Field(default=None, description="Working directory; default /home/user.")
+    envs: dict[str, str] = Field(default_factory=dict)
+    timeout: float | None = Field(
+        default=None, ge=0, description="Seconds until the command's process group is killed; 0: never."
+    )
+    background: bool = Field(default=False, description="Answer at once with the pid instead of streaming.")
+
+
+class CommandInfo(BaseModel):
+    pid: int
+    cmd: str
+    cwd: str
+    started_at: float
+    running: bool
+    exit_code: int | None = None
+    signal: int | None = None
+    ended_at: float | None = None
+
+
+class CommandList(BaseModel):
+    commands: list[CommandInfo]
+
+
+class CommandRecord(CommandInfo):
+    """A command with its events (``start``, ``stdout``, ``stderr``, ``exit``)."""
+
+    events: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class StdinBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(description="Text to write to the command's stdin.")
+
+
+class SignalBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    signal: str | int = Field(default="SIGTERM", description="A name (SIGTERM, SIGKILL, SIGINT, ...) or number.")
+
+
+class EntryInfo(BaseModel):
+    """A file system entry in a sandbox."""
+
+    name: str
+    path: str
+    type: Literal["file", "dir", "symlink", "other"]
+    size: int
+    mode: int
+    permissions: str
+    modified_time: float
+    symlink_target: str | None = None
+
+
+class EntryList(BaseModel):
+    entries: list[EntryInfo]
+    truncated: bool = False
+
+
+class MkdirBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    parents: bool = True
+
+
+class MoveBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    src: str
+    dst: str
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     version: str

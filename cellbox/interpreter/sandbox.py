@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cellbox.interpreter.artifacts import ArtifactStore
+from cellbox.interpreter.commands import Commands
 from cellbox.interpreter.config import Settings
 from cellbox.interpreter.errors import (
     ContextNotFound,
@@ -238,6 +239,7 @@ class Sandbox:
         self.default_context_id = ""
         self.closing = False
         self.executions: dict[str, ExecutionLog] = {}
+        self.commands = Commands(settings.max_output_bytes)
         self.tasks: set[asyncio.Task[None]] = set()
         self._on_change = on_change
 

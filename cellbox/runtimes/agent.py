@@ -120,11 +120,14 @@ class Agent:
         if log and not pipes:
             logf = open(log, "ab")
             out = logf
+        cwd = self.resolve(req["cwd"]) if req.get("cwd") else self.home
+        if not os.path.isdir(cwd):
+            raise NotADirectoryError(f"{self.shown(cwd)} is not a directory")
         try:
             proc = await asyncio.create_subprocess_exec(
                 *req["argv"],
                 env=req.get("env") or {},
-                cwd=req.get("cwd") or None,
+                cwd=cwd,
                 stdin=asyncio.subprocess.PIPE if pipes else asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
