@@ -13,7 +13,7 @@ import logging
 import mimetypes
 import shlex
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
@@ -367,12 +367,6 @@ def files_group() -> None:
     """Copy files into and out of a sandbox, and list them."""
 
 
-def _copy(chunks: Iterable[bytes], target: IO[bytes]) -> None:
-    for chunk in chunks:
-        target.write(chunk)
-    target.flush()
-
-
 @files_group.command("get")
 @_client_options
 @click.argument("sandbox_id")
@@ -382,11 +376,9 @@ def files_get(url: str, api_key: str | None, sandbox_id: str, path: str, output:
     """Download PATH from the sandbox (streamed) to stdout or --output."""
     with _reported_errors(), _attached(sandbox_id, _connection(url, api_key)) as sbx:
         chunks = sbx.files.read(path, format="stream")  # raises before anything is written
-        if output is None:
-            _copy(chunks, click.get_binary_stream("stdout"))
-        else:
-            with output.open("wb") as target:
-                _copy(chunks, target)
+        with click.open_file(str(output) if output else "-", "wb") as target:  # "-": stdout, left open
+            for chunk in chunks:
+                target.write(chunk)
 
 
 @files_group.command("put")

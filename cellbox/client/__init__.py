@@ -62,7 +62,7 @@ from cellbox.interpreter.models import (
 )
 
 from ._async import AsyncCommandHandle, AsyncCommands, AsyncFilesystem, AsyncSandbox
-from ._base import USE_CLIENT_DEFAULT, ConnectionOptions, UseClientDefault, WriteEntry
+from ._base import USE_CLIENT_DEFAULT, ConnectionOptions, RunOptions, UseClientDefault, WriteEntry
 from ._models import (
     CommandExitError,
     CommandIncomplete,
@@ -118,6 +118,7 @@ __all__ = [
     "PermissionDenied",
     "RequestTooLarge",
     "Result",
+    "RunOptions",
     "RuntimeUnavailable",
     "Sandbox",
     "SandboxInfo",

@@ -40,6 +40,7 @@ from ._base import (
     FilesBase,
     ReadFormat,
     RequestTimeout,
+    RunOptions,
     SandboxBase,
     WriteData,
 )
@@ -399,48 +400,20 @@ class AsyncCommands(CommandsBase):
 
     @overload
     async def run(
-        self,
-        cmd: str,
-        *,
-        background: Literal[False] = False,
-        envs: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        on_stdout: Callback | None = None,
-        on_stderr: Callback | None = None,
-        timeout: float | None = None,
-        request_timeout: RequestTimeout = USE_CLIENT_DEFAULT,
+        self, cmd: str, *, background: Literal[False] = False, **options: Unpack[RunOptions]
     ) -> CommandResult: ...
     @overload
     async def run(
-        self,
-        cmd: str,
-        *,
-        background: Literal[True],
-        envs: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        on_stdout: Callback | None = None,
-        on_stderr: Callback | None = None,
-        timeout: float | None = None,
-        request_timeout: RequestTimeout = USE_CLIENT_DEFAULT,
+        self, cmd: str, *, background: Literal[True], **options: Unpack[RunOptions]
     ) -> AsyncCommandHandle: ...
     async def run(
-        self,
-        cmd: str,
-        *,
-        background: bool = False,
-        envs: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        on_stdout: Callback | None = None,
-        on_stderr: Callback | None = None,
-        timeout: float | None = None,
-        request_timeout: RequestTimeout = USE_CLIENT_DEFAULT,
+        self, cmd: str, *, background: bool = False, **options: Unpack[RunOptions]
     ) -> CommandResult | AsyncCommandHandle:
         """Async :meth:`Commands.run`; a callback's awaitable result is awaited before the next one runs."""
-        callbacks = Callbacks(on_stdout, on_stderr)
         if background:
-            info = await _send(self._http, self._start_call(cmd, envs, cwd, timeout, request_timeout))
-            return AsyncCommandHandle(self, info, callbacks)
-        call, builder = self._run_call(cmd, envs, cwd, timeout, callbacks)
+            info = await _send(self._http, self._start_call(cmd, options))
+            return AsyncCommandHandle(self, info, self._callbacks(options))
+        call, builder = self._run_call(cmd, options)
         await _drive(self._http, call, builder)
         return builder.finish()
 

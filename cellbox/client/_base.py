@@ -568,6 +568,26 @@ class FilesBase:
 _NO_EVENTS = 2**62
 
 
+class RunOptions(TypedDict, total=False):
+    """The keyword arguments of ``commands.run`` besides ``background``.
+
+    * ``envs``: environment variables added to the sandbox's.
+    * ``cwd``: the working directory (default ``/home/user``).
+    * ``timeout``: seconds until the service kills the command's process group (``None`` or
+      0: no limit); the end then raises ``CommandExitError`` with ``timed_out``.
+    * ``on_stdout`` / ``on_stderr``: called with each text chunk as it arrives (the async
+      client awaits what they return when that is awaitable).
+    * ``request_timeout``: for ``background=True``, the limit of the starting request.
+    """
+
+    envs: Mapping[str, str] | None
+    cwd: str | None
+    timeout: float | None
+    on_stdout: Callback | None
+    on_stderr: Callback | None
+    request_timeout: RequestTimeout
+
+
 class CommandsBase:
     """The requests of ``sbx.commands``, shared by :class:`~._sync.Commands` and
     :class:`~._async.AsyncCommands`, which only send them."""
@@ -583,41 +603,30 @@ class CommandsBase:
         return "/".join([self._url, str(int(pid)), *more])
 
     @staticmethod
-    def _request(
-        cmd: str, envs: Mapping[str, str] | None, cwd: str | None, timeout: float | None, background: bool
-    ) -> dict[str, Any]:
-        return validated(
-            models.CommandRequest, cmd=cmd, envs=dict(envs or {}), cwd=cwd, timeout=timeout, background=background
-        )
+    def _request(cmd: str, options: RunOptions, background: bool) -> dict[str, Any]:
+        envs, cwd, timeout = dict(options.get("envs") or {}), options.get("cwd"), options.get("timeout")
+        return validated(models.CommandRequest, cmd=cmd, envs=envs, cwd=cwd, timeout=timeout, background=background)
 
-    def _run_call(
-        self,
-        cmd: str,
-        envs: Mapping[str, str] | None,
-        cwd: str | None,
-        timeout: float | None,
-        callbacks: Callbacks,
-    ) -> tuple[Call[None], CommandBuilder]:
-        body = self._request(cmd, envs, cwd, timeout, background=False)
-        builder = CommandBuilder(callbacks=callbacks)
+    @staticmethod
+    def _callbacks(options: RunOptions) -> Callbacks:
+        return Callbacks(options.get("on_stdout"), options.get("on_stderr"))
+
+    def _run_call(self, cmd: str, options: RunOptions) -> tuple[Call[None], CommandBuilder]:
+        body = self._request(cmd, options, background=False)
+        builder = CommandBuilder(callbacks=self._callbacks(options))
 
         def parse(response: httpx.Response) -> None:
             raise_for_error(response)
             pid = response.headers.get("X-Command-Pid", "")
             builder.pid = int(pid) if pid.isdigit() else None
 
-        return Call("POST", self._url, parse, json=body, timeout=_stream_timeout(self._config, timeout)), builder
+        timeout = _stream_timeout(self._config, options.get("timeout"))
+        return Call("POST", self._url, parse, json=body, timeout=timeout), builder
 
-    def _start_call(
-        self,
-        cmd: str,
-        envs: Mapping[str, str] | None,
-        cwd: str | None,
-        timeout: float | None,
-        request_timeout: RequestTimeout,
-    ) -> Call[models.CommandInfo]:
-        body = self._request(cmd, envs, cwd, timeout, background=True)
-        return Call("POST", self._url, _model(models.CommandInfo), json=body, timeout=request_timeout)
+    def _start_call(self, cmd: str, options: RunOptions) -> Call[models.CommandInfo]:
+        body = self._request(cmd, options, background=True)
+        timeout = options.get("request_timeout", USE_CLIENT_DEFAULT)
+        return Call("POST", self._url, _model(models.CommandInfo), json=body, timeout=timeout)
 
     def _follow_call(self, pid: int, callbacks: Callbacks) -> tuple[Call[None], CommandBuilder]:
         return _follow(self._pid_url(pid), -1, self._config), CommandBuilder(pid, callbacks)

@@ -30,6 +30,7 @@ from ._base import (
     FilesBase,
     ReadFormat,
     RequestTimeout,
+    RunOptions,
     SandboxBase,
     WriteData,
 )
@@ -380,44 +381,14 @@ class Commands(CommandsBase):
         self._http = sandbox._http
 
     @overload
-    def run(
-        self,
-        cmd: str,
-        *,
-        background: Literal[False] = False,
-        envs: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        on_stdout: Callback | None = None,
-        on_stderr: Callback | None = None,
-        timeout: float | None = None,
-        request_timeout: RequestTimeout = USE_CLIENT_DEFAULT,
-    ) -> CommandResult: ...
+    def run(self, cmd: str, *, background: Literal[False] = False, **options: Unpack[RunOptions]) -> CommandResult: ...
     @overload
+    def run(self, cmd: str, *, background: Literal[True], **options: Unpack[RunOptions]) -> CommandHandle: ...
     def run(
-        self,
-        cmd: str,
-        *,
-        background: Literal[True],
-        envs: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        on_stdout: Callback | None = None,
-        on_stderr: Callback | None = None,
-        timeout: float | None = None,
-        request_timeout: RequestTimeout = USE_CLIENT_DEFAULT,
-    ) -> CommandHandle: ...
-    def run(
-        self,
-        cmd: str,
-        *,
-        background: bool = False,
-        envs: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        on_stdout: Callback | None = None,
-        on_stderr: Callback | None = None,
-        timeout: float | None = None,
-        request_timeout: RequestTimeout = USE_CLIENT_DEFAULT,
+        self, cmd: str, *, background: bool = False, **options: Unpack[RunOptions]
     ) -> CommandResult | CommandHandle:
-        """Run ``cmd`` with ``bash -lc`` in ``cwd`` (default ``/home/user``) with ``envs`` added.
+        """Run ``cmd`` with ``bash -lc``. ``options`` (:class:`RunOptions`): ``envs``, ``cwd``
+        (default ``/home/user``), ``timeout``, ``on_stdout``, ``on_stderr``, ``request_timeout``.
 
         In the foreground, wait for it: ``on_stdout`` / ``on_stderr`` get each text chunk as it
         arrives, and the :class:`CommandResult` comes back when it exited with 0. Any other end
@@ -428,11 +399,10 @@ class Commands(CommandsBase):
         With ``background=True``, return a :class:`CommandHandle` at once; its ``wait()`` uses
         these callbacks unless given others. ``request_timeout`` bounds that starting request.
         """
-        callbacks = Callbacks(on_stdout, on_stderr)
         if background:
-            info = _send(self._http, self._start_call(cmd, envs, cwd, timeout, request_timeout))
-            return CommandHandle(self, info, callbacks)
-        call, builder = self._run_call(cmd, envs, cwd, timeout, callbacks)
+            info = _send(self._http, self._start_call(cmd, options))
+            return CommandHandle(self, info, self._callbacks(options))
+        call, builder = self._run_call(cmd, options)
         _drive(self._http, call, builder)
         return builder.finish()
 

@@ -115,7 +115,7 @@ class Commands:
         try:
             while (item := await handle.output.get()) is not None:
                 log.output(*item)
-            code = await handle.exited
+            code = await asyncio.shield(handle.exited)
         finally:
             if killer is not None:
                 killer.cancel()

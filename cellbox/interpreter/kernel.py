@@ -120,48 +120,59 @@ class KernelSession:
         log.debug("kernel ready in %.0f ms", (self.started_at - t0) * 1000)
 
     async def _wait_ready(self, deadline: float) -> None:
+        """Probe with ``kernel_info`` every second until one is answered on shell and iopub.
+
+        Every probe's replies land in one route: a kernel slow to start (a loaded host) may
+        answer an early probe late, and that answer counts as much as a fresh one."""
         loop = asyncio.get_running_loop()
         ldeadline = loop.time() + (deadline - time.monotonic())
-        assert self.client is not None
-        while True:
-            msg_id = self.client.kernel_info()
-            route = self.open_route(msg_id)
-            got_reply = got_iopub = False
-            try:
-                # Each probe waits up to 1 s; a starting kernel answers the first one it sees.
+        client = self._require_client()
+        route = Route("kernel_info")
+        probes: list[str] = []
+        got_reply = got_iopub = False
+        try:
+            while not (got_reply and got_iopub):
+                msg = client.session.msg("kernel_info_request")
+                probes.append(msg["header"]["msg_id"])
+                self._routes[probes[-1]] = route
+                client.shell_channel.send(msg)
                 probe_deadline = min(ldeadline, loop.time() + 1.0)
-                while not (got_reply and got_iopub):
-                    item = await route.get(probe_deadline)
-                    if isinstance(item, Died):
-                        raise KernelStartFailed(
-                            f"kernel exited during start: {item.exit.detail or item.exit.reason}",
-                            exit=item.exit.model_dump(),
-                        )
-                    channel, _ = item
-                    got_reply |= channel == "shell"
-                    got_iopub |= channel == "iopub"
-                return
-            except TimeoutError:
-                if loop.time() >= ldeadline:
-                    raise KernelStartFailed(f"kernel not ready after {self.start_timeout:.0f} s") from None
-            finally:
+                try:
+                    while not (got_reply and got_iopub):
+                        item = await route.get(probe_deadline)
+                        if isinstance(item, Died):
+                            raise KernelStartFailed(
+                                f"kernel exited during start: {item.exit.detail or item.exit.reason}",
+                                exit=item.exit.model_dump(),
+                            )
+                        channel, _ = item
+                        got_reply |= channel == "shell"
+                        got_iopub |= channel == "iopub"
+                except TimeoutError:
+                    if loop.time() >= ldeadline:
+                        raise KernelStartFailed(f"kernel not ready after {self.start_timeout:.0f} s") from None
+        finally:
+            for msg_id in probes:
                 self.close_route(msg_id)
 
     async def stop(self) -> None:
-        """Kill the kernel process and stop the pumps. Idempotent; never raises."""
+        """Kill the kernel process and stop the pumps. Idempotent; never raises (but lets a
+        cancellation of the caller through, after closing the sockets)."""
         for t in self._tasks:
             t.cancel()
         process, client = self.process, self.client
-        if process is not None:
-            with contextlib.suppress(Exception):
-                await process.kill()
-        for t in self._tasks:
-            with contextlib.suppress(BaseException):
-                await t
-        self._tasks = []
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.stop_channels()
+        try:
+            if process is not None:
+                with contextlib.suppress(Exception):
+                    await process.kill()
+            for t in self._tasks:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await t
+        finally:
+            self._tasks = []
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.stop_channels()
         self.client = None
         if self.exit is None:
             self.exit = KernelExit(reason="stopped", at=time.time())

@@ -116,7 +116,7 @@ class Context:
         self.execution_count = 0
         try:
             await self.start()
-        except KernelStartFailed as exc:
+        except Exception as exc:  # KernelStartFailed, or the sandbox's agent is gone for good
             log.error("sandbox %s context %s: restart failed: %s", self.sandbox.id, self.id, exc)
             self.state = ContextState.DEAD
         self.sandbox.changed()

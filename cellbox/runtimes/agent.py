@@ -43,6 +43,7 @@ import sys
 from typing import Any
 
 _CHUNK = 65536
+_LINE_LIMIT = 8 << 20
 
 
 def _error_code(exc: Exception) -> str:
@@ -121,8 +122,7 @@ class Agent:
             logf = open(log, "ab")
             out = logf
         cwd = self.resolve(req["cwd"]) if req.get("cwd") else self.home
-        if not os.path.isdir(cwd):
-            raise NotADirectoryError(f"{self.shown(cwd)} is not a directory")
+        os.makedirs(cwd, exist_ok=True)  # a missing working directory is made, as for kernels
         try:
             proc = await asyncio.create_subprocess_exec(
                 *req["argv"],
@@ -311,7 +311,8 @@ async def main(socket_path: str, home: str, jail: bool) -> None:
     agent = Agent(home, jail)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)
-    server = await asyncio.start_unix_server(agent.serve, path=socket_path)
+    # Requests carry up to 1 MiB of file data as base64: lines far above asyncio's 64 KiB default.
+    server = await asyncio.start_unix_server(agent.serve, path=socket_path, limit=_LINE_LIMIT)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         loop.add_signal_handler(sig, agent.done.set)

@@ -16,8 +16,8 @@ from cellbox.interpreter.errors import InterpreterError, KernelDied
 
 log = logging.getLogger("cellbox.agent")
 
-# Agent lines can carry 64 KiB of base64 output plus framing.
-_LINE_LIMIT = 1 << 20
+# Agent lines carry up to 4 MiB of file data as base64 plus framing.
+_LINE_LIMIT = 8 << 20
 
 
 _AGENT_ERRORS: dict[str, type[InterpreterError]] = {

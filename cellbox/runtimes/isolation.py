@@ -1280,17 +1280,19 @@ def prepare_ipc_dir(ipc_dir: Path, uid: int) -> Path:
     return ipc_dir
 
 
-def write_ipc_connection(ipc_dir: Path, *, key: str | None = None, kernel_name: str = "") -> IpcConnection:
+def write_ipc_connection(
+    ipc_dir: Path, *, key: str | None = None, kernel_name: str = "", sandbox_path: str = SANDBOX_RUN
+) -> IpcConnection:
     """Write ``kernel.json`` for the kernel (root-owned, 0644) and return both views.
 
     ``transport: "ipc"``, ``ip`` ``/run/cellbox/k``, ports 1..5 (sockets ``k-1`` … ``k-5``), a
     random 256-bit HMAC key. The file holds exactly what ipykernel would write, so ipykernel
     finds nothing to update and never tries to rewrite it. Called by ``start_kernel`` after
-    :func:`prepare_ipc_dir`.
+    :func:`prepare_ipc_dir`. ``sandbox_path`` is where the sandbox sees ``ipc_dir``.
     """
     info: dict[str, Any] = {
         "transport": "ipc",
-        "ip": f"{SANDBOX_RUN}/{IPC_BASENAME}",
+        "ip": f"{sandbox_path}/{IPC_BASENAME}",
         **IPC_PORTS,
         "key": key or secrets.token_hex(32),
         "signature_scheme": "hmac-sha256",
@@ -1301,7 +1303,7 @@ def write_ipc_connection(ipc_dir: Path, *, key: str | None = None, kernel_name: 
     os.chmod(host_file, 0o644)
     host_info = {**info, "ip": str(ipc_dir / IPC_BASENAME)}
     sockets = tuple(ipc_dir / f"{IPC_BASENAME}-{port}" for port in sorted(IPC_PORTS.values()))
-    return IpcConnection(host_file, f"{SANDBOX_RUN}/{CONNECTION_FILE}", host_info, sockets)
+    return IpcConnection(host_file, f"{sandbox_path}/{CONNECTION_FILE}", host_info, sockets)
 
 
 def _socket_ready(path: Path) -> bool:

@@ -22,14 +22,17 @@ import secrets
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cellbox.interpreter.config import Settings
-from cellbox.interpreter.errors import InvalidRequest, KernelStartFailed, RuntimeUnavailable
+from cellbox.interpreter.errors import InterpreterError, InvalidRequest, KernelStartFailed, RuntimeUnavailable
 from cellbox.interpreter.models import KernelExit, Limits
+from cellbox.runtimes import agent as agent_module
 from cellbox.runtimes import isolation as iso
+from cellbox.runtimes.agent_client import AgentClient, ProcessHandle
 from cellbox.runtimes.base import KernelSpec, SandboxHandle, TemplateInfo
 
 log = logging.getLogger("cellbox.runtime.local")
@@ -42,6 +45,10 @@ _LOG_TAIL_BYTES = 2000
 # Variables a kernel may inherit from the service's environment. Anything else (API keys,
 # cloud credentials, ...) stays out: the service's environment is not the sandbox's.
 ENV_ALLOWLIST = ("LANG", "LC_ALL", "TZ", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+# The agent is a single stdlib-only file run by the template's Python inside the sandbox.
+AGENT_SOURCE = Path(agent_module.__file__)
+_AGENT_SOCKET = "a.sock"
 
 
 def describe_exit(returncode: int | None, log_tail: str = "") -> KernelExit:
@@ -64,61 +71,15 @@ def describe_exit(returncode: int | None, log_tail: str = "") -> KernelExit:
     return KernelExit(exit_code=returncode, reason="exited", detail=detail, at=now)
 
 
-class LocalKernelProcess:
-    """A kernel child process (see ``KernelProcess`` in base.py)."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, connection_info: dict[str, Any], log_path: Path) -> None:
-        self._proc = proc
-        self.connection_info = connection_info
-        self.pid: int | None = proc.pid
-        self._log_path = log_path
-
-    async def wait(self) -> KernelExit:
-        code = await self._proc.wait()
-        return describe_exit(code, self._log_tail())
-
-    def _log_tail(self) -> str:
-        try:
-            with open(self._log_path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - _LOG_TAIL_BYTES))
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, signum)
-
-    async def kill(self) -> None:
-        if self._proc.returncode is None:
-            self.signal(signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            await self._proc.wait()
-
-
-def write_connection_file(path: Path, ipc_prefix: str) -> dict[str, Any]:
-    """Write an ipc-transport connection file; return its contents."""
-    info: dict[str, Any] = {
-        "transport": "ipc",
-        "ip": ipc_prefix,
-        "shell_port": 1,
-        "iopub_port": 2,
-        "stdin_port": 3,
-        "control_port": 4,
-        "hb_port": 5,
-        "key": secrets.token_hex(32),
-        "signature_scheme": "hmac-sha256",
-        "kernel_name": "",
-    }
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f)
-    return info
-
-
 def kernel_env(template: TemplateInfo, spec: KernelSpec, home: str, envs: dict[str, str]) -> dict[str, str]:
-    """The complete environment of a kernel: allowlist + template + sandbox envs."""
+    """The complete environment of a kernel: allowlist + template + kernel spec + sandbox envs."""
+    return base_env(template, home, envs, spec.env)
+
+
+def base_env(
+    template: TemplateInfo, home: str, envs: dict[str, str], kernel: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of a sandbox process: allowlist + template + ``kernel`` + ``envs``."""
     env = {k: os.environ[k] for k in ENV_ALLOWLIST if k in os.environ}
     bindir = str(template.python.parent)
     env.update(
@@ -134,9 +95,25 @@ def kernel_env(template: TemplateInfo, spec: KernelSpec, home: str, envs: dict[s
         }
     )
     env.update(template.env)
-    env.update(spec.env)
+    env.update(kernel or {})
     env.update(envs)
     return {k: v for k, v in env.items() if v != ""}
+
+
+def write_profile(home: Path, template: TemplateInfo, uid: int | None = None) -> None:
+    """A default ``~/.profile``: commands run as ``bash -lc``, and a login shell's
+    /etc/profile resets PATH, so the template's tools (python3, pip) come first again here.
+    Left alone if the sandbox's home already has one."""
+    profile = home / ".profile"
+    if profile.exists():
+        return
+    profile.write_text(
+        "# Written by cellbox when the sandbox was created; edit freely.\n"
+        '[ -f "$HOME/.bashrc" ] && [ -n "$BASH_VERSION" ] && . "$HOME/.bashrc"\n'
+        f'export PATH="{template.python.parent}:$HOME/.local/bin:$PATH"\n'
+    )
+    if uid is not None:
+        os.chown(profile, uid, uid)
 
 
 def kernel_argv(template: TemplateInfo, spec: KernelSpec, connection_file: str) -> list[str]:
@@ -150,8 +127,56 @@ def kernel_argv(template: TemplateInfo, spec: KernelSpec, connection_file: str) 
     return argv
 
 
+class AgentKernelProcess:
+    """A kernel started by the sandbox's agent (see ``KernelProcess`` in base.py)."""
+
+    def __init__(
+        self,
+        agent: AgentClient,
+        handle: ProcessHandle,
+        connection_info: dict[str, Any],
+        log_path: Path,
+        describe: Callable[[int | None, str], KernelExit],
+    ) -> None:
+        self._agent = agent
+        self._handle = handle
+        self.connection_info = connection_info
+        self.pid: int | None = handle.pid
+        self._log_path = log_path
+        self._describe = describe
+        self._signals: set[asyncio.Task[None]] = set()
+
+    async def wait(self) -> KernelExit:
+        # Shielded: cancelling a waiter must not cancel the shared exit future itself.
+        code = await asyncio.shield(self._handle.exited)
+        return self._describe(code, _log_tail(self._log_path))
+
+    def signal(self, signum: int) -> None:
+        task = asyncio.ensure_future(self._signal(signum))
+        self._signals.add(task)
+        task.add_done_callback(self._signals.discard)
+
+    async def _signal(self, signum: int) -> None:
+        if not self._handle.exited.done():
+            with contextlib.suppress(InterpreterError):
+                await self._agent.signal(self._handle.pid, signum, group=True)
+
+    async def kill(self) -> None:
+        await self._signal(signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                await asyncio.shield(self._handle.exited)
+
+
+def _agent_gone_exit() -> KernelExit:
+    return KernelExit(
+        reason="killed", detail="every process of the sandbox ended (its init process exited)", at=time.time()
+    )
+
+
 class LocalRuntime:
-    """Sandboxes as directories and child processes of the service (see module docstring)."""
+    """Sandboxes on this host (see module docstring). Every sandbox starts with its agent
+    (``agent.py``); kernels and commands are the agent's children."""
 
     name = "local"
 
@@ -169,47 +194,175 @@ class LocalRuntime:
 
     async def startup(self) -> None:
         if self.isolation != "none":
-            raise RuntimeUnavailable(
-                f"isolation {self.isolation!r} is not available in this build; use 'none'"
-            )
+            raise RuntimeUnavailable(f"unknown isolation {self.isolation!r}: use 'bwrap' or 'none'")
         self.homes.mkdir(parents=True, exist_ok=True)
         self.run_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if len(str(self.run_root)) > _MAX_IPC_PATH - 30:
+        self._check_run_root()
+
+    def _check_run_root(self) -> None:
+        if len(str(self.run_root)) > _MAX_IPC_PATH - 50:
             raise RuntimeUnavailable(f"run dir {self.run_root} is too long for unix socket paths")
 
+    # -- sandboxes -------------------------------------------------------------------------
+
     async def create_sandbox(
+        self, sandbox_id: str, template: TemplateInfo, limits: Limits, envs: dict[str, str]
+    ) -> SandboxHandle:
+        handle = await self._prepare(sandbox_id, template, limits, envs)
+        try:
+            await self.agent(handle)
+        except BaseException:
+            await self.destroy_sandbox(handle)
+            raise
+        return handle
+
+    async def _prepare(
         self, sandbox_id: str, template: TemplateInfo, limits: Limits, envs: dict[str, str]
     ) -> SandboxHandle:
         home = self.homes / sandbox_id / "home"
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         run = self.run_root / sandbox_id
         run.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_profile(home, template)
         return SandboxHandle(sandbox_id, home, template, limits, dict(envs), extra={"run": run})
+
+    async def agent(self, sandbox: SandboxHandle) -> AgentClient:
+        """The sandbox's agent, started again if it died (``kill -9 -1`` inside the sandbox
+        takes it down with everything else). Called for every kernel start and by the
+        commands and files APIs."""
+        extra = sandbox.extra
+        lock: asyncio.Lock = extra.setdefault("agent_lock", asyncio.Lock())
+        async with lock:
+            client: AgentClient | None = extra.get("agent")
+            if client is not None and not client.closed.is_set():
+                return client
+            if client is not None:
+                log.warning("sandbox %s: its agent exited; starting it again", sandbox.sandbox_id)
+            await self._reap_agent(sandbox)
+            agent_dir = extra["run"] / "agent"
+            self._prepare_agent_dir(sandbox, agent_dir)
+            logf = open(extra["run"] / "agent.log", "ab")
+            try:
+                proc = await self._spawn_agent(sandbox, logf)
+            finally:
+                logf.close()
+            extra["agent_proc"] = proc
+            sock = agent_dir / _AGENT_SOCKET
+            try:
+                deadline = time.monotonic() + self.settings.kernel_start_timeout
+                delay = 0.002
+                secured = False
+                client = None
+                while client is None:
+                    if sock.exists():
+                        if not secured:
+                            self._secure_agent_dir(sandbox, agent_dir)
+                            secured = True
+                        # Bound is not yet listening: ECONNREFUSED for a moment.
+                        with contextlib.suppress(ConnectionRefusedError):
+                            client = await AgentClient.connect(str(sock))
+                            break
+                    if proc.returncode is not None or time.monotonic() > deadline:
+                        tail = _log_tail(extra["run"] / "agent.log").strip()[-500:]
+                        raise KernelStartFailed(f"the sandbox's agent did not start: {tail or 'no output'}")
+                    await asyncio.sleep(delay)  # a short back-off while the agent starts
+                    delay = min(delay * 1.5, 0.02)
+            except BaseException:
+                await self._reap_agent(sandbox)
+                raise
+            extra["agent"] = client
+            return client
+
+    def _prepare_agent_dir(self, sandbox: SandboxHandle, agent_dir: Path) -> None:
+        shutil.rmtree(agent_dir, ignore_errors=True)
+        agent_dir.mkdir(mode=0o700)
+
+    def _secure_agent_dir(self, sandbox: SandboxHandle, agent_dir: Path) -> None:
+        return None
+
+    async def _spawn_agent(self, sandbox: SandboxHandle, logf: Any) -> asyncio.subprocess.Process:
+        argv = [str(sandbox.template.python), str(AGENT_SOURCE), "--socket",
+                str(sandbox.extra["run"] / "agent" / _AGENT_SOCKET), "--home", str(sandbox.home), "--jail"]
+        return await asyncio.create_subprocess_exec(
+            *argv, env=self.process_env(sandbox, {}), cwd=str(sandbox.home), stdin=asyncio.subprocess.DEVNULL,
+            stdout=logf, stderr=logf, start_new_session=True,
+        )
+
+    async def _reap_agent(self, sandbox: SandboxHandle) -> None:
+        """Close the connection (the agent then kills what it started and exits) and reap it."""
+        client: AgentClient | None = sandbox.extra.pop("agent", None)
+        if client is not None:
+            await client.close()
+        proc: asyncio.subprocess.Process | None = sandbox.extra.pop("agent_proc", None)
+        if proc is None:
+            return
+        try:
+            async with asyncio.timeout(10):
+                await proc.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+
+    def home_in_sandbox(self, sandbox: SandboxHandle) -> str:
+        """The home as the sandbox's processes see it."""
+        return str(sandbox.home)
+
+    def process_env(self, sandbox: SandboxHandle, envs: dict[str, str]) -> dict[str, str]:
+        """The environment of a command in the sandbox: allowlist + template + sandbox + ``envs``."""
+        return base_env(sandbox.template, self.home_in_sandbox(sandbox), {**sandbox.envs, **envs})
+
+    # -- kernels ---------------------------------------------------------------------------
 
     async def start_kernel(
         self, sandbox: SandboxHandle, spec: KernelSpec, name: str, cwd: str | None
-    ) -> LocalKernelProcess:
-        run: Path = sandbox.extra["run"]
-        workdir = resolve_cwd(sandbox.home, cwd)
-        conn_file = run / f"{name}.json"
-        info = write_connection_file(conn_file, str(run / name))
-        log_path = run / f"{name}.log"
-        logf = open(log_path, "ab")
+    ) -> AgentKernelProcess:
+        agent = await self.agent(sandbox)
+        host_dir, sandbox_dir = self._kernel_dir(sandbox, name)
+        conn = iso.write_ipc_connection(host_dir, sandbox_path=sandbox_dir)
+        workdir = self._kernel_cwd(sandbox, cwd)
+        env = kernel_env(sandbox.template, spec, self.home_in_sandbox(sandbox), sandbox.envs)
+        argv = kernel_argv(sandbox.template, spec, conn.sandbox_file)
+        describe = self._describer(sandbox)
+        handle = await agent.spawn(argv, env, workdir, log=f"{sandbox_dir}/kernel.log", tag=f"kernel:{name}")
+        kernel = AgentKernelProcess(agent, handle, conn.connection_info, host_dir / "kernel.log", describe)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *kernel_argv(sandbox.template, spec, str(conn_file)),
-                env=kernel_env(sandbox.template, spec, str(sandbox.home), sandbox.envs),
-                cwd=workdir,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=logf,
-                stderr=logf,
-                start_new_session=True,
+            await iso.wait_for_ipc_sockets(
+                host_dir, timeout=self.settings.kernel_start_timeout, alive=lambda: not handle.exited.done()
             )
-        finally:
-            logf.close()
-        return LocalKernelProcess(proc, info, log_path)
+            self._secure_kernel_dir(sandbox, host_dir)
+        except BaseException as exc:
+            await kernel.kill()
+            if isinstance(exc, KernelStartFailed):
+                raw = _log_tail(host_dir / "kernel.log")
+                lines = raw.strip().splitlines()[1 if len(raw) >= _LOG_TAIL_BYTES else 0:]  # whole lines
+                tail = "\n".join(lines[-12:])[-1000:]
+                raise KernelStartFailed(f"{exc.message}:\n{tail}" if tail else exc.message) from exc
+            raise
+        return kernel
+
+    def _kernel_dir(self, sandbox: SandboxHandle, name: str) -> tuple[Path, str]:
+        """A fresh directory for one kernel's sockets: (host path, path inside the sandbox)."""
+        host = sandbox.extra["run"] / name
+        shutil.rmtree(host, ignore_errors=True)
+        host.mkdir(mode=0o700)
+        return host, str(host)
+
+    def _kernel_cwd(self, sandbox: SandboxHandle, cwd: str | None) -> str:
+        resolve_cwd(sandbox.home, cwd)  # refuses paths outside, creates the directory
+        return cwd or iso.SANDBOX_HOME
+
+    def _secure_kernel_dir(self, sandbox: SandboxHandle, host_dir: Path) -> None:
+        return None
+
+    def _describer(self, sandbox: SandboxHandle) -> Callable[[int | None, str], KernelExit]:
+        def describe(code: int | None, log_tail: str) -> KernelExit:
+            return _agent_gone_exit() if code is None else describe_exit(code, log_tail)
+
+        return describe
 
     async def destroy_sandbox(self, sandbox: SandboxHandle) -> None:
+        await self._reap_agent(sandbox)
         run: Path = sandbox.extra["run"]
         await asyncio.to_thread(shutil.rmtree, run, True)
         await asyncio.to_thread(shutil.rmtree, sandbox.home.parent, True)
@@ -526,6 +679,10 @@ class IsolatedLocalRuntime(LocalRuntime):
         await asyncio.to_thread(shutil.rmtree, extra["run"], True)
         await asyncio.to_thread(shutil.rmtree, extra["dir"], True)
         self.uids.release(sandbox.sandbox_id)
+
+    async def agent(self, sandbox: SandboxHandle) -> AgentClient:
+        # The isolated agent is not wired yet: never fall back to the unisolated one.
+        raise RuntimeUnavailable("commands and files are not available with isolation 'bwrap' yet")
 
     async def shutdown(self) -> None:
         if self.tree is not None:  # the prefix itself, once every sandbox is gone

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.asyncio
 @pytest_asyncio.fixture
 async def agent(short_tmp: Path) -> AsyncIterator[tuple[AgentClient, asyncio.subprocess.Process]]:
     sock = short_tmp / "agent.sock"
-    proc = await asyncio.create_subprocess_exec(sys.executable, agent_module.__file__, "--socket", str(sock))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, agent_module.__file__, "--socket", str(sock), "--home", str(short_tmp)
+    )
     # Readiness is the socket accepting a connection: retry connecting until it does (bounded).
     client = None
     async with asyncio.timeout(20):
