@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,10 +44,11 @@ class Settings(BaseSettings):
     )
     templates_dir: Path | None = Field(None, description="Where templates live; default: DATA_DIR/templates.")
     runtime: str = Field("local", description="Where sandboxes live: 'local' (this host).")
-    isolation: str = Field(
-        "none",
-        description="'none' runs kernels as plain child processes (trusted code only); 'bwrap' runs each "
-        "kernel in a bubblewrap sandbox with its own uid, cgroup, disk-capped home and no network (needs root).",
+    isolation: Literal["bwrap", "none"] = Field(
+        "bwrap",
+        description="'bwrap' (default) runs each sandbox in bubblewrap with its own uid, cgroup, seccomp filter, "
+        "disk-capped home and no network; it needs root and refuses to start without it. 'none' runs sandboxes "
+        "as plain child processes of the service: trusted code only, logged loudly.",
     )
     sandbox_uid_first: int = Field(
         310_000, ge=1000, description="First host uid of the range sandboxes run as (isolation 'bwrap')."

@@ -51,7 +51,7 @@ def _error_code(exc: Exception) -> str:
         return "no_process"
     if isinstance(exc, FileNotFoundError):
         return "not_found"
-    if isinstance(exc, PermissionError):
+    if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno == errno.EROFS):
         return "permission_denied"
     if isinstance(exc, FileExistsError):
         return "exists"

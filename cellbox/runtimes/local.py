@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import secrets
 import shutil
 import signal
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ ENV_ALLOWLIST = ("LANG", "LC_ALL", "TZ", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"
 # The agent is a single stdlib-only file run by the template's Python inside the sandbox.
 AGENT_SOURCE = Path(agent_module.__file__)
 _AGENT_SOCKET = "a.sock"
+SANDBOX_AGENT = "/opt/cellbox/agent.py"
 
 
 def describe_exit(returncode: int | None, log_tail: str = "") -> KernelExit:
@@ -195,6 +195,10 @@ class LocalRuntime:
     async def startup(self) -> None:
         if self.isolation != "none":
             raise RuntimeUnavailable(f"unknown isolation {self.isolation!r}: use 'bwrap' or 'none'")
+        log.warning(
+            "ISOLATION IS OFF (--isolation none): sandboxes run as plain processes of this service, "
+            "as its user, with its network and file system. Run trusted code only."
+        )
         self.homes.mkdir(parents=True, exist_ok=True)
         self.run_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._check_run_root()
@@ -385,72 +389,6 @@ def _log_tail(path: Path) -> str:
 # isolation="bwrap"
 
 
-class IsolatedKernelProcess:
-    """A kernel inside bwrap (see ``KernelProcess`` in base.py). ``proc`` is the outer bwrap
-    process, a child of the service running as the sandbox's uid; the kernel is its
-    grandchild (pid 2 of the sandbox's pid namespace), so killing bwrap ends the kernel and
-    everything it started (``--die-with-parent`` + the pid namespace)."""
-
-    def __init__(
-        self,
-        proc: asyncio.subprocess.Process,
-        connection_info: dict[str, Any],
-        log_path: Path,
-        cgroup: iso.Cgroup,
-        limits: _Resolved,
-    ) -> None:
-        self._proc = proc
-        self.connection_info = connection_info
-        self.pid: int | None = proc.pid
-        self._log_path = log_path
-        self._cgroup = cgroup
-        self._limits = limits
-        self._before = cgroup.counters()
-
-    async def wait(self) -> KernelExit:
-        code = await self._proc.wait()
-        after = self._cgroup.counters()
-        reason = iso.death_reason(code, self._before, after)
-        self._before = after
-        return describe_isolated_exit(code, reason, self._limits, _log_tail(self._log_path))
-
-    def _kernel_pid(self) -> int | None:
-        """The kernel's host pid: outer bwrap -> bwrap as pid 1 -> kernel."""
-        pid = self._proc.pid
-        for _ in range(2):
-            try:
-                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-            except OSError:
-                return None
-            if not children:
-                return None
-            pid = int(children[0])
-        return pid
-
-    def signal(self, signum: int) -> None:
-        if self._proc.returncode is not None:
-            return
-        if signum == signal.SIGKILL:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._proc.pid, signum)
-            return
-        pid = self._kernel_pid()
-        if pid is None:
-            return
-        # bwrap --new-session makes the kernel a session (and process group) leader.
-        try:
-            os.killpg(pid, signum)
-        except (ProcessLookupError, PermissionError):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signum)
-
-    async def kill(self) -> None:
-        if self._proc.returncode is None:
-            self.signal(signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            await self._proc.wait()
-
-
 @dataclass(frozen=True)
 class _Resolved:
     """A sandbox's limits with the service defaults filled in."""
@@ -520,6 +458,7 @@ class IsolatedLocalRuntime(LocalRuntime):
         self.uids = iso.UidPool(settings.sandbox_uid_first, settings.sandbox_uid_count)
         self.tree: iso.CgroupTree | None = None
         self.bpf: Path | None = None
+        self.agent_file: Path | None = None
 
     async def startup(self) -> None:
         if os.geteuid() != 0:
@@ -548,8 +487,12 @@ class IsolatedLocalRuntime(LocalRuntime):
             await asyncio.to_thread(shutil.rmtree, self.homes / sid, True)
             await asyncio.to_thread(shutil.rmtree, self.run_root / sid, True)
         self.bpf = iso.seccomp_bpf(self.run_root)
+        # The agent is bound into every sandbox from a root-owned copy the sandbox uids can reach.
+        self.agent_file = self.run_root / "agent.py"
+        shutil.copyfile(AGENT_SOURCE, self.agent_file)
+        os.chmod(self.agent_file, 0o644)
 
-    async def create_sandbox(
+    async def _prepare(
         self, sandbox_id: str, template: TemplateInfo, limits: Limits, envs: dict[str, str]
     ) -> SandboxHandle:
         assert self.tree is not None, "startup() was not called"
@@ -559,7 +502,7 @@ class IsolatedLocalRuntime(LocalRuntime):
         sandbox_dir = self.homes / sandbox_id
         run = self.run_root / sandbox_id
         uid = self.uids.acquire(sandbox_id)
-        extra: dict[str, Any] = {"run": run, "dir": sandbox_dir, "uid": uid, "procs": [], "limits": resolved}
+        extra: dict[str, Any] = {"run": run, "dir": sandbox_dir, "uid": uid, "limits": resolved}
         handle = SandboxHandle(sandbox_id, sandbox_dir / "home", template, limits, dict(envs), extra=extra)
         try:
             sandbox_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
@@ -573,78 +516,97 @@ class IsolatedLocalRuntime(LocalRuntime):
                 sandbox_dir / "home", size_bytes=resolved.disk_mb << 20, uid=uid
             )
             handle.home = home.path
+            write_profile(handle.home, template, uid)
             iso.write_etc_files(sandbox_dir / "etc")
         except BaseException:
             await self.destroy_sandbox(handle)
             raise
         return handle
 
-    async def start_kernel(  # type: ignore[override]  # a KernelProcess, not a LocalKernelProcess
-        self, sandbox: SandboxHandle, spec: KernelSpec, name: str, cwd: str | None
-    ) -> IsolatedKernelProcess:
-        assert self.bpf is not None
+    # -- the agent: the sandbox's first process, inside bwrap --------------------------------
+
+    def _prepare_agent_dir(self, sandbox: SandboxHandle, agent_dir: Path) -> None:
+        iso.prepare_ipc_dir(agent_dir, sandbox.extra["uid"])
+
+    def _secure_agent_dir(self, sandbox: SandboxHandle, agent_dir: Path) -> None:
+        # As for kernels' sockets: once bound, the directory goes back to root, and the socket
+        # must be the agent's own (not a symlink the sandbox planted to a host socket).
+        os.chown(agent_dir, 0, 0)
+        os.chmod(agent_dir, 0o755)
+        st = os.lstat(agent_dir / _AGENT_SOCKET)
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != sandbox.extra["uid"]:
+            raise KernelStartFailed("the sandbox's agent socket was replaced")
+
+    async def _spawn_agent(self, sandbox: SandboxHandle, logf: Any) -> asyncio.subprocess.Process:
+        assert self.bpf is not None and self.agent_file is not None
         extra = sandbox.extra
-        uid: int = extra["uid"]
-        cgroup: iso.Cgroup = extra["cgroup"]
-        resolved: _Resolved = extra["limits"]
-        run: Path = extra["run"]
-        workdir = self._sandbox_cwd(sandbox.home, cwd, uid)
-        ipc_dir = iso.prepare_ipc_dir(run / name, uid)
-        conn = iso.write_ipc_connection(ipc_dir)
         template = sandbox.template
-        env = kernel_env(template, spec, iso.SANDBOX_HOME, sandbox.envs)
-        binds: list[tuple[Path, str]] = []
+        resolved: _Resolved = extra["limits"]
+        binds: list[tuple[Path, str]] = [(self.agent_file, SANDBOX_AGENT)]
         if template.env_dir is not None:
             # the template dir holds the startup (exec) files next to the venv
             binds.append((template.env_dir.parent, str(template.env_dir.parent)))
         cmd = iso.build_bwrap_argv(
-            kernel_argv(template, spec, conn.sandbox_file),
+            [str(template.python), SANDBOX_AGENT, "--socket", f"{iso.SANDBOX_RUN}/agent/{_AGENT_SOCKET}",
+             "--home", iso.SANDBOX_HOME],
             home=sandbox.home,
-            run_dir=ipc_dir,
+            run_dir=extra["run"],
             etc_dir=extra["dir"] / "etc",
             seccomp=self.bpf,
             template_env=template.env_dir,
-            env=env,
-            cwd=workdir,
+            env=self.process_env(sandbox, {}),
+            cwd=iso.SANDBOX_HOME,
             tmp_size=self.settings.sandbox_tmp_mb << 20,
             extra_ro_binds=binds,
         )
         rlimits = iso.Rlimits(nofile=resolved.nofile, fsize_bytes=resolved.fsize_mb << 20)
-        log_path = run / f"{name}.log"
-        logf = open(log_path, "ab")
-        try:
-            with cmd.open() as (argv, fds):
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    pass_fds=fds,
-                    cwd="/",
-                    env={},
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=logf,
-                    stderr=logf,
-                    start_new_session=True,
-                    preexec_fn=iso.make_preexec(cgroup, uid, rlimits),
-                )
-        finally:
-            logf.close()
-        procs: list[asyncio.subprocess.Process] = extra["procs"]
-        procs[:] = [p for p in procs if p.returncode is None]
-        procs.append(proc)
-        kernel = IsolatedKernelProcess(proc, conn.connection_info, log_path, cgroup, resolved)
-        try:
-            await iso.wait_for_ipc_sockets(
-                ipc_dir, timeout=self.settings.kernel_start_timeout, alive=lambda: proc.returncode is None
+        with cmd.open() as (argv, fds):
+            return await asyncio.create_subprocess_exec(
+                *argv,
+                pass_fds=fds,
+                cwd="/",
+                env={},
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                start_new_session=True,
+                preexec_fn=iso.make_preexec(extra["cgroup"], extra["uid"], rlimits),
             )
-            iso.hand_back_ipc_dir(ipc_dir, uid)
-        except BaseException as exc:
-            await kernel.kill()
-            if isinstance(exc, KernelStartFailed):
-                raw = _log_tail(log_path)
-                lines = raw.strip().splitlines()[1 if len(raw) >= _LOG_TAIL_BYTES else 0 :]  # whole lines
-                tail = "\n".join(lines[-12:])[-1000:]
-                raise KernelStartFailed(f"{exc.message}:\n{tail}" if tail else exc.message) from exc
-            raise
-        return kernel
+
+    async def _reap_agent(self, sandbox: SandboxHandle) -> None:
+        await super()._reap_agent(sandbox)
+        cgroup: iso.Cgroup | None = sandbox.extra.get("cgroup")
+        if cgroup is not None and cgroup.pids():
+            await cgroup.kill_all()  # anything that outlived the sandbox's pid namespace
+
+    def home_in_sandbox(self, sandbox: SandboxHandle) -> str:
+        return iso.SANDBOX_HOME
+
+    # -- kernels -------------------------------------------------------------------------------
+
+    def _kernel_dir(self, sandbox: SandboxHandle, name: str) -> tuple[Path, str]:
+        host = iso.prepare_ipc_dir(sandbox.extra["run"] / name, sandbox.extra["uid"])
+        return host, f"{iso.SANDBOX_RUN}/{name}"
+
+    def _kernel_cwd(self, sandbox: SandboxHandle, cwd: str | None) -> str:
+        return self._sandbox_cwd(sandbox.home, cwd, sandbox.extra["uid"])
+
+    def _secure_kernel_dir(self, sandbox: SandboxHandle, host_dir: Path) -> None:
+        iso.hand_back_ipc_dir(host_dir, sandbox.extra["uid"])
+
+    def _describer(self, sandbox: SandboxHandle) -> Callable[[int | None, str], KernelExit]:
+        cgroup: iso.Cgroup = sandbox.extra["cgroup"]
+        limits: _Resolved = sandbox.extra["limits"]
+        before = cgroup.counters()
+
+        def describe(code: int | None, log_tail: str) -> KernelExit:
+            after = cgroup.counters()
+            reason = iso.death_reason(-9 if code is None else code, before, after)
+            if code is None and reason == "killed":
+                return _agent_gone_exit()
+            return describe_isolated_exit(code, reason, limits, log_tail)
+
+        return describe
 
     @staticmethod
     def _sandbox_cwd(home: Path, cwd: str | None, uid: int) -> str:
@@ -663,15 +625,9 @@ class IsolatedLocalRuntime(LocalRuntime):
         if cgroup is None and self.tree is not None:
             with contextlib.suppress(ValueError):
                 cgroup = self.tree.sandbox(sandbox.sandbox_id)
+        await LocalRuntime._reap_agent(self, sandbox)
         if cgroup is not None:
             await cgroup.kill_all()
-        for proc in extra.get("procs", []):
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-            with contextlib.suppress(ProcessLookupError):
-                await proc.wait()
-        if cgroup is not None:
             await cgroup.remove()
         home: iso.DiskHome | None = extra.get("home")
         if home is not None:
@@ -679,10 +635,6 @@ class IsolatedLocalRuntime(LocalRuntime):
         await asyncio.to_thread(shutil.rmtree, extra["run"], True)
         await asyncio.to_thread(shutil.rmtree, extra["dir"], True)
         self.uids.release(sandbox.sandbox_id)
-
-    async def agent(self, sandbox: SandboxHandle) -> AgentClient:
-        # The isolated agent is not wired yet: never fall back to the unisolated one.
-        raise RuntimeUnavailable("commands and files are not available with isolation 'bwrap' yet")
 
     async def shutdown(self) -> None:
         if self.tree is not None:  # the prefix itself, once every sandbox is gone

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,14 +22,46 @@ HOST_TEMPLATES = Settings().resolved_templates_dir()
 def make_settings(base: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "data_dir": base / "data", "run_dir": base / "run", "reap_interval": 0.5, "templates_dir": HOST_TEMPLATES,
+        "isolation": "none",
     }
     values.update(overrides)
     return Settings(**values)
 
 
+def _bwrap_problem() -> str | None:
+    if os.geteuid() != 0:
+        return "isolation needs root"
+    import asyncio
+    import tempfile
+
+    from cellbox.runtimes.isolation import check_host
+
+    with tempfile.TemporaryDirectory(prefix="cbxchk") as tmp:
+        report = asyncio.run(check_host(Path(tmp)))
+    return None if report.ok else "; ".join(report.problems)
+
+
+_BWRAP_PROBLEM = _bwrap_problem()
+
+
+@pytest.fixture(params=["none", "bwrap"])
+def isolation(request: pytest.FixtureRequest) -> str:
+    """Every contract test runs against each isolation mode of the local runtime."""
+    if request.param == "bwrap" and _BWRAP_PROBLEM:
+        pytest.skip(f"bwrap isolation unavailable: {_BWRAP_PROBLEM}")
+    return str(request.param)
+
+
+def isolation_settings(base: Path, isolation: str, **overrides: Any) -> Settings:
+    if isolation == "bwrap":
+        os.chmod(base, 0o711)  # sandbox uids must reach their home and ipc dirs below it
+        overrides.setdefault("cgroup_prefix", f"cbxtest{os.getpid()}")
+    return make_settings(base, isolation=isolation, **overrides)
+
+
 @pytest_asyncio.fixture
-async def server(short_tmp: Path) -> AsyncIterator[RunningServer]:
-    async with run_server(make_settings(short_tmp)) as srv:
+async def server(short_tmp: Path, isolation: str) -> AsyncIterator[RunningServer]:
+    async with run_server(isolation_settings(short_tmp, isolation)) as srv:
         yield srv
 
 

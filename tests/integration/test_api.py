@@ -163,9 +163,9 @@ async def test_expiry_and_timeout_extension(client: httpx.AsyncClient) -> None:
     assert (await client.get(f"/v1/sandboxes/{keep['id']}")).json()["state"] == "running"
 
 
-async def test_health_and_openapi(client: httpx.AsyncClient) -> None:
+async def test_health_and_openapi(client: httpx.AsyncClient, isolation: str) -> None:
     health = (await client.get("/healthz")).json()
-    assert health["status"] == "ok" and health["isolation"] == "none"
+    assert health["status"] == "ok" and health["isolation"] == isolation
     spec = (await client.get("/openapi.json")).json()
     assert "/v1/sandboxes/{sandbox_id}/execute" in spec["paths"]
     assert (await client.get("/docs")).status_code == 200

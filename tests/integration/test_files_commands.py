@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -85,8 +87,11 @@ async def test_file_operations_and_errors(client: httpx.AsyncClient, sandbox: st
 
 
 async def test_path_traversal_and_symlink_escapes_are_refused(client: httpx.AsyncClient, sandbox: str) -> None:
+    """No path reaches the host's files. Without isolation the home is the jail (4xx); with
+    bwrap the sandbox's own root is, so /etc/passwd is the sandbox's, never the host's."""
     base = f"/v1/sandboxes/{sandbox}/files"
     await run_cmd(client, sandbox, "ln -s /etc/hostname link_out; ln -s .. up_link")
+    host = {p: Path(p).read_text() for p in ("/etc/passwd", "/etc/hostname")}
     attempts = [
         ("GET", base, {"path": "../../../etc/passwd"}),
         ("GET", base, {"path": "/home/user/../../etc/shadow"}),
@@ -98,9 +103,17 @@ async def test_path_traversal_and_symlink_escapes_are_refused(client: httpx.Asyn
     ]
     for method, url, params in attempts:
         r = await client.request(method, url, params=params, content=b"x" if method == "PUT" else None)
+        if r.status_code == 200 and method == "GET":
+            assert r.text not in host.values(), (params, "host file content leaked")
+            assert "root:x:0:0:root:/root:/bin/bash" not in r.text
+            continue
+        if r.status_code == 200 and method == "PUT":
+            # bwrap: "/home/outside.txt" is on the sandbox's read-only root: not writable.
+            raise AssertionError(f"write outside the home succeeded: {r.text}")
         assert 400 <= r.status_code < 500, (method, params, r.status_code, r.text)
         assert r.json()["error"]["code"] in {"permission_denied", "file_not_found", "invalid_request"}
         assert "Traceback" not in r.text
+    assert not os.path.exists("/home/outside.txt")
     # Nothing outside was touched and the sandbox still works.
     assert main_text(await execute(client, sandbox, "1 + 1")) == "2"
 
