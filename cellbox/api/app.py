@@ -116,7 +116,7 @@ def create_app(settings: Settings, manager: SandboxManager | None = None) -> Fas
         m: SandboxManager = request.app.state.manager
         return Health(
             version=cellbox.__version__, isolation=m.runtime.isolation, runtime=m.runtime.name,
-            sandboxes=len(m.sandboxes),
+            sandboxes=len(m.sandboxes), pool=m.pool.counts(),
         )
 
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, upload_limit=settings.max_upload_bytes)

@@ -74,6 +74,15 @@ class Settings(BaseSettings):
     )
     max_sandboxes: int = Field(200, description="Sandboxes the host runs at once (503 past it).")
     max_sandboxes_per_key: int = Field(100, description="Sandboxes one API key may have at once (429 past it).")
+    pool_size: int = Field(
+        0, description="Ready sandboxes the warm pool keeps per pooled template (0: no pool); they count as live."
+    )
+    pool_templates: list[str] = Field(default_factory=lambda: ["default"], description="Templates the pool keeps.")
+    max_memory_mb: int = Field(16384, description="Largest limits.memory_mb a create may ask for.")
+    max_cpu: float = Field(float(os.cpu_count() or 1), description="Largest limits.cpu a create may ask for.")
+    max_pids: int = Field(4096, description="Largest limits.pids a create may ask for.")
+    max_disk_mb: int = Field(65536, description="Largest limits.disk_mb (and fsize_mb) a create may ask for.")
+    max_nofile: int = Field(65536, description="Largest limits.nofile a create may ask for.")
     max_contexts_per_sandbox: int = Field(8, description="Contexts (kernels) one sandbox may have.")
     sandbox_timeout: float = Field(300.0, description="Default seconds until a sandbox expires.")
     max_sandbox_timeout: float = Field(24 * 3600.0, description="Largest timeout a create may ask for.")

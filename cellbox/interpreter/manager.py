@@ -21,6 +21,7 @@ from cellbox.interpreter.commands import CommandLog
 from cellbox.interpreter.config import Settings
 from cellbox.interpreter.errors import (
     ArtifactNotFound,
+    Conflict,
     ExecutionNotFound,
     InvalidRequest,
     SandboxLimitReached,
@@ -43,9 +44,10 @@ from cellbox.interpreter.models import (
 )
 from cellbox.interpreter.sandbox import Context, Sandbox, new_id, start_event
 from cellbox.interpreter.store import Store
+from cellbox.interpreter.pool import WarmPool
 from cellbox.interpreter.templates import TemplateRegistry
 from cellbox.runtimes.agent_client import AgentClient
-from cellbox.runtimes.base import Runtime
+from cellbox.runtimes.base import Runtime, TemplateInfo
 
 log = logging.getLogger("cellbox.manager")
 
@@ -65,6 +67,7 @@ class SandboxManager:
         self.templates = TemplateRegistry(settings.resolved_templates_dir())
         self.sandboxes: dict[str, Sandbox] = {}
         self._creating = 0
+        self.pool = WarmPool(self, {name: settings.pool_size for name in settings.pool_templates})
         self._reaper: asyncio.Task[None] | None = None
         self._saves: dict[str, asyncio.Task[None]] = {}
         self._save_again: set[str] = set()
@@ -92,6 +95,7 @@ class SandboxManager:
         if lost or ended:
             log.warning("service restart: %d sandboxes marked lost, %d executions closed", len(lost), len(ended))
         self._reaper = asyncio.create_task(self._reap_loop(), name="cellbox-reaper")
+        self.pool.start()
 
     async def close(self) -> None:
         """Stop every sandbox's kernels (their records stay, marked lost on next start)."""
@@ -99,6 +103,7 @@ class SandboxManager:
             self._reaper.cancel()
             with contextlib.suppress(BaseException):
                 await self._reaper
+        await self.pool.close()
         await asyncio.gather(*(sb.close() for sb in self.sandboxes.values()), return_exceptions=True)
         for sb in self.sandboxes.values():
             if sb.handle is not None:
@@ -113,14 +118,14 @@ class SandboxManager:
     # -- sandboxes -------------------------------------------------------------------------
 
     async def create(self, owner: str, req: SandboxCreate) -> Sandbox:
-        """Create a sandbox and return once its default python context is ready.
+        """Create a sandbox and return once its default python context is ready: from the
+        warm pool when one is ready for the template and the request asks for default limits,
+        else cold.
 
         Raises TemplateNotFound, SandboxLimitReached (per key), ServiceAtCapacity (host),
         InvalidRequest (a timeout or limit beyond the configured maxima), KernelStartFailed.
         """
         s = self.settings
-        if len(self.sandboxes) + self._creating >= s.max_sandboxes:
-            raise ServiceAtCapacity(f"this service runs its maximum of {s.max_sandboxes} sandboxes", retry_after=5)
         mine = sum(1 for sb in self.sandboxes.values() if sb.owner == owner)
         if mine >= s.max_sandboxes_per_key:
             raise SandboxLimitReached(f"this API key has its maximum of {s.max_sandboxes_per_key} sandboxes")
@@ -128,33 +133,80 @@ class SandboxManager:
         if timeout > s.max_sandbox_timeout:
             raise InvalidRequest(f"timeout may be at most {s.max_sandbox_timeout:g} s", field="timeout")
         if req.network.internet:
-            raise InvalidRequest("network access is not available on this service", field="network")
+            raise InvalidRequest(
+                "outbound network is not available: sandboxes only have their own loopback", field="network"
+            )
+        self._check_limits(req.limits)
         template = self.templates.get(req.template)
-        limits = Limits(**{**template.limits.model_dump(exclude_none=True), **req.limits.model_dump(exclude_none=True)})
+        pooled = self.pool.take(template.name) if not req.limits.model_dump(exclude_none=True) else None
+        if pooled is not None:
+            sandbox = pooled
+            await self._claim(sandbox, owner, req, timeout)
+        else:
+            if self.live_count() >= s.max_sandboxes:
+                raise ServiceAtCapacity(f"this service runs its maximum of {s.max_sandboxes} sandboxes", retry_after=5)
+            limits = Limits(
+                **{**template.limits.model_dump(exclude_none=True), **req.limits.model_dump(exclude_none=True)}
+            )
+            sandbox = await self.build(template, limits, req.envs)
+            sandbox.owner = owner
+            info = sandbox.info_base
+            info.metadata, info.end_at = dict(req.metadata), info.created_at + timeout
+            info.state = SandboxState.RUNNING
+        self.sandboxes[sandbox.id] = sandbox
+        await self.store.put_sandbox(owner, sandbox.info().model_dump(mode="json"))
+        log.info("sandbox %s created (template %s%s)", sandbox.id, template.name, ", warm" if pooled else "")
+        return sandbox
+
+    def live_count(self) -> int:
+        """Sandboxes that hold resources: live ones, pooled ones and ones being built."""
+        return len(self.sandboxes) + self.pool.size() + self._creating
+
+    def _check_limits(self, limits: Limits) -> None:
+        s = self.settings
+        maxima = {"memory_mb": s.max_memory_mb, "cpu": s.max_cpu, "pids": s.max_pids, "disk_mb": s.max_disk_mb,
+                  "nofile": s.max_nofile, "fsize_mb": s.max_disk_mb, "execution_timeout": s.max_execution_timeout}
+        for name, value in limits.model_dump(exclude_none=True).items():
+            if value > maxima[name]:
+                raise InvalidRequest(f"limits.{name} may be at most {maxima[name]:g}", field=f"limits.{name}")
+
+    async def build(self, template: TemplateInfo, limits: Limits, envs: dict[str, str]) -> Sandbox:
+        """Start a sandbox (runtime resources + the default python context), owned by nobody and
+        not registered yet. Used for cold creates and to fill the warm pool."""
         now = time.time()
         sid = new_id("sb_")
         info = SandboxInfo(
-            id=sid, template=template.name, state=SandboxState.STARTING, created_at=now, end_at=now + timeout,
-            metadata=req.metadata, envs=req.envs, limits=limits, isolation=self.runtime.isolation,
-            runtime=self.runtime.name,
+            id=sid, template=template.name, state=SandboxState.STARTING, created_at=now,
+            envs=dict(envs), limits=limits, isolation=self.runtime.isolation, runtime=self.runtime.name,
         )
-        sandbox = Sandbox(sid, owner, s, self.runtime, self.store, self.artifacts, info, self._save)
+        sandbox = Sandbox(sid, "", self.settings, self.runtime, self.store, self.artifacts, info, self._save)
         self._creating += 1
         try:
-            sandbox.handle = await self.runtime.create_sandbox(sid, template, limits, req.envs)
+            sandbox.handle = await self.runtime.create_sandbox(sid, template, limits, envs)
             try:
-                await sandbox.add_context("python", None)
+                ctx = await sandbox.add_context("python", None)
+                if template.preload:
+                    await ctx.preload(template.preload)
             except BaseException:
                 await sandbox.close()
                 await self.runtime.destroy_sandbox(sandbox.handle)
                 raise
         finally:
             self._creating -= 1
-        info.state = SandboxState.RUNNING
-        self.sandboxes[sid] = sandbox
-        await self.store.put_sandbox(owner, sandbox.info().model_dump(mode="json"))
-        log.info("sandbox %s created (template %s)", sid, template.name)
         return sandbox
+
+    async def _claim(self, sandbox: Sandbox, owner: str, req: SandboxCreate, timeout: float) -> None:
+        """Hand a pooled sandbox to its one and only owner."""
+        now = time.time()
+        sandbox.owner = owner
+        info = sandbox.info_base
+        info.created_at, info.end_at, info.metadata = now, now + timeout, dict(req.metadata)
+        info.state = SandboxState.RUNNING
+        if req.envs:
+            info.envs = dict(req.envs)
+            assert sandbox.handle is not None
+            sandbox.handle.envs = dict(req.envs)  # for commands and kernels started from now on
+            await sandbox.context().apply_envs(req.envs)
 
     def _save(self, sandbox: Sandbox) -> None:
         """Persist a sandbox's record soon; coalesces bursts of changes into one write."""
@@ -220,6 +272,10 @@ class SandboxManager:
 
     async def _kill(self, sb: Sandbox, why: str) -> None:
         self.sandboxes.pop(sb.id, None)
+        if sb.state == SandboxState.PAUSED and sb.handle is not None:
+            with contextlib.suppress(Exception):
+                await self.runtime.resume(sb.handle)  # frozen processes cannot be reaped
+        self.pool.wake()
         sb.info_base.state = SandboxState.KILLED
         sb.info_base.ended_at = time.time()
         sb.info_base.end_reason = why
@@ -229,12 +285,36 @@ class SandboxManager:
         await self.store.put_sandbox(sb.owner, sb.info().model_dump(mode="json"))
         log.info("sandbox %s %s", sb.id, why)
 
+    async def pause(self, owner: str, sandbox_id: str) -> SandboxInfo:
+        """Freeze every process of the sandbox (memory kept). Conflict while an execution runs:
+        its deadline would expire frozen. Work on a paused sandbox gets 409 until resumed."""
+        sb = await self.live(owner, sandbox_id)
+        if sb.busy():
+            raise Conflict(f"sandbox {sandbox_id} is running an execution; interrupt it or wait before pausing")
+        assert sb.handle is not None
+        await self.runtime.pause(sb.handle)
+        sb.info_base.state = SandboxState.PAUSED
+        await self.store.put_sandbox(owner, sb.info().model_dump(mode="json"))
+        return sb.info()
+
+    async def resume(self, owner: str, sandbox_id: str) -> SandboxInfo:
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is None or sb.owner != owner or sb.state != SandboxState.PAUSED:
+            return await self.info(owner, sandbox_id) if sb is None else (await self.live(owner, sandbox_id)).info()
+        assert sb.handle is not None
+        await self.runtime.resume(sb.handle)
+        sb.info_base.state = SandboxState.RUNNING
+        await self.store.put_sandbox(owner, sb.info().model_dump(mode="json"))
+        return sb.info()
+
     async def set_timeout(self, owner: str, sandbox_id: str, timeout: float) -> SandboxInfo:
         if timeout <= 0 or timeout > self.settings.max_sandbox_timeout:
             raise InvalidRequest(
                 f"timeout must be in (0, {self.settings.max_sandbox_timeout:g}] seconds", field="timeout"
             )
-        sb = (await self.live(owner, sandbox_id))
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is None or sb.owner != owner or sb.state != SandboxState.PAUSED:
+            sb = await self.live(owner, sandbox_id)
         sb.info_base.end_at = time.time() + timeout
         await self.store.put_sandbox(owner, sb.info().model_dump(mode="json"))
         return sb.info()

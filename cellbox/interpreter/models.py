@@ -248,6 +248,17 @@ class ContextInfo(BaseModel):
     last_exit: KernelExit | None = None
 
 
+class SandboxUsage(BaseModel):
+    """Current resource use (isolated sandboxes; from the sandbox's cgroup and home)."""
+
+    memory_bytes: int | None = None
+    memory_peak_bytes: int | None = None
+    pids: int | None = None
+    cpu_seconds: float | None = None
+    disk_used_bytes: int | None = None
+    disk_total_bytes: int | None = None
+
+
 class ContextList(BaseModel):
     contexts: list[ContextInfo]
 
@@ -266,6 +277,8 @@ class SandboxInfo(BaseModel):
     contexts: list[ContextInfo] = Field(default_factory=list)
     isolation: str = "none"
     runtime: str = "local"
+    usage: SandboxUsage | None = None
+    last_kernel_exit: KernelExit | None = None
 
 
 class SandboxList(BaseModel):
@@ -422,3 +435,4 @@ class Health(BaseModel):
     isolation: str
     runtime: str
     sandboxes: int
+    pool: dict[str, int] = Field(default_factory=dict, description="Ready sandboxes in the warm pool, per template.")

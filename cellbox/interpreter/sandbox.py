@@ -136,6 +136,17 @@ class Context:
             with contextlib.suppress(Exception):
                 await asyncio.shield(task)
 
+    async def preload(self, modules: list[str]) -> None:
+        """Import modules ahead of time (warm pool), leaving nothing in the user's namespace."""
+        code = f"import importlib as _cb_i\nfor _cb_m in {modules!r}:\n    _cb_i.import_module(_cb_m)\ndel _cb_i, _cb_m"
+        await run_hidden(self.session, code, self.sandbox.settings.kernel_start_timeout)
+
+    async def apply_envs(self, envs: dict[str, str]) -> None:
+        """Set environment variables in the running kernel for good (a pooled sandbox's envs)."""
+        hidden = env_code(self.language, envs)
+        if hidden is not None:
+            await run_hidden(self.session, hidden[0], self.sandbox.settings.kernel_start_timeout)
+
     async def interrupt(self) -> None:
         """Interrupt the running execution (it ends ``interrupted``); no-op when idle."""
         if self.current is not None and self.session.alive:
@@ -251,11 +262,22 @@ class Sandbox:
         self._on_change(self)
 
     def info(self) -> SandboxInfo:
-        return self.info_base.model_copy(update={"contexts": [c.info() for c in self.contexts.values()]})
+        exits = [c.last_exit for c in self.contexts.values() if c.last_exit is not None]
+        update: dict[str, Any] = {"contexts": [c.info() for c in self.contexts.values()]}
+        if exits:
+            update["last_kernel_exit"] = max(exits, key=lambda e: e.at)
+        if self.handle is not None and self.state in (SandboxState.RUNNING, SandboxState.PAUSED):
+            update["usage"] = self.runtime.usage(self.handle)
+        return self.info_base.model_copy(update=update)
 
     def require_running(self) -> None:
+        if self.state == SandboxState.PAUSED:
+            raise SandboxNotRunning(f"sandbox {self.id} is paused; resume it first", state=self.state.value)
         if self.state != SandboxState.RUNNING:
             raise SandboxNotRunning(f"sandbox {self.id} is {self.state.value}", state=self.state.value)
+
+    def busy(self) -> bool:
+        return any(c.current is not None for c in self.contexts.values())
 
     async def add_context(self, language: str, cwd: str | None) -> Context:
         """Start a new context; raises InvalidRequest for a language the template lacks."""

@@ -86,6 +86,7 @@ class TemplateRegistry:
             startup_files=startup,
             env={str(k): str(v) for k, v in doc.get("env", {}).items()},
             limits=Limits(**doc.get("limits", {})),
+            preload=[str(m) for m in doc.get("preload", [])],
         )
 
     @staticmethod

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from cellbox.interpreter.models import KernelExit, Limits
+from cellbox.interpreter.models import KernelExit, Limits, SandboxUsage
+
+if TYPE_CHECKING:
+    from cellbox.runtimes.agent_client import AgentClient
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class TemplateInfo:
     startup_files: list[Path] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
+    preload: list[str] = field(default_factory=list)  # modules a pooled kernel imports ahead of time
 
 
 @dataclass
@@ -96,6 +100,29 @@ class Runtime(Protocol):
         """Launch one kernel in the sandbox and return as soon as the process runs; the
         caller waits for readiness. ``name`` is unique within the sandbox. Called by
         ``KernelSession.start`` for a new context and for every restart."""
+        ...
+
+    async def agent(self, sandbox: SandboxHandle) -> AgentClient:
+        """The sandbox's in-sandbox agent (started again if it died). Called by the commands and
+        files APIs and for every kernel start. Raises KernelStartFailed if it cannot start."""
+        ...
+
+    def process_env(self, sandbox: SandboxHandle, envs: dict[str, str]) -> dict[str, str]:
+        """The full environment of a command started in the sandbox, ``envs`` on top."""
+        ...
+
+    async def pause(self, sandbox: SandboxHandle) -> None:
+        """Freeze every process of the sandbox, keeping its memory. Called by
+        ``SandboxManager.pause``; Conflict where the runtime cannot pause."""
+        ...
+
+    async def resume(self, sandbox: SandboxHandle) -> None:
+        """Undo :meth:`pause`. Idempotent."""
+        ...
+
+    def usage(self, sandbox: SandboxHandle) -> SandboxUsage | None:
+        """Current resource use, for the sandbox's info; None when not accounted. Cheap: called
+        on every ``GET /v1/sandboxes/{id}``."""
         ...
 
     async def destroy_sandbox(self, sandbox: SandboxHandle) -> None:

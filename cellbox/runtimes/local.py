@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from cellbox.interpreter.config import Settings
-from cellbox.interpreter.errors import InterpreterError, InvalidRequest, KernelStartFailed, RuntimeUnavailable
-from cellbox.interpreter.models import KernelExit, Limits
+from cellbox.interpreter.errors import Conflict, InterpreterError, InvalidRequest, KernelStartFailed, RuntimeUnavailable
+from cellbox.interpreter.models import KernelExit, Limits, SandboxUsage
 from cellbox.runtimes import agent as agent_module
 from cellbox.runtimes import isolation as iso
 from cellbox.runtimes.agent_client import AgentClient, ProcessHandle
@@ -365,6 +365,15 @@ class LocalRuntime:
 
         return describe
 
+    async def pause(self, sandbox: SandboxHandle) -> None:
+        raise Conflict("pause needs isolation 'bwrap' (its cgroup freezer); this service runs with 'none'")
+
+    async def resume(self, sandbox: SandboxHandle) -> None:
+        return None
+
+    def usage(self, sandbox: SandboxHandle) -> SandboxUsage | None:
+        return None  # no cgroup and no own file system without isolation
+
     async def destroy_sandbox(self, sandbox: SandboxHandle) -> None:
         await self._reap_agent(sandbox)
         run: Path = sandbox.extra["run"]
@@ -618,6 +627,25 @@ class IsolatedLocalRuntime(LocalRuntime):
             os.chown(p, uid, uid)
             p = p.parent
         return str(Path(iso.SANDBOX_HOME) / rel) if str(rel) != "." else iso.SANDBOX_HOME
+
+    async def pause(self, sandbox: SandboxHandle) -> None:
+        await sandbox.extra["cgroup"].freeze()
+
+    async def resume(self, sandbox: SandboxHandle) -> None:
+        sandbox.extra["cgroup"].thaw()
+
+    def usage(self, sandbox: SandboxHandle) -> SandboxUsage | None:
+        cgroup: iso.Cgroup | None = sandbox.extra.get("cgroup")
+        if cgroup is None:
+            return None
+        u = cgroup.usage()
+        out = SandboxUsage(memory_bytes=u.memory_bytes, memory_peak_bytes=u.memory_peak_bytes, pids=u.pids,
+                           cpu_seconds=u.cpu_seconds)
+        with contextlib.suppress(OSError):
+            st = os.statvfs(sandbox.home)
+            out.disk_total_bytes = st.f_blocks * st.f_frsize
+            out.disk_used_bytes = (st.f_blocks - st.f_bfree) * st.f_frsize
+        return out
 
     async def destroy_sandbox(self, sandbox: SandboxHandle) -> None:
         extra = sandbox.extra

@@ -57,6 +57,19 @@ async def set_timeout(sandbox_id: str, body: TimeoutBody, owner: Owner, manager:
     return await manager.set_timeout(owner, sandbox_id, body.timeout)
 
 
+@router.post("/{sandbox_id}/pause", response_model=SandboxInfo)
+async def pause_sandbox(sandbox_id: str, owner: Owner, manager: Manager) -> SandboxInfo:
+    """Freeze every process of the sandbox; memory is kept. Executions, commands and files get
+    409 ``sandbox_not_running`` until it is resumed. The sandbox's timeout keeps running."""
+    return await manager.pause(owner, sandbox_id)
+
+
+@router.post("/{sandbox_id}/resume", response_model=SandboxInfo)
+async def resume_sandbox(sandbox_id: str, owner: Owner, manager: Manager) -> SandboxInfo:
+    """Thaw a paused sandbox (milliseconds; state intact). Resuming a running one is a no-op."""
+    return await manager.resume(owner, sandbox_id)
+
+
 @router.post("/{sandbox_id}/contexts", status_code=201, response_model=ContextInfo)
 async def create_context(sandbox_id: str, body: ContextCreate, owner: Owner, manager: Manager) -> ContextInfo:
     return await manager.create_context(owner, sandbox_id, body.language, body.cwd)

@@ -1,0 +1,96 @@
+"""The warm pool: sandboxes started ahead of time, so a create answers in milliseconds.
+
+Per template, the pool keeps up to N sandboxes whose default python context is ready (and,
+where the template says so, has its heavy modules imported). A pooled sandbox belongs to no
+one and has run no user code; :meth:`WarmPool.take` removes it from the pool before handing
+it out, so it goes to exactly one client. The pool refills in the background, one sandbox at
+a time (a start costs a core for ~0.4 s), and never past the service's capacity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+from cellbox.interpreter.models import Limits
+
+if TYPE_CHECKING:
+    from cellbox.interpreter.manager import SandboxManager
+    from cellbox.interpreter.sandbox import Sandbox
+
+log = logging.getLogger("cellbox.pool")
+
+# After a failed start, wait this long before trying again (a broken template must not spin).
+_RETRY_AFTER = 5.0
+
+
+class WarmPool:
+    """Ready sandboxes per template (see module docstring)."""
+
+    def __init__(self, manager: SandboxManager, sizes: dict[str, int]) -> None:
+        self.manager = manager
+        self.sizes = {name: n for name, n in sizes.items() if n > 0}
+        self.ready: dict[str, deque[Sandbox]] = {name: deque() for name in self.sizes}
+        self._wanted = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.sizes:
+            self._task = asyncio.create_task(self._fill(), name="cellbox-pool")
+            self._wanted.set()
+
+    def size(self) -> int:
+        return sum(len(q) for q in self.ready.values())
+
+    def counts(self) -> dict[str, int]:
+        return {name: len(q) for name, q in self.ready.items()}
+
+    def wake(self) -> None:
+        """Capacity was freed: fill up again if the pool is short."""
+        self._wanted.set()
+
+    def take(self, template: str) -> Sandbox | None:
+        """A ready sandbox of ``template``, removed from the pool; None if there is none."""
+        queue = self.ready.get(template)
+        if not queue:
+            return None
+        sandbox = queue.popleft()
+        self._wanted.set()
+        return sandbox
+
+    async def _fill(self) -> None:
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            for name, size in self.sizes.items():
+                while len(self.ready[name]) < size:
+                    if self.manager.live_count() >= self.manager.settings.max_sandboxes:
+                        break  # the service is full: live sandboxes come first
+                    try:
+                        template = self.manager.templates.get(name)
+                        sandbox = await self.manager.build(template, Limits(**template.limits.model_dump()), {})
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        log.exception("could not start a pooled %r sandbox; retrying in %g s", name, _RETRY_AFTER)
+                        await asyncio.sleep(_RETRY_AFTER)
+                        self._wanted.set()
+                        break
+                    self.ready[name].append(sandbox)
+
+    async def close(self) -> None:
+        """Stop filling and destroy every pooled sandbox."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        for queue in self.ready.values():
+            while queue:
+                sandbox = queue.popleft()
+                await sandbox.close()
+                if sandbox.handle is not None:
+                    with contextlib.suppress(Exception):
+                        await self.manager.runtime.destroy_sandbox(sandbox.handle)
