@@ -17,7 +17,8 @@ Ops: ``ping``; ``spawn`` (argv, env, cwd, log, pipes) -> pid; ``signal`` (pid, s
 group); ``stdin`` (pid, data base64); ``close_stdin`` (pid); ``list``; files: ``stat``,
 ``listdir`` (path, depth), ``mkdir`` (path, parents), ``move`` (src, dst), ``remove``,
 ``read`` (path, offset, length) -> data base64 + eof, ``write`` (path, offset, data,
-truncate). Relative paths start at the home. With ``--jail`` (sandboxes without a mount
+truncate); ``watch`` (path, recursive) -> watch id, then ``{"event": "fs", "watch", "type":
+create|write|remove|rename|chmod, "path", "is_dir"}`` events until ``unwatch`` (watch). Relative paths start at the home. With ``--jail`` (sandboxes without a mount
 namespace of their own) every path must resolve, symlinks followed, inside the home, and
 ``/home/user/...`` names the home.
 
@@ -33,17 +34,95 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import ctypes
 import errno
 import json
 import os
 import shutil
 import signal
 import stat
+import struct
 import sys
 from typing import Any
 
 _CHUNK = 65536
 _LINE_LIMIT = 8 << 20
+
+
+_IN_MODIFY, _IN_ATTRIB, _IN_CLOSE_WRITE = 0x2, 0x4, 0x8
+_IN_MOVED_FROM, _IN_MOVED_TO, _IN_CREATE, _IN_DELETE = 0x40, 0x80, 0x100, 0x200
+_IN_DELETE_SELF, _IN_MOVE_SELF, _IN_ISDIR, _IN_IGNORED = 0x400, 0x800, 0x40000000, 0x8000
+_IN_NONBLOCK, _IN_CLOEXEC = 0o4000, 0o2000000
+_WATCH_MASK = _IN_MODIFY | _IN_ATTRIB | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
+_EVENT_HEADER = struct.Struct("iIII")
+
+
+class Inotify:
+    """File system events for ``watch`` (inotify through libc; a watch is a set of watched
+    directories, recursive ones grow as subdirectories appear)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        self.dirs: dict[int, str] = {}  # inotify wd -> directory
+        self.owners: dict[int, set[int]] = {}  # inotify wd -> watch ids
+        self.watches: dict[int, tuple[str, bool]] = {}  # watch id -> (root, recursive)
+        self.next_id = 1
+        asyncio.get_running_loop().add_reader(self.fd, self.read)
+
+    def watch(self, root: str, recursive: bool) -> int:
+        wid = self.next_id
+        self.next_id += 1
+        self.watches[wid] = (root, recursive)
+        self.add(root, wid)
+        if recursive:
+            for dirpath, dirnames, _ in os.walk(root):
+                for d in dirnames:
+                    self.add(os.path.join(dirpath, d), wid)
+        return wid
+
+    def add(self, directory: str, wid: int) -> None:
+        wd = self.libc.inotify_add_watch(self.fd, os.fsencode(directory), _WATCH_MASK)
+        if wd < 0:
+            return  # vanished or not readable: nothing to watch there
+        self.dirs[wd] = directory
+        self.owners.setdefault(wd, set()).add(wid)
+
+    def unwatch(self, wid: int) -> None:
+        self.watches.pop(wid, None)
+        for wd, owners in list(self.owners.items()):
+            owners.discard(wid)
+            if not owners:
+                self.libc.inotify_rm_watch(self.fd, wd)
+                self.owners.pop(wd, None)
+                self.dirs.pop(wd, None)
+
+    def read(self) -> None:
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return
+        pos = 0
+        while pos + _EVENT_HEADER.size <= len(data):
+            wd, mask, _cookie, length = _EVENT_HEADER.unpack_from(data, pos)
+            pos += _EVENT_HEADER.size
+            name = data[pos:pos + length].rstrip(b"\0").decode(errors="replace")
+            pos += length
+            directory = self.dirs.get(wd)
+            if directory is None or mask & _IN_IGNORED:
+                continue
+            path = os.path.join(directory, name) if name else directory
+            kind = ("create" if mask & (_IN_CREATE | _IN_MOVED_TO) else "remove" if mask & _IN_DELETE
+                    else "rename" if mask & _IN_MOVED_FROM else "chmod" if mask & _IN_ATTRIB else "write")
+            for wid in list(self.owners.get(wd, ())):
+                if kind == "create" and mask & _IN_ISDIR and self.watches.get(wid, ("", False))[1]:
+                    self.add(path, wid)
+                event = {"event": "fs", "watch": wid, "type": kind, "path": self.agent.shown(path),
+                         "is_dir": bool(mask & _IN_ISDIR)}
+                asyncio.get_running_loop().create_task(self.agent.send(event))
 
 
 def _error_code(exc: Exception) -> str:
@@ -71,6 +150,7 @@ class Agent:
         self.writer: asyncio.StreamWriter | None = None
         self.write_lock = asyncio.Lock()
         self.done = asyncio.Event()
+        self.inotify: Inotify | None = None
 
     async def send(self, obj: dict[str, Any]) -> None:
         if self.writer is None:
@@ -300,6 +380,24 @@ class Agent:
         finally:
             os.close(fd)
         return {"entry": self.entry(real)}
+
+    # -- watching ------------------------------------------------------------------------
+
+    async def op_watch(self, req: dict[str, Any]) -> dict[str, Any]:
+        root = self.resolve(req["path"])
+        if not os.path.exists(root):
+            raise FileNotFoundError(f"no such directory: {self.shown(root)}")
+        if not os.path.isdir(root):
+            raise NotADirectoryError(f"{self.shown(root)} is not a directory")
+        if self.inotify is None:
+            self.inotify = Inotify(self)
+        wid = self.inotify.watch(root, bool(req.get("recursive")))
+        return {"watch": wid}
+
+    async def op_unwatch(self, req: dict[str, Any]) -> dict[str, Any]:
+        if self.inotify is not None:
+            self.inotify.unwatch(int(req["watch"]))
+        return {}
 
     def kill_all(self) -> None:
         for pid in list(self.procs):

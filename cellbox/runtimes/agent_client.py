@@ -65,6 +65,7 @@ class AgentClient:
         self._early_output: dict[int, list[tuple[str, bytes]]] = {}
         self._early_exits: dict[int, int | None] = {}
         self.closed = asyncio.Event()
+        self._watches: dict[int, asyncio.Queue[dict[str, Any] | None]] = {}
         self._on_close: list[Callable[[], None]] = []
         self._task = asyncio.create_task(self._read(), name="agent-reader")
 
@@ -122,6 +123,20 @@ class AgentClient:
     async def close_stdin(self, pid: int) -> None:
         await self.request("close_stdin", pid=pid)
 
+    async def watch(self, path: str, recursive: bool) -> tuple[int, asyncio.Queue[dict[str, Any] | None]]:
+        """Start watching a directory: (watch id, queue of fs events; None when the agent goes)."""
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=10000)
+        resp = await self.request("watch", path=path, recursive=recursive)
+        wid = int(resp["watch"])
+        self._watches[wid] = queue
+        return wid, queue
+
+    async def unwatch(self, wid: int) -> None:
+        self._watches.pop(wid, None)
+        if not self.closed.is_set():
+            with contextlib.suppress(InterpreterError):
+                await self.request("unwatch", watch=wid)
+
     async def close(self) -> None:
         self._writer.close()
         with contextlib.suppress(Exception):
@@ -147,6 +162,11 @@ class AgentClient:
                     fut = self._pending.get(msg["id"])
                     if fut is not None and not fut.done():
                         fut.set_result(msg)
+                    continue
+                if msg.get("event") == "fs":
+                    queue = self._watches.get(int(msg.get("watch", 0)))
+                    if queue is not None and not queue.full():  # a watcher that cannot keep up loses events
+                        queue.put_nowait({k: v for k, v in msg.items() if k not in ("event", "watch")})
                     continue
                 event, pid = msg.get("event"), int(msg.get("pid", 0))
                 handle = self._procs.get(pid)
@@ -177,6 +197,9 @@ class AgentClient:
                 fut.set_exception(gone)
         for handle in list(self._procs.values()):
             self._finish(handle, None)
+        for queue in self._watches.values():
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
         self._procs.clear()
         for cb in self._on_close:
             with contextlib.suppress(Exception):

@@ -166,3 +166,39 @@ async def test_streaming_command_output_arrives_live(client: httpx.AsyncClient, 
                 arrivals.append((asyncio.get_running_loop().time(), ev["text"]))
     assert [t for _, t in arrivals] == ["one\n", "two\n"]
     assert arrivals[1][0] - arrivals[0][0] > 1.0
+
+
+async def test_watch_reports_changes(client: httpx.AsyncClient, sandbox: str) -> None:
+    base = f"/v1/sandboxes/{sandbox}/files"
+    await client.post(f"{base}/mkdir", json={"path": "watched/sub"})
+    seen: list[dict[str, Any]] = []
+
+    async def changes() -> None:
+        await client.put(base, params={"path": "watched/a.txt"}, content=b"1")
+        await client.put(base, params={"path": "watched/sub/b.txt"}, content=b"2")
+        await client.post(f"{base}/move", json={"src": "watched/a.txt", "dst": "watched/c.txt"})
+        await client.delete(base, params={"path": "watched/c.txt"})
+
+    async with asyncio.timeout(60):
+        async with client.stream("GET", f"{base}/watch", params={"path": "watched", "recursive": "true"}) as r:
+            assert r.status_code == 200
+            task = None
+            async for line in r.aiter_lines():
+                ev = json.loads(line)
+                if ev["type"] == "watching":
+                    task = asyncio.create_task(changes())  # the watch is in place
+                    continue
+                if ev["type"] == "keepalive":
+                    continue
+                seen.append(ev)
+                if ev["type"] == "remove" and ev["path"] == "/home/user/watched/c.txt":
+                    break
+            assert task is not None
+            await task
+    kinds = {(e["type"], e["path"]) for e in seen}
+    assert ("create", "/home/user/watched/a.txt") in kinds
+    assert ("create", "/home/user/watched/sub/b.txt") in kinds
+    assert ("rename", "/home/user/watched/a.txt") in kinds
+    assert ("create", "/home/user/watched/c.txt") in kinds
+    missing = await client.get(f"{base}/watch", params={"path": "nope"})
+    assert missing.status_code == 404

@@ -3,6 +3,7 @@ move, remove; and keeping a file as an artifact."""
 
 from __future__ import annotations
 
+import asyncio
 import mimetypes
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -13,6 +14,7 @@ from pydantic import BaseModel
 
 from cellbox.api.deps import Manager, Owner
 from cellbox.api.routes.executions import base_url
+from cellbox.api.streaming import NDJSONStream
 from cellbox.interpreter import files
 from cellbox.interpreter.errors import InvalidRequest
 from cellbox.interpreter.models import ArtifactInfo, EntryInfo, EntryList, MkdirBody, MoveBody
@@ -125,6 +127,37 @@ async def move_file(sandbox_id: str, body: MoveBody, owner: Owner, manager: Mana
 async def remove_file(sandbox_id: str, path: PathQ, owner: Owner, manager: Manager) -> Response:
     await files.remove(await manager.files_agent(owner, sandbox_id), path)
     return Response(status_code=204)
+
+
+@router.get("/{sandbox_id}/files/watch", response_class=Response,
+            responses={200: {"description": "NDJSON: first `{type: watching}` once the watch is in place, then "
+                                            "`{type: create|write|remove|rename|chmod, path, is_dir}` per change, "
+                                            "`keepalive` while quiet, until the client leaves."}})
+async def watch_dir(
+    sandbox_id: str, path: PathQ, request: Request, owner: Owner, manager: Manager,
+    recursive: Annotated[bool, Query(description="Also watch subdirectories, present and future.")] = False,
+) -> Any:
+    agent = await manager.files_agent(owner, sandbox_id)
+    wid, queue = await agent.watch(path, recursive)
+    keepalive = manager.settings.keepalive_interval
+
+    async def events() -> AsyncIterator[dict[str, Any]]:
+        yield {"type": "watching", "path": path, "recursive": recursive}  # the watch is in place
+        while True:
+            try:
+                async with asyncio.timeout(keepalive):
+                    item = await queue.get()
+            except TimeoutError:
+                yield {"type": "keepalive"}
+                continue
+            if item is None:
+                return
+            yield item
+
+    async def stop() -> None:
+        await agent.unwatch(wid)
+
+    return NDJSONStream(events(), base_url(request), on_disconnect=stop)
 
 
 @router.post("/{sandbox_id}/files/artifact", response_model=ArtifactInfo, status_code=201)
