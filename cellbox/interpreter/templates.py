@@ -157,12 +157,12 @@ def build_template(
 
 
 def _run(argv: list[str], on_line: Callable[[str], None] | None) -> None:
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
     tail: list[str] = []
-    for line in proc.stdout:
-        tail = [*tail[-19:], line.rstrip()]
-        if on_line is not None:
-            on_line(line.rstrip())
-    if proc.wait() != 0:
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail = [*tail[-19:], line.rstrip()]
+            if on_line is not None:
+                on_line(line.rstrip())
+    if proc.returncode != 0:
         raise TemplateBuildFailed(f"{' '.join(argv[:4])} ... failed", output="\n".join(tail))

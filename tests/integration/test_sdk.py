@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -84,3 +85,32 @@ async def test_cli_run_saves_artifacts(server: RunningServer, tmp_path: Path) ->
     )
     _, err = await failing.communicate()
     assert failing.returncode == 1 and "ZeroDivisionError" in err.decode()
+
+
+async def test_coding_agent_flow_through_the_async_sdk(server: RunningServer) -> None:
+    """E2B's coding-agent guide with our SDK: write a script and data, run it with streamed
+    output, analyse the data in the kernel, download what the script made, reuse, close."""
+    from cellbox.client import CommandExitError
+
+    streamed: list[str] = []
+    async with await AsyncSandbox.create(base_url=server.url) as sbx:
+        await sbx.files.write("data.csv", "a,b\n1,2\n3,4\n")
+        await sbx.files.write(
+            "job.py",
+            "import csv, json\nrows = list(csv.DictReader(open('data.csv')))\n"
+            "print('rows:', len(rows), flush=True)\n"
+            "json.dump({'total': sum(int(r['b']) for r in rows)}, open('result.json', 'w'))\n",
+        )
+        result = await sbx.commands.run("python3 job.py", on_stdout=lambda out: streamed.append(str(out)))
+        assert result.exit_code == 0 and result.stdout == "rows: 2\n"
+        assert "".join(streamed).strip().endswith("rows: 2")
+        frame = await sbx.run_code("import pandas as pd\nint(pd.read_csv('data.csv').b.sum())")
+        assert frame.text == "6"
+        assert json.loads(await sbx.files.read("result.json")) == {"total": 6}
+        assert {e.name for e in await sbx.files.list(".")} >= {"data.csv", "job.py", "result.json"}
+        with pytest.raises(CommandExitError) as failed:
+            await sbx.commands.run("python3 -c 'import sys; sys.exit(3)'")
+        assert failed.value.exit_code == 3
+        background = await sbx.commands.run("sleep 60", background=True)
+        assert background.pid in [c.pid for c in await sbx.commands.list()]
+        assert await background.kill()
