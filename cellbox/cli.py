@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import mimetypes
+import os
 import shlex
 import sys
 from collections.abc import Callable, Iterator
@@ -99,7 +100,12 @@ def exposure_warning(settings: Settings) -> str | None:
 @click.option("--port", type=int, help="Port to bind [default: 8080; env CELLBOX_PORT].")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="State, artifacts, homes.")
 @click.option("--api-key", "api_keys", multiple=True, help="Accepted API key (repeatable) [env CELLBOX_API_KEYS].")
-@click.option("--isolation", help="Sandbox isolation; 'none' runs kernels as plain processes (trusted code only).")
+@click.option(
+    "--isolation", type=click.Choice(["bwrap", "none"]),
+    help="'bwrap' (default; needs root and bubblewrap) isolates every sandbox; 'none' runs sandboxes as plain "
+    "processes of the service: trusted code only [env CELLBOX_ISOLATION].",
+)
+@click.option("--pool-size", type=int, help="Ready sandboxes kept per pooled template [default: 0; env CELLBOX_POOL_SIZE].")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug", "trace"]))
 def serve(
     host: str | None,
@@ -107,12 +113,14 @@ def serve(
     data_dir: Path | None,
     api_keys: tuple[str, ...],
     isolation: str | None,
+    pool_size: int | None,
     log_level: str | None,
 ) -> None:
     """Run the cellbox service. Options not given come from CELLBOX_* env vars, then defaults."""
     keys = list(api_keys) if api_keys else None
     settings = build_settings(
-        host=host, port=port, data_dir=data_dir, api_keys=keys, isolation=isolation, log_level=log_level
+        host=host, port=port, data_dir=data_dir, api_keys=keys, isolation=isolation, pool_size=pool_size,
+        log_level=log_level
     )
     warning = exposure_warning(settings)
     try:
@@ -123,6 +131,13 @@ def serve(
         raise _server_missing(exc) from exc
     if warning:
         click.secho(f"WARNING: {warning}", fg="yellow", bold=True, err=True)
+    if settings.isolation == "bwrap":
+        _require_isolation(settings)
+    else:
+        click.secho(
+            "WARNING: --isolation none: sandboxes run as plain processes of this service, with its user, network "
+            "and files. Run trusted code only.", fg="red", bold=True, err=True,
+        )
     logging.basicConfig(
         level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
@@ -130,6 +145,27 @@ def serve(
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on")
     uvicorn.Server(config).run()
+
+
+def _require_isolation(settings: Settings) -> None:
+    """Refuse to start (exit 1, one clear message) on a host that cannot isolate sandboxes."""
+    import asyncio
+    import tempfile
+
+    from cellbox.runtimes.isolation import check_host
+
+    if os.geteuid() != 0:
+        raise click.ClickException(
+            "isolation 'bwrap' needs root (it creates cgroups, uids and loop-mounted homes). "
+            "Run as root, or start with --isolation none to run trusted code without isolation."
+        )
+    with tempfile.TemporaryDirectory(prefix="cellbox-check") as tmp:
+        report = asyncio.run(check_host(Path(tmp)))
+    if not report.ok:
+        raise click.ClickException(
+            "this host cannot isolate sandboxes: " + "; ".join(report.problems)
+            + ". Install bubblewrap (apt-get install bubblewrap), or start with --isolation none (trusted code only)."
+        )
 
 
 # -- client commands -----------------------------------------------------------------------------
