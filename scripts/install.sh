@@ -39,8 +39,13 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 
 DATA_DIR=${CELLBOX_DATA_DIR:-/var/lib/cellbox}
-if [ ! -f "$DATA_DIR/templates/default/template.json" ] || [ kernel_image -nt "$DATA_DIR/templates/default/template.json" ]; then
+# Rebuild the default template only when kernel_image/ changed (by content, not mtime: a fresh
+# clone has new mtimes everywhere).
+SRC_HASH=$(find kernel_image -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+TPL="$DATA_DIR/templates/default"
+if [ ! -f "$TPL/template.json" ] || [ "$(cat "$TPL/.source-sha256" 2>/dev/null)" != "$SRC_HASH" ]; then
   .venv/bin/cellbox template build kernel_image --name default --data-dir "$DATA_DIR"
+  echo "$SRC_HASH" >"$TPL/.source-sha256"
 else
   echo "template 'default' is up to date in $DATA_DIR/templates"
 fi
