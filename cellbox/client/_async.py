@@ -202,6 +202,14 @@ class AsyncSandbox(SandboxBase[httpx.AsyncClient]):
         """Async :meth:`Sandbox.set_timeout`."""
         return await _send(self._http, self._set_timeout_call(seconds, request_timeout))
 
+    async def pause(self, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> models.SandboxInfo:
+        """Async :meth:`Sandbox.pause`."""
+        return await _send(self._http, self._lifecycle_call("pause", request_timeout))
+
+    async def resume(self, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> models.SandboxInfo:
+        """Async :meth:`Sandbox.resume`."""
+        return await _send(self._http, self._lifecycle_call("resume", request_timeout))
+
     async def kill(self, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> bool:
         """Async :meth:`Sandbox.kill`."""
         return await _send(self._http, self._kill_call(request_timeout))

@@ -340,6 +340,10 @@ class SandboxBase(Generic[HttpT]):
         body = {"timeout": seconds}
         return Call("POST", self._path("timeout"), _model(models.SandboxInfo), json=body, timeout=request_timeout)
 
+    def _lifecycle_call(self, action: str, request_timeout: RequestTimeout) -> Call[models.SandboxInfo]:
+        """``pause`` or ``resume``."""
+        return Call("POST", self._path(action), _model(models.SandboxInfo), timeout=request_timeout)
+
     def _kill_call(self, request_timeout: RequestTimeout) -> Call[bool]:
         def parse(response: httpx.Response) -> bool:
             raise_for_error(response)

@@ -167,6 +167,15 @@ class Sandbox(SandboxBase[httpx.Client]):
         """Make the sandbox expire ``seconds`` from now; returns the updated info."""
         return _send(self._http, self._set_timeout_call(seconds, request_timeout))
 
+    def pause(self, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> models.SandboxInfo:
+        """Freeze every process of the sandbox (memory kept) until :meth:`resume`. While paused,
+        running code, commands and files raise SandboxNotRunning."""
+        return _send(self._http, self._lifecycle_call("pause", request_timeout))
+
+    def resume(self, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> models.SandboxInfo:
+        """Thaw a paused sandbox; its state is intact. A no-op on a running one."""
+        return _send(self._http, self._lifecycle_call("resume", request_timeout))
+
     def kill(self, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> bool:
         """Kill the sandbox; ``False`` if it was already gone. Idempotent. Does not :meth:`close`."""
         return _send(self._http, self._kill_call(request_timeout))

@@ -114,3 +114,17 @@ async def test_coding_agent_flow_through_the_async_sdk(server: RunningServer) ->
         background = await sbx.commands.run("sleep 60", background=True)
         assert background.pid in [c.pid for c in await sbx.commands.list()]
         assert await background.kill()
+
+
+async def test_sdk_pause_resume(server: RunningServer, isolation: str) -> None:
+    async with await AsyncSandbox.create(base_url=server.url) as sbx:
+        await sbx.run_code("n = 7")
+        if isolation == "none":
+            with pytest.raises(Exception, match="bwrap"):
+                await sbx.pause()
+            return
+        assert (await sbx.pause()).state.value == "paused"
+        with pytest.raises(SandboxNotRunning):
+            await sbx.run_code("n")
+        assert (await sbx.resume()).state.value == "running"
+        assert (await sbx.run_code("n * 6")).text == "42"
