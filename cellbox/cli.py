@@ -101,11 +101,14 @@ def exposure_warning(settings: Settings) -> str | None:
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="State, artifacts, homes.")
 @click.option("--api-key", "api_keys", multiple=True, help="Accepted API key (repeatable) [env CELLBOX_API_KEYS].")
 @click.option(
-    "--isolation", type=click.Choice(["bwrap", "none"]),
+    "--isolation",
+    type=click.Choice(["bwrap", "none"]),
     help="'bwrap' (default; needs root and bubblewrap) isolates every sandbox; 'none' runs sandboxes as plain "
     "processes of the service: trusted code only [env CELLBOX_ISOLATION].",
 )
-@click.option("--pool-size", type=int, help="Ready sandboxes kept per pooled template [default: 0; env CELLBOX_POOL_SIZE].")
+@click.option(
+    "--pool-size", type=int, help="Ready sandboxes kept per pooled template [default: 0; env CELLBOX_POOL_SIZE]."
+)
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug", "trace"]))
 def serve(
     host: str | None,
@@ -119,8 +122,13 @@ def serve(
     """Run the cellbox service. Options not given come from CELLBOX_* env vars, then defaults."""
     keys = list(api_keys) if api_keys else None
     settings = build_settings(
-        host=host, port=port, data_dir=data_dir, api_keys=keys, isolation=isolation, pool_size=pool_size,
-        log_level=log_level
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        api_keys=keys,
+        isolation=isolation,
+        pool_size=pool_size,
+        log_level=log_level,
     )
     warning = exposure_warning(settings)
     try:
@@ -136,7 +144,10 @@ def serve(
     else:
         click.secho(
             "WARNING: --isolation none: sandboxes run as plain processes of this service, with its user, network "
-            "and files. Run trusted code only.", fg="red", bold=True, err=True,
+            "and files. Run trusted code only.",
+            fg="red",
+            bold=True,
+            err=True,
         )
     logging.basicConfig(
         level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
@@ -163,7 +174,8 @@ def _require_isolation(settings: Settings) -> None:
         report = asyncio.run(check_host(Path(tmp)))
     if not report.ok:
         raise click.ClickException(
-            "this host cannot isolate sandboxes: " + "; ".join(report.problems)
+            "this host cannot isolate sandboxes: "
+            + "; ".join(report.problems)
             + ". Install bubblewrap (apt-get install bubblewrap), or start with --isolation none (trusted code only)."
         )
 
@@ -458,15 +470,23 @@ def _templates_root(data_dir: Path | None) -> Path:
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--name", required=True, help="Template name, e.g. 'default'.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="The service's data dir.")
-@click.option("--python", "python", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Interpreter the venv is made from [default: /usr/bin/python3].")
+@click.option(
+    "--python",
+    "python",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Interpreter the venv is made from [default: /usr/bin/python3].",
+)
 def template_build(source: Path, name: str, data_dir: Path | None, python: Path | None) -> None:
     """Build template NAME from SOURCE (a directory with requirements.txt, startup/, template.json)."""
     from cellbox.interpreter.templates import build_template
 
     root = _templates_root(data_dir)
-    steps = {"Collecting": "resolving", "Downloading": "downloading", "Installing": "installing",
-             "Successfully": "done"}
+    steps = {
+        "Collecting": "resolving",
+        "Downloading": "downloading",
+        "Installing": "installing",
+        "Successfully": "done",
+    }
     with click.progressbar(length=4, label=f"building template {name!r}", file=sys.stderr) as bar:
         seen: set[str] = set()
 
@@ -492,5 +512,7 @@ def template_list(data_dir: Path | None) -> None:
     for name in registry.names():
         info = registry.get(name)
         click.echo(f"{name}\t{info.python}\t{','.join(sorted(info.kernels))}")
+
+
 if __name__ == "__main__":
     main()

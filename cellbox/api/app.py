@@ -115,8 +115,11 @@ def create_app(settings: Settings, manager: SandboxManager | None = None) -> Fas
     async def healthz(request: Request) -> Health:
         m: SandboxManager = request.app.state.manager
         return Health(
-            version=cellbox.__version__, isolation=m.runtime.isolation, runtime=m.runtime.name,
-            sandboxes=len(m.sandboxes), pool=m.pool.counts(),
+            version=cellbox.__version__,
+            isolation=m.runtime.isolation,
+            runtime=m.runtime.name,
+            sandboxes=len(m.sandboxes),
+            pool=m.pool.counts(),
         )
 
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, upload_limit=settings.max_upload_bytes)

@@ -70,9 +70,7 @@ def install(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         fields = _validation_fields(exc.errors())
         first = fields[0] if fields else {"field": "body", "message": "invalid"}
-        return error_response(
-            e.InvalidRequest(f"invalid {first['field']}: {first['message']}", fields=fields)
-        )
+        return error_response(e.InvalidRequest(f"invalid {first['field']}: {first['message']}", fields=fields))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

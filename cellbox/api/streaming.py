@@ -50,8 +50,11 @@ class NDJSONStream(Response):
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw_headers = [(b"content-type", NDJSON.encode()), (b"cache-control", b"no-store"),
-                       (b"x-accel-buffering", b"no")]
+        raw_headers = [
+            (b"content-type", NDJSON.encode()),
+            (b"cache-control", b"no-store"),
+            (b"x-accel-buffering", b"no"),
+        ]
         raw_headers += [(k.lower().encode(), v.encode()) for k, v in self.extra_headers.items()]
         await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
         writer = asyncio.create_task(self._write(send))
@@ -72,8 +75,13 @@ class NDJSONStream(Response):
     async def _write(self, send: Send) -> None:
         try:
             async for event in self.events:
-                await send({"type": "http.response.body", "body": encode_line(absolutize(event, self.base_url)),
-                            "more_body": True})
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": encode_line(absolutize(event, self.base_url)),
+                        "more_body": True,
+                    }
+                )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             aclose = getattr(self.events, "aclose", None)

@@ -65,8 +65,14 @@ class CommandLog(EventLog):
 
     def info(self) -> CommandInfo:
         return CommandInfo(
-            pid=self.pid, cmd=self.cmd, cwd=self.cwd, started_at=self.started_at, running=not self.done.is_set(),
-            exit_code=self.exit_code, signal=self.signal, ended_at=self.ended_at,
+            pid=self.pid,
+            cmd=self.cmd,
+            cwd=self.cwd,
+            started_at=self.started_at,
+            running=not self.done.is_set(),
+            exit_code=self.exit_code,
+            signal=self.signal,
+            ended_at=self.ended_at,
         )
 
     def output(self, stream: str, data: bytes) -> None:
@@ -79,8 +85,10 @@ class CommandLog(EventLog):
         if data:
             self.add(stream, text=data.decode(errors="replace"))
         if self.truncated:
-            self.add("stderr", text=f"\n[cellbox] output truncated after {self.max_output_bytes} bytes; "
-                                    "the command keeps running\n")
+            self.add(
+                "stderr",
+                text=f"\n[cellbox] output truncated after {self.max_output_bytes} bytes; the command keeps running\n",
+            )
 
 
 class Commands:

@@ -200,9 +200,7 @@ def _all_subclasses(cls: type[InterpreterError]) -> list[type[InterpreterError]]
     return out
 
 
-ERRORS_BY_CODE: dict[str, type[InterpreterError]] = {
-    cls.code: cls for cls in _all_subclasses(InterpreterError)
-}
+ERRORS_BY_CODE: dict[str, type[InterpreterError]] = {cls.code: cls for cls in _all_subclasses(InterpreterError)}
 
 
 def from_payload(payload: Any, fallback_message: str = "") -> InterpreterError:

@@ -25,7 +25,7 @@ from typing import Any
 
 from cellbox.interpreter.artifacts import ArtifactStore, decode_output, is_artifact_mime
 from cellbox.interpreter.events import EventLog
-from cellbox.interpreter.kernel import Died, KernelSession, Route
+from cellbox.interpreter.kernel import Died, KernelSession
 from cellbox.interpreter.models import (
     ArtifactRef,
     ClearOutputEvent,
@@ -315,14 +315,20 @@ class ExecutionRunner:
             transient = c.get("transient") or {}
             self.log.append(
                 ResultEvent(
-                    data=data, metadata=c.get("metadata", {}), artifacts=refs, is_main_result=is_main,
-                    execution_count=count, display_id=transient.get("display_id"),
+                    data=data,
+                    metadata=c.get("metadata", {}),
+                    artifacts=refs,
+                    is_main_result=is_main,
+                    execution_count=count,
+                    display_id=transient.get("display_id"),
                 )
             )
         elif mtype == "update_display_data":
             data, refs = await self._split(c.get("data", {}))
             display_id = (c.get("transient") or {}).get("display_id", "")
-            self.log.append(DisplayUpdateEvent(display_id=display_id, data=data, metadata=c.get("metadata", {}), artifacts=refs))
+            self.log.append(
+                DisplayUpdateEvent(display_id=display_id, data=data, metadata=c.get("metadata", {}), artifacts=refs)
+            )
         elif mtype == "clear_output":
             self.log.append(ClearOutputEvent(wait=bool(c.get("wait"))))
         elif mtype == "error":
@@ -379,4 +385,3 @@ def _error_event(content: dict[str, Any]) -> ErrorEvent:
         value=strip_ansi(str(content.get("evalue", ""))),
         traceback=[strip_ansi(line) for line in content.get("traceback", [])],
     )
-

@@ -34,6 +34,8 @@ log = logging.getLogger("cellbox.kernel")
 
 Message = dict[str, Any]
 
+_POLL_MS = 1000
+
 
 @dataclass(frozen=True)
 class Died:
@@ -104,13 +106,10 @@ class KernelSession:
         client.load_connection_info(process.connection_info)
         client.start_channels(shell=True, iopub=True, stdin=True, control=True, hb=False)
         self.client = client
-        self._tasks = [
-            asyncio.create_task(self._watch(process), name="kernel-watch"),
-            asyncio.create_task(self._pump("iopub", client.get_iopub_msg), name="kernel-iopub"),
-            asyncio.create_task(self._pump("shell", client.get_shell_msg), name="kernel-shell"),
-            asyncio.create_task(self._pump("stdin", client.get_stdin_msg), name="kernel-stdin"),
-            asyncio.create_task(self._pump("control", client.get_control_msg), name="kernel-control"),
-        ]
+        self._tasks = [asyncio.create_task(self._watch(process), name="kernel-watch")]
+        for name, channel in [("iopub", client.iopub_channel), ("shell", client.shell_channel),
+                              ("stdin", client.stdin_channel), ("control", client.control_channel)]:
+            self._tasks.append(asyncio.create_task(self._pump(name, channel), name=f"kernel-{name}"))
         try:
             await self._wait_ready(time.monotonic() + self.start_timeout)
         except BaseException:
@@ -232,12 +231,19 @@ class KernelSession:
             raise KernelDied("the kernel is not running", exit=self.exit.model_dump() if self.exit else None)
         return self.client
 
-    async def _pump(self, channel: str, get: Callable[..., Any]) -> None:
+    async def _pump(self, channel: str, zmq_channel: Any) -> None:
+        # Under load (20+ kernels starting at once) a zmq.asyncio wait sometimes never woke for
+        # messages already queued (the socket's edge-triggered FD; a fresh client on the same
+        # kernel got answers at once), leaving a kernel "not ready" for good. Polling with a
+        # timeout re-checks the socket: a missed wake-up costs at most _POLL_MS.
+        sock, session = zmq_channel.socket, zmq_channel.session
         while True:
+            if not await sock.poll(_POLL_MS):
+                continue
+            frames = await sock.recv_multipart()
             try:
-                msg = await get()
-            except asyncio.CancelledError:
-                raise
+                _, smsg = session.feed_identities(frames)
+                msg = session.deserialize(smsg)
             except Exception:  # a malformed or unsigned message: skip it, keep pumping
                 log.warning("dropped an unreadable %s message", channel, exc_info=True)
                 continue

@@ -42,9 +42,9 @@ from cellbox.interpreter.models import (
     SandboxInfo,
     SandboxState,
 )
+from cellbox.interpreter.pool import WarmPool
 from cellbox.interpreter.sandbox import Context, Sandbox, new_id, start_event
 from cellbox.interpreter.store import Store
-from cellbox.interpreter.pool import WarmPool
 from cellbox.interpreter.templates import TemplateRegistry
 from cellbox.runtimes.agent_client import AgentClient
 from cellbox.runtimes.base import Runtime, TemplateInfo
@@ -164,8 +164,15 @@ class SandboxManager:
 
     def _check_limits(self, limits: Limits) -> None:
         s = self.settings
-        maxima = {"memory_mb": s.max_memory_mb, "cpu": s.max_cpu, "pids": s.max_pids, "disk_mb": s.max_disk_mb,
-                  "nofile": s.max_nofile, "fsize_mb": s.max_disk_mb, "execution_timeout": s.max_execution_timeout}
+        maxima = {
+            "memory_mb": s.max_memory_mb,
+            "cpu": s.max_cpu,
+            "pids": s.max_pids,
+            "disk_mb": s.max_disk_mb,
+            "nofile": s.max_nofile,
+            "fsize_mb": s.max_disk_mb,
+            "execution_timeout": s.max_execution_timeout,
+        }
         for name, value in limits.model_dump(exclude_none=True).items():
             if value > maxima[name]:
                 raise InvalidRequest(f"limits.{name} may be at most {maxima[name]:g}", field=f"limits.{name}")
@@ -176,8 +183,14 @@ class SandboxManager:
         now = time.time()
         sid = new_id("sb_")
         info = SandboxInfo(
-            id=sid, template=template.name, state=SandboxState.STARTING, created_at=now,
-            envs=dict(envs), limits=limits, isolation=self.runtime.isolation, runtime=self.runtime.name,
+            id=sid,
+            template=template.name,
+            state=SandboxState.STARTING,
+            created_at=now,
+            envs=dict(envs),
+            limits=limits,
+            isolation=self.runtime.isolation,
+            runtime=self.runtime.name,
         )
         sandbox = Sandbox(sid, "", self.settings, self.runtime, self.store, self.artifacts, info, self._save)
         self._creating += 1
@@ -249,7 +262,7 @@ class SandboxManager:
             raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
         return SandboxInfo.model_validate(row[1])
 
-    async def list(
+    async def list_sandboxes(
         self, owner: str, states: list[str] | None = None, metadata: dict[str, str] | None = None
     ) -> list[SandboxInfo]:
         wanted = states or [SandboxState.RUNNING.value, SandboxState.PAUSED.value, SandboxState.STARTING.value]
@@ -364,13 +377,11 @@ class SandboxManager:
     async def execute(self, owner: str, sandbox_id: str, req: ExecuteRequest) -> ExecutionLog:
         """Queue an execution and return its log at once (already holding a ``start`` event).
         It runs to its end whether or not anyone follows the log."""
-        sb = (await self.live(owner, sandbox_id))
+        sb = await self.live(owner, sandbox_id)
         ctx = sb.context(req.context, req.language)
         timeout = req.timeout or sb.info_base.limits.execution_timeout or self.settings.execution_timeout
         if timeout > self.settings.max_execution_timeout:
-            raise InvalidRequest(
-                f"timeout may be at most {self.settings.max_execution_timeout:g} s", field="timeout"
-            )
+            raise InvalidRequest(f"timeout may be at most {self.settings.max_execution_timeout:g} s", field="timeout")
         xlog = ExecutionLog(new_id("ex_"), sb.id, ctx.id, req.code, self.store)
         await xlog.begin(start_event(xlog))
         sb.executions[xlog.id] = xlog
@@ -402,7 +413,7 @@ class SandboxManager:
     async def execution(self, owner: str, sandbox_id: str, execution_id: str, after: int = -1) -> ExecutionRecord:
         found = await self._execution_owned(owner, sandbox_id, execution_id)
         if isinstance(found, ExecutionLog):
-            return ExecutionRecord.model_validate({**found.doc(), "events": found.events[after + 1:]})
+            return ExecutionRecord.model_validate({**found.doc(), "events": found.events[after + 1 :]})
         events = await self.store.get_events(execution_id, after)
         return ExecutionRecord.model_validate({**found, "events": events})
 
@@ -426,7 +437,7 @@ class SandboxManager:
         return [ExecutionInfo.model_validate(d) for d in await self.store.list_executions(sandbox_id)]
 
     async def send_input(self, owner: str, sandbox_id: str, execution_id: str, value: str) -> None:
-        sb = (await self.live(owner, sandbox_id))
+        sb = await self.live(owner, sandbox_id)
         xlog = sb.executions.get(execution_id)
         if xlog is None or xlog.done.is_set():
             raise ExecutionNotFound(f"no running execution {execution_id!r} in sandbox {sandbox_id}")
@@ -488,8 +499,15 @@ class SandboxManager:
         data = b"".join([chunk async for chunk in files.read_rest(agent, path, first, eof)])
         aid = await self.artifacts.put(data)
         created = await self.store.put_artifact(aid, sandbox_id, None, mime, len(data))
-        return ArtifactInfo(id=aid, sandbox_id=sandbox_id, execution_id=None, mime=mime, size=len(data),
-                            url=f"/v1/artifacts/{aid}", created_at=created)
+        return ArtifactInfo(
+            id=aid,
+            sandbox_id=sandbox_id,
+            execution_id=None,
+            mime=mime,
+            size=len(data),
+            url=f"/v1/artifacts/{aid}",
+            created_at=created,
+        )
 
     # -- artifacts -------------------------------------------------------------------------
 
@@ -502,6 +520,5 @@ class SandboxManager:
     async def list_artifacts(self, owner: str, sandbox_id: str) -> list[ArtifactInfo]:
         await self.info(owner, sandbox_id)
         return [
-            ArtifactInfo(url=f"/v1/artifacts/{row['id']}", **row)
-            for row in await self.store.list_artifacts(sandbox_id)
+            ArtifactInfo(url=f"/v1/artifacts/{row['id']}", **row) for row in await self.store.list_artifacts(sandbox_id)
         ]

@@ -12,7 +12,7 @@ This module imports only pydantic: ``pip install cellbox`` (the SDK alone) can u
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -108,7 +108,7 @@ class KeepaliveEvent(_Event):
     type: Literal["keepalive"] = "keepalive"
 
 
-class EndStatus(str, enum.Enum):
+class EndStatus(enum.StrEnum):
     OK = "ok"
     ERROR = "error"
     TIMEOUT = "timeout"
@@ -132,25 +132,33 @@ class EndEvent(_Event):
 
 
 Event = Annotated[
-    Union[
-        StartEvent,
-        StdoutEvent,
-        StderrEvent,
-        ResultEvent,
-        DisplayUpdateEvent,
-        ClearOutputEvent,
-        ErrorEvent,
-        InputRequestEvent,
-        KeepaliveEvent,
-        EndEvent,
-    ],
+    StartEvent
+    | StdoutEvent
+    | StderrEvent
+    | ResultEvent
+    | DisplayUpdateEvent
+    | ClearOutputEvent
+    | ErrorEvent
+    | InputRequestEvent
+    | KeepaliveEvent
+    | EndEvent,
     Field(discriminator="type"),
 ]
 
 _EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 EVENT_TYPES = frozenset(
-    ["start", "stdout", "stderr", "result", "display_update", "clear_output", "error",
-     "input_request", "keepalive", "end"]
+    [
+        "start",
+        "stdout",
+        "stderr",
+        "result",
+        "display_update",
+        "clear_output",
+        "error",
+        "input_request",
+        "keepalive",
+        "end",
+    ]
 )
 
 
@@ -179,7 +187,7 @@ def dump_event(event: _Event) -> dict[str, Any]:
 # Sandboxes and contexts
 
 
-class SandboxState(str, enum.Enum):
+class SandboxState(enum.StrEnum):
     STARTING = "starting"  # being created; not handed out yet
     RUNNING = "running"  # kernels up (or restartable); accepts work
     PAUSED = "paused"  # frozen in memory (pause/resume)
@@ -187,7 +195,7 @@ class SandboxState(str, enum.Enum):
     LOST = "lost"  # the service restarted under it; history intact, kernels gone
 
 
-class ContextState(str, enum.Enum):
+class ContextState(enum.StrEnum):
     STARTING = "starting"
     IDLE = "idle"
     BUSY = "busy"

@@ -23,7 +23,6 @@ from cellbox.interpreter.config import Settings
 from cellbox.interpreter.errors import (
     ContextNotFound,
     InvalidRequest,
-    KernelStartFailed,
     SandboxNotRunning,
 )
 from cellbox.interpreter.execution import ExecutionLog, ExecutionRunner, env_code, run_hidden
@@ -44,6 +43,12 @@ from cellbox.interpreter.store import Store
 from cellbox.runtimes.base import KernelSpec, Runtime, SandboxHandle
 
 log = logging.getLogger("cellbox.sandbox")
+
+
+# Kernel deaths within _CRASH_WINDOW seconds before restarts back off (1 s, 2 s, ... _MAX_BACKOFF).
+_CRASH_WINDOW = 60.0
+_CRASHES_BEFORE_BACKOFF = 3
+_MAX_BACKOFF = 30.0
 
 
 def new_id(prefix: str) -> str:
@@ -68,6 +73,7 @@ class Context:
         self._ready = asyncio.Event()
         self._restarting: asyncio.Task[None] | None = None
         self._interrupt_requested = False
+        self._deaths: list[float] = []
         self.current: ExecutionLog | None = None
         settings = sandbox.settings
         self.session = KernelSession(self._launch, spec, settings.kernel_start_timeout)
@@ -75,14 +81,20 @@ class Context:
 
     async def _launch(self) -> Any:
         self._generation += 1
+        assert self.sandbox.handle is not None, "the sandbox has no runtime handle"
         return await self.sandbox.runtime.start_kernel(
             self.sandbox.handle, self.spec, f"{self.id[-8:]}-{self._generation}", self.cwd
         )
 
     def info(self) -> ContextInfo:
         return ContextInfo(
-            id=self.id, language=self.language, cwd=self.cwd, state=self.state,
-            execution_count=self.execution_count, restarts=self.restarts, last_exit=self.last_exit,
+            id=self.id,
+            language=self.language,
+            cwd=self.cwd,
+            state=self.state,
+            execution_count=self.execution_count,
+            restarts=self.restarts,
+            last_exit=self.last_exit,
         )
 
     async def start(self) -> None:
@@ -104,10 +116,19 @@ class Context:
         self.state = ContextState.RESTARTING
         if self.sandbox.closing:
             return
-        self._restarting = asyncio.create_task(self._restart(counted=True))
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < _CRASH_WINDOW] + [now]
+        # A kernel that keeps dying (a full disk or memory it cannot start in) is restarted
+        # with a growing delay instead of in a tight loop.
+        extra = len(self._deaths) - _CRASHES_BEFORE_BACKOFF
+        delay = min(_MAX_BACKOFF, 2.0 ** extra) if extra >= 0 else 0.0
+        self._restarting = asyncio.create_task(self._restart(counted=True, delay=delay))
         self.sandbox.changed()
 
-    async def _restart(self, counted: bool) -> None:
+    async def _restart(self, counted: bool, delay: float = 0.0) -> None:
+        if delay:
+            log.warning("sandbox %s context %s: restarting in %.0f s (it keeps dying)", self.sandbox.id, self.id, delay)
+            await asyncio.sleep(delay)
         self._ready.clear()
         self.state = ContextState.RESTARTING
         await self.session.stop()
@@ -200,9 +221,14 @@ class Context:
         if hidden is not None:
             await run_hidden(self.session, hidden[0], timeout)
         runner = ExecutionRunner(
-            xlog, self.session, self.sandbox.artifacts, timeout=timeout,
-            interrupt_grace=settings.interrupt_grace, max_output_bytes=settings.max_output_bytes,
-            inline=req.inline, interrupted=lambda: self._interrupt_requested,
+            xlog,
+            self.session,
+            self.sandbox.artifacts,
+            timeout=timeout,
+            interrupt_grace=settings.interrupt_grace,
+            max_output_bytes=settings.max_output_bytes,
+            inline=req.inline,
+            interrupted=lambda: self._interrupt_requested,
         )
         outcome = await runner.run(req.code, req.allow_stdin)
         end.status, end.reason, end.state_lost = outcome.status, outcome.reason, outcome.state_lost
@@ -286,7 +312,8 @@ class Sandbox:
         if spec is None:
             raise InvalidRequest(
                 f"no {language!r} kernel in template {self.handle.template.name!r}",
-                field="language", known=sorted(self.handle.template.kernels),
+                field="language",
+                known=sorted(self.handle.template.kernels),
             )
         if len(self.contexts) >= self.settings.max_contexts_per_sandbox:
             raise InvalidRequest(f"a sandbox may have at most {self.settings.max_contexts_per_sandbox} contexts")

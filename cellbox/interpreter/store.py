@@ -125,9 +125,7 @@ class Store:
 
     async def get_sandbox(self, sandbox_id: str) -> tuple[str, dict[str, Any]] | None:
         def q() -> tuple[str, dict[str, Any]] | None:
-            row = self._conn().execute(
-                "SELECT owner, doc FROM sandboxes WHERE id=?", (sandbox_id,)
-            ).fetchone()
+            row = self._conn().execute("SELECT owner, doc FROM sandboxes WHERE id=?", (sandbox_id,)).fetchone()
             return None if row is None else (row[0], json.loads(row[1]))
 
         return await self._run(q)
@@ -174,9 +172,13 @@ class Store:
                     row = db.execute("SELECT MAX(seq) FROM events WHERE execution_id=?", (eid,)).fetchone()
                     seq = 0 if row[0] is None else row[0] + 1
                     end = {
-                        "type": "end", "execution_id": eid, "seq": seq, "status": "kernel_died",
+                        "type": "end",
+                        "execution_id": eid,
+                        "seq": seq,
+                        "status": "kernel_died",
                         "execution_count": d.get("execution_count"),
-                        "duration_ms": max(0.0, (now - d["created_at"]) * 1000), "reason": reason,
+                        "duration_ms": max(0.0, (now - d["created_at"]) * 1000),
+                        "reason": reason,
                         "state_lost": True,
                     }
                     db.execute("INSERT INTO events VALUES (?,?,?)", (eid, seq, json.dumps(end)))
@@ -200,9 +202,7 @@ class Store:
             db = self._conn()
             ids = [
                 r[0]
-                for r in db.execute(
-                    "SELECT id, doc FROM sandboxes WHERE state IN ('killed','lost')"
-                ).fetchall()
+                for r in db.execute("SELECT id, doc FROM sandboxes WHERE state IN ('killed','lost')").fetchall()
                 if (json.loads(r[1]).get("ended_at") or 0) < older_than
             ]
             if not ids:
@@ -300,7 +300,7 @@ class Store:
                 sql += " AND s.owner=?"
                 params.append(owner)
             row = self._conn().execute(sql + " LIMIT 1", params).fetchone()
-            return None if row is None else dict(zip(_ARTIFACT_KEYS, row))
+            return None if row is None else dict(zip(_ARTIFACT_KEYS, row, strict=True))
 
         return await self._run(q)
 
@@ -311,7 +311,7 @@ class Store:
                 "WHERE sandbox_id=? ORDER BY created_at",
                 (sandbox_id,),
             )
-            return [dict(zip(_ARTIFACT_KEYS, r)) for r in rows]
+            return [dict(zip(_ARTIFACT_KEYS, r, strict=True)) for r in rows]
 
         return await self._run(q)
 

@@ -31,9 +31,7 @@ from cellbox.runtimes.base import KernelSpec, TemplateInfo
 log = logging.getLogger("cellbox.templates")
 
 PYTHON_KERNEL = KernelSpec("python", ["{python}", "-m", "ipykernel_launcher", "-f", "{connection_file}"])
-BASH_KERNEL = KernelSpec(
-    "bash", ["{python}", "-m", "bash_kernel", "-f", "{connection_file}"], interrupt_mode="signal"
-)
+BASH_KERNEL = KernelSpec("bash", ["{python}", "-m", "bash_kernel", "-f", "{connection_file}"], interrupt_mode="signal")
 
 
 def _kernels_for(python: Path, available: list[str] | None) -> dict[str, KernelSpec]:
@@ -63,7 +61,8 @@ class TemplateRegistry:
         if name == "default" and self._host_python_usable():
             log.warning(
                 "no built 'default' template under %s: kernels run on the service's own Python (%s)",
-                self.root, sys.executable,
+                self.root,
+                sys.executable,
             )
             return TemplateInfo(
                 name="default",

@@ -26,6 +26,8 @@ def load_runtime(settings: Settings) -> Runtime:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise RuntimeUnavailable(f"runtime {settings.runtime!r} needs {exc.name}: pip install 'cellbox[{settings.runtime}]'") from exc
+        raise RuntimeUnavailable(
+            f"runtime {settings.runtime!r} needs {exc.name}: pip install 'cellbox[{settings.runtime}]'"
+        ) from exc
     runtime: Runtime = getattr(module, cls_name)(settings)
     return runtime

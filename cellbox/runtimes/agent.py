@@ -18,8 +18,9 @@ group); ``stdin`` (pid, data base64); ``close_stdin`` (pid); ``list``; files: ``
 ``listdir`` (path, depth), ``mkdir`` (path, parents), ``move`` (src, dst), ``remove``,
 ``read`` (path, offset, length) -> data base64 + eof, ``write`` (path, offset, data,
 truncate); ``watch`` (path, recursive) -> watch id, then ``{"event": "fs", "watch", "type":
-create|write|remove|rename|chmod, "path", "is_dir"}`` events until ``unwatch`` (watch). Relative paths start at the home. With ``--jail`` (sandboxes without a mount
-namespace of their own) every path must resolve, symlinks followed, inside the home, and
+create|write|remove|rename|chmod, "path", "is_dir"}`` events until ``unwatch`` (watch).
+Relative paths start at the home. With ``--jail`` (sandboxes without a mount namespace of
+their own) every path must resolve, symlinks followed, inside the home, and
 ``/home/user/...`` names the home.
 
 When the service's connection closes, the agent kills every process it started and exits:
@@ -109,19 +110,33 @@ class Inotify:
         while pos + _EVENT_HEADER.size <= len(data):
             wd, mask, _cookie, length = _EVENT_HEADER.unpack_from(data, pos)
             pos += _EVENT_HEADER.size
-            name = data[pos:pos + length].rstrip(b"\0").decode(errors="replace")
+            name = data[pos : pos + length].rstrip(b"\0").decode(errors="replace")
             pos += length
             directory = self.dirs.get(wd)
             if directory is None or mask & _IN_IGNORED:
                 continue
             path = os.path.join(directory, name) if name else directory
-            kind = ("create" if mask & (_IN_CREATE | _IN_MOVED_TO) else "remove" if mask & _IN_DELETE
-                    else "rename" if mask & _IN_MOVED_FROM else "chmod" if mask & _IN_ATTRIB else "write")
+            kind = (
+                "create"
+                if mask & (_IN_CREATE | _IN_MOVED_TO)
+                else "remove"
+                if mask & _IN_DELETE
+                else "rename"
+                if mask & _IN_MOVED_FROM
+                else "chmod"
+                if mask & _IN_ATTRIB
+                else "write"
+            )
             for wid in list(self.owners.get(wd, ())):
                 if kind == "create" and mask & _IN_ISDIR and self.watches.get(wid, ("", False))[1]:
                     self.add(path, wid)
-                event = {"event": "fs", "watch": wid, "type": kind, "path": self.agent.shown(path),
-                         "is_dir": bool(mask & _IN_ISDIR)}
+                event = {
+                    "event": "fs",
+                    "watch": wid,
+                    "type": kind,
+                    "path": self.agent.shown(path),
+                    "is_dir": bool(mask & _IN_ISDIR),
+                }
                 asyncio.get_running_loop().create_task(self.agent.send(event))
 
 
@@ -185,7 +200,9 @@ class Agent:
             await self.send({"id": rid, "ok": True, **result})
         except Exception as exc:  # every failure is an answer, never a crash
             code = _error_code(exc)
-            await self.send({"id": rid, "ok": False, "error": {"code": code, "message": f"{type(exc).__name__}: {exc}"}})
+            await self.send(
+                {"id": rid, "ok": False, "error": {"code": code, "message": f"{type(exc).__name__}: {exc}"}}
+            )
 
     async def op_unknown(self, req: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown op {req.get('op')!r}")
@@ -226,8 +243,14 @@ class Agent:
             assert proc.stdout is not None and proc.stderr is not None
             await asyncio.gather(self.pump(proc.pid, "stdout", proc.stdout), self.pump(proc.pid, "stderr", proc.stderr))
         code = await proc.wait()
+        meta = self.meta.pop(proc.pid, {})
         self.procs.pop(proc.pid, None)
-        self.meta.pop(proc.pid, None)
+        if str(meta.get("tag", "")).startswith("kernel:"):
+            # A dead kernel's forks (same process group) would keep its memory and pids charged
+            # and starve the restarted kernel: they go with it. (Commands keep their background
+            # children: a daemon started with `cmd &` may outlive the command on purpose.)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
         await self.send({"event": "exit", "pid": proc.pid, "returncode": code})
 
     async def pump(self, pid: int, stream: str, reader: asyncio.StreamReader) -> None:
@@ -276,7 +299,7 @@ class Agent:
         if not isinstance(path, str) or not path or "\0" in path:
             raise ValueError("a path is a non-empty string")
         if path == "/home/user" or path.startswith("/home/user/"):
-            path = self.home + path[len("/home/user"):]
+            path = self.home + path[len("/home/user") :]
         elif not path.startswith("/"):
             path = os.path.join(self.home, path)
         elif self.jail:
@@ -290,17 +313,30 @@ class Agent:
     def shown(self, real: str) -> str:
         """How a real path is shown to the user (``/home/user/...`` for the home)."""
         if real == self.home or real.startswith(self.home + "/"):
-            return "/home/user" + real[len(self.home):]
+            return "/home/user" + real[len(self.home) :]
         return real
 
     def entry(self, real: str) -> dict[str, Any]:
         st = os.lstat(real)
-        kind = ("dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode)
-                else "symlink" if stat.S_ISLNK(st.st_mode) else "other")
+        kind = (
+            "dir"
+            if stat.S_ISDIR(st.st_mode)
+            else "file"
+            if stat.S_ISREG(st.st_mode)
+            else "symlink"
+            if stat.S_ISLNK(st.st_mode)
+            else "other"
+        )
         out: dict[str, Any] = {
-            "name": os.path.basename(real) or "/", "path": self.shown(real), "type": kind,
-            "size": st.st_size, "mode": stat.S_IMODE(st.st_mode), "permissions": stat.filemode(st.st_mode),
-            "uid": st.st_uid, "gid": st.st_gid, "modified_time": st.st_mtime,
+            "name": os.path.basename(real) or "/",
+            "path": self.shown(real),
+            "type": kind,
+            "size": st.st_size,
+            "mode": stat.S_IMODE(st.st_mode),
+            "permissions": stat.filemode(st.st_mode),
+            "uid": st.st_uid,
+            "gid": st.st_gid,
+            "modified_time": st.st_mtime,
         }
         if kind == "symlink":
             out["symlink_target"] = os.readlink(real)
@@ -376,7 +412,7 @@ class Agent:
             data = base64.b64decode(req.get("data", ""))
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
         return {"entry": self.entry(real)}

@@ -100,8 +100,14 @@ class AgentClient:
         return resp
 
     async def spawn(
-        self, argv: list[str], env: dict[str, str], cwd: str | None, *, log: str | None = None,
-        pipes: bool = False, tag: str = "",
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str | None,
+        *,
+        log: str | None = None,
+        pipes: bool = False,
+        tag: str = "",
     ) -> ProcessHandle:
         resp = await self.request("spawn", argv=argv, env=env, cwd=cwd, log=log, pipes=pipes, tag=tag)
         pid = int(resp["pid"])

@@ -94,9 +94,7 @@ class Runtime(Protocol):
         """Prepare a sandbox (home, limits). Called by ``SandboxManager.create``."""
         ...
 
-    async def start_kernel(
-        self, sandbox: SandboxHandle, spec: KernelSpec, name: str, cwd: str | None
-    ) -> KernelProcess:
+    async def start_kernel(self, sandbox: SandboxHandle, spec: KernelSpec, name: str, cwd: str | None) -> KernelProcess:
         """Launch one kernel in the sandbox and return as soon as the process runs; the
         caller waits for readiness. ``name`` is unique within the sandbox. Called by
         ``KernelSession.start`` for a new context and for every restart."""

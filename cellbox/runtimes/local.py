@@ -117,8 +117,9 @@ def write_profile(home: Path, template: TemplateInfo, uid: int | None = None) ->
 
 
 def kernel_argv(template: TemplateInfo, spec: KernelSpec, connection_file: str) -> list[str]:
-    argv = [a.replace("{python}", str(template.python)).replace("{connection_file}", connection_file)
-            for a in spec.argv]
+    argv = [
+        a.replace("{python}", str(template.python)).replace("{connection_file}", connection_file) for a in spec.argv
+    ]
     if spec.language == "python":
         # History off: nothing to write in the home, and no sqlite lock contention.
         argv += ["--HistoryManager.enabled=False"]
@@ -285,11 +286,23 @@ class LocalRuntime:
         return None
 
     async def _spawn_agent(self, sandbox: SandboxHandle, logf: Any) -> asyncio.subprocess.Process:
-        argv = [str(sandbox.template.python), str(AGENT_SOURCE), "--socket",
-                str(sandbox.extra["run"] / "agent" / _AGENT_SOCKET), "--home", str(sandbox.home), "--jail"]
+        argv = [
+            str(sandbox.template.python),
+            str(AGENT_SOURCE),
+            "--socket",
+            str(sandbox.extra["run"] / "agent" / _AGENT_SOCKET),
+            "--home",
+            str(sandbox.home),
+            "--jail",
+        ]
         return await asyncio.create_subprocess_exec(
-            *argv, env=self.process_env(sandbox, {}), cwd=str(sandbox.home), stdin=asyncio.subprocess.DEVNULL,
-            stdout=logf, stderr=logf, start_new_session=True,
+            *argv,
+            env=self.process_env(sandbox, {}),
+            cwd=str(sandbox.home),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
         )
 
     async def _reap_agent(self, sandbox: SandboxHandle) -> None:
@@ -339,7 +352,7 @@ class LocalRuntime:
             await kernel.kill()
             if isinstance(exc, KernelStartFailed):
                 raw = _log_tail(host_dir / "kernel.log")
-                lines = raw.strip().splitlines()[1 if len(raw) >= _LOG_TAIL_BYTES else 0:]  # whole lines
+                lines = raw.strip().splitlines()[1 if len(raw) >= _LOG_TAIL_BYTES else 0 :]  # whole lines
                 tail = "\n".join(lines[-12:])[-1000:]
                 raise KernelStartFailed(f"{exc.message}:\n{tail}" if tail else exc.message) from exc
             raise
@@ -556,8 +569,14 @@ class IsolatedLocalRuntime(LocalRuntime):
             # the template dir holds the startup (exec) files next to the venv
             binds.append((template.env_dir.parent, str(template.env_dir.parent)))
         cmd = iso.build_bwrap_argv(
-            [str(template.python), SANDBOX_AGENT, "--socket", f"{iso.SANDBOX_RUN}/agent/{_AGENT_SOCKET}",
-             "--home", iso.SANDBOX_HOME],
+            [
+                str(template.python),
+                SANDBOX_AGENT,
+                "--socket",
+                f"{iso.SANDBOX_RUN}/agent/{_AGENT_SOCKET}",
+                "--home",
+                iso.SANDBOX_HOME,
+            ],
             home=sandbox.home,
             run_dir=extra["run"],
             etc_dir=extra["dir"] / "etc",
@@ -639,8 +658,9 @@ class IsolatedLocalRuntime(LocalRuntime):
         if cgroup is None:
             return None
         u = cgroup.usage()
-        out = SandboxUsage(memory_bytes=u.memory_bytes, memory_peak_bytes=u.memory_peak_bytes, pids=u.pids,
-                           cpu_seconds=u.cpu_seconds)
+        out = SandboxUsage(
+            memory_bytes=u.memory_bytes, memory_peak_bytes=u.memory_peak_bytes, pids=u.pids, cpu_seconds=u.cpu_seconds
+        )
         with contextlib.suppress(OSError):
             st = os.statvfs(sandbox.home)
             out.disk_total_bytes = st.f_blocks * st.f_frsize
@@ -676,7 +696,7 @@ def resolve_cwd(home: Path, cwd: str | None) -> str:
     it; refuses paths outside the home."""
     if not cwd:
         return str(home)
-    rel = cwd[len("/home/user"):] if cwd.startswith("/home/user") else cwd
+    rel = cwd[len("/home/user") :] if cwd.startswith("/home/user") else cwd
     target = (home / rel.lstrip("/")).resolve()
     if target != home.resolve() and home.resolve() not in target.parents:
         raise InvalidRequest(f"cwd {cwd!r} is outside the sandbox home", field="cwd")

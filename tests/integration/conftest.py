@@ -13,7 +13,6 @@ import pytest_asyncio
 from cellbox.interpreter.config import Settings
 from tests.integration.server import RunningServer, run_server
 
-
 # Tests use the templates the install script built for this host (the default data dir's), so
 # they run on the same kernel environment the service does.
 HOST_TEMPLATES = Settings().resolved_templates_dir()
@@ -21,7 +20,10 @@ HOST_TEMPLATES = Settings().resolved_templates_dir()
 
 def make_settings(base: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
-        "data_dir": base / "data", "run_dir": base / "run", "reap_interval": 0.5, "templates_dir": HOST_TEMPLATES,
+        "data_dir": base / "data",
+        "run_dir": base / "run",
+        "reap_interval": 0.5,
+        "templates_dir": HOST_TEMPLATES,
         "isolation": "none",
     }
     values.update(overrides)

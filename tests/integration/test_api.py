@@ -49,12 +49,15 @@ async def test_malformed_and_oversized_requests(short_tmp: Path) -> None:
         async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
             sid = (await c.post("/v1/sandboxes", json={})).json()["id"]
             cases = [
-                (await c.post("/v1/sandboxes", content=b"{not json", headers={"content-type": "application/json"}), 422),
+                (
+                    await c.post("/v1/sandboxes", content=b"{not json", headers={"content-type": "application/json"}),
+                    422,
+                ),
                 (await c.post(f"/v1/sandboxes/{sid}/execute", json={"cod": "1"}), 422),
                 (await c.post(f"/v1/sandboxes/{sid}/execute", json={"code": 5}), 422),
                 (await c.post(f"/v1/sandboxes/{sid}/execute", json={"code": "1", "timeout": -1}), 422),
                 (await c.post("/v1/sandboxes", json={"template": "nope"}), 404),
-                (await c.post("/v1/sandboxes", json={"timeout": 10 ** 9}), 422),
+                (await c.post("/v1/sandboxes", json={"timeout": 10**9}), 422),
                 (await c.get("/v1/sandboxes/sb_missing"), 404),
                 (await c.post("/v1/sandboxes/sb_missing/execute", json={"code": "1"}), 404),
                 (await c.post(f"/v1/sandboxes/{sid}/execute", json={"code": "x" * 20_000}), 413),
@@ -71,18 +74,24 @@ async def test_malformed_and_oversized_requests(short_tmp: Path) -> None:
             missing_field = cases[1][0].json()["error"]
             assert missing_field["fields"][0]["field"] == "code"
             assert "default" in cases[4][0].json()["error"]["known"]
+
             # Chunked upload without a Content-Length is limited too.
             async def chunks():  # type: ignore[no-untyped-def]
                 for _ in range(20):
                     yield b'{"code": "' + b"y" * 1000
-            r = await c.post(f"/v1/sandboxes/{sid}/execute", content=chunks(), headers={"content-type": "application/json"})
+
+            r = await c.post(
+                f"/v1/sandboxes/{sid}/execute", content=chunks(), headers={"content-type": "application/json"}
+            )
             assert r.status_code == 413
             # The sandbox is unharmed by all of it.
             assert main_text(await execute(c, sid, "6 * 7")) == "42"
 
 
 async def test_capacity_limits(short_tmp: Path) -> None:
-    async with run_server(make_settings(short_tmp, max_sandboxes=2, max_sandboxes_per_key=1, api_keys=["a", "b", "c"])) as srv:
+    async with run_server(
+        make_settings(short_tmp, max_sandboxes=2, max_sandboxes_per_key=1, api_keys=["a", "b", "c"])
+    ) as srv:
         clients = [httpx.AsyncClient(base_url=srv.url, timeout=60, headers={"X-API-Key": k}) for k in "abc"]
         a, b, c = clients
         try:
@@ -105,7 +114,9 @@ async def test_twenty_sandboxes_execute_concurrently_without_mixing(client: http
 
     async def work(i: int, sid: str) -> None:
         await execute(client, sid, f"me = {i}")
-        events = await execute(client, sid, "import time\nfor k in range(5):\n    print(me, k, flush=True)\n    time.sleep(0.02)\nme * 100")
+        events = await execute(
+            client, sid, "import time\nfor k in range(5):\n    print(me, k, flush=True)\n    time.sleep(0.02)\nme * 100"
+        )
         assert stdout(events) == "".join(f"{i} {k}\n" for k in range(5))
         assert main_text(events) == str(i * 100)
         assert {e["execution_id"] for e in events} == {events[0]["execution_id"]}
@@ -120,11 +131,17 @@ async def test_restart_keeps_acknowledged_executions_and_artifacts(short_tmp: Pa
     async with run_server(settings) as srv:
         async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
             sid = (await c.post("/v1/sandboxes", json={})).json()["id"]
-            plot = await execute(c, sid, "import matplotlib.pyplot as plt\nplt.plot([1, 2]); plt.show()\nprint('drawn')")
+            plot = await execute(
+                c, sid, "import matplotlib.pyplot as plt\nplt.plot([1, 2]); plt.show()\nprint('drawn')"
+            )
             png = [e for e in plot if e["type"] == "result"][0]["artifacts"][0]
             png_bytes = (await c.get(png["url"])).content
             # An execution still running when the service stops.
-            async with c.stream("POST", f"/v1/sandboxes/{sid}/execute", json={"code": "print('started', flush=True)\nimport time; time.sleep(60)"}) as r:
+            async with c.stream(
+                "POST",
+                f"/v1/sandboxes/{sid}/execute",
+                json={"code": "print('started', flush=True)\nimport time; time.sleep(60)"},
+            ) as r:
                 running_id = r.headers["x-execution-id"]
                 async for line in r.aiter_lines():
                     if '"stdout"' in line:

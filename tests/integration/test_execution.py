@@ -88,7 +88,7 @@ async def test_matplotlib_png_becomes_a_downloadable_artifact(client: httpx.Asyn
 async def test_svg_and_display_updates(client: httpx.AsyncClient, sandbox: str) -> None:
     code = (
         "from IPython.display import display, SVG, update_display, clear_output\n"
-        "display(SVG('<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"4\" height=\"4\"/>'))\n"
+        'display(SVG(\'<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"/>\'))\n'
         "h = display('one', display_id='d1')\n"
         "update_display('two', display_id='d1')\n"
         "clear_output(wait=True)\n"
@@ -132,7 +132,9 @@ async def test_timeout_of_a_kernel_that_ignores_interrupts_restarts_it(short_tmp
     ],
     ids=["os_exit", "sigkill", "segfault"],
 )
-async def test_dead_kernel_ends_execution_and_is_restarted(client: httpx.AsyncClient, sandbox: str, killer: str) -> None:
+async def test_dead_kernel_ends_execution_and_is_restarted(
+    client: httpx.AsyncClient, sandbox: str, killer: str
+) -> None:
     await execute(client, sandbox, "z = 1")
     events = await execute(client, sandbox, "print('before', flush=True)\n" + killer)
     end = events[-1]
@@ -245,7 +247,7 @@ async def test_bash_context(client: httpx.AsyncClient, sandbox: str) -> None:
 
 
 async def test_per_execution_envs_are_set_then_undone(client: httpx.AsyncClient, sandbox: str) -> None:
-    tricky = "it's \"quoted\" \\ and\nnewline"
+    tricky = 'it\'s "quoted" \\ and\nnewline'
     events = await execute(client, sandbox, "import os; os.environ['CB_TEST']", envs={"CB_TEST": tricky})
     assert main_text(events) == repr(tricky)
     after = await execute(client, sandbox, "os.environ.get('CB_TEST')")

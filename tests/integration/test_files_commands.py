@@ -57,7 +57,9 @@ async def test_coding_agent_flow(client: httpx.AsyncClient, sandbox: str) -> Non
     assert png.headers["content-type"] == "image/png"
     kept = await client.get(png.headers["x-artifact-url"])
     assert kept.content == png.content
-    listing = (await client.get(f"/v1/sandboxes/{sandbox}/files/list", params={"path": "/home/user", "depth": 2})).json()
+    listing = (
+        await client.get(f"/v1/sandboxes/{sandbox}/files/list", params={"path": "/home/user", "depth": 2})
+    ).json()
     paths = {e["path"] for e in listing["entries"]}
     assert {"/home/user/plot.py", "/home/user/out.png", "/home/user/data/points.csv"} <= paths
 
@@ -120,7 +122,9 @@ async def test_path_traversal_and_symlink_escapes_are_refused(client: httpx.Asyn
 
 async def test_background_command_list_attach_stdin_and_kill(client: httpx.AsyncClient, sandbox: str) -> None:
     base = f"/v1/sandboxes/{sandbox}/commands"
-    r = await client.post(base, json={"cmd": "echo ready; while read line; do echo got:$line; done", "background": True})
+    r = await client.post(
+        base, json={"cmd": "echo ready; while read line; do echo got:$line; done", "background": True}
+    )
     assert r.status_code == 201
     pid = r.json()["pid"]
     running = (await client.get(base, params={"running": "true"})).json()["commands"]
@@ -143,8 +147,13 @@ async def test_background_command_list_attach_stdin_and_kill(client: httpx.Async
 
 
 async def test_command_exit_codes_env_cwd_timeout(client: httpx.AsyncClient, sandbox: str) -> None:
-    ev = await run_cmd(client, sandbox, "echo $GREETING from $(pwd); echo oops >&2; exit 7",
-                       envs={"GREETING": "hi there"}, cwd="/home/user/work")
+    ev = await run_cmd(
+        client,
+        sandbox,
+        "echo $GREETING from $(pwd); echo oops >&2; exit 7",
+        envs={"GREETING": "hi there"},
+        cwd="/home/user/work",
+    )
     assert text(ev) == "hi there from /home/user/work\n" or text(ev).startswith("hi there from ")
     assert text(ev, "stderr") == "oops\n" and ev[-1]["exit_code"] == 7
     slow = await run_cmd(client, sandbox, "sleep 30", timeout=1)
@@ -158,8 +167,9 @@ async def test_command_exit_codes_env_cwd_timeout(client: httpx.AsyncClient, san
 
 async def test_streaming_command_output_arrives_live(client: httpx.AsyncClient, sandbox: str) -> None:
     arrivals = []
-    async with client.stream("POST", f"/v1/sandboxes/{sandbox}/commands",
-                             json={"cmd": "echo one; sleep 1.5; echo two"}) as r:
+    async with client.stream(
+        "POST", f"/v1/sandboxes/{sandbox}/commands", json={"cmd": "echo one; sleep 1.5; echo two"}
+    ) as r:
         async for line in r.aiter_lines():
             ev = json.loads(line)
             if ev["type"] == "stdout":

@@ -54,13 +54,16 @@ async def test_usage_and_limits_in_info(client: httpx.AsyncClient, isolation: st
 async def test_warm_pool_hands_out_fresh_sandboxes_once(short_tmp: Path, isolation: str) -> None:
     settings = isolation_settings(short_tmp, isolation, pool_size=2)
     async with run_server(settings) as srv, httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+
         async def pool_ready(n: int) -> None:
             async with asyncio.timeout(120):
                 while (await c.get("/healthz")).json()["pool"].get("default", 0) < n:
                     await asyncio.sleep(0.1)  # polling the public pool count, bounded above
 
         await pool_ready(2)
-        first = (await c.post("/v1/sandboxes", json={"envs": {"GREETING": "hello pool"}, "metadata": {"n": "1"}})).json()
+        first = (
+            await c.post("/v1/sandboxes", json={"envs": {"GREETING": "hello pool"}, "metadata": {"n": "1"}})
+        ).json()
         second = (await c.post("/v1/sandboxes", json={})).json()
         assert first["id"] != second["id"] and first["metadata"] == {"n": "1"}
         assert first["envs"] == {"GREETING": "hello pool"}

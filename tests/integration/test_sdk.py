@@ -71,8 +71,17 @@ async def test_cli_run_saves_artifacts(server: RunningServer, tmp_path: Path) ->
     script.write_text("import matplotlib.pyplot as plt\nprint('drawing')\nplt.plot([3, 1, 2]); plt.show()\n")
     out_dir = tmp_path / "art"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cellbox.cli", "run", str(script), "--url", server.url, "--artifacts-dir", str(out_dir),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "cellbox.cli",
+        "run",
+        str(script),
+        "--url",
+        server.url,
+        "--artifacts-dir",
+        str(out_dir),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
@@ -80,8 +89,15 @@ async def test_cli_run_saves_artifacts(server: RunningServer, tmp_path: Path) ->
     saved = list(out_dir.glob("*.png"))
     assert len(saved) == 1 and saved[0].read_bytes()[:4] == b"\x89PNG"
     failing = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cellbox.cli", "run", "1/0", "--url", server.url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "cellbox.cli",
+        "run",
+        "1/0",
+        "--url",
+        server.url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     _, err = await failing.communicate()
     assert failing.returncode == 1 and "ZeroDivisionError" in err.decode()

@@ -15,6 +15,7 @@ from cellbox.interpreter.templates import build_template, default_template_pytho
 from tests.integration.conftest import execute, isolation_settings, main_text
 from tests.integration.server import run_server
 
+
 @pytest.fixture(scope="module")
 def tiny_templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A template built once for the module: ipykernel only, a startup file, env vars."""
@@ -53,7 +54,9 @@ def test_cli_template_list(tiny_templates: Path) -> None:
 
     out = subprocess.run(
         [sys.executable, "-m", "cellbox.cli", "template", "list", "--data-dir", str(tiny_templates.parent)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
         env={"CELLBOX_TEMPLATES_DIR": str(tiny_templates), "PATH": "/usr/bin:/bin"},
     )
     assert out.returncode == 0, out.stderr

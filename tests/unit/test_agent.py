@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -50,7 +49,9 @@ async def collect(handle: ProcessHandle) -> dict[str, bytes]:
 
 async def test_spawn_streams_output_and_exit(agent) -> None:  # type: ignore[no-untyped-def]
     client, _ = agent
-    h = await client.spawn(["/bin/sh", "-c", "echo out; echo err >&2; exit 3"], {"PATH": "/usr/bin:/bin"}, None, pipes=True)
+    h = await client.spawn(
+        ["/bin/sh", "-c", "echo out; echo err >&2; exit 3"], {"PATH": "/usr/bin:/bin"}, None, pipes=True
+    )
     out = await collect(h)
     assert out == {"stdout": b"out\n", "stderr": b"err\n"}
     assert await h.exited == 3

@@ -37,7 +37,9 @@ def test_only_the_kernel_module_imports_jupyter_client() -> None:
 
     root = pathlib.Path(__file__).parents[2] / "cellbox"
     importers = sorted(
-        str(p.relative_to(root)) for p in root.rglob("*.py") if "import jupyter_client" in p.read_text() or "from jupyter_client" in p.read_text()
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if "import jupyter_client" in p.read_text() or "from jupyter_client" in p.read_text()
     )
     assert importers == ["interpreter/kernel.py"]
 
@@ -67,8 +69,14 @@ def test_error_payload_round_trips(cls: type[errors.InterpreterError]) -> None:
 
 
 def test_events_round_trip_and_unknown_types_are_skipped() -> None:
-    wire = {"type": "result", "execution_id": "ex_1", "seq": 3, "data": {"text/plain": "2"}, "is_main_result": True,
-            "artifacts": [{"id": "a" * 64, "mime": "image/png", "url": "/v1/artifacts/x", "size": 4}]}
+    wire = {
+        "type": "result",
+        "execution_id": "ex_1",
+        "seq": 3,
+        "data": {"text/plain": "2"},
+        "is_main_result": True,
+        "artifacts": [{"id": "a" * 64, "mime": "image/png", "url": "/v1/artifacts/x", "size": 4}],
+    }
     ev = models.parse_event(json.dumps(wire))
     assert isinstance(ev, models.ResultEvent) and ev.artifacts[0].size == 4
     assert models.dump_event(ev)["seq"] == 3

@@ -11,8 +11,14 @@ from cellbox.interpreter.models import ArtifactList
 
 router = APIRouter(tags=["artifacts"])
 
-_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "image/webp": "webp",
-        "image/svg+xml": "svg", "application/pdf": "pdf"}
+_EXT = {
+    "image/png": "png",
+    "image/jpeg": "jpg",
+    "image/gif": "gif",
+    "image/webp": "webp",
+    "image/svg+xml": "svg",
+    "application/pdf": "pdf",
+}
 
 
 @router.get("/v1/sandboxes/{sandbox_id}/artifacts", response_model=ArtifactList)
@@ -22,8 +28,11 @@ async def list_artifacts(sandbox_id: str, request: Request, owner: Owner, manage
     return ArtifactList(artifacts=[a.model_copy(update={"url": base + a.url}) for a in items])
 
 
-@router.get("/v1/artifacts/{artifact_id}", response_class=Response,
-            responses={200: {"description": "The artifact's bytes, with its Content-Type."}})
+@router.get(
+    "/v1/artifacts/{artifact_id}",
+    response_class=Response,
+    responses={200: {"description": "The artifact's bytes, with its Content-Type."}},
+)
 async def get_artifact(artifact_id: str, request: Request, owner: Owner, manager: Manager) -> Response:
     path, info = await manager.artifact(owner, artifact_id)
     etag = f'"{artifact_id}"'
@@ -34,5 +43,6 @@ async def get_artifact(artifact_id: str, request: Request, owner: Owner, manager
     headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
     headers["X-Content-Type-Options"] = "nosniff"
     filename = f"{artifact_id[:16]}.{_EXT.get(info.mime, 'bin')}"
-    return FileResponse(path, media_type=info.mime, headers=headers, filename=filename,
-                        content_disposition_type="inline")
+    return FileResponse(
+        path, media_type=info.mime, headers=headers, filename=filename, content_disposition_type="inline"
+    )

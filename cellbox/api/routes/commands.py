@@ -26,13 +26,16 @@ async def run_command(sandbox_id: str, body: CommandRequest, request: Request, o
     if body.background:
         return Response(log.info().model_dump_json(), status_code=201, media_type="application/json")
     # A client that goes away does not stop the command (attach again by pid).
-    return NDJSONStream(log.follow(-1, manager.settings.keepalive_interval), base_url(request),
-                        headers={"X-Command-Pid": str(log.pid)})
+    return NDJSONStream(
+        log.follow(-1, manager.settings.keepalive_interval), base_url(request), headers={"X-Command-Pid": str(log.pid)}
+    )
 
 
 @router.get("/{sandbox_id}/commands", response_model=CommandList)
 async def list_commands(
-    sandbox_id: str, owner: Owner, manager: Manager,
+    sandbox_id: str,
+    owner: Owner,
+    manager: Manager,
     running: Annotated[bool, Query(description="Only commands still running.")] = False,
 ) -> CommandList:
     logs = await manager.commands(owner, sandbox_id)
@@ -41,15 +44,22 @@ async def list_commands(
 
 @router.get("/{sandbox_id}/commands/{pid}", responses=_STREAM_DOC, response_model=CommandRecord)
 async def get_command(
-    sandbox_id: str, pid: int, request: Request, owner: Owner, manager: Manager,
+    sandbox_id: str,
+    pid: int,
+    request: Request,
+    owner: Owner,
+    manager: Manager,
     after: Annotated[int, Query(ge=-1, description="Only events with seq > after.")] = -1,
     follow: Annotated[bool, Query(description="Stream NDJSON: replay, then live until `exit`.")] = False,
 ) -> Any:
     log = await manager.command(owner, sandbox_id, pid)
     if follow:
-        return NDJSONStream(log.follow(after, manager.settings.keepalive_interval), base_url(request),
-                            headers={"X-Command-Pid": str(pid)})
-    return CommandRecord(**log.info().model_dump(), events=log.events[after + 1:])
+        return NDJSONStream(
+            log.follow(after, manager.settings.keepalive_interval),
+            base_url(request),
+            headers={"X-Command-Pid": str(pid)},
+        )
+    return CommandRecord(**log.info().model_dump(), events=log.events[after + 1 :])
 
 
 @router.post("/{sandbox_id}/commands/{pid}/stdin", status_code=204)

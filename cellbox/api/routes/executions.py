@@ -14,8 +14,7 @@ from cellbox.interpreter.models import ExecuteRequest, ExecutionInfo, ExecutionR
 router = APIRouter(prefix="/v1/sandboxes", tags=["executions"])
 
 _STREAM_DOC: dict[int | str, dict[str, Any]] = {
-    200: {"description": "One JSON event per line, ending with exactly one `end` event.",
-          "content": {NDJSON: {}}},
+    200: {"description": "One JSON event per line, ending with exactly one `end` event.", "content": {NDJSON: {}}},
 }
 
 

@@ -37,10 +37,15 @@ def _mime(path: str) -> str:
     return mimetypes.guess_type(path)[0] or "application/octet-stream"
 
 
-@router.get("/{sandbox_id}/files", response_class=Response,
-            responses={200: {"description": "The file's bytes, streamed."}})
+@router.get(
+    "/{sandbox_id}/files", response_class=Response, responses={200: {"description": "The file's bytes, streamed."}}
+)
 async def read_file(
-    sandbox_id: str, path: PathQ, request: Request, owner: Owner, manager: Manager,
+    sandbox_id: str,
+    path: PathQ,
+    request: Request,
+    owner: Owner,
+    manager: Manager,
     keep: Annotated[bool, Query(description="Also keep the file as an artifact (X-Artifact-Url).")] = False,
 ) -> Any:
     agent = await manager.files_agent(owner, sandbox_id)
@@ -68,7 +73,10 @@ async def write_file(sandbox_id: str, path: PathQ, request: Request, owner: Owne
 
 @router.post("/{sandbox_id}/files", response_model=EntryList)
 async def upload_files(
-    sandbox_id: str, request: Request, owner: Owner, manager: Manager,
+    sandbox_id: str,
+    request: Request,
+    owner: Owner,
+    manager: Manager,
     path: Annotated[str, Query(description="Directory the parts' filenames are relative to.")] = "/home/user",
 ) -> EntryList:
     """Multipart upload of one or more files; each part's filename (or field name) is its path."""
@@ -96,7 +104,10 @@ async def upload_files(
 
 @router.get("/{sandbox_id}/files/list", response_model=EntryList)
 async def list_files(
-    sandbox_id: str, owner: Owner, manager: Manager, path: PathQ = "/home/user",
+    sandbox_id: str,
+    owner: Owner,
+    manager: Manager,
+    path: PathQ = "/home/user",
     depth: Annotated[int, Query(ge=1, le=32)] = 1,
 ) -> EntryList:
     return await files.listdir(await manager.files_agent(owner, sandbox_id), path, depth)
@@ -129,12 +140,23 @@ async def remove_file(sandbox_id: str, path: PathQ, owner: Owner, manager: Manag
     return Response(status_code=204)
 
 
-@router.get("/{sandbox_id}/files/watch", response_class=Response,
-            responses={200: {"description": "NDJSON: first `{type: watching}` once the watch is in place, then "
-                                            "`{type: create|write|remove|rename|chmod, path, is_dir}` per change, "
-                                            "`keepalive` while quiet, until the client leaves."}})
+@router.get(
+    "/{sandbox_id}/files/watch",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "NDJSON: first `{type: watching}` once the watch is in place, then "
+            "`{type: create|write|remove|rename|chmod, path, is_dir}` per change, "
+            "`keepalive` while quiet, until the client leaves."
+        }
+    },
+)
 async def watch_dir(
-    sandbox_id: str, path: PathQ, request: Request, owner: Owner, manager: Manager,
+    sandbox_id: str,
+    path: PathQ,
+    request: Request,
+    owner: Owner,
+    manager: Manager,
     recursive: Annotated[bool, Query(description="Also watch subdirectories, present and future.")] = False,
 ) -> Any:
     agent = await manager.files_agent(owner, sandbox_id)

@@ -38,7 +38,7 @@ async def list_sandboxes(
         if not sep:
             raise InvalidRequest("metadata filters are key=value", field="metadata")
         wanted[key] = value
-    return SandboxList(sandboxes=await manager.list(owner, state, wanted))
+    return SandboxList(sandboxes=await manager.list_sandboxes(owner, state, wanted))
 
 
 @router.get("/{sandbox_id}", response_model=SandboxInfo)
