@@ -43,14 +43,14 @@ def _bwrap_problem() -> str | None:
     return None if report.ok else "; ".join(report.problems)
 
 
-_BWRAP_PROBLEM = _bwrap_problem()
+BWRAP_PROBLEM = _bwrap_problem()
 
 
 @pytest.fixture(params=["none", "bwrap"])
 def isolation(request: pytest.FixtureRequest) -> str:
     """Every contract test runs against each isolation mode of the local runtime."""
-    if request.param == "bwrap" and _BWRAP_PROBLEM:
-        pytest.skip(f"bwrap isolation unavailable: {_BWRAP_PROBLEM}")
+    if request.param == "bwrap" and BWRAP_PROBLEM:
+        pytest.skip(f"bwrap isolation unavailable: {BWRAP_PROBLEM}")
     return str(request.param)
 
 

@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import signal
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,8 +24,7 @@ import psutil
 import pytest
 import pytest_asyncio
 
-from cellbox.runtimes.isolation import check_host
-from tests.integration.conftest import execute, main_text, make_settings, stdout
+from tests.integration.conftest import BWRAP_PROBLEM, execute, main_text, make_settings, stdout
 from tests.integration.server import RunningServer, run_server
 from tests.security.hostile import (
     answers_two,
@@ -40,12 +38,8 @@ from tests.security.hostile import (
     watched,
 )
 
-if os.geteuid() != 0:
-    pytest.skip("isolation tests need root", allow_module_level=True)
-with tempfile.TemporaryDirectory(prefix="cbxchk") as _tmp:
-    _report = asyncio.run(check_host(Path(_tmp)))
-if not _report.ok:
-    pytest.skip(f"host cannot isolate: {'; '.join(_report.problems)}", allow_module_level=True)
+if BWRAP_PROBLEM:
+    pytest.skip(f"bwrap isolation unavailable: {BWRAP_PROBLEM}", allow_module_level=True)
 
 pytestmark = pytest.mark.asyncio
 

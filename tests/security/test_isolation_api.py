@@ -5,9 +5,7 @@ Needs root and a host where :func:`check_host` passes; skipped otherwise.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,16 +14,11 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from cellbox.runtimes.isolation import check_host
-from tests.integration.conftest import execute, main_text, make_settings, stdout
+from tests.integration.conftest import BWRAP_PROBLEM, execute, main_text, make_settings, stdout
 from tests.integration.server import RunningServer, run_server
 
-if os.geteuid() != 0:
-    pytest.skip("isolation tests need root", allow_module_level=True)
-with tempfile.TemporaryDirectory(prefix="cbxchk") as _tmp:
-    _report = asyncio.run(check_host(Path(_tmp)))
-if not _report.ok:
-    pytest.skip(f"host cannot isolate: {'; '.join(_report.problems)}", allow_module_level=True)
+if BWRAP_PROBLEM:
+    pytest.skip(f"bwrap isolation unavailable: {BWRAP_PROBLEM}", allow_module_level=True)
 
 pytestmark = pytest.mark.asyncio
 
