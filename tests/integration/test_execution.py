@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import struct
 import time
@@ -189,13 +190,16 @@ async def test_interrupt_on_disconnect_when_asked(client: httpx.AsyncClient, san
 
 async def test_executions_in_one_context_run_in_order(client: httpx.AsyncClient, sandbox: str) -> None:
     await execute(client, sandbox, "order = []")
-    codes = [f"import time; time.sleep(0.2); order.append({i})" for i in range(4)]
-    tasks = []
-    for code in codes:
-        tasks.append(asyncio.create_task(execute(client, sandbox, code)))
-        await asyncio.sleep(0.05)  # submission order, not a readiness wait
-    for events in await asyncio.gather(*tasks):
-        assert events[-1]["status"] == "ok"
+    url = f"/v1/sandboxes/{sandbox}/execute"
+    async with contextlib.AsyncExitStack() as stack:
+        streams = []
+        for i in range(4):
+            # The response headers come once the execution is queued: submission order is known.
+            body = {"code": f"import time; time.sleep(0.2); order.append({i})"}
+            streams.append(await stack.enter_async_context(client.stream("POST", url, json=body)))
+        for r in streams:
+            events = [json.loads(line) async for line in r.aiter_lines()]
+            assert events[-1]["type"] == "end" and events[-1]["status"] == "ok"
     assert main_text(await execute(client, sandbox, "order")) == "[0, 1, 2, 3]"
 
 

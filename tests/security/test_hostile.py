@@ -470,10 +470,20 @@ async def test_kill_everything_from_a_command(client: httpx.AsyncClient, iso_ser
         bystander = await asyncio.create_subprocess_exec("/bin/sleep", "300", preexec_fn=drop)
         try:
             async with watched(client, iso_server.url):
-                ev = await command(client, victim, "kill -9 -1; sleep 5; echo survived")
-                # the command dies with everything else in the sandbox; the exit event says how
-                assert ev[-1].get("signal") == signal.SIGKILL or ev[-1].get("reason"), ev
-                assert "survived" not in command_out(ev)
+                url = f"/v1/sandboxes/{victim}/commands"
+                async with client.stream("POST", url, json={"cmd": "kill -9 -1; sleep 5; echo survived"}) as r:
+                    body = [json.loads(line) for line in (await r.aread()).decode().splitlines() if line]
+                if r.status_code == 200:
+                    # the command dies with everything else in the sandbox; the exit event says how
+                    ev = [e for e in body if e["type"] != "keepalive"]
+                    assert ev[-1]["type"] == "exit", ev
+                    assert ev[-1].get("signal") == signal.SIGKILL or ev[-1].get("reason"), ev
+                    assert "survived" not in command_out(ev)
+                else:
+                    # kill -9 -1 took the sandbox's agent down before it could even answer the
+                    # start: a clear error, never a traceback
+                    assert r.status_code == 503, body
+                    assert body[0]["error"]["code"] == "kernel_died", body
                 assert bystander.returncode is None
                 await eventually("the victim answering again", lambda: answers_two(client, victim), timeout=60)
                 ev = await command(client, victim, "echo again")
