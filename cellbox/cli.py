@@ -346,6 +346,37 @@ def sandbox_kill(url: str, api_key: str | None, sandbox_id: str) -> None:
     click.echo(f"killed {sandbox_id}")
 
 
+@sandbox.command("pause")
+@_client_options
+@click.argument("sandbox_id")
+def sandbox_pause(url: str, api_key: str | None, sandbox_id: str) -> None:
+    """Freeze a sandbox (memory kept) until `cellbox sandbox resume`."""
+    with _reported_errors(), _attached(sandbox_id, _connection(url, api_key)) as sbx:
+        info = sbx.pause()
+    click.echo(f"{sandbox_id}\t{info.state.value}")
+
+
+@sandbox.command("resume")
+@_client_options
+@click.argument("sandbox_id")
+def sandbox_resume(url: str, api_key: str | None, sandbox_id: str) -> None:
+    """Thaw a paused sandbox."""
+    with _reported_errors(), _attached(sandbox_id, _connection(url, api_key)) as sbx:
+        info = sbx.resume()
+    click.echo(f"{sandbox_id}\t{info.state.value}")
+
+
+@sandbox.command("timeout")
+@_client_options
+@click.argument("sandbox_id")
+@click.argument("seconds", type=click.FloatRange(min=0, min_open=True))
+def sandbox_timeout(url: str, api_key: str | None, sandbox_id: str, seconds: float) -> None:
+    """Make a sandbox expire SECONDS from now."""
+    with _reported_errors(), _attached(sandbox_id, _connection(url, api_key)) as sbx:
+        info = sbx.set_timeout(seconds)
+    click.echo(f"{sandbox_id}\tend_at={info.end_at}")
+
+
 def _parse_envs(pairs: tuple[str, ...]) -> dict[str, str]:
     envs = {}
     for pair in pairs:
@@ -452,6 +483,18 @@ def files_ls(url: str, api_key: str | None, sandbox_id: str, path: str, depth: i
         entries = sbx.files.list(path, depth=depth)
     for entry in entries:
         click.echo(f"{entry.type}\t{entry.size}\t{entry.permissions}\t{entry.path}")
+
+
+@files_group.command("watch")
+@_client_options
+@click.argument("sandbox_id")
+@click.argument("path", default="/home/user")
+@click.option("--recursive", is_flag=True, help="Also watch subdirectories.")
+def files_watch(url: str, api_key: str | None, sandbox_id: str, path: str, recursive: bool) -> None:
+    """Print each change under PATH (type, path) as it happens, until interrupted."""
+    with _reported_errors(), _attached(sandbox_id, _connection(url, api_key)) as sbx:
+        for event in sbx.files.watch_dir(path, recursive=recursive):
+            click.echo(f"{event.type}\t{event.path}")
 
 
 # -- templates -----------------------------------------------------------------------------------

@@ -331,6 +331,17 @@ class AsyncFilesystem(FilesBase):
         super().__init__(sandbox)
         self._http = sandbox._http
 
+    async def watch_dir(self, path: str, *, recursive: bool = False) -> AsyncIterator[models.FsEvent]:
+        """Async :meth:`Filesystem.watch_dir`."""
+        call, builder = self._watch_call(path, recursive)
+        steps = _stream(self._http, call, builder)
+        try:
+            async for _ in steps:
+                if builder.last is not None:
+                    yield builder.last
+        finally:
+            await steps.aclose()
+
     @overload
     async def read(
         self, path: str, format: Literal["text"] = "text", *, request_timeout: RequestTimeout = ...

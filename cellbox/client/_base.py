@@ -30,6 +30,7 @@ from ._models import (
     Context,
     Execution,
     ExecutionBuilder,
+    WatchBuilder,
     execution_from_record,
     validated,
 )
@@ -523,6 +524,11 @@ class FilesBase:
         if format not in _READ_PARSERS:
             raise errors.InvalidRequest(f"format must be 'text', 'bytes' or 'stream', not {format!r}", field="format")
         return Call("GET", self._url, _READ_PARSERS[format], params=_at(path), timeout=request_timeout)
+
+    def _watch_call(self, path: str, recursive: bool) -> tuple[Call[None], WatchBuilder]:
+        params = [("path", path), ("recursive", "true" if recursive else "false")]
+        timeout = httpx.Timeout(self._config.request_timeout, read=None)  # keepalives while quiet
+        return Call("GET", self._url + "/watch", _nothing, params=params, timeout=timeout), WatchBuilder(path)
 
     def _write_call(self, path: str, data: Any, request_timeout: RequestTimeout) -> Call[models.EntryInfo]:
         parse = _model(models.EntryInfo)

@@ -347,6 +347,28 @@ class StreamBuilder(Protocol):
     def incomplete(self, cause: BaseException | None = None) -> errors.InterpreterError: ...
 
 
+class WatchBuilder:
+    """Turns a watch stream into :class:`~cellbox.interpreter.models.FsEvent` objects; the
+    stream has no end of its own (the caller stops iterating)."""
+
+    done = False
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.last: models.FsEvent | None = None
+
+    def feed(self, line: str | bytes) -> list[PendingCall]:
+        obj = json.loads(line)
+        self.last = models.FsEvent.model_validate(obj) if obj.get("type") in _FS_TYPES else None
+        return []
+
+    def incomplete(self, cause: BaseException | None = None) -> errors.InterpreterError:
+        return errors.InterpreterError(f"the watch of {self.path} ended: {cause or 'the stream closed'}")
+
+
+_FS_TYPES = frozenset(["create", "write", "remove", "rename", "chmod"])
+
+
 # -- commands -------------------------------------------------------------------------------------
 
 

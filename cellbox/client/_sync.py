@@ -313,6 +313,15 @@ class Filesystem(FilesBase):
         super().__init__(sandbox)
         self._http = sandbox._http
 
+    def watch_dir(self, path: str, *, recursive: bool = False) -> Iterator[models.FsEvent]:
+        """Yield each change in a directory (create, write, remove, rename, chmod) as it
+        happens, until you stop iterating (close the generator to end the watch at once)."""
+        call, builder = self._watch_call(path, recursive)
+        with contextlib.closing(_stream(self._http, call, builder)) as steps:
+            for _ in steps:
+                if builder.last is not None:
+                    yield builder.last
+
     @overload
     def read(self, path: str, format: Literal["text"] = "text", *, request_timeout: RequestTimeout = ...) -> str: ...
     @overload

@@ -423,6 +423,14 @@ class EntryList(BaseModel):
     truncated: bool = False
 
 
+class FsEvent(BaseModel):
+    """One change in a watched directory (``GET .../files/watch``)."""
+
+    type: Literal["create", "write", "remove", "rename", "chmod"]
+    path: str
+    is_dir: bool = False
+
+
 class MkdirBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

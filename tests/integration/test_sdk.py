@@ -144,3 +144,58 @@ async def test_sdk_pause_resume(server: RunningServer, isolation: str) -> None:
             await sbx.run_code("n")
         assert (await sbx.resume()).state.value == "running"
         assert (await sbx.run_code("n * 6")).text == "42"
+
+
+async def test_sdk_watch_dir(server: RunningServer) -> None:
+    async with await AsyncSandbox.create(base_url=server.url) as sbx:
+        await sbx.files.make_dir("w")
+        seen: list[tuple[str, str]] = []
+
+        async def write_later() -> None:
+            # The watch is in place once the server's stream started; a write that lands
+            # before it would be missed, so keep writing until the watcher reports one.
+            while not seen:
+                await sbx.files.write("w/done.txt", "x")
+                await asyncio.sleep(0.2)  # a retry interval, bounded by the timeout below
+
+        async with asyncio.timeout(60):
+            writer = asyncio.create_task(write_later())
+            watch = sbx.files.watch_dir("w", recursive=True)
+            async for event in watch:
+                seen.append((event.type, event.path))
+                if event.path == "/home/user/w/done.txt":
+                    break
+            await watch.aclose()
+            await writer
+        assert ("create", "/home/user/w/done.txt") in seen or ("write", "/home/user/w/done.txt") in seen
+
+
+async def test_cli_lifecycle_commands(server: RunningServer, isolation: str) -> None:
+    async with await AsyncSandbox.create(base_url=server.url) as sbx:
+
+        async def cli(*args: str) -> tuple[int, str]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "cellbox.cli", "sandbox", *args, sbx.sandbox_id, "--url", server.url,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )
+            out, _ = await proc.communicate()
+            return proc.returncode or 0, out.decode()
+
+        code, out = await _cli_timeout(server, sbx.sandbox_id)
+        assert code == 0 and "end_at=" in out
+        if isolation == "bwrap":
+            assert (await cli("pause"))[1].strip().endswith("paused")
+            assert (await cli("resume"))[1].strip().endswith("running")
+        else:
+            code, out = await cli("pause")
+            assert code == 1 and "bwrap" in out
+        assert (await sbx.run_code("1 + 1")).text == "2"
+
+
+async def _cli_timeout(server: RunningServer, sandbox_id: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cellbox.cli", "sandbox", "timeout", sandbox_id, "120", "--url", server.url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode()
