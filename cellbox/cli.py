@@ -346,24 +346,20 @@ def sandbox_kill(url: str, api_key: str | None, sandbox_id: str) -> None:
     click.echo(f"killed {sandbox_id}")
 
 
-@sandbox.command("pause")
-@_client_options
-@click.argument("sandbox_id")
-def sandbox_pause(url: str, api_key: str | None, sandbox_id: str) -> None:
-    """Freeze a sandbox (memory kept) until `cellbox sandbox resume`."""
-    with _reported_errors(), _attached(sandbox_id, _connection(url, api_key)) as sbx:
-        info = sbx.pause()
-    click.echo(f"{sandbox_id}\t{info.state.value}")
+def _lifecycle_command(action: str, doc: str) -> None:
+    """Register ``cellbox sandbox pause|resume ID``: call the SDK method, print the new state."""
+
+    @sandbox.command(action, help=doc)
+    @_client_options
+    @click.argument("sandbox_id")
+    def command(url: str, api_key: str | None, sandbox_id: str) -> None:
+        with _reported_errors(), _attached(sandbox_id, _connection(url, api_key)) as sbx:
+            info = getattr(sbx, action)()
+        click.echo(f"{sandbox_id}\t{info.state.value}")
 
 
-@sandbox.command("resume")
-@_client_options
-@click.argument("sandbox_id")
-def sandbox_resume(url: str, api_key: str | None, sandbox_id: str) -> None:
-    """Thaw a paused sandbox."""
-    with _reported_errors(), _attached(sandbox_id, _connection(url, api_key)) as sbx:
-        info = sbx.resume()
-    click.echo(f"{sandbox_id}\t{info.state.value}")
+_lifecycle_command("pause", "Freeze a sandbox (memory kept) until `cellbox sandbox resume`.")
+_lifecycle_command("resume", "Thaw a paused sandbox.")
 
 
 @sandbox.command("timeout")

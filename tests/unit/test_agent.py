@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -17,18 +18,17 @@ from cellbox.runtimes.agent_client import AgentClient, AgentGone, ProcessHandle
 pytestmark = pytest.mark.asyncio
 
 
-@pytest_asyncio.fixture
-async def agent(short_tmp: Path) -> AsyncIterator[tuple[AgentClient, asyncio.subprocess.Process]]:
-    sock = short_tmp / "agent.sock"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, agent_module.__file__, "--socket", str(sock), "--home", str(short_tmp)
-    )
+@contextlib.asynccontextmanager
+async def running_agent(*args: str) -> AsyncIterator[tuple[AgentClient, asyncio.subprocess.Process]]:
+    """Start ``agent.py`` as a plain process with ``args``, connect, and stop it on exit."""
+    sock = args[args.index("--socket") + 1]
+    proc = await asyncio.create_subprocess_exec(sys.executable, agent_module.__file__, *args)
     # Readiness is the socket accepting a connection: retry connecting until it does (bounded).
     client = None
     async with asyncio.timeout(20):
         while client is None:
             try:
-                client = await AgentClient.connect(str(sock))
+                client = await AgentClient.connect(sock)
             except (FileNotFoundError, ConnectionRefusedError):
                 assert proc.returncode is None
                 await asyncio.sleep(0.02)
@@ -38,6 +38,12 @@ async def agent(short_tmp: Path) -> AsyncIterator[tuple[AgentClient, asyncio.sub
         await client.close()
         async with asyncio.timeout(20):
             await proc.wait()
+
+
+@pytest_asyncio.fixture
+async def agent(short_tmp: Path) -> AsyncIterator[tuple[AgentClient, asyncio.subprocess.Process]]:
+    async with running_agent("--socket", str(short_tmp / "agent.sock"), "--home", str(short_tmp)) as pair:
+        yield pair
 
 
 async def collect(handle: ProcessHandle) -> dict[str, bytes]:
@@ -102,23 +108,8 @@ async def jailed(short_tmp: Path) -> AsyncIterator[tuple[AgentClient, Path]]:
     home = short_tmp / "home"
     home.mkdir()
     (short_tmp / "outside.txt").write_text("secret")
-    sock = short_tmp / "a.sock"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, agent_module.__file__, "--socket", str(sock), "--home", str(home), "--jail"
-    )
-    client = None
-    async with asyncio.timeout(20):
-        while client is None:
-            try:
-                client = await AgentClient.connect(str(sock))
-            except (FileNotFoundError, ConnectionRefusedError):
-                await asyncio.sleep(0.02)
-    try:
+    async with running_agent("--socket", str(short_tmp / "a.sock"), "--home", str(home), "--jail") as (client, _):
         yield client, home
-    finally:
-        await client.close()
-        async with asyncio.timeout(20):
-            await proc.wait()
 
 
 async def test_file_operations_stay_in_the_home(jailed) -> None:  # type: ignore[no-untyped-def]
