@@ -154,7 +154,7 @@ class SandboxManager:
             info.metadata, info.end_at = dict(req.metadata), info.created_at + timeout
             info.state = SandboxState.RUNNING
         self.sandboxes[sandbox.id] = sandbox
-        await self.store.put_sandbox(owner, sandbox.info().model_dump(mode="json"))
+        await self.store.put_sandbox(owner, sandbox.record())
         log.info("sandbox %s created (template %s%s)", sandbox.id, template.name, ", warm" if pooled else "")
         return sandbox
 
@@ -233,7 +233,7 @@ class SandboxManager:
             while True:
                 self._save_again.discard(sid)
                 try:
-                    await self.store.put_sandbox(sandbox.owner, sandbox.info().model_dump(mode="json"))
+                    await self.store.put_sandbox(sandbox.owner, sandbox.record())
                 except Exception:
                     log.exception("could not save sandbox %s", sid)
                 if sid not in self._save_again:
@@ -295,7 +295,7 @@ class SandboxManager:
         await sb.close()
         if sb.handle is not None:
             await self.runtime.destroy_sandbox(sb.handle)
-        await self.store.put_sandbox(sb.owner, sb.info().model_dump(mode="json"))
+        await self.store.put_sandbox(sb.owner, sb.record())
         log.info("sandbox %s %s", sb.id, why)
 
     async def pause(self, owner: str, sandbox_id: str) -> SandboxInfo:
@@ -307,7 +307,7 @@ class SandboxManager:
         assert sb.handle is not None
         await self.runtime.pause(sb.handle)
         sb.info_base.state = SandboxState.PAUSED
-        await self.store.put_sandbox(owner, sb.info().model_dump(mode="json"))
+        await self.store.put_sandbox(owner, sb.record())
         return sb.info()
 
     async def resume(self, owner: str, sandbox_id: str) -> SandboxInfo:
@@ -317,7 +317,7 @@ class SandboxManager:
         assert sb.handle is not None
         await self.runtime.resume(sb.handle)
         sb.info_base.state = SandboxState.RUNNING
-        await self.store.put_sandbox(owner, sb.info().model_dump(mode="json"))
+        await self.store.put_sandbox(owner, sb.record())
         return sb.info()
 
     async def set_timeout(self, owner: str, sandbox_id: str, timeout: float) -> SandboxInfo:
@@ -329,7 +329,7 @@ class SandboxManager:
         if sb is None or sb.owner != owner or sb.state != SandboxState.PAUSED:
             sb = await self.live(owner, sandbox_id)
         sb.info_base.end_at = time.time() + timeout
-        await self.store.put_sandbox(owner, sb.info().model_dump(mode="json"))
+        await self.store.put_sandbox(owner, sb.record())
         return sb.info()
 
     async def _reap_loop(self) -> None:

@@ -199,8 +199,9 @@ class Context:
             end.status = EndStatus.ERROR
             end.reason = f"internal error: {type(exc).__name__}"
         end.duration_ms = round((time.monotonic() - t0) * 1000, 3)
+        # No sandbox record write here: an execution changes nothing the record must keep (its
+        # own log is stored), and this is the per-execution hot path.
         await xlog.finish(end)
-        self.sandbox.changed()
 
     async def _run_locked(
         self, xlog: ExecutionLog, req: ExecuteRequest, timeout: float, end: EndEvent, settings: Settings
@@ -287,12 +288,16 @@ class Sandbox:
     def changed(self) -> None:
         self._on_change(self)
 
-    def info(self) -> SandboxInfo:
+    def record(self) -> dict[str, Any]:
+        """The sandbox as the state store keeps it (no live usage: that is read on demand)."""
+        return self.info(usage=False).model_dump(mode="json")
+
+    def info(self, usage: bool = True) -> SandboxInfo:
         exits = [c.last_exit for c in self.contexts.values() if c.last_exit is not None]
         update: dict[str, Any] = {"contexts": [c.info() for c in self.contexts.values()]}
         if exits:
             update["last_kernel_exit"] = max(exits, key=lambda e: e.at)
-        if self.handle is not None and self.state in (SandboxState.RUNNING, SandboxState.PAUSED):
+        if usage and self.handle is not None and self.state in (SandboxState.RUNNING, SandboxState.PAUSED):
             update["usage"] = self.runtime.usage(self.handle)
         return self.info_base.model_copy(update=update)
 

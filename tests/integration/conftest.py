@@ -80,17 +80,30 @@ async def sandbox(client: httpx.AsyncClient) -> str:
     return str(r.json()["id"])
 
 
-async def execute(client: httpx.AsyncClient, sandbox_id: str, code: str, **body: Any) -> list[dict[str, Any]]:
-    """Run code through the NDJSON endpoint; return every event (keepalives dropped)."""
+async def stream_events(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """POST ``body`` to an NDJSON endpoint; return every event but keepalives."""
     events = []
-    async with client.stream("POST", f"/v1/sandboxes/{sandbox_id}/execute", json={"code": code, **body}) as r:
+    async with client.stream("POST", path, json=body) as r:
         assert r.status_code == 200, await r.aread()
         async for line in r.aiter_lines():
             ev = json.loads(line)
             if ev["type"] != "keepalive":
                 events.append(ev)
+    return events
+
+
+async def execute(client: httpx.AsyncClient, sandbox_id: str, code: str, **body: Any) -> list[dict[str, Any]]:
+    """Run code through the NDJSON endpoint; return every event (keepalives dropped)."""
+    events = await stream_events(client, f"/v1/sandboxes/{sandbox_id}/execute", {"code": code, **body})
     assert events[-1]["type"] == "end", events
     assert [e["type"] for e in events].count("end") == 1
+    return events
+
+
+async def run_cmd(client: httpx.AsyncClient, sandbox_id: str, cmd: str, **body: Any) -> list[dict[str, Any]]:
+    """Run a foreground shell command; every event but keepalives, ``start`` first, ``exit`` last."""
+    events = await stream_events(client, f"/v1/sandboxes/{sandbox_id}/commands", {"cmd": cmd, **body})
+    assert events[0]["type"] == "start" and events[-1]["type"] == "exit", events
     return events
 
 

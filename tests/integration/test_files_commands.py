@@ -11,21 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import execute, main_text, stdout
+from tests.integration.conftest import execute, main_text, run_cmd, stdout
 
 pytestmark = pytest.mark.asyncio
-
-
-async def run_cmd(client: httpx.AsyncClient, sid: str, cmd: str, **body: Any) -> list[dict[str, Any]]:
-    events = []
-    async with client.stream("POST", f"/v1/sandboxes/{sid}/commands", json={"cmd": cmd, **body}) as r:
-        assert r.status_code == 200, await r.aread()
-        async for line in r.aiter_lines():
-            ev = json.loads(line)
-            if ev["type"] != "keepalive":
-                events.append(ev)
-    assert events[0]["type"] == "start" and events[-1]["type"] == "exit"
-    return events
 
 
 def text(events: list[dict[str, Any]], stream: str = "stdout") -> str:

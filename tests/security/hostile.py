@@ -9,7 +9,6 @@ than stopping the probe itself.
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import threading
 import time
@@ -20,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from tests.integration.conftest import execute, main_text
+from tests.integration.conftest import execute, main_text, run_cmd
 
 # Liveness, not speed: timings on this host are noisy, so only a stall this long counts as the
 # host not answering.
@@ -108,15 +107,7 @@ def error_of(events: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 async def command(client: httpx.AsyncClient, sid: str, cmd: str, **body: Any) -> list[dict[str, Any]]:
     """Run a foreground command; every event but keepalives, the last being ``exit``."""
-    events: list[dict[str, Any]] = []
-    async with client.stream("POST", f"/v1/sandboxes/{sid}/commands", json={"cmd": cmd, **body}) as r:
-        assert r.status_code == 200, await r.aread()
-        async for line in r.aiter_lines():
-            ev = json.loads(line)
-            if ev["type"] != "keepalive":
-                events.append(ev)
-    assert events and events[-1]["type"] == "exit", events
-    return events
+    return await run_cmd(client, sid, cmd, **body)
 
 
 def command_out(events: list[dict[str, Any]]) -> str:
