@@ -28,7 +28,7 @@ from jupyter_client.asynchronous.client import AsyncKernelClient
 
 from cellbox.interpreter.errors import KernelDied, KernelStartFailed
 from cellbox.interpreter.models import KernelExit
-from cellbox.runtimes.base import KernelProcess, KernelSpec
+from cellbox.runtimes.types import KernelProcess, KernelSpec
 
 log = logging.getLogger("cellbox.kernel")
 

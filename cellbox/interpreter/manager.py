@@ -47,7 +47,8 @@ from cellbox.interpreter.sandbox import Context, Sandbox, new_id, start_event
 from cellbox.interpreter.store import Store
 from cellbox.interpreter.templates import TemplateRegistry
 from cellbox.runtimes.agent_client import AgentClient
-from cellbox.runtimes.base import Runtime, TemplateInfo
+from cellbox.runtimes.local import LocalRuntime as Runtime
+from cellbox.runtimes.types import TemplateInfo
 
 log = logging.getLogger("cellbox.manager")
 

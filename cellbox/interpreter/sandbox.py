@@ -40,7 +40,8 @@ from cellbox.interpreter.models import (
     StartEvent,
 )
 from cellbox.interpreter.store import Store
-from cellbox.runtimes.base import KernelSpec, Runtime, SandboxHandle
+from cellbox.runtimes.types import KernelSpec, SandboxHandle
+from cellbox.runtimes.local import LocalRuntime as Runtime
 
 log = logging.getLogger("cellbox.sandbox")
 

@@ -9,7 +9,7 @@ from cellbox.interpreter.errors import RuntimeUnavailable
 
 if TYPE_CHECKING:
     from cellbox.interpreter.config import Settings
-    from cellbox.runtimes.base import Runtime
+    from cellbox.runtimes.local import LocalRuntime as Runtime  # until the backend seam lands
 
 RUNTIMES: dict[str, str] = {
     "local": "cellbox.runtimes.local:LocalRuntime",

@@ -1,83 +1,205 @@
-"""The Runtime protocol: where sandboxes physically live.
+"""The runtime seam: where sandboxes physically live, and what the core may ask of one.
 
-A runtime prepares a sandbox (home directory, limits), launches kernel processes in it and
-tears it down. It never speaks the Jupyter protocol: :meth:`Runtime.start_kernel` hands back
-the connection info, and ``KernelSession`` talks to the kernel directly, the way
-jupyter_client's provisioners work.
+Two protocols, split where a sandbox can move to another machine:
+
+* :class:`Runtime` *provisions*: it creates a sandbox (home, limits, network, the in-sandbox
+  agent), pauses, resumes, measures and destroys it. All async.
+* :class:`SandboxBackend` is one live sandbox as the core sees it: its contexts (kernels),
+  executions as a stream of :data:`~cellbox.interpreter.models.Event` models, raw Jupyter
+  messages for the gateway face, processes, files and watches. The local runtime's backend
+  runs in the service's process (``runtimes/backend.py``); a Ray actor will host the same
+  object on another node. Nothing here hands out ZMQ connection info, agent sockets or host
+  paths: the core and the faces never see them.
+
+The core keeps everything durable (execution logs, artifacts, records); a backend keeps only
+live state, and it is the one place where a context's FIFO lives, so requests from every
+door (native executions, a JupyterLab frontend's raw ``execute_request``) queue in one line.
 
 Implementations are picked by name (:data:`cellbox.runtimes.RUNTIMES`) and imported lazily.
+``runtimes`` depends only on the bottom layer (``interpreter.errors``, ``interpreter.models``,
+``interpreter.messages``, ``runtimes.types``, ``cellbox.aio``): a structure test enforces it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import AsyncIterator
+from typing import Protocol
 
-from cellbox.interpreter.models import KernelExit, Limits, SandboxUsage
+from cellbox.interpreter.messages import KernelMessage
+from cellbox.interpreter.models import (
+    ContextInfo,
+    EntryInfo,
+    EntryList,
+    Event,
+    ExecuteRequest,
+    Limits,
+    NetworkSpec,
+    SandboxUsage,
+)
+from cellbox.runtimes.types import KernelSpec, TemplateInfo
 
-if TYPE_CHECKING:
-    from cellbox.runtimes.agent_client import AgentClient
-
-
-@dataclass(frozen=True)
-class KernelSpec:
-    """How to start one kernel: argv with ``{connection_file}`` and ``{python}`` placeholders."""
-
-    language: str
-    argv: list[str]
-    interrupt_mode: str = "message"  # "message" (control channel) or "signal" (SIGINT)
-    env: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class TemplateInfo:
-    """A resolved template: the kernel environment and what every kernel gets."""
-
-    name: str
-    python: Path  # the kernel environment's interpreter
-    env_dir: Path | None  # the environment's root (a venv), mounted read-only when isolated
-    kernels: dict[str, KernelSpec]
-    startup_files: list[Path] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
-    limits: Limits = field(default_factory=Limits)
-    preload: list[str] = field(default_factory=list)  # modules a pooled kernel imports ahead of time
+__all__ = [
+    "FileSystem",
+    "KernelSpec",
+    "Process",
+    "Runtime",
+    "SandboxBackend",
+    "TemplateInfo",
+    "Watch",
+]
 
 
-@dataclass
-class SandboxHandle:
-    """What a runtime keeps for one sandbox; opaque to the core except these fields."""
+class Process(Protocol):
+    """A process started with :meth:`SandboxBackend.spawn`, its output piped back."""
+
+    pid: int
+
+    def output(self) -> AsyncIterator[tuple[str, bytes]]:
+        """``("stdout" | "stderr", chunk)`` in arrival order; ends when the process has closed
+        both pipes (or the sandbox went away). Consumed once, by the core's command log."""
+        ...
+
+    async def wait(self) -> int | None:
+        """The exit status (negative: killed by that signal); None when the sandbox went away."""
+        ...
+
+
+class Watch(Protocol):
+    """A directory watch (:meth:`FileSystem.watch`): in place when it is returned."""
+
+    def events(self) -> AsyncIterator[dict[str, object]]:
+        """Filesystem events (``{"type", "path", ...}``) until :meth:`close` or the sandbox ends."""
+        ...
+
+    async def close(self) -> None:
+        """Stop watching. Idempotent."""
+        ...
+
+
+class FileSystem(Protocol):
+    """A sandbox's files, in its own view, as its own user. Paths are sandbox paths."""
+
+    async def stat(self, path: str) -> EntryInfo: ...
+
+    async def listdir(self, path: str, depth: int) -> EntryList: ...
+
+    async def mkdir(self, path: str, parents: bool) -> tuple[bool, EntryInfo]:
+        """(created, entry): ``created`` is False when the directory was there already."""
+        ...
+
+    async def move(self, src: str, dst: str) -> EntryInfo: ...
+
+    async def remove(self, path: str) -> None: ...
+
+    async def read(self, path: str, offset: int, length: int) -> tuple[bytes, bool, int]:
+        """Up to ``length`` bytes from ``offset``: (data, eof, file size). FileNotFound, ..."""
+        ...
+
+    async def write(self, path: str, offset: int, data: bytes, truncate: bool) -> EntryInfo:
+        """Write ``data`` at ``offset`` (parents made; ``truncate`` empties the file first)."""
+        ...
+
+    async def watch(self, path: str, recursive: bool) -> Watch:
+        """Start watching a directory (FileNotFound when it does not exist)."""
+        ...
+
+
+class SandboxBackend(Protocol):
+    """One live sandbox (see the module docstring). Created by :meth:`Runtime.create_sandbox`."""
 
     sandbox_id: str
-    home: Path  # the sandbox's /home/user, as a host path
     template: TemplateInfo
-    limits: Limits
-    envs: dict[str, str]
-    extra: dict[str, Any] = field(default_factory=dict)
+    home: str  # the user's home (and default cwd) inside the sandbox
+    files: FileSystem
 
+    # -- contexts ---------------------------------------------------------------------------
 
-class KernelProcess(Protocol):
-    """One running kernel process, as started by :meth:`Runtime.start_kernel`."""
-
-    connection_info: dict[str, Any]
-    pid: int | None
-
-    async def wait(self) -> KernelExit:
-        """Wait until the process has exited and say why. Called once, by ``KernelSession``'s
-        watcher task; it must return promptly when the process dies for any reason."""
+    async def start_context(self, context_id: str, language: str, cwd: str | None) -> ContextInfo:
+        """Start a kernel for ``language`` and return once it answers. InvalidRequest for a
+        language the template lacks, KernelStartFailed when it does not come up."""
         ...
 
-    def signal(self, signum: int) -> None:
-        """Send a signal to the kernel's process group (interrupt for ``signal`` mode kernels)."""
+    async def contexts(self) -> list[ContextInfo]: ...
+
+    async def context(self, context_id: str) -> ContextInfo:
+        """ContextNotFound when the sandbox has no such context."""
         ...
 
-    async def kill(self) -> None:
-        """Kill the kernel and everything it started, then reap it. Idempotent."""
+    async def restart_context(self, context_id: str) -> ContextInfo:
+        """Restart the kernel; a running execution ends ``interrupted`` with ``state_lost``,
+        queued ones run on the fresh kernel."""
+        ...
+
+    async def interrupt_context(self, context_id: str, execution_id: str | None = None) -> ContextInfo:
+        """Interrupt what runs now (it ends ``interrupted``); with ``execution_id``, only if that
+        execution is the one running. A no-op when idle."""
+        ...
+
+    async def remove_context(self, context_id: str) -> None: ...
+
+    async def prepare_context(self, context_id: str, *, preload: list[str], envs: dict[str, str]) -> None:
+        """Import ``preload`` modules and set ``envs`` for good, leaving nothing else in the
+        user's namespace (a warm pool's sandboxes, before hand-out)."""
+        ...
+
+    def execute(
+        self, context_id: str, execution_id: str, request: ExecuteRequest, timeout: float
+    ) -> AsyncIterator[Event]:
+        """Queue an execution behind the context's FIFO and stream its events.
+
+        Yields a ``RunningEvent`` when it leaves the queue (its ``timeout`` starts then), then
+        the execution's events (results with their whole MIME bundle: the core stores the
+        artifacts), and exactly one ``EndEvent`` last, whatever happens. Never raises for what
+        the kernel or the code does; ContextNotFound before the first event."""
+        ...
+
+    async def send_input(self, context_id: str, execution_id: str, value: str) -> None:
+        """Answer the ``input_request`` of a running execution; InvalidRequest if it is not
+        waiting for input."""
+        ...
+
+    # -- raw kernel messages (the Jupyter gateway face) --------------------------------------
+
+    def subscribe(self, context_id: str) -> AsyncIterator[KernelMessage]:
+        """Every message the context's kernel sends from now on, on every channel: broadcast
+        iopub (``status``, comms), replies to any request, executions of every door. Ends when
+        the context is removed or the sandbox closes."""
+        ...
+
+    async def send_message(self, context_id: str, message: KernelMessage) -> None:
+        """Send a frontend's message to the kernel on ``message["channel"]``. An
+        ``execute_request`` on shell waits its turn in the context's FIFO (so no native
+        execution's timeout can interrupt it) and holds the context until its reply."""
+        ...
+
+    # -- processes --------------------------------------------------------------------------
+
+    async def spawn(self, argv: list[str], envs: dict[str, str], cwd: str | None) -> Process:
+        """Start a process in the sandbox with the sandbox's environment plus ``envs``."""
+        ...
+
+    async def signal(self, pid: int, signum: int) -> None:
+        """Signal a spawned process's group."""
+        ...
+
+    async def write_stdin(self, pid: int, data: bytes) -> None: ...
+
+    async def close_stdin(self, pid: int) -> None: ...
+
+    # -- teardown ---------------------------------------------------------------------------
+
+    def busy(self) -> bool:
+        """True while any context runs an execution (a pause would freeze its deadline)."""
+        ...
+
+    async def close(self) -> None:
+        """Stop every kernel (running executions end ``kernel_died``). Idempotent. The runtime
+        destroys the sandbox itself afterwards."""
         ...
 
 
 class Runtime(Protocol):
-    """Creates sandboxes and starts kernels in them."""
+    """Creates sandboxes and provisions them (see the module docstring)."""
 
     name: str
     isolation: str  # "none", "bwrap", ...: what /healthz and the sandbox info report
@@ -89,45 +211,35 @@ class Runtime(Protocol):
         ...
 
     async def create_sandbox(
-        self, sandbox_id: str, template: TemplateInfo, limits: Limits, envs: dict[str, str]
-    ) -> SandboxHandle:
-        """Prepare a sandbox (home, limits). Called by ``SandboxManager.create``."""
+        self,
+        sandbox_id: str,
+        template: TemplateInfo,
+        limits: Limits,
+        envs: dict[str, str],
+        network: NetworkSpec,
+    ) -> SandboxBackend:
+        """Provision a sandbox (home, limits, network, agent) with no context yet. Raises
+        InvalidRequest for a network spec this runtime cannot give."""
         ...
 
-    async def start_kernel(self, sandbox: SandboxHandle, spec: KernelSpec, name: str, cwd: str | None) -> KernelProcess:
-        """Launch one kernel in the sandbox and return as soon as the process runs; the
-        caller waits for readiness. ``name`` is unique within the sandbox. Called by
-        ``KernelSession.start`` for a new context and for every restart."""
+    async def pause(self, backend: SandboxBackend) -> None:
+        """Freeze every process of the sandbox, keeping its memory; Conflict where the
+        runtime cannot pause."""
         ...
 
-    async def agent(self, sandbox: SandboxHandle) -> AgentClient:
-        """The sandbox's in-sandbox agent (started again if it died). Called by the commands and
-        files APIs and for every kernel start. Raises KernelStartFailed if it cannot start."""
-        ...
-
-    def process_env(self, sandbox: SandboxHandle, envs: dict[str, str]) -> dict[str, str]:
-        """The full environment of a command started in the sandbox, ``envs`` on top."""
-        ...
-
-    async def pause(self, sandbox: SandboxHandle) -> None:
-        """Freeze every process of the sandbox, keeping its memory. Called by
-        ``SandboxManager.pause``; Conflict where the runtime cannot pause."""
-        ...
-
-    async def resume(self, sandbox: SandboxHandle) -> None:
+    async def resume(self, backend: SandboxBackend) -> None:
         """Undo :meth:`pause`. Idempotent."""
         ...
 
-    def usage(self, sandbox: SandboxHandle) -> SandboxUsage | None:
-        """Current resource use, for the sandbox's info; None when not accounted. Cheap: called
-        on every ``GET /v1/sandboxes/{id}``."""
+    async def usage(self, backend: SandboxBackend) -> SandboxUsage | None:
+        """Current resource use; None when not accounted."""
         ...
 
-    async def destroy_sandbox(self, sandbox: SandboxHandle) -> None:
+    async def destroy_sandbox(self, backend: SandboxBackend) -> None:
         """Kill everything left in the sandbox and free its resources, home included.
-        Idempotent. Called by ``SandboxManager.delete`` and the expiry reaper."""
+        Idempotent. Called after :meth:`SandboxBackend.close`."""
         ...
 
     async def shutdown(self) -> None:
-        """Called once when the service stops, after every sandbox was closed."""
+        """Called once when the service stops, after every sandbox was destroyed."""
         ...

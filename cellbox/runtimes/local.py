@@ -32,7 +32,7 @@ from cellbox.interpreter.models import KernelExit, Limits, SandboxUsage
 from cellbox.runtimes import agent as agent_module
 from cellbox.runtimes import isolation as iso
 from cellbox.runtimes.agent_client import AgentClient, ProcessHandle
-from cellbox.runtimes.base import KernelSpec, SandboxHandle, TemplateInfo
+from cellbox.runtimes.types import KernelSpec, SandboxHandle, TemplateInfo
 
 log = logging.getLogger("cellbox.runtime.local")
 
