@@ -5,9 +5,8 @@ import sys as _sys
 
 
 def _cellbox_patch_pil():
-    from IPython.display import display
-
     import PIL.Image
+    from IPython.display import display
 
     def _show(self, title=None, **_kwargs):
         display(self)
