@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import execute, main_text, make_settings, stdout
+from tests.integration.helpers import execute, main_text, make_settings, stdout
 from tests.integration.server import run_server
 
 pytestmark = pytest.mark.asyncio

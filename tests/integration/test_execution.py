@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.integration.conftest import execute, main_text, stdout
+from tests.integration.helpers import execute, main_text, stdout
 
 pytestmark = pytest.mark.asyncio
 
@@ -277,7 +277,7 @@ async def test_input_can_be_answered(client: httpx.AsyncClient, sandbox: str) ->
 
 
 async def test_output_past_the_cap_is_cut_with_a_marker(short_tmp) -> None:  # type: ignore[no-untyped-def]
-    from tests.integration.conftest import make_settings
+    from tests.integration.helpers import make_settings
     from tests.integration.server import run_server
 
     async with run_server(make_settings(short_tmp, max_output_bytes=100_000)) as srv:

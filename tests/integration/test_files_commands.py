@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import execute, main_text, run_cmd, stdout
+from tests.integration.helpers import execute, main_text, run_cmd, stdout
 
 pytestmark = pytest.mark.asyncio
 

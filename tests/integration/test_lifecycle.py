@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import execute, isolation_settings, main_text, stdout
+from tests.integration.helpers import execute, isolation_settings, main_text, stdout
 from tests.integration.server import run_server
 
 pytestmark = pytest.mark.asyncio

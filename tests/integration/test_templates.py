@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from cellbox.interpreter.templates import build_template, default_template_python
-from tests.integration.conftest import execute, isolation_settings, main_text
+from tests.integration.helpers import execute, isolation_settings, main_text
 from tests.integration.server import run_server
 
 

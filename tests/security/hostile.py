@@ -1,5 +1,5 @@
 """Helpers for the hostile-snippet tests (test_hostile.py): a host probe, a neighbour
-sandbox, and thin wrappers around the public API.
+sandbox, :func:`attack` around each attack, and thin wrappers around the public API.
 
 The probe runs in its own thread, outside the event loop that serves the API (the server
 runs in the test's own process), so a stalled loop shows up as missing probe samples rather
@@ -19,7 +19,9 @@ from typing import Any
 
 import httpx
 
-from tests.integration.conftest import execute, main_text, run_cmd
+from tests.integration.helpers import execute, main_text, run_cmd
+
+MAX_OUTPUT = 1 << 20  # the server's max_output_bytes for the security tests (conftest.py)
 
 # Liveness, not speed: timings on this host are noisy, so only a stall this long counts as the
 # host not answering.
@@ -159,3 +161,34 @@ async def watched(client: httpx.AsyncClient, url: str) -> AsyncIterator[str]:
     events = await execute(client, neighbour, "x")
     assert main_text(events) == "42", events
     assert await answers_two(client, neighbour)
+
+
+@asynccontextmanager
+async def attack(
+    client: httpx.AsyncClient,
+    url: str,
+    *,
+    victim: str | None = None,
+    limits: dict[str, Any] | None = None,
+    prepare: str | None = None,
+    timeout: float | None = 60.0,
+    answers_after: bool = True,
+) -> AsyncIterator[str]:
+    """One attack, the way every hostile test runs it; yields the victim sandbox's id.
+
+    Within ``timeout`` seconds (None: the caller's own): create the victim (with ``limits``;
+    or take the ``victim`` the caller made and prepared), run ``prepare`` in it, then run the
+    block inside :func:`watched`. On a clean exit of the block the victim must answer ``1+1``
+    (unless ``answers_after`` is False: the test checks recovery its own way), and then the
+    host probe and the neighbour are checked."""
+    async with asyncio.timeout(timeout):
+        if victim is None:
+            victim = await create(client, **({"limits": limits} if limits else {}))
+        else:
+            assert limits is None, "limits are set when the victim is created"
+        if prepare is not None:
+            await execute(client, victim, prepare)
+        async with watched(client, url):
+            yield victim
+            if answers_after:
+                assert await answers_two(client, victim)

@@ -1,46 +1,19 @@
-"""Isolation through the public API: a real server with ``isolation="bwrap"``.
+"""Isolation through the public API: a real server with ``isolation="bwrap"`` (the
+``iso_server`` of conftest.py).
 
 Needs root and a host where :func:`check_host` passes; skipped otherwise.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
-
 import httpx
 import pytest
-import pytest_asyncio
 
-from tests.integration.conftest import BWRAP_PROBLEM, execute, main_text, make_settings, stdout
-from tests.integration.server import RunningServer, run_server
-
-if BWRAP_PROBLEM:
-    pytest.skip(f"bwrap isolation unavailable: {BWRAP_PROBLEM}", allow_module_level=True)
+from tests.integration.helpers import execute, main_text, stdout
+from tests.integration.server import RunningServer
+from tests.security.hostile import create
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest_asyncio.fixture
-async def iso_server(short_tmp: Path) -> AsyncIterator[RunningServer]:
-    os.chmod(short_tmp, 0o711)  # sandbox uids must reach their home and ipc dir below it
-    settings = make_settings(short_tmp, isolation="bwrap", cgroup_prefix=f"cbxtest{os.getpid()}")
-    async with run_server(settings) as srv:
-        yield srv
-
-
-@pytest_asyncio.fixture
-async def client(iso_server: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=iso_server.url, timeout=120) as c:
-        yield c
-
-
-async def create(client: httpx.AsyncClient, **body: Any) -> str:
-    r = await client.post("/v1/sandboxes", json=body)
-    assert r.status_code == 201, r.text
-    return str(r.json()["id"])
 
 
 async def test_basics_and_confinement(client: httpx.AsyncClient, iso_server: RunningServer) -> None:
