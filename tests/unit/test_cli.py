@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from cellbox import cli
-from tests.unit.test_client import INFO, PNG, START, FakeService, end, error_body, event
+from tests.fakes import INFO, PNG, START, FakeService, end, error_body, event
 
 
 def invoke(service: FakeService | None, *args: str, env: dict[str, str] | None = None, **kwargs: Any) -> Result:

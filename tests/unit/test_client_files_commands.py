@@ -2,7 +2,7 @@
 the service (``httpx.MockTransport``).
 
 As in ``test_client.py``, the ``twin`` fixture runs each test with :class:`Sandbox` and with
-:class:`AsyncSandbox`, and :func:`call` awaits what needs awaiting.
+:class:`AsyncSandbox`, and :func:`call` awaits what needs awaiting (both from ``tests/fakes.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import pytest
 from click.testing import CliRunner
 
 import cellbox.client as client
-import tests.unit.test_client as test_client
 from cellbox import cli
 from cellbox.client import (
     AsyncSandbox,
@@ -30,10 +29,18 @@ from cellbox.client import (
     WriteEntry,
 )
 from cellbox.interpreter import errors
-from tests.unit.test_client import BASE, FakeService, Lines, body, call, collect, error_body, open_sandbox
-
-# The fixtures of test_client.py: the fake service, and the sync/async parametrisation.
-service, twin = test_client.service, test_client.twin
+from tests.fakes import (
+    BASE,
+    FakeService,
+    Lines,
+    body,
+    call,
+    collect,
+    error_body,
+    open_sandbox,
+    service_fixture,  # noqa: F401 (the service fixture)
+    twin_fixture,  # noqa: F401 (the twin fixture)
+)
 
 PID = 42
 COMMANDS = "/v1/sandboxes/sbx1/commands"
