@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import uvicorn
 
+from cellbox.aio import cancel_and_wait
 from cellbox.api.app import create_app
 from cellbox.interpreter.config import Settings
 from cellbox.interpreter.manager import SandboxManager
@@ -35,13 +36,20 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
     manager = await SandboxManager.open(settings)
     app = create_app(settings, manager=manager)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
     try:
         yield RunningServer(f"http://127.0.0.1:{port}", settings, manager)
     finally:
         server.should_exit = True
-        with contextlib.suppress(BaseException):
-            async with asyncio.timeout(30):
-                await task
-        await manager.close()
-        sock.close()
+        try:
+            # A graceful exit first (open streams get uvicorn's timeout_graceful_shutdown), then
+            # the hard way. A cancellation of the test itself goes through, never swallowed.
+            done, _ = await asyncio.wait({task}, timeout=30)
+            if not done:
+                await cancel_and_wait(task)
+        finally:
+            await manager.close()
+            sock.close()
+    # Only after a clean exit of the test body: a server that crashed under it fails the test.
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        raise exc
