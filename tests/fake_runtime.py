@@ -149,8 +149,13 @@ class FakeBackend:
                         yield InputRequestEvent(prompt=arg)
                         yield StdoutEvent(text=await ctx.answers.get())
                     elif op == "wait":
-                        waiters = {asyncio.ensure_future(self.released.wait()), asyncio.ensure_future(ctx.interrupted.wait())}
-                        done, pending = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                        waiters = {
+                            asyncio.ensure_future(self.released.wait()),
+                            asyncio.ensure_future(ctx.interrupted.wait()),
+                        }
+                        done, pending = await asyncio.wait(
+                            waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                        )
                         for w in pending:
                             w.cancel()
                         if not done:
