@@ -29,8 +29,6 @@ from cellbox.interpreter.models import (
     ContextState,
     EndEvent,
     EndStatus,
-    EntryInfo,
-    EntryList,
     ErrorEvent,
     Event,
     ExecuteRequest,
