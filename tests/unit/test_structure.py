@@ -143,7 +143,9 @@ def _interpreter_module(target: str) -> str | None:
     return parts[2] if len(parts) > 2 else ""
 
 
-@pytest.mark.xfail(strict=True, reason="until the seams merge (runtimes/local.py and runtimes/__init__.py use config)")
+@pytest.mark.xfail(
+    strict=True, reason="until runtimes stop importing interpreter.config (runtimes/__init__.py, local.py: Settings)"
+)
 def test_runtimes_use_only_the_bottom_layer_of_the_interpreter() -> None:
     bad = [
         str(imp)
@@ -156,8 +158,7 @@ def test_runtimes_use_only_the_bottom_layer_of_the_interpreter() -> None:
 
 
 def test_only_the_kernel_module_imports_jupyter_client() -> None:
-    # interpreter/kernel.py until the seams merge moves KernelSession to runtimes/kernel.py.
-    assert importers_of("jupyter_client") in ({"runtimes/kernel.py"}, {"interpreter/kernel.py"})
+    assert importers_of("jupyter_client") == {"runtimes/kernel.py"}
 
 
 def test_only_notebook_modules_import_nbformat() -> None:
