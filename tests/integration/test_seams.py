@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from cellbox.interpreter.messages import KernelMessage
-from tests.integration.conftest import execute, main_text
+from tests.integration.helpers import execute, main_text
 from tests.integration.server import RunningServer
 
 pytestmark = pytest.mark.asyncio
