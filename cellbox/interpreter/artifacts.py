@@ -205,3 +205,7 @@ class ArtifactStore:
 def _close_opened(opening: asyncio.Future[Any]) -> None:
     if not opening.cancelled() and opening.exception() is None:
         opening.result().close()
+
+
+def _conforms(store: ArtifactStore) -> BlobStore:
+    return store  # mypy checks here that ArtifactStore implements the protocol

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cellbox.interpreter.errors import RuntimeUnavailable
-from cellbox.interpreter.store.base import Doc
+from cellbox.interpreter.store.base import Doc, StateStore
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "path_from_url"]
 
@@ -419,3 +419,7 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+def _conforms(store: SQLiteStore) -> StateStore:
+    return store  # mypy checks here that SQLiteStore implements the protocol
