@@ -487,3 +487,17 @@ async def test_the_old_name_still_opens_a_path(tmp_path: Path) -> None:
         assert store.instance_id == load_instance_id(tmp_path)
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("candidate", ["inst_0123abcd", "node-2", "a", "A.b_c-9", "x" * 64, "x" * 65, "-x", "a b", "é"])
+def test_the_setting_and_the_store_agree_on_instance_ids(tmp_path: Path, candidate: str) -> None:
+    import re
+
+    from cellbox.interpreter.store import INSTANCE_ID_PATTERN
+
+    try:
+        Settings(data_dir=tmp_path, instance_id=candidate)
+        setting_ok = True
+    except pydantic.ValidationError:
+        setting_ok = False
+    assert setting_ok == bool(re.fullmatch(INSTANCE_ID_PATTERN, candidate))
