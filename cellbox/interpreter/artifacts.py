@@ -78,11 +78,11 @@ class BlobStore(Protocol):
         """The blob's length in bytes. Raises ArtifactNotFound for a malformed or unknown id."""
         ...
 
-    async def open(self, artifact_id: str) -> AsyncIterator[bytes]:
-        """The blob's bytes as an iterator of chunks. Raises ArtifactNotFound (malformed or
-        unknown id) *before* returning, so a face can still answer 404; the iterator itself
-        raises ArtifactNotFound only if the blob is deleted in between. Nothing is held open
-        until the iterator is first advanced, so dropping it unread (a 304) costs nothing."""
+    def open(self, artifact_id: str) -> AsyncIterator[bytes]:
+        """The blob's bytes as an iterator of chunks. Nothing happens until its first step, so
+        an iterator dropped unread (a 304) costs nothing; that step raises ArtifactNotFound for
+        a malformed or unknown id (or a blob deleted since). To answer 404 before a response
+        starts, check with :meth:`size` first."""
         ...
 
     async def delete_unreferenced(self, referenced: set[str]) -> int:
@@ -134,10 +134,6 @@ class ArtifactStore:
             raise ArtifactNotFound(f"no artifact {artifact_id!r}") from None
 
     async def open(self, artifact_id: str) -> AsyncIterator[bytes]:
-        await self.size(artifact_id)
-        return self._chunks(artifact_id)
-
-    async def _chunks(self, artifact_id: str) -> AsyncIterator[bytes]:
         # Each open and read runs in a worker thread and is shielded: if the reader is
         # cancelled (the client went away), the file is closed once the thread is done with
         # it, instead of closing it under the thread or leaking it.
@@ -145,7 +141,7 @@ class ArtifactStore:
         try:
             f = await asyncio.shield(opening)
         except FileNotFoundError:
-            raise ArtifactNotFound(f"artifact {artifact_id!r} was deleted") from None
+            raise ArtifactNotFound(f"no artifact {artifact_id!r}") from None
         except asyncio.CancelledError:
             opening.add_done_callback(_close_opened)
             raise

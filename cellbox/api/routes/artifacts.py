@@ -61,4 +61,4 @@ async def _open_artifact(
     # Until manager.artifact returns (info, chunks) itself (issue 8), it returns (path, info):
     # the ownership check stays there, the bytes come from the blob store's stream.
     _, info = await manager.artifact(owner, artifact_id)
-    return info, await manager.artifacts.open(artifact_id)
+    return info, manager.artifacts.open(artifact_id)
