@@ -3,6 +3,7 @@ the registry. Every store implementation joins the ``store`` fixture's parameter
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import sqlite3
@@ -501,3 +502,50 @@ def test_the_setting_and_the_store_agree_on_instance_ids(tmp_path: Path, candida
     except pydantic.ValidationError:
         setting_ok = False
     assert setting_ok == bool(re.fullmatch(INSTANCE_ID_PATTERN, candidate))
+
+
+_WRITER = """
+import asyncio, sys
+from pathlib import Path
+from cellbox.interpreter.store import open_state_store
+
+async def main() -> None:
+    store = await open_state_store("sqlite://" + sys.argv[1], "inst_a")
+    await store.put_execution({"id": "ex_1", "sandbox_id": "sb_1", "status": "running", "created_at": 0.0})
+    seq = 0
+    while True:
+        batch = [{"type": "stdout", "execution_id": "ex_1", "seq": seq + k, "text": "x" * 80} for k in range(10)]
+        await store.append_events("ex_1", batch)
+        seq += 10
+        print(seq - 1, flush=True)  # acknowledged: every seq up to this one returned
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.asyncio
+async def test_acknowledged_events_survive_a_kill_9(tmp_path: Path) -> None:
+    import signal
+    import sys
+
+    path = tmp_path / "state.sqlite3"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _WRITER, str(path), stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).parents[2]
+    )
+    assert proc.stdout is not None
+    acknowledged = -1
+    try:
+        async with asyncio.timeout(60):
+            while acknowledged < 2000:
+                line = await proc.stdout.readline()
+                assert line, "the writer died before it was killed"
+                acknowledged = int(line)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # mid-write, most likely: it never stops writing
+        await proc.wait()
+    db = sqlite3.connect(path)
+    try:
+        stored = [r[0] for r in db.execute("SELECT seq FROM events WHERE execution_id='ex_1' ORDER BY seq")]
+    finally:
+        db.close()
+    assert stored[: acknowledged + 1] == list(range(acknowledged + 1))
