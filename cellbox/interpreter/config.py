@@ -35,7 +35,19 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(
         default_factory=_default_data_dir,
-        description="Holds the SQLite state store, artifacts and sandbox homes.",
+        description="Holds the SQLite state store (by default), artifacts, sandbox homes and the instance id.",
+    )
+    state_store: str = Field(
+        "",
+        description="URL of the state store (sandbox records, executions and their events, the artifact index). "
+        "Known schemes: 'sqlite:///absolute/path.sqlite3'. Empty: sqlite:///DATA_DIR/state.sqlite3.",
+    )
+    instance_id: str = Field(
+        "",
+        pattern=r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$",
+        description="Names this service instance in the state store: at startup only its own sandboxes are "
+        "marked lost and its own executions closed. Services sharing one store need distinct ids. Empty: a "
+        "stable id kept in DATA_DIR/instance-id, created on first start, so a restart recovers its sandboxes.",
     )
     run_dir: Path | None = Field(
         None,
@@ -123,3 +135,7 @@ class Settings(BaseSettings):
 
     def resolved_templates_dir(self) -> Path:
         return self.templates_dir or self.data_dir / "templates"
+
+    def resolved_state_store(self) -> str:
+        """The state store URL: ``state_store``, or SQLite in the data dir."""
+        return self.state_store or "sqlite://" + os.path.abspath(self.data_dir / "state.sqlite3")
