@@ -184,18 +184,12 @@ class ArtifactStore:
                 removed += 1
         return removed
 
-    # -- kept for the core before the BlobStore seam (blocking; local paths) ----------------
-
     def path_for(self, artifact_id: str) -> Path:
-        """The blob's local path. ValueError for a malformed id. Deprecated: serve with
-        :meth:`open`."""
+        """The blob's local path (for tests and tools on this host; serve with :meth:`open`).
+        ArtifactNotFound for a malformed id."""
         if not is_artifact_id(artifact_id):
-            raise ValueError("not an artifact id")
+            raise ArtifactNotFound(f"no artifact {artifact_id!r}")
         return self._path(artifact_id)
-
-    def exists(self, artifact_id: str) -> bool:
-        """Whether the blob is stored (blocking stat). Deprecated: use :meth:`size`."""
-        return is_artifact_id(artifact_id) and self._path(artifact_id).exists()
 
 
 def _close_opened(opening: asyncio.Future[Any]) -> None:
