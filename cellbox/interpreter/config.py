@@ -7,12 +7,13 @@ a test keeps it so.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _default_data_dir() -> Path:
@@ -29,9 +30,10 @@ class Settings(BaseSettings):
     public_url: str | None = Field(
         None, description="Base URL clients reach the service at (for artifact URLs); default: from the request."
     )
-    api_keys: list[str] = Field(
+    api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Accepted API keys. Empty: no auth, and the server may only bind a loopback address.",
+        description="Accepted API keys (CELLBOX_API_KEYS: comma-separated, or a JSON list). Empty: no auth, "
+        "and the server may only bind a loopback address.",
     )
     data_dir: Path = Field(
         default_factory=_default_data_dir,
@@ -125,6 +127,17 @@ class Settings(BaseSettings):
     reap_interval: float = Field(5.0, description="Seconds between sweeps for expired sandboxes.")
     log_level: str = Field("info", description="Log level of the service.")
     log_code: bool = Field(False, description="Log submitted code at DEBUG level (never at INFO).")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        """``a,b`` or ``["a", "b"]`` from the environment; a list as it is."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [k.strip() for k in text.split(",") if k.strip()]
+        return value
 
     def resolved_run_dir(self) -> Path:
         if self.run_dir is not None:
