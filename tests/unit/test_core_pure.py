@@ -11,7 +11,7 @@ import pytest
 from cellbox.interpreter.execution import ExecutionLog
 from cellbox.interpreter.models import EndEvent, EndStatus, StdoutEvent
 from cellbox.interpreter.store import Store
-from cellbox.runtimes.backend import env_code, strip_ansi
+from cellbox.runtimes.context import env_code, strip_ansi
 from cellbox.runtimes.local import describe_exit, resolve_cwd
 
 
