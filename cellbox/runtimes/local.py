@@ -686,9 +686,7 @@ class IsolatedLocalRuntime(LocalRuntime):
 
     async def shutdown(self) -> None:
         if self.tree is not None:  # the prefix itself, once every sandbox is gone
-            for d in self.tree._unique_dirs():
-                with contextlib.suppress(OSError):
-                    d.rmdir()
+            self.tree.remove()
 
 
 def resolve_cwd(home: Path, cwd: str | None) -> str:

@@ -1,6 +1,10 @@
 """The isolation helpers end to end: a real ipykernel in bwrap, cgroups, uid drop, seccomp,
 an ipc directory handed back to root, a loop-mounted home.
 
+The helpers are driven directly here, with the kernel as the sandbox's only process (no
+agent), so each one is checked on its own; the runtime's own sequence (one bwrap per sandbox,
+the agent as its init, kernels as the agent's children) is exercised by the API tests.
+
 Needs root and bubblewrap (skipped otherwise), libseccomp2, e2fsprogs, and network access to
 build the template venv once (``/tmp/cellbox-test-venv``, from ``/usr/bin/python3``).
 Everything a test creates lives under a per-run prefix and is removed by the fixtures.
@@ -30,6 +34,7 @@ from jupyter_client.connect import KernelConnectionInfo
 
 from cellbox.interpreter.errors import KernelStartFailed, RuntimeUnavailable
 from cellbox.runtimes.isolation import (
+    SANDBOX_HOME,
     SANDBOX_UID,
     Cgroup,
     CgroupTree,
@@ -48,6 +53,8 @@ from cellbox.runtimes.isolation import (
     write_etc_files,
     write_ipc_connection,
 )
+from cellbox.runtimes.local import ENV_ALLOWLIST, base_env
+from cellbox.runtimes.types import TemplateInfo
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="isolation needs root"),
@@ -119,7 +126,7 @@ async def _teardown_host(tree: CgroupTree, base: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# an isolated kernel, the way the local runtime will start one
+# an isolated kernel: the helpers in the runtime's order, the kernel as bwrap's only process
 
 
 @dataclass
@@ -229,6 +236,7 @@ async def isolated_kernel(
             etc_dir=etc,
             seccomp=host.bpf,
             template_env=venv,
+            env=base_env(TemplateInfo("t", venv / "bin" / "python", venv, {}), SANDBOX_HOME, {}),
         )
         log = sandbox_dir / "kernel.log"
         counters = cgroup.counters()
@@ -293,7 +301,7 @@ def test_seccomp_filter_is_cached(host: Host) -> None:
 
 
 SELF_CHECK = r"""
-import ctypes, errno, json, os, resource, socket, subprocess
+import ctypes, errno, json, os, resource, socket, subprocess, sys
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 def sys_errno(nr, *args):
@@ -319,7 +327,7 @@ print(json.dumps({
     "nofile": resource.getrlimit(resource.RLIMIT_NOFILE), "core": resource.getrlimit(resource.RLIMIT_CORE),
     "write_home": attempt(lambda: write("/home/user/ok.txt")), "write_tmp": attempt(lambda: write("/tmp/ok.txt")),
     "write_usr": attempt(lambda: write("/usr/x")), "write_root": attempt(lambda: write("/x")),
-    "write_venv": attempt(lambda: write(os.environ["VIRTUAL_ENV"] + "/x")),
+    "write_venv": attempt(lambda: write(sys.prefix + "/x")),
     "write_run": attempt(lambda: write("/run/cellbox/x")),
     "replace_socket": attempt(lambda: os.replace("/run/cellbox/k-1", "/run/cellbox/k-9")),
     "unlink_socket": attempt(lambda: os.unlink("/run/cellbox/k-1")),
@@ -347,11 +355,12 @@ async def test_kernel_runs_isolated(host: Host, template_venv: Path) -> None:
         assert info["root"] == sorted({"dev", "etc", "home", "proc", "run", "tmp", "usr"} | top)
         assert info["ifaces"] == ["lo"] and info["hostname"] == "sandbox"
         assert info["tcp_host"] == "ENETUNREACH"
-        # the explicit environment only: no variable of the host's leaks in
+        # the explicit environment only (base_env's): no variable of the host's leaks in
         env = set(info["env"])
-        assert {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG", "VIRTUAL_ENV"} <= env
-        ours = {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG", "TERM", "PWD", "VIRTUAL_ENV"}
-        assert not (set(os.environ) - ours) & env, (set(os.environ) - ours) & env
+        ours = {"HOME", "USER", "PATH", "LANG", "TERM", "PYTHONUNBUFFERED", "MPLBACKEND"}
+        assert ours <= env
+        allowed = ours | set(ENV_ALLOWLIST) | {"PWD"}
+        assert not (set(os.environ) - allowed) & env, (set(os.environ) - allowed) & env
         assert info["nofile"] == [1024, 1024] and info["core"] == [0, 0]
         assert (info["write_home"], info["write_tmp"]) == ("ok", "ok")
         assert {info[k] for k in ("write_usr", "write_root", "write_venv")} == {"EROFS"}
