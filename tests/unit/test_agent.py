@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from cellbox.aio import poll_until
 from cellbox.runtimes import agent as agent_module
 from cellbox.runtimes.agent_client import AgentClient, AgentGone, ProcessHandle
 
@@ -21,17 +22,12 @@ pytestmark = pytest.mark.asyncio
 @contextlib.asynccontextmanager
 async def running_agent(*args: str) -> AsyncIterator[tuple[AgentClient, asyncio.subprocess.Process]]:
     """Start ``agent.py`` as a plain process with ``args``, connect, and stop it on exit."""
-    sock = args[args.index("--socket") + 1]
+    sock = Path(args[args.index("--socket") + 1])
     proc = await asyncio.create_subprocess_exec(sys.executable, agent_module.__file__, *args)
-    # Readiness is the socket accepting a connection: retry connecting until it does (bounded).
-    client = None
-    async with asyncio.timeout(20):
-        while client is None:
-            try:
-                client = await AgentClient.connect(sock)
-            except (FileNotFoundError, ConnectionRefusedError):
-                assert proc.returncode is None
-                await asyncio.sleep(0.02)
+    # Readiness is the socket appearing: the agent renames it into place once it listens, so
+    # the first connect must succeed (no retrying on ECONNREFUSED).
+    assert await poll_until(sock.exists, timeout=20, alive=lambda: proc.returncode is None)
+    client = await AgentClient.connect(str(sock))
     try:
         yield client, proc
     finally:
@@ -140,3 +136,13 @@ async def test_file_operations_stay_in_the_home(jailed) -> None:  # type: ignore
         await client.request("stat", path="nope")
     with pytest.raises(PermissionDenied):
         await client.request("remove", path="/home/user")
+
+
+async def test_listing_is_capped(jailed) -> None:  # type: ignore[no-untyped-def]
+    client, home = jailed
+    for i in range(5):
+        (home / f"f{i}").write_text("x")
+    listing = await client.request("listdir", path="/home/user", limit=3)
+    assert [e["name"] for e in listing["entries"]] == ["f0", "f1", "f2"] and listing["truncated"]
+    full = await client.request("listdir", path="/home/user")
+    assert len(full["entries"]) == 5 and not full["truncated"]
