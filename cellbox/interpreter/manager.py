@@ -38,6 +38,7 @@ from cellbox.interpreter.models import (
     ExecutionInfo,
     ExecutionRecord,
     Limits,
+    NetworkSpec,
     SandboxCreate,
     SandboxInfo,
     SandboxState,
@@ -196,7 +197,7 @@ class SandboxManager:
         sandbox = Sandbox(sid, "", self.settings, self.runtime, self.store, self.artifacts, info, self._save)
         self._creating += 1
         try:
-            sandbox.handle = await self.runtime.create_sandbox(sid, template, limits, envs)
+            sandbox.handle = await self.runtime.create_sandbox(sid, template, limits, envs, NetworkSpec())
             try:
                 ctx = await sandbox.add_context("python", None)
                 if template.preload:
@@ -257,6 +258,7 @@ class SandboxManager:
         if sb is not None:
             if sb.owner != owner:
                 raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+            await sb.refresh_usage()
             return sb.info()
         row = await self.store.get_sandbox(sandbox_id)
         if row is None or row[0] != owner:
@@ -270,6 +272,8 @@ class SandboxManager:
         out = []
         for doc in await self.store.list_sandboxes(owner, wanted):
             live = self.sandboxes.get(doc["id"])
+            if live is not None:
+                await live.refresh_usage()
             info = live.info() if live is not None else SandboxInfo.model_validate(doc)
             if metadata and any(info.metadata.get(k) != v for k, v in metadata.items()):
                 continue

@@ -37,11 +37,13 @@ from cellbox.interpreter.models import (
     KernelExit,
     SandboxInfo,
     SandboxState,
+    SandboxUsage,
     StartEvent,
 )
 from cellbox.interpreter.store import Store
-from cellbox.runtimes.types import KernelSpec, SandboxHandle
+from cellbox.runtimes.types import KernelSpec
 from cellbox.runtimes.local import LocalRuntime as Runtime
+from cellbox.runtimes.local import LocalSandbox
 
 log = logging.getLogger("cellbox.sandbox")
 
@@ -273,7 +275,8 @@ class Sandbox:
         self.store = store
         self.artifacts = artifacts
         self.info_base = info
-        self.handle: SandboxHandle | None = None
+        self.handle: LocalSandbox | None = None
+        self.usage: SandboxUsage | None = None  # as of the last refresh_usage()
         self.contexts: dict[str, Context] = {}
         self.default_context_id = ""
         self.closing = False
@@ -299,8 +302,13 @@ class Sandbox:
         if exits:
             update["last_kernel_exit"] = max(exits, key=lambda e: e.at)
         if usage and self.handle is not None and self.state in (SandboxState.RUNNING, SandboxState.PAUSED):
-            update["usage"] = self.runtime.usage(self.handle)
+            update["usage"] = self.usage
         return self.info_base.model_copy(update=update)
+
+    async def refresh_usage(self) -> None:
+        """Read the live usage that info() reports (runtime.usage is async)."""
+        if self.handle is not None and self.state in (SandboxState.RUNNING, SandboxState.PAUSED):
+            self.usage = await self.runtime.usage(self.handle)
 
     def require_running(self) -> None:
         if self.state == SandboxState.PAUSED:

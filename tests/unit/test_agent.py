@@ -23,7 +23,7 @@ pytestmark = pytest.mark.asyncio
 async def running_agent(*args: str) -> AsyncIterator[tuple[AgentClient, asyncio.subprocess.Process]]:
     """Start ``agent.py`` as a plain process with ``args``, connect, and stop it on exit."""
     sock = Path(args[args.index("--socket") + 1])
-    proc = await asyncio.create_subprocess_exec(sys.executable, agent_module.__file__, *args)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-I", agent_module.__file__, *args)
     # Readiness is the socket appearing: the agent renames it into place once it listens, so
     # the first connect must succeed (no retrying on ECONNREFUSED).
     assert await poll_until(sock.exists, timeout=20, alive=lambda: proc.returncode is None)
