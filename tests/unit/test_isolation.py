@@ -24,7 +24,7 @@ from cellbox.runtimes.isolation import (
     write_etc_files,
     write_ipc_connection,
 )
-from cellbox.runtimes.local import ENV_ALLOWLIST, base_env
+from cellbox.runtimes.local import ENV_ALLOWLIST, ResolvedLimits, base_env, describe_exit
 from cellbox.runtimes.types import TemplateInfo
 
 # ---------------------------------------------------------------------------------------------
@@ -265,3 +265,18 @@ def test_rlimits_never_exceed_the_hard_limit() -> None:
     assert eff[resource.RLIMIT_CORE] == 0
     assert resource.RLIMIT_FSIZE in eff
     assert resource.RLIMIT_NOFILE not in dict(Rlimits(nofile=None).effective())
+
+
+def test_describe_exit_names_the_cause_and_the_limit() -> None:
+    limits = ResolvedLimits(memory_mb=160, cpu=1, pids=64, disk_mb=1, nofile=1, fsize_mb=1)
+    oom = describe_exit(137, cause="oom", limits=limits)
+    assert (oom.reason, oom.signal, oom.exit_code) == ("oom", 9, None)
+    assert "160 MiB memory limit" in oom.detail
+    pids = describe_exit(-9, cause="pids", limits=limits)
+    assert (
+        pids.reason == "pids"
+        and pids.detail == "killed by SIGKILL, after hitting the sandbox's limit of 64 processes and threads"
+    )
+    assert describe_exit(-11).reason == "segfault" and describe_exit(-11, cause="killed").reason == "killed"
+    assert describe_exit(-99).detail == "killed by signal 99"
+    assert describe_exit(None, "tail").reason == "unknown"
