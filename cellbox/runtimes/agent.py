@@ -240,14 +240,14 @@ class Agent:
 
     async def op_spawn(self, req: dict[str, Any]) -> dict[str, Any]:
         pipes = bool(req.get("pipes"))
-        log = req.get("log")
+        log_path = req.get("log")
         out: Any = asyncio.subprocess.PIPE if pipes else asyncio.subprocess.DEVNULL
         logf = None
-        if log and not pipes:
-            logf = open(log, "ab")
+        if log_path and not pipes:
+            logf = open(log_path, "ab")
             out = logf
         cwd = self.resolve(req["cwd"]) if req.get("cwd") else self.home
-        os.makedirs(cwd, exist_ok=True)  # a missing working directory is made, as for kernels
+        os.makedirs(cwd, exist_ok=True)  # a missing working directory is made, as the sandbox user
         try:
             proc = await asyncio.create_subprocess_exec(
                 *req["argv"],
