@@ -118,9 +118,7 @@ def host() -> Iterator[Host]:
 
 async def _teardown_host(tree: CgroupTree, base: Path) -> None:
     await tree.reap_leftovers()
-    for d in {d for d in tree.dirs.values()}:
-        with contextlib.suppress(FileNotFoundError):
-            d.rmdir()
+    tree.remove()
     await DiskHome.reap_leftovers(base)
     shutil.rmtree(base, ignore_errors=True)
 
@@ -526,8 +524,8 @@ async def test_reap_leftovers_kills_and_removes_only_our_prefix(host: Host) -> N
         assert not os.path.ismount(home.path)
     finally:
         await other.remove()
-        for d in set(other_tree.dirs.values()):
-            d.rmdir()
+        other_tree.remove()
+        assert not any(d.exists() for d in other_tree.unique_dirs)
         await home.destroy()
 
 
