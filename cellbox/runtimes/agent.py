@@ -89,15 +89,14 @@ class Inotify:
         self.next_id = 1
         asyncio.get_running_loop().add_reader(self.fd, self.read)
 
-    def watch(self, root: str, recursive: bool) -> int:
+    def watch(self, root: str, recursive: bool, subdirs: list[str]) -> int:
+        """Watch ``root`` and (recursive) its ``subdirs``, listed beforehand off the loop."""
         wid = self.next_id
         self.next_id += 1
         self.watches[wid] = (root, recursive)
         self.add(root, wid)
-        if recursive:
-            for dirpath, dirnames, _ in os.walk(root):
-                for d in dirnames:
-                    self.add(os.path.join(dirpath, d), wid)
+        for d in subdirs:
+            self.add(d, wid)
         return wid
 
     def add(self, directory: str, wid: int) -> None:
@@ -244,7 +243,7 @@ class Agent:
         out: Any = asyncio.subprocess.PIPE if pipes else asyncio.subprocess.DEVNULL
         logf = None
         if log_path and not pipes:
-            logf = open(log_path, "ab")
+            logf = await asyncio.to_thread(open, log_path, "ab")
             out = logf
         cwd = self.resolve(req["cwd"]) if req.get("cwd") else self.home
         os.makedirs(cwd, exist_ok=True)  # a missing working directory is made, as the sandbox user
@@ -393,6 +392,9 @@ class Agent:
         return {"entries": entries, "truncated": len(entries) >= limit}
 
     async def op_mkdir(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await asyncio.to_thread(self._mkdir, req)
+
+    def _mkdir(self, req: dict[str, Any]) -> dict[str, Any]:
         real = self.resolve(req["path"])
         if os.path.isdir(real):
             return {"created": False, "entry": self.entry(real)}
@@ -456,15 +458,23 @@ class Agent:
     # -- watching ------------------------------------------------------------------------
 
     async def op_watch(self, req: dict[str, Any]) -> dict[str, Any]:
-        root = self.resolve(req["path"])
+        recursive = bool(req.get("recursive"))
+        root, subdirs = await asyncio.to_thread(self._watch_dirs, req["path"], recursive)
+        if self.inotify is None:
+            self.inotify = Inotify(self)
+        return {"watch": self.inotify.watch(root, recursive, subdirs)}
+
+    def _watch_dirs(self, path: str, recursive: bool) -> tuple[str, list[str]]:
+        root = self.resolve(path)
         if not os.path.exists(root):
             raise FileNotFoundError(f"no such directory: {self.shown(root)}")
         if not os.path.isdir(root):
             raise NotADirectoryError(f"{self.shown(root)} is not a directory")
-        if self.inotify is None:
-            self.inotify = Inotify(self)
-        wid = self.inotify.watch(root, bool(req.get("recursive")))
-        return {"watch": wid}
+        subdirs = []
+        if recursive:
+            for dirpath, dirnames, _ in os.walk(root):
+                subdirs += [os.path.join(dirpath, d) for d in dirnames]
+        return root, subdirs
 
     async def op_unwatch(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.inotify is not None:

@@ -584,10 +584,13 @@ class LocalRuntime:
             await self._stop_agent(handle)
             await self.strategy.kill_leftovers(handle)
             host_dir, sandbox_dir = self.strategy.socket_dir(handle, AGENT_DIR, AGENT_SOCKET_NAMES)
-            with open(handle.run / "agent.log", "ab") as agent_log:
+            agent_log = await asyncio.to_thread(open, handle.run / "agent.log", "ab")
+            try:
                 proc = await self.strategy.spawn_agent(
                     handle, f"{sandbox_dir}/{AGENT_SOCKET}", self.process_env(handle, {}), agent_log
                 )
+            finally:
+                agent_log.close()  # the agent has its own copy
             handle.agent_proc = proc
             try:
                 socket = host_dir / AGENT_SOCKET

@@ -17,12 +17,13 @@ from cellbox.runtimes.isolation._fs import mountinfo_lines, run_tool, unescape_m
 __all__ = ["DiskHome", "loop_available"]
 
 
-def _mountpoints_under(root: Path) -> list[Path]:
+def _mountpoints_under(root: Path, itself: bool = True) -> list[Path]:
+    """Mountpoints at (with ``itself``) or below ``root``, deepest first."""
     root_s = str(root.resolve())
     found = []
     for line in mountinfo_lines():
         mp = unescape_mount_path(line.split()[4])
-        if mp == root_s or mp.startswith(root_s.rstrip("/") + "/"):
+        if (itself and mp == root_s) or mp.startswith(root_s.rstrip("/") + "/"):
             found.append(Path(mp))
     return sorted(found, key=lambda p: len(p.parts), reverse=True)  # deepest first
 
@@ -65,7 +66,7 @@ class DiskHome:
         devices, or a failing mount, gives a plain directory (``quota="none"``); without it,
         that raises ``RuntimeUnavailable``.
         """
-        path.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
         image = image or path.with_name(path.name + ".img")
         if loop_available():
             try:
@@ -103,14 +104,13 @@ class DiskHome:
     async def destroy(self) -> None:
         """Unmount (lazily if still busy), delete the image (its loop device is released with
         the mount) and the mountpoint. Call after the sandbox's processes are gone. Idempotent."""
-        for mp in _mountpoints_under(self.path):
+        for mp in await asyncio.to_thread(_mountpoints_under, self.path):
             await _umount(mp)
         if self.image is not None:
             self.image.unlink(missing_ok=True)
         # Without loop devices the home is a plain directory holding all the user's files:
         # deleting it may take a while, so not on the event loop.
-        if self.path.exists():
-            await asyncio.to_thread(shutil.rmtree, self.path)
+        await asyncio.to_thread(_remove_tree, self.path)
 
     @staticmethod
     async def reap_leftovers(root: Path) -> list[Path]:
@@ -119,12 +119,15 @@ class DiskHome:
         Called by the runtime's ``startup`` after :meth:`CgroupTree.reap_leftovers`; the caller
         then deletes the directories it owns under ``root``. Returns the mountpoints it unmounted.
         """
-        if not root.exists():
-            return []
-        mps = [mp for mp in _mountpoints_under(root) if mp != root.resolve()]
+        mps = await asyncio.to_thread(_mountpoints_under, root, False)
         for mp in mps:
             await _umount(mp)
         return mps
+
+
+def _remove_tree(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
 
 
 async def _umount(mountpoint: Path) -> None:
