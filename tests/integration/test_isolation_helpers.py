@@ -32,7 +32,7 @@ import pytest
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.connect import KernelConnectionInfo
 
-from cellbox.interpreter.errors import KernelStartFailed, RuntimeUnavailable
+from cellbox.interpreter.errors import InvalidRequest, KernelStartFailed, RuntimeUnavailable
 from cellbox.runtimes.isolation import (
     SANDBOX_HOME,
     SANDBOX_UID,
@@ -599,3 +599,67 @@ async def _plain_start(host: Host, venv: Path) -> float:
         proc.kill()
         await proc.wait()
         shutil.rmtree(ipc_dir.parent)
+
+
+# ---------------------------------------------------------------------------------------------
+# the composed runtime: LocalRuntime with each isolation, a real kernel as the agent's child
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("isolation", ["none", "bwrap"])
+async def test_runtime_runs_a_kernel_in_its_sandbox(host: Host, isolation: str) -> None:
+    from cellbox.interpreter.config import Settings
+    from cellbox.interpreter.models import Limits, NetworkSpec
+    from cellbox.interpreter.templates import TemplateRegistry
+    from cellbox.runtimes.local import LocalRuntime
+    from cellbox.runtimes.types import LocalConfig
+
+    try:
+        template = TemplateRegistry(Settings().resolved_templates_dir()).get("default")
+    except Exception as exc:  # the install script builds it; without it there is no kernel env
+        pytest.skip(f"no default template: {exc}")
+    tag = f"{isolation}{os.getpid()}"
+    config = LocalConfig(
+        data_dir=host.base / f"rt-{isolation}",
+        run_dir=host.run / f"rt-{isolation}",
+        isolation=isolation,
+        cgroup_prefix=f"cellbox-rt-{tag}",
+        sandbox_uid_first=317_000,
+        sandbox_uid_count=100,
+    )
+    runtime = LocalRuntime(config)
+    await runtime.startup()
+    sandbox = await runtime.create_sandbox("sb_rt1", template, Limits(memory_mb=512), {}, NetworkSpec())
+    client: AsyncKernelClient | None = None
+    try:
+        kernel = await runtime.start_kernel(sandbox, template.kernels["python"], "k1-1", "proj/deep")
+        client = AsyncKernelClient()
+        client.load_connection_info(cast(KernelConnectionInfo, kernel.connection_info))
+        client.start_channels(hb=False)
+        info = await execute_json(
+            client, "import json, os\nprint(json.dumps([os.getcwd(), os.getuid(), os.environ['HOME']]))"
+        )
+        home = runtime.home_in_sandbox(sandbox)
+        assert info[0] == f"{home}/proj/deep" and info[2] == home
+        usage = await runtime.usage(sandbox)
+        if isolation == "bwrap":
+            assert home == SANDBOX_HOME and info[1] == SANDBOX_UID
+            assert usage is not None and usage.memory_bytes and usage.disk_total_bytes
+            await runtime.pause(sandbox)
+            assert sandbox.cgroup is not None and sandbox.cgroup.frozen()
+            await runtime.resume(sandbox)
+        else:
+            assert usage is None and info[1] == os.getuid()
+        assert (await execute(client, "1+1"))["result"] == "2"
+        with pytest.raises(InvalidRequest):
+            await runtime.start_kernel(sandbox, template.kernels["python"], "k1-2", "/home/user/../../etc")
+        await kernel.kill()
+        assert (await kernel.wait()).reason == "killed"
+    finally:
+        if client is not None:
+            client.stop_channels()
+        await runtime.destroy_sandbox(sandbox)
+        await runtime.shutdown()
+    assert not sandbox.dir.exists() and not sandbox.run.exists()
+    if sandbox.cgroup is not None:
+        assert not sandbox.cgroup.exists()
