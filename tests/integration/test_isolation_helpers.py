@@ -615,7 +615,7 @@ async def test_runtime_runs_a_kernel_in_its_sandbox(host: Host, isolation: str) 
     from cellbox.runtimes.types import LocalConfig
 
     try:
-        template = TemplateRegistry(Settings().resolved_templates_dir()).get("default")
+        template = TemplateRegistry(Settings.model_validate({}).resolved_templates_dir()).get("default")
     except Exception as exc:  # the install script builds it; without it there is no kernel env
         pytest.skip(f"no default template: {exc}")
     tag = f"{isolation}{os.getpid()}"
