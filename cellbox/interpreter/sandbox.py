@@ -41,9 +41,9 @@ from cellbox.interpreter.models import (
     StartEvent,
 )
 from cellbox.interpreter.store import Store
-from cellbox.runtimes.types import KernelSpec
 from cellbox.runtimes.local import LocalRuntime as Runtime
 from cellbox.runtimes.local import LocalSandbox
+from cellbox.runtimes.types import KernelSpec
 
 log = logging.getLogger("cellbox.sandbox")
 
