@@ -15,7 +15,7 @@ import base64
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cellbox.aio import TaskSet
 from cellbox.interpreter.errors import ContextNotFound, InvalidRequest
@@ -33,6 +33,9 @@ from cellbox.interpreter.models import (
 )
 from cellbox.runtimes.context import BackendConfig, ContextRunner, env_code
 from cellbox.runtimes.specs import SANDBOX_HOME, KernelProcess, KernelSpec, SandboxHandle, TemplateInfo
+
+if TYPE_CHECKING:
+    from cellbox.runtimes import RuntimeSettings
 
 log = logging.getLogger("cellbox.backend")
 
@@ -383,8 +386,9 @@ class LocalBackendRuntime:
         await self.provisioner.destroy_sandbox(self._handle(backend))
 
 
-def local_runtime(settings: Any) -> LocalBackendRuntime:
+def local_runtime(settings: RuntimeSettings) -> LocalBackendRuntime:
     """The ``local`` entry of :data:`cellbox.runtimes.RUNTIMES`: settings in, Runtime out."""
+    from cellbox.runtimes import local_config
     from cellbox.runtimes.local import LocalRuntime
 
     config = BackendConfig(
@@ -393,4 +397,4 @@ def local_runtime(settings: Any) -> LocalBackendRuntime:
         max_output_bytes=settings.max_output_bytes,
         max_contexts_per_sandbox=settings.max_contexts_per_sandbox,
     )
-    return LocalBackendRuntime(LocalRuntime(settings), config)
+    return LocalBackendRuntime(LocalRuntime(local_config(settings)), config)
