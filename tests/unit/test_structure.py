@@ -143,9 +143,6 @@ def _interpreter_module(target: str) -> str | None:
     return parts[2] if len(parts) > 2 else ""
 
 
-@pytest.mark.xfail(
-    strict=True, reason="until runtimes stop importing interpreter.config (runtimes/__init__.py, local.py: Settings)"
-)
 def test_runtimes_use_only_the_bottom_layer_of_the_interpreter() -> None:
     bad = [
         str(imp)
