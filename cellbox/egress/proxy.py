@@ -35,16 +35,17 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from cellbox.aio import cancel_and_wait
 from cellbox.egress.log import EgressLog, EgressRecord
 from cellbox.egress.policy import Decision, IPAddress, SandboxPolicy, canonical_ip
 
-__all__ = ["EgressProxy", "ProxyLimits", "Resolver", "system_resolver"]
+__all__ = ["EgressProxy", "LocalResponse", "LocalSite", "ProxyLimits", "Resolver", "system_resolver"]
 
 log = logging.getLogger("cellbox.egress")
 
@@ -99,6 +100,30 @@ async def system_resolver(host: str, port: int) -> list[IPAddress]:
     return out
 
 
+@dataclass
+class LocalResponse:
+    """What a local site answers: a status, headers (the proxy adds ``Connection: close``) and a
+    body, whole or streamed."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes | AsyncIterator[bytes]
+
+    @classmethod
+    def text(cls, status: int, message: str) -> LocalResponse:
+        body = (message + "\n").encode()
+        return cls(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))], body)
+
+
+class LocalSite(Protocol):
+    """A service-side site a sandbox reaches by name through its proxy, whatever its egress
+    policy (the package cache, :mod:`cellbox.egress.cache`). Plain HTTP only."""
+
+    async def respond(self, method: str, target: str, headers: list[tuple[str, str]]) -> LocalResponse:
+        """Answer one request; ``target`` is in origin form (``/simple/numpy/``)."""
+        ...
+
+
 class _Refused(Exception):
     """The request is answered with an error and the connection closed."""
 
@@ -111,10 +136,13 @@ class _Refused(Exception):
 
 @dataclass
 class _Target:
-    protocol: str  # "connect", "http", "socks5"
+    protocol: str  # "connect", "http", "socks5", "local"
     host: str  # as asked: a name or an address literal
     port: int
     head: bytes = b""  # http: the rewritten request head to send upstream
+    method: str = ""  # local: the request
+    path: str = ""
+    headers: list[tuple[str, str]] = field(default_factory=list)
 
 
 class EgressProxy:
@@ -134,6 +162,7 @@ class EgressProxy:
         limits: ProxyLimits | None = None,
         resolver: Resolver = system_resolver,
         socket_mode: int = 0o666,
+        local_sites: Mapping[str, LocalSite] | None = None,
     ) -> None:
         self.policy = policy
         self.path = Path(path)
@@ -141,6 +170,7 @@ class EgressProxy:
         self.limits = limits or ProxyLimits()
         self.resolver = resolver
         self.socket_mode = socket_mode
+        self.local_sites = {name.lower(): site for name, site in (local_sites or {}).items()}
         self._server: asyncio.AbstractServer | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -238,7 +268,39 @@ class EgressProxy:
             return
         if target is None:
             return
+        if target.protocol == "local":
+            await self._local(target, writer)
+            return
+        if target.host.lower().rstrip(".") in self.local_sites:
+            reason = f"{target.host} is served by cellbox over plain http:// only"
+            self.log.decision(target.protocol, target.host, target.port, False, reason)
+            await self._refuse(writer, target.protocol, _Refused(403, reason, SOCKS_NOT_ALLOWED))
+            return
         await self._forward(target, reader, writer)
+
+    async def _local(self, target: _Target, writer: asyncio.StreamWriter) -> None:
+        site = self.local_sites[target.host]
+        record = self.log.decision("http", target.host, target.port, True, "served by cellbox")
+        down = 0
+        try:
+            response = await site.respond(target.method, target.path, target.headers)
+            headers = [(k, v) for k, v in response.headers if k.lower() != "connection"]
+            head = _head(
+                f"HTTP/1.1 {response.status} {_PHRASES.get(response.status, 'OK')}", [*headers, ("Connection", "close")]
+            )
+            writer.write(head)
+            down += len(head)
+            if isinstance(response.body, bytes):
+                writer.write(response.body)
+                down += len(response.body)
+            else:
+                async for chunk in response.body:
+                    writer.write(chunk)
+                    down += len(chunk)
+                    await writer.drain()
+            await writer.drain()
+        finally:
+            self.log.closed(record, 0, down)
 
     async def _forward(self, target: _Target, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         record, upstream = await self._open(target)
@@ -411,6 +473,8 @@ class EgressProxy:
             host, port = _split_host_port(uri)
             return _Target("connect", host, port)
         url = urlsplit(uri)
+        if url.scheme.lower() == "http" and url.hostname in self.local_sites:
+            return _Target("local", url.hostname, url.port or 80, method=method, path=url.path or "/", headers=headers)
         if url.scheme.lower() != "http" or not url.hostname:
             if url.scheme.lower() == "https":
                 raise _Refused(400, "https:// URLs go through CONNECT")
@@ -461,9 +525,8 @@ class EgressProxy:
             writer.write(_socks_reply(refused.socks_code, None))
         else:
             body = (refused.reason + "\n").encode()
-            phrase = {400: "Bad Request", 403: "Forbidden", 431: "Request Header Fields Too Large", 502: "Bad Gateway"}
             head = _head(
-                f"HTTP/1.1 {refused.status} {phrase.get(refused.status, 'Error')}",
+                f"HTTP/1.1 {refused.status} {_PHRASES.get(refused.status, 'Error')}",
                 [
                     ("Content-Type", "text/plain; charset=utf-8"),
                     ("Content-Length", str(len(body))),
@@ -474,6 +537,18 @@ class EgressProxy:
             writer.write(head + body)
         with contextlib.suppress(ConnectionError):
             await writer.drain()
+
+
+_PHRASES = {
+    200: "OK",
+    301: "Moved Permanently",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    502: "Bad Gateway",
+}
 
 
 def _parse_headers(lines: list[str]) -> list[tuple[str, str]]:
