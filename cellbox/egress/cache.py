@@ -42,13 +42,15 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from cellbox.egress.policy import SandboxPolicy, normalise_host
 from cellbox.egress.proxy import LocalResponse
 
-__all__ = ["CACHE_HOST", "CachedFile", "PackageCache", "normalize_project"]
+__all__ = ["CACHE_HOST", "CACHE_INDEX_URL", "CachedFile", "PackageCache", "normalize_project", "sandbox_may_use"]
 
 log = logging.getLogger("cellbox.egress.cache")
 
 CACHE_HOST = "pypi.cache.cellbox"
+CACHE_INDEX_URL = f"http://{CACHE_HOST}/simple/"  # what a sandbox's PIP_INDEX_URL says
 JSON_TYPE = "application/vnd.pypi.simple.v1+json"
 HTML_TYPE = "application/vnd.pypi.simple.v1+html"
 UPSTREAM_ACCEPT = f"{JSON_TYPE}, {HTML_TYPE};q=0.2, text/html;q=0.01"
@@ -60,6 +62,23 @@ CHUNK = 256 * 1024
 def normalize_project(name: str) -> str:
     """PEP 503 normalisation: ``Foo_Bar.baz`` → ``foo-bar-baz``."""
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def sandbox_may_use(policy: SandboxPolicy, index_url: str) -> bool:
+    """Whether a sandbox's policy reaches the cache's upstream index by name (``internet``, or an
+    ``allow_out`` entry matching its host, and no ``deny_out`` for it): only such sandboxes get
+    the cache, so the cache never widens what a sandbox may download. The runtime calls this at
+    create to decide whether to pass the cache to the sandbox's proxy."""
+    split = urlsplit(index_url)
+    host = normalise_host(split.hostname or "")
+    if host is None:
+        return False
+    port = split.port or (443 if split.scheme == "https" else 80)
+    if policy.decide_name(host, port) is not None:
+        return False
+    if any(rule.matches(host, None) for rule in policy.allow):
+        return True
+    return policy.internet and not any(rule.matches(host, None) or rule.kind == "all" for rule in policy.deny)
 
 
 @dataclass

@@ -298,10 +298,13 @@ def sandbox_trust(
     include_apt: bool = True,
     include_constraints: bool = True,
     socks_all_proxy: bool = True,
+    cache_index_url: str | None = None,
 ) -> SandboxTrust:
     """The env, binds and files for a sandbox whose bridge listens on ``proxy_host:proxy_port``
     inside it (``proxy_port=None``: a sandbox without egress, which still gets the CA bundle and
     the host's local package indexes, and a pip that fails fast instead of retrying).
+    ``cache_index_url`` (the package cache's, :data:`cellbox.egress.cache.CACHE_INDEX_URL`)
+    replaces the host's pip index: the cache fetches from that index on the sandbox's behalf.
 
     Pure: reads nothing but ``host``. Called by the runtime at create."""
     out = SandboxTrust()
@@ -349,7 +352,13 @@ def sandbox_trust(
             kept.append(value)
         return kept
 
-    if pip.index_url is not None:
+    trusted = list(pip.trusted_hosts)
+    if cache_index_url is not None and proxy_port is not None:
+        out.env["PIP_INDEX_URL"] = cache_index_url
+        cache_host = urlsplit(cache_index_url).hostname
+        if cache_host and cache_host not in trusted:
+            trusted.append(cache_host)  # plain http:// inside the sandbox, to its own proxy
+    elif pip.index_url is not None:
         kept = locations([pip.index_url], "index-url", index=True)
         if kept:
             out.env["PIP_INDEX_URL"] = kept[0]
@@ -359,8 +368,8 @@ def sandbox_trust(
     links = locations(pip.find_links, "find-links", index=False)
     if links:
         out.env["PIP_FIND_LINKS"] = " ".join(links)
-    if pip.trusted_hosts:
-        out.env["PIP_TRUSTED_HOST"] = " ".join(pip.trusted_hosts)
+    if trusted:
+        out.env["PIP_TRUSTED_HOST"] = " ".join(trusted)
     if include_constraints:
         constraints = [c for c in pip.constraints if bind(c, "pip constraint")]
         if constraints:

@@ -139,3 +139,15 @@ def test_proxy_env_without_socks() -> None:
     env = proxy_env(8080, socks_all_proxy=False)
     assert "ALL_PROXY" not in env and "all_proxy" not in env
     assert env["https_proxy"] == "http://127.0.0.1:8080"
+
+
+def test_cache_replaces_the_index_when_the_sandbox_has_egress(tmp_path: Path) -> None:
+    host_tree(tmp_path)
+    config = read_host_config(tmp_path, env={}, home=HOME)
+    url = "http://pypi.cache.cellbox/simple/"
+    trust = sandbox_trust(config, 3128, cache_index_url=url)
+    assert trust.env["PIP_INDEX_URL"] == url
+    assert trust.env["PIP_TRUSTED_HOST"] == "mirror.example pypi.cache.cellbox"
+    assert trust.env["PIP_EXTRA_INDEX_URL"] == "file:///opt/pypi/simple"  # local indexes stay
+    offline = sandbox_trust(config, None, cache_index_url=url)
+    assert offline.env["PIP_INDEX_URL"] == "https://mirror.example/simple"

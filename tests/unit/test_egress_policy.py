@@ -261,3 +261,16 @@ def test_decide_name_refuses_without_dns_only_when_no_address_could_help() -> No
 def test_to_spec_round_trips() -> None:
     spec = {"internet": True, "allow_out": ["pypi.org", "1.1.1.1"], "deny_out": ["0.0.0.0/0"]}
     assert parse_network(spec).to_spec() == spec
+
+
+@pytest.mark.parametrize(
+    ("spec", "may"),
+    [({}, False), ({"internet": True}, True), ({"allow_out": ["pypi.org"]}, True),
+     ({"allow_out": ["*.org"]}, True), ({"allow_out": ["1.1.1.1"]}, False),
+     ({"internet": True, "deny_out": ["pypi.org"]}, False), ({"internet": True, "deny_out": ["0.0.0.0/0"]}, False),
+     ({"internet": True, "deny_out": ["0.0.0.0/0"], "allow_out": ["pypi.org"]}, True)],
+)  # fmt: skip
+def test_the_package_cache_is_only_for_sandboxes_that_reach_its_index(spec: dict[str, Any], may: bool) -> None:
+    from cellbox.egress.cache import sandbox_may_use
+
+    assert sandbox_may_use(parse_network(spec), "https://pypi.org/simple/") is may
