@@ -20,9 +20,9 @@ allow list. Domains match only when the sandbox connects *by name* (SOCKS5 with 
 Below every sandbox's rules there is a floor: loopback, link-local (169.254.0.0/16, the cloud
 metadata address), private and other non-global ranges (IPv4 and IPv6, IPv4-mapped, 6to4 and
 NAT64 forms included) and the service's own addresses are refused, unless the operator permits the
-range (:attr:`OperatorPolicy.permit`) *and* the sandbox names it in an explicit ``allow_out``
-entry (``internet: true`` or ``0.0.0.0/0`` never reaches them). An allowed name that resolves to
-such an address (DNS rebinding) is refused the same way.
+range explicitly (:attr:`OperatorPolicy.permit`); a permitted range is then like any public
+address, under the operator's and the sandbox's rules. An allowed name that resolves to a
+forbidden address (DNS rebinding) is refused the same way.
 
 The operator's allow/deny lists bound what any sandbox may get. For the operator an allow list
 alone is an allow list (anything else refused); a deny list alone is a deny list; both: an allow
@@ -293,9 +293,11 @@ def _name_verdict(
 class OperatorPolicy:
     """The service-wide bound on egress (``cellbox serve --egress-allow/--egress-deny/--egress-permit``).
 
-    ``permit`` lists the floor's ranges sandboxes may name explicitly (``"127.0.0.0/8"`` for
-    tests, ``"10.1.0.0/16"`` for a private mirror; ``"loopback"``, ``"private"`` and
-    ``"link-local"`` are shorthands). ``own_addresses`` are the service's addresses (its listen
+    ``permit`` lifts the floor for the ranges it lists (``"127.0.0.2/32"`` for tests,
+    ``"10.1.0.0/16"`` for a private mirror, the address an inspecting proxy answers from;
+    ``"loopback"``, ``"private"`` and ``"link-local"`` are shorthands): keep it narrow, since
+    ``internet: true`` then reaches them too. It does not widen ``allow``: with an operator allow
+    list, a permitted range must also be in it. ``own_addresses`` are the service's addresses (its listen
     address, the host's interfaces): refused even inside a permitted range unless ``permit_own``.
     ``ports`` restricts destination ports (None: any). ``enabled=False`` refuses every sandbox that
     asks for egress."""
@@ -388,7 +390,7 @@ class OperatorPolicy:
                         )
                     break
             nets_allowed = [r.network for r in self.allow if r.network is not None]
-            if permitted or any(r.kind == "all" for r in self.allow) or any(_overlaps(net, n) for n in nets_allowed):
+            if any(r.kind == "all" for r in self.allow) or any(_overlaps(net, n) for n in nets_allowed):
                 return
             nets_denied = [r.network for r in self.deny if r.network is not None]
             in_deny = any(r.kind == "all" for r in self.deny) or any(_subnet(net, n) for n in nets_denied)
@@ -402,7 +404,7 @@ class OperatorPolicy:
         # A domain or wildcard: refuse only what the operator's name rules refuse for sure.
         if any(r.covers_name(rule) for r in self.allow):
             return
-        if any(r.kind == "network" for r in self.allow) or self.permit:
+        if any(r.kind == "network" for r in self.allow):
             return  # the name may resolve into an allowed range: decided at connect time
         denied_by_name = any(r.kind in ("domain", "wildcard") and r.covers_name(rule) for r in self.deny)
         if denied_by_name or any(r.kind == "all" for r in self.deny) or not self.default_allow:
@@ -446,10 +448,9 @@ class SandboxPolicy:
         name = _normalise_host(host)
         if name is None:
             return Decision.deny(f"{host!r} is not a valid host name")
-        if not op.permit:
-            verdict, rule = _name_verdict(op.allow, op.deny, op.default_allow, name)
-            if verdict is False:
-                return Decision.deny("refused by the service's egress policy", rule.entry if rule else None)
+        verdict, rule = _name_verdict(op.allow, op.deny, op.default_allow, name)
+        if verdict is False:
+            return Decision.deny("refused by the service's egress policy", rule.entry if rule else None)
         verdict, rule = _name_verdict(self.allow, self.deny, self.internet, name)
         if verdict is False:
             if rule is not None:
@@ -472,17 +473,12 @@ class SandboxPolicy:
         if special is not None and not permitted:
             what = f"{host} resolves to " if host is not None else ""
             return Decision.deny(f"{what}{ip}: {special} address, not permitted by the service")
-        op_allow = op.allow + tuple(Rule(entry=str(net), kind="network", network=net) for net in op.permit)
-        ok, rule = _verdict(op_allow, op.deny, op.default_allow, name, ip)
+        ok, rule = _verdict(op.allow, op.deny, op.default_allow, name, ip)
         if not ok:
             return Decision.deny("refused by the service's egress policy", rule.entry if rule else None)
         for rule in self.allow:
             if rule.matches(name, ip):
-                if special is not None and rule.kind == "all":
-                    continue  # a permitted private range needs an explicit entry
                 return Decision.allow(f"allow_out {rule.entry!r}", rule.entry)
-        if special is not None:
-            return Decision.deny(f"{ip}: {special} address, reachable only through an explicit allow_out entry")
         for rule in self.deny:
             if rule.matches(name, ip):
                 return Decision.deny(f"deny_out {rule.entry!r}", rule.entry)

@@ -162,19 +162,29 @@ def test_forbidden_reason(address: str, reason: str | None) -> None:
     assert forbidden_reason(ip(address)) == reason
 
 
-def test_operator_permit_needs_an_explicit_sandbox_entry() -> None:
-    op = OperatorPolicy.build(permit=["127.0.0.0/8"])
+def test_operator_permit_lifts_the_floor_for_its_ranges_only() -> None:
+    op = OperatorPolicy.build(permit=["127.0.0.2/32"])
     explicit = parse_network({"allow_out": ["127.0.0.2"]}, op)
     assert explicit.decide(None, ip("127.0.0.2"), 8000).allowed
     assert not explicit.decide(None, ip("127.0.0.3"), 8000).allowed
     by_name = parse_network({"allow_out": ["upstream.test"]}, op)
     assert by_name.decide("upstream.test", ip("127.0.0.2"), 8000).allowed
-    assert not parse_network({"internet": True}, op).decide(None, ip("127.0.0.2"), 80).allowed
-    everything = parse_network({"allow_out": ["0.0.0.0/0"]}, op)
-    assert not everything.decide(None, ip("127.0.0.2"), 80).allowed
-    assert everything.decide(None, ip(PUBLIC), 80).allowed
-    # permitted loopback does not open link-local
+    assert not by_name.decide("upstream.test", ip("127.0.0.3"), 8000).allowed  # rebinding
     assert not by_name.decide("upstream.test", ip("169.254.169.254"), 80).allowed
+    assert parse_network({"internet": True}, op).decide(None, ip("127.0.0.2"), 80).allowed
+    with pytest.raises(InvalidRequest, match="127.0.0.0/8"):
+        parse_network({"allow_out": ["127.0.0.0/8"]}, op)  # wider than the permit
+
+
+def test_permit_does_not_widen_an_operator_allow_list() -> None:
+    # e.g. an inspecting proxy every name resolves to: permitting it must not open every name
+    op = OperatorPolicy.build(allow=["pypi.org"], permit=["203.0.113.80/32"])
+    policy = parse_network({"internet": True}, op)
+    assert policy.decide("pypi.org", ip("203.0.113.80"), 443).allowed
+    assert not policy.decide("evil.example", ip("203.0.113.80"), 443).allowed
+    assert policy.decide_name("evil.example", 443) is not None
+    with pytest.raises(InvalidRequest, match="203.0.113.80"):
+        parse_network({"allow_out": ["203.0.113.80"]}, op)
 
 
 def test_service_own_addresses_are_refused_inside_a_permitted_range() -> None:
