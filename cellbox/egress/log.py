@@ -33,6 +33,7 @@ class EgressRecord:
     address: str | None = None
     rule: str | None = None
     error: str | None = None  # allowed, but the upstream could not be reached
+    server_name: str | None = None  # the TLS server name (SNI) the client sent, when checked
     bytes_up: int = 0
     bytes_down: int = 0
     closed_at: float | None = None

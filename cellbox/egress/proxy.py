@@ -14,6 +14,10 @@ Per connection, the first byte says the protocol: ``0x05`` is SOCKS5, anything e
 * SOCKS5: no authentication, CONNECT only; IPv4, IPv6 and domain addresses; a domain is resolved
   here (``socks5h``), never by the sandbox.
 
+On port 443 a tunnel is answered first and the client's TLS ClientHello read before anything goes
+upstream: its server name (SNI) must be allowed at that address too, so a tunnel opened for an
+allowed name cannot carry a session for another site on the same address (domain fronting).
+
 The proxy resolves names itself (through an injectable resolver), asks the policy about each
 resolved address and connects to exactly an address the policy allowed: the name is never
 resolved twice, so a rebinding DNS answer cannot slip past the check. A refused connection is
@@ -36,16 +40,25 @@ import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from cellbox.aio import cancel_and_wait
 from cellbox.egress.log import EgressLog, EgressRecord
 from cellbox.egress.policy import Decision, IPAddress, SandboxPolicy, canonical_ip
 
-__all__ = ["EgressProxy", "LocalResponse", "LocalSite", "ProxyLimits", "Resolver", "system_resolver"]
+__all__ = [
+    "EgressProxy",
+    "LocalResponse",
+    "LocalSite",
+    "ProxyLimits",
+    "Resolver",
+    "ThreadedResolver",
+    "system_resolver",
+]
 
 log = logging.getLogger("cellbox.egress")
 
@@ -87,17 +100,44 @@ class ProxyLimits:
     idle_timeout: float = 300.0  # a tunnel with no byte either way for this long is closed
     max_header_bytes: int = 64 * 1024
     buffer_size: int = 64 * 1024
+    # getaddrinfo runs in threads; a sandbox asking for many slow names must not hold them all
+    max_resolving: int = 4
+    # On these ports the TLS ClientHello's server name must be allowed too (see _forward)
+    tls_name_ports: frozenset[int] = frozenset({443})
 
 
-async def system_resolver(host: str, port: int) -> list[IPAddress]:
-    """The host's resolver (getaddrinfo in a thread), addresses in the order it gives them."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+def _addresses(infos: list[tuple[Any, ...]]) -> list[IPAddress]:
     out: list[IPAddress] = []
     for _family, _type, _proto, _name, sockaddr in infos:
         address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
         if address not in out:
             out.append(address)
     return out
+
+
+async def system_resolver(host: str, port: int) -> list[IPAddress]:
+    """The host's resolver (getaddrinfo in the loop's default executor), addresses in the order
+    it gives them."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    return _addresses(infos)
+
+
+class ThreadedResolver:
+    """getaddrinfo on a thread pool of its own, so lookups for sandboxes never queue behind (or
+    starve) the rest of the service's work in the loop's default executor. One per service,
+    shared by every proxy; :meth:`close` at shutdown."""
+
+    def __init__(self, max_workers: int = 16) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cellbox-dns")
+
+    async def __call__(self, host: str, port: int) -> list[IPAddress]:
+        infos = await asyncio.get_running_loop().run_in_executor(
+            self._executor, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP
+        )
+        return _addresses(infos)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass
@@ -174,6 +214,7 @@ class EgressProxy:
         self._server: asyncio.AbstractServer | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._resolving = asyncio.Semaphore(self.limits.max_resolving)
 
     @property
     def active(self) -> int:
@@ -303,25 +344,56 @@ class EgressProxy:
             self.log.closed(record, 0, down)
 
     async def _forward(self, target: _Target, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        record, upstream = await self._open(target)
+        allowed, failed = await self._decide(target)
+        if failed is not None:
+            code = SOCKS_NOT_ALLOWED if not failed.allowed else _socks_code_for(failed.error or "")
+            status = 403 if not failed.allowed else 502
+            await self._refuse(writer, target.protocol, _Refused(status, failed.error or failed.reason, code))
+            return
+        first = b""
+        server_name: str | None = None
+        replied = False
+        if target.protocol in ("connect", "socks5") and target.port in self.limits.tls_name_ports:
+            # Domain fronting: a tunnel opened for an allowed name must not carry a TLS session for
+            # another one. TLS clients speak first, so the ClientHello is read (and its server
+            # name decided) before anything is sent upstream.
+            await self._reply_ok(target, writer, None)
+            replied = True
+            first = await self._read_tls_record(reader)
+            server_name = tls_server_name(first)
+            if server_name is not None:
+                judged = [(a, self.policy.decide(server_name, a, target.port)) for a, _d in allowed]
+                if not any(d.allowed for _a, d in judged):
+                    address, refusal = judged[0]
+                    self.log.decision(
+                        target.protocol,
+                        target.host,
+                        target.port,
+                        False,
+                        f"TLS server name {server_name!r}: {refusal.reason}",
+                        address=str(address),
+                        rule=refusal.rule,
+                    ).server_name = server_name
+                    return
+                allowed = [(a, d) for (a, d), (_a, sd) in zip(allowed, judged, strict=True) if sd.allowed]
+        record, upstream = await self._connect(target, allowed)
+        record.server_name = server_name
         if upstream is None:
-            assert record.error is not None or not record.allowed
-            code = SOCKS_NOT_ALLOWED if not record.allowed else _socks_code_for(record.error or "")
-            status = 403 if not record.allowed else 502
-            await self._refuse(writer, target.protocol, _Refused(status, record.error or record.reason, code))
+            if not replied:
+                code = _socks_code_for(record.error or "")
+                await self._refuse(writer, target.protocol, _Refused(502, record.error or record.reason, code))
             return
         up_reader, up_writer = upstream
         self._writers.add(up_writer)
-        up = len(target.head)
+        up = len(target.head) + len(first)
         down = 0
         try:
-            if target.protocol == "connect":
-                writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-            elif target.protocol == "socks5":
-                writer.write(_socks_reply(SOCKS_OK, up_writer.get_extra_info("sockname")))
-            else:
+            if not replied:
+                await self._reply_ok(target, writer, up_writer.get_extra_info("sockname"))
+            if target.protocol == "http":
                 up_writer.write(target.head)
-            await writer.drain()
+            if first:
+                up_writer.write(first)
             up_more, down_more = await self._relay(reader, writer, up_reader, up_writer, http=target.protocol == "http")
             up += up_more
             down += down_more
@@ -330,11 +402,31 @@ class EgressProxy:
             up_writer.transport.abort()
             self.log.closed(record, up, down)
 
-    async def _open(
-        self, target: _Target
-    ) -> tuple[EgressRecord, tuple[asyncio.StreamReader, asyncio.StreamWriter] | None]:
-        """Decide, then connect to exactly an allowed address. Nothing is sent anywhere for a
-        refused target."""
+    async def _reply_ok(self, target: _Target, writer: asyncio.StreamWriter, sockname: Any) -> None:
+        if target.protocol == "connect":
+            writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        elif target.protocol == "socks5":
+            writer.write(_socks_reply(SOCKS_OK, sockname))
+        await writer.drain()
+
+    async def _read_tls_record(self, reader: asyncio.StreamReader) -> bytes:
+        """The client's first TLS record (or whatever non-TLS bytes came first, or b"")."""
+        head = b""
+        try:
+            async with asyncio.timeout(self.limits.handshake_timeout):
+                head = await reader.readexactly(5)
+                if head[0] != 0x16:  # not a TLS handshake record: pass it on untouched
+                    return head
+                (length,) = struct.unpack("!H", head[3:5])
+                return head + await reader.readexactly(length)
+        except asyncio.IncompleteReadError as exc:
+            return head + exc.partial
+        except TimeoutError:
+            return head
+
+    async def _decide(self, target: _Target) -> tuple[list[tuple[IPAddress, Decision]], EgressRecord | None]:
+        """Resolve (if by name) and decide each address: the allowed ones, or the record of why
+        there are none. Nothing is sent anywhere for a refused target."""
         policy = self.policy
         proto, host, port = target.protocol, target.host, target.port
         try:
@@ -348,30 +440,38 @@ class EgressProxy:
             name = host
             early = policy.decide_name(host, port)
             if early is not None:
-                return self.log.decision(proto, host, port, False, early.reason, rule=early.rule), None
+                return [], self.log.decision(proto, host, port, False, early.reason, rule=early.rule)
             try:
-                async with asyncio.timeout(self.limits.resolve_timeout):
+                async with asyncio.timeout(self.limits.resolve_timeout), self._resolving:
                     addresses = await self.resolver(host, port)
             except (OSError, TimeoutError) as exc:
                 addresses = []
                 why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-                record = self.log.decision(proto, host, port, True, "name did not resolve")
-                record.error = f"cannot resolve {host}: {why}"
-                self.log.closed(record, 0, 0)
-                return record, None
+                return [], self._failed(proto, host, port, "name did not resolve", f"cannot resolve {host}: {why}")
             if not addresses:
-                record = self.log.decision(proto, host, port, True, "name did not resolve")
-                record.error = f"cannot resolve {host}: no address"
-                self.log.closed(record, 0, 0)
-                return record, None
-        decided: list[tuple[IPAddress, Decision]] = [(canonical_ip(a), policy.decide(name, a, port)) for a in addresses]
+                return [], self._failed(proto, host, port, "name did not resolve", f"cannot resolve {host}: no address")
+        decided = [(canonical_ip(a), policy.decide(name, a, port)) for a in addresses]
         allowed = [(address, d) for address, d in decided if d.allowed]
         if not allowed:
             address, refusal = decided[0]
-            record = self.log.decision(
+            return [], self.log.decision(
                 proto, host, port, False, refusal.reason, address=str(address), rule=refusal.rule
             )
-            return record, None
+        return allowed, None
+
+    def _failed(
+        self, proto: str, host: str, port: int, reason: str, error: str, address: str | None = None
+    ) -> EgressRecord:
+        record = self.log.decision(proto, host, port, True, reason, address=address)
+        record.error = error
+        self.log.closed(record, 0, 0)
+        return record
+
+    async def _connect(
+        self, target: _Target, allowed: list[tuple[IPAddress, Decision]]
+    ) -> tuple[EgressRecord, tuple[asyncio.StreamReader, asyncio.StreamWriter] | None]:
+        """Connect to exactly an allowed address (the first that answers)."""
+        proto, host, port = target.protocol, target.host, target.port
         errors: list[str] = []
         for address, decision in allowed:
             try:
@@ -391,10 +491,9 @@ class EgressProxy:
             )
             return record, stream
         address, decision = allowed[0]
-        record = self.log.decision(proto, host, port, True, decision.reason, address=str(address), rule=decision.rule)
-        record.error = "cannot connect: " + "; ".join(errors)
-        self.log.closed(record, 0, 0)
-        return record, None
+        return self._failed(
+            proto, host, port, decision.reason, "cannot connect: " + "; ".join(errors), str(address)
+        ), None
 
     async def _relay(
         self,
@@ -549,6 +648,34 @@ _PHRASES = {
     431: "Request Header Fields Too Large",
     502: "Bad Gateway",
 }
+
+
+def tls_server_name(record: bytes) -> str | None:
+    """The server name (SNI) of a TLS ClientHello record, or None (not a ClientHello, no SNI,
+    or cut short)."""
+    try:
+        if len(record) < 5 or record[0] != 0x16 or record[5] != 0x01:
+            return None
+        body = record[9:]  # handshake type (1) + length (3) skipped
+        pos = 2 + 32  # client version, random
+        pos += 1 + body[pos]  # session id
+        pos += 2 + int.from_bytes(body[pos : pos + 2], "big")  # cipher suites
+        pos += 1 + body[pos]  # compression methods
+        end = pos + 2 + int.from_bytes(body[pos : pos + 2], "big")
+        pos += 2
+        while pos + 4 <= end:
+            kind = int.from_bytes(body[pos : pos + 2], "big")
+            size = int.from_bytes(body[pos + 2 : pos + 4], "big")
+            data = body[pos + 4 : pos + 4 + size]
+            pos += 4 + size
+            if kind == 0x0000:  # server_name: list length (2), name type (1), name length (2), name
+                if len(data) >= 5 and data[2] == 0x00:
+                    length = int.from_bytes(data[3:5], "big")
+                    return data[5 : 5 + length].decode("ascii") or None
+                return None
+    except (IndexError, UnicodeDecodeError):
+        return None
+    return None
 
 
 def _parse_headers(lines: list[str]) -> list[tuple[str, str]]:

@@ -17,7 +17,8 @@ import pytest_asyncio
 
 from cellbox.egress.log import EgressLog
 from cellbox.egress.policy import IPAddress, OperatorPolicy, SandboxPolicy, parse_network
-from cellbox.egress.proxy import EgressProxy, ProxyLimits
+from cellbox.egress.proxy import EgressProxy, ProxyLimits, ThreadedResolver
+from tests.unit.test_egress_wire import client_hello
 
 pytestmark = pytest.mark.asyncio
 
@@ -487,3 +488,85 @@ async def test_policy_can_be_replaced_while_serving(make_proxy: ProxyFactory, up
     proxy.set_policy(policy({}))
     assert split_response(await exchange(proxy, request))[0] == 403
     assert upstream.accepted == 1
+
+
+@pytest.mark.parametrize("protocol", ["connect", "socks5"])
+@pytest.mark.parametrize(("sni", "allowed"), [("upstream.test", True), ("evil.test", False), (None, True)])
+async def test_tls_server_name_must_be_allowed_too(
+    make_proxy: ProxyFactory, echo: Upstream, protocol: str, sni: str | None, allowed: bool
+) -> None:
+    limits = ProxyLimits(tls_name_ports=frozenset({echo.port}))
+    proxy = await make_proxy({"allow_out": ["upstream.test"]}, limits=limits)
+    hello = client_hello(sni)
+    if protocol == "connect":
+        reader, writer = await asyncio.open_unix_connection(str(proxy.path))
+        writer.write(f"CONNECT upstream.test:{echo.port} HTTP/1.1\r\n\r\n".encode())
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE)).startswith(b"HTTP/1.1 200")
+    else:
+        reader, writer, code = await socks_open(proxy, socks_request(3, b"\x0dupstream.test", echo.port))
+        assert code == 0
+    writer.write(hello)
+    answer = (
+        await read_to_close(reader)
+        if not allowed
+        else await asyncio.wait_for(reader.readexactly(5 + len(hello)), DEADLINE)
+    )
+    await shut(writer)
+    record = proxy.log.records()[-1]
+    assert record.server_name == sni
+    if allowed:
+        assert answer == b"echo:" + hello and record.allowed
+    else:
+        assert answer == b"" and echo.accepted == 0 and not record.allowed
+        assert "TLS server name 'evil.test'" in record.reason
+
+
+async def test_non_tls_bytes_pass_a_tls_checked_port(make_proxy: ProxyFactory, echo: Upstream) -> None:
+    proxy = await make_proxy(
+        {"allow_out": ["upstream.test"]}, limits=ProxyLimits(tls_name_ports=frozenset({echo.port}))
+    )
+    reader, writer = await asyncio.open_unix_connection(str(proxy.path))
+    writer.write(f"CONNECT upstream.test:{echo.port} HTTP/1.1\r\n\r\nSSH-2.0-x\r\n".encode())
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE)
+    assert await asyncio.wait_for(reader.readuntil(b"x\r\n"), DEADLINE) == b"echo:SSH-2.0-x\r\n"
+    await shut(writer)
+
+
+async def test_lookups_per_sandbox_are_capped(make_proxy: ProxyFactory) -> None:
+    release = asyncio.Event()
+    in_flight = [0, 0]  # now, most
+
+    async def slow(host: str, port: int) -> list[IPAddress]:
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight[1], in_flight[0])
+        try:
+            await release.wait()
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        finally:
+            in_flight[0] -= 1
+
+    proxy = await make_proxy(limits=ProxyLimits(max_resolving=2))
+    proxy.resolver = slow
+    requests = [
+        asyncio.create_task(exchange(proxy, f"CONNECT n{i}.test:443 HTTP/1.1\r\n\r\n".encode())) for i in range(6)
+    ]
+    await asyncio.wait_for(wait_until(lambda: in_flight[0] == 2), DEADLINE)
+    assert in_flight[1] == 2
+    release.set()
+    answers = await asyncio.wait_for(asyncio.gather(*requests), DEADLINE)
+    assert all(split_response(a)[0] == 502 for a in answers)
+    assert in_flight[1] == 2
+
+
+async def wait_until(ready: Callable[[], bool]) -> None:
+    while not ready():
+        await asyncio.sleep(0.01)
+
+
+async def test_threaded_resolver_uses_the_hosts_resolver() -> None:
+    resolver = ThreadedResolver(max_workers=2)
+    try:
+        addresses = await asyncio.wait_for(resolver("localhost", 80), DEADLINE)  # /etc/hosts: no DNS traffic
+        assert ipaddress.ip_address("127.0.0.1") in addresses
+    finally:
+        resolver.close()
