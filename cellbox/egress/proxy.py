@@ -79,6 +79,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 
+# Names under this domain are cellbox's own sites (the package cache): never looked up in DNS.
+RESERVED_DOMAIN = "cellbox"
+
 SOCKS_VERSION = 5
 SOCKS_OK = 0x00
 SOCKS_FAILURE = 0x01
@@ -312,8 +315,12 @@ class EgressProxy:
         if target.protocol == "local":
             await self._local(target, writer)
             return
-        if target.host.lower().rstrip(".") in self.local_sites:
-            reason = f"{target.host} is served by cellbox over plain http:// only"
+        name = target.host.lower().rstrip(".")
+        if name in self.local_sites or name == RESERVED_DOMAIN or name.endswith("." + RESERVED_DOMAIN):
+            if name in self.local_sites:
+                reason = f"{target.host} is served by cellbox over plain http:// only"
+            else:
+                reason = f"{target.host} is not served to this sandbox"
             self.log.decision(target.protocol, target.host, target.port, False, reason)
             await self._refuse(writer, target.protocol, _Refused(403, reason, SOCKS_NOT_ALLOWED))
             return

@@ -290,6 +290,14 @@ async def test_a_refused_name_is_never_resolved(make_proxy: ProxyFactory) -> Non
     proxy = await make_proxy({"allow_out": ["upstream.test"]}, calls=calls)
     status, _, _ = split_response(await exchange(proxy, b"CONNECT evil.test:443 HTTP/1.1\r\n\r\n"))
     assert status == 403 and calls == []
+    everything = await make_proxy(name="all", calls=calls)  # has IP rules: names get resolved
+    for request in [
+        b"GET http://pypi.cache.cellbox/simple/ HTTP/1.1\r\n\r\n",
+        b"CONNECT x.cellbox:443 HTTP/1.1\r\n\r\n",
+    ]:
+        status, _, body = split_response(await exchange(everything, request))
+        assert status == 403 and b"not served to this sandbox" in body
+    assert calls == []  # cellbox's own names never reach DNS
 
 
 def socks_request(atyp: int, address: bytes, port: int, command: int = 1) -> bytes:
