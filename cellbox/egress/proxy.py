@@ -39,6 +39,7 @@ import logging
 import os
 import socket
 import struct
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -228,15 +229,30 @@ class EgressProxy:
         self.policy = policy
 
     async def start(self) -> None:
-        """Bind the unix socket (replacing a stale file) and start serving."""
+        """Bind the unix socket at :attr:`path` (replacing whatever is there) and start serving.
+
+        The socket is bound and given its mode inside a fresh private directory, then renamed into
+        place: the sandbox may be able to write to the directory ``path`` is in, and a chmod by
+        path there could be sent through a symlink it swapped in."""
         if self._server is not None:
             raise RuntimeError("Expected an unstarted proxy, got one already serving")
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        self._server = await asyncio.start_unix_server(
-            self._accept, path=str(self.path), limit=self.limits.max_header_bytes, backlog=128
-        )
-        os.chmod(self.path, self.socket_mode)
+        private = Path(tempfile.mkdtemp(prefix=".egress-", dir=self.path.parent))
+        staged = private / "s"
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._accept, path=str(staged), limit=self.limits.max_header_bytes, backlog=128
+            )
+            os.chmod(staged, self.socket_mode)
+            os.replace(staged, self.path)
+        except BaseException:
+            if self._server is not None:
+                self._server.close()
+                self._server = None
+            raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                staged.unlink()
+            private.rmdir()
 
     async def close(self) -> None:
         """Stop accepting, end every connection, remove the socket file. Idempotent."""

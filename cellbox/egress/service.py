@@ -91,7 +91,8 @@ class Egress:
             self._open[sandbox_id] = opened
             return opened
         path = Path(run_dir) / SOCKET_NAME
-        if len(str(path).encode()) > _MAX_UNIX_PATH:
+        staged = len(str(run_dir).encode()) + len("/.egress-XXXXXXXX/s")  # EgressProxy.start binds there first
+        if max(len(str(path).encode()), staged) > _MAX_UNIX_PATH:
             raise InvalidRequest(f"the egress socket path {path} is longer than a unix socket allows")
         cached = self.cache is not None and sandbox_may_use(policy, self.cache.index_url)
         sites: dict[str, LocalSite] = {CACHE_HOST: self.cache} if cached and self.cache is not None else {}

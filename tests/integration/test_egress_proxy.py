@@ -578,3 +578,20 @@ async def test_threaded_resolver_uses_the_hosts_resolver() -> None:
         assert ipaddress.ip_address("127.0.0.1") in addresses
     finally:
         resolver.close()
+
+
+async def test_start_replaces_a_planted_symlink_without_following_it(short_tmp: Path) -> None:
+    victim = short_tmp / "victim"
+    victim.write_text("secret")
+    victim.chmod(0o600)
+    planted = short_tmp / "egress.sock"
+    planted.symlink_to(victim)
+    proxy = EgressProxy(policy({}), planted, EgressLog("sbx"))
+    await proxy.start()
+    try:
+        assert planted.is_socket() and not planted.is_symlink()
+        assert victim.stat().st_mode & 0o777 == 0o600 and victim.read_text() == "secret"
+        assert planted.stat().st_mode & 0o777 == 0o666
+        assert sorted(p.name for p in short_tmp.iterdir()) == ["egress.sock", "victim"]
+    finally:
+        await proxy.close()
