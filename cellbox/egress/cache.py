@@ -11,7 +11,8 @@ bridge like any other plain-HTTP request. Nothing listens anywhere for it.
   kept ``page_ttl`` seconds, answered as JSON or HTML (whatever the client accepts). Every file
   with a sha256 in the upstream page points at ``/files/<sha256>/<filename>`` here; files without
   one keep their upstream URL (the sandbox fetches them through the proxy, if its policy allows).
-  PEP 658 metadata attributes are dropped (pip then reads metadata from the cached wheel).
+  PEP 658 metadata files with a sha256 are offered (and cached) the same way, so pip resolves
+  without downloading every candidate wheel.
 * ``GET /files/<sha256>/<filename>``: served from disk; on a miss, downloaded from the upstream
   URL the page named, **verified against that sha256** while it streams to a temporary file, and
   only then moved into place. A key no page announced is a 404. So a sandbox can neither write
@@ -90,6 +91,19 @@ class CachedFile:
     sha256: str | None
     requires_python: str | None = None
     yanked: bool | str = False
+    metadata_sha256: str | None = None  # PEP 658/714: the sha256 of ``url + ".metadata"``
+
+
+def _metadata_sha(value: Any) -> str | None:
+    """The sha256 of a PEP 658 metadata file from a JSON value ({"sha256": ...}) or an HTML
+    attribute ("sha256=..."); None when absent or given without a sha256 (then not offered)."""
+    if isinstance(value, dict):
+        found = value.get("sha256")
+    elif isinstance(value, str) and value.startswith("sha256="):
+        found = value[len("sha256=") :]
+    else:
+        return None
+    return found.lower() if isinstance(found, str) and _SHA256.match(found.lower()) else None
 
 
 @dataclass
@@ -116,8 +130,11 @@ def _parse_page(body: bytes, content_type: str, page_url: str) -> list[CachedFil
         for entry in data.get("files", []):
             url = urljoin(page_url, str(entry["url"]))
             sha = (entry.get("hashes") or {}).get("sha256")
+            metadata = _metadata_sha(entry.get("core-metadata", entry.get("dist-info-metadata")))
             files.append(
-                CachedFile(str(entry["filename"]), url, sha, entry.get("requires-python"), entry.get("yanked", False))
+                CachedFile(
+                    str(entry["filename"]), url, sha, entry.get("requires-python"), entry.get("yanked", False), metadata
+                )
             )
         return files
     parser = _LinkParser()
@@ -132,9 +149,15 @@ def _parse_page(body: bytes, content_type: str, page_url: str) -> list[CachedFil
         filename = split.path.rsplit("/", 1)[-1]
         yanked_attr = attrs.get("data-yanked")
         yanked: bool | str = False if yanked_attr is None else (yanked_attr or True)
+        metadata = _metadata_sha(attrs.get("data-core-metadata", attrs.get("data-dist-info-metadata")))
         files.append(
             CachedFile(
-                filename, url.split("#", 1)[0], fragment.get("sha256"), attrs.get("data-requires-python"), yanked
+                filename,
+                url.split("#", 1)[0],
+                fragment.get("sha256"),
+                attrs.get("data-requires-python"),
+                yanked,
+                metadata,
             )
         )
     return files
@@ -261,6 +284,11 @@ class PackageCache:
                             "hashes": {"sha256": f.sha256.lower()} if f.sha256 else {},
                             **({"requires-python": f.requires_python} if f.requires_python else {}),
                             **({"yanked": f.yanked} if f.yanked else {}),
+                            **(
+                                {"core-metadata": {"sha256": f.metadata_sha256}}
+                                if f.metadata_sha256 and self._offers(f)
+                                else {}
+                            ),
                         }
                         for f in page.files
                     ],
@@ -275,6 +303,9 @@ class PackageCache:
                     attrs += f' data-requires-python="{html.escape(f.requires_python)}"'
                 if f.yanked:
                     attrs += f' data-yanked="{html.escape(f.yanked if isinstance(f.yanked, str) else "")}"'
+                if f.metadata_sha256 and self._offers(f):
+                    meta = f"sha256={f.metadata_sha256}"
+                    attrs += f' data-core-metadata="{meta}" data-dist-info-metadata="{meta}"'
                 links.append(f"<a {attrs}>{html.escape(f.filename)}</a><br/>")
             body = ("<!DOCTYPE html><html><body>\n" + "\n".join(links) + "\n</body></html>\n").encode()
             content_type = HTML_TYPE
@@ -283,11 +314,24 @@ class PackageCache:
 
     # -- files ---------------------------------------------------------------------------------
 
+    def _offers(self, file: CachedFile) -> bool:
+        """Whether the page points ``file`` at the cache (it has a usable sha256)."""
+        return bool(file.sha256) and file.sha256 is not None and file.sha256.lower() in self._known
+
     async def _file(self, sha: str, filename: str, head: bool) -> LocalResponse:
         sha = sha.lower()
         if not _SHA256.match(sha) or not _FILENAME.match(filename):
             return LocalResponse.text(400, "bad file key")
         known = self._known.get(sha)
+        if filename.endswith(".metadata") and known is not None and known.filename + ".metadata" == filename:
+            if known.metadata_sha256 is None:
+                return LocalResponse.text(404, "the index offers no metadata file for this distribution")
+            # PEP 658: the metadata next to the file, keyed and verified by its own sha256
+            meta = CachedFile(filename, known.url + ".metadata", known.metadata_sha256)
+            return await self._serve(known.metadata_sha256, meta, filename, head)
+        return await self._serve(sha, known, filename, head)
+
+    async def _serve(self, sha: str, known: CachedFile | None, filename: str, head: bool) -> LocalResponse:
         path = self._path(sha)
         if sha not in self._lru:
             if known is None or known.filename != filename:

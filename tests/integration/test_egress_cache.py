@@ -49,13 +49,16 @@ class IndexServer:
 
     def __init__(self) -> None:
         self.projects: dict[str, dict[str, bytes]] = {}
+        self.metadata: dict[str, bytes] = {}  # filename → its PEP 658 metadata file
         self.served: dict[str, int] = {}
         self.tamper = False
         self.port = 0
         self._server: asyncio.AbstractServer | None = None
 
-    def add(self, project: str, filename: str, data: bytes) -> str:
+    def add(self, project: str, filename: str, data: bytes, metadata: bytes | None = None) -> str:
         self.projects.setdefault(project, {})[filename] = data
+        if metadata is not None:
+            self.metadata[filename] = metadata
         return hashlib.sha256(data).hexdigest()
 
     async def __aenter__(self) -> IndexServer:
@@ -110,11 +113,20 @@ class IndexServer:
                     json.dumps({"meta": {"api-version": "1.0"}, "name": parts[1], "files": files}).encode(),
                 )
             links = "".join(
-                f'<a href="../../files/{f}#sha256={hashlib.sha256(d).hexdigest()}" '
-                f'data-requires-python="&gt;=3.8">{f}</a>'
+                f'<a href="../../files/{f}#sha256={hashlib.sha256(d).hexdigest()}" data-requires-python="&gt;=3.8"'
+                + (
+                    f' data-core-metadata="sha256={hashlib.sha256(self.metadata[f]).hexdigest()}"'
+                    if f in self.metadata
+                    else ""
+                )
+                + f">{f}</a>"
                 for f, d in wheels.items()
             )
             return 200, "text/html", f"<!DOCTYPE html><html><body>{links}</body></html>".encode()
+        if len(parts) == 2 and parts[0] == "files" and parts[1].endswith(".metadata"):
+            meta = self.metadata.get(parts[1].removesuffix(".metadata"))
+            if meta is not None:
+                return 200, "text/plain", b"evil" + meta if self.tamper else meta
         if len(parts) == 2 and parts[0] == "files":
             for wheels in self.projects.values():
                 if parts[1] in wheels:
@@ -253,6 +265,29 @@ async def test_lru_bound_and_restart(tmp_path: Path, index: IndexServer, client:
     assert index.file_hits() == hits
 
 
+@pytest.mark.asyncio
+async def test_pep658_metadata_is_offered_verified_and_cached(
+    tmp_path: Path, index: IndexServer, client: httpx.AsyncClient
+) -> None:
+    filename, data = make_wheel("demo_pkg", "1.0")
+    metadata = b"Metadata-Version: 2.1\nName: demo-pkg\nVersion: 1.0\n"
+    sha = index.add("demo-pkg", filename, data, metadata)
+    meta_sha = hashlib.sha256(metadata).hexdigest()
+    cache = PackageCache(tmp_path, index.url, client=client)
+    page = (await body_of(await cache.respond("GET", "/simple/demo-pkg/", []))).decode()
+    assert f'data-core-metadata="sha256={meta_sha}"' in page
+    as_json = json.loads(await body_of(await cache.respond("GET", "/simple/demo-pkg/", [("Accept", JSON_TYPE)])))
+    assert as_json["files"][0]["core-metadata"] == {"sha256": meta_sha}
+    index.tamper = True
+    assert (await cache.respond("GET", f"/files/{sha}/{filename}.metadata", [])).status == 502
+    index.tamper = False
+    for _ in range(2):
+        got = await cache.respond("GET", f"/files/{sha}/{filename}.metadata", [])
+        assert got.status == 200 and await body_of(got) == metadata
+    assert index.served[f"/files/{filename}.metadata"] == 2  # the tampered try, then one good fetch
+    assert index.file_hits() == 2  # only metadata: the wheel itself was never needed
+
+
 async def run_pip(*args: str, env: dict[str, str]) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pip", *args, env=env,
@@ -268,7 +303,7 @@ async def test_pip_installs_through_bridge_proxy_and_cache(
     tmp_path: Path, short_tmp: Path, index: IndexServer, client: httpx.AsyncClient
 ) -> None:
     filename, data = make_wheel("demo_pkg", "1.0")
-    index.add("demo-pkg", filename, data)
+    index.add("demo-pkg", filename, data, b"Metadata-Version: 2.1\nName: demo-pkg\nVersion: 1.0\n")
     cache = PackageCache(tmp_path / "cache", index.url, client=client)
     # a sandbox without internet still reaches the cache: it is a cellbox site, not egress
     proxy = EgressProxy(parse_network({}), short_tmp / "egress.sock", EgressLog("sbx"), local_sites={CACHE_HOST: cache})
@@ -294,7 +329,8 @@ async def test_pip_installs_through_bridge_proxy_and_cache(
             )
             assert code == 0, out
             assert (tmp_path / f"t{attempt}" / "demo_pkg" / "__init__.py").exists()
-        assert index.file_hits() == 1  # the second install came from the cache
+        assert index.served[f"/files/{filename}"] == 1  # the second install came from the cache
+        assert index.served.get(f"/files/{filename}.metadata", 0) <= 1
         assert all(r.allowed and r.host == CACHE_HOST for r in proxy.log.records())
     finally:
         await bridge.close()
