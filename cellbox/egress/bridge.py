@@ -36,14 +36,17 @@ class Bridge:
         *,
         max_connections: int = 256,
         buffer_size: int = 64 * 1024,
+        close_timeout: float = 30.0,
     ) -> None:
         self.unix_path = unix_path
         self.host = host
         self.port = port
         self.max_connections = max_connections
         self.buffer_size = buffer_size
+        self.close_timeout = close_timeout
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> int:
         """Bind and serve; returns the port (useful with ``port=0``)."""
@@ -59,6 +62,8 @@ class Bridge:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
+        for writer in list(self._writers):
+            writer.transport.abort()
         await asyncio.gather(*tasks, return_exceptions=True)
         if server is not None:
             await server.wait_closed()
@@ -76,6 +81,7 @@ class Bridge:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self._writers.add(writer)
         up_writer: asyncio.StreamWriter | None = None
         try:
             try:
@@ -92,10 +98,14 @@ class Bridge:
         except asyncio.CancelledError:
             pass  # close() cancels; this task is the root of its connection (see the proxy)
         finally:
-            self._tasks.discard(task)
-            writer.transport.abort()
             if up_writer is not None:
                 up_writer.transport.abort()
+            try:
+                await _finish(reader, writer, self.close_timeout)
+            except asyncio.CancelledError:
+                pass
+            self._tasks.discard(task)
+            self._writers.discard(writer)
 
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         try:
@@ -107,6 +117,31 @@ class Bridge:
                 await dst.drain()
         except (ConnectionError, OSError):
             dst.transport.abort()
+
+
+async def _finish(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float) -> None:
+    """Half-close once the buffer is flushed, read away what the client still sends (a close with
+    unread bytes is a reset that can destroy our last bytes at the client), close; abort after
+    ``timeout`` seconds. (The proxy's ``finish`` does the same: this file stays stdlib-only.)"""
+    transport = writer.transport
+    if transport.is_closing():
+        return
+    try:
+        await asyncio.wait_for(_linger(reader, writer), timeout)
+    except (OSError, RuntimeError):  # TimeoutError is an OSError (3.11, the templates' Python)
+        pass
+    finally:
+        transport.abort()
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    if writer.can_write_eof():
+        writer.write_eof()
+    discarded = 0
+    while discarded < (1 << 20) and (data := await reader.read(64 * 1024)):
+        discarded += len(data)
+    writer.close()
+    await writer.wait_closed()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -83,6 +83,8 @@ HOP_BY_HOP = frozenset(
 # Names under this domain are cellbox's own sites (the package cache): never looked up in DNS.
 RESERVED_DOMAIN = "cellbox"
 
+REFUSAL_LINGER = 2.0  # seconds a refused client has to take its answer before the close
+
 SOCKS_VERSION = 5
 SOCKS_OK = 0x00
 SOCKS_FAILURE = 0x01
@@ -108,6 +110,7 @@ class ProxyLimits:
     max_resolving: int = 4
     # On these ports the TLS ClientHello's server name must be allowed too (see _forward)
     tls_name_ports: frozenset[int] = frozenset({443})
+    close_timeout: float = 30.0  # for the client to take the last bytes once the upstream is done
 
 
 def _addresses(infos: list[tuple[Any, ...]]) -> list[IPAddress]:
@@ -300,9 +303,12 @@ class EgressProxy:
         except Exception:
             log.exception("egress proxy of %s: connection failed", self.log.sandbox_id)
         finally:
+            try:
+                await finish(reader, writer, self.limits.close_timeout)
+            except asyncio.CancelledError:
+                pass  # close() while flushing: the transport is already aborted
             self._handlers.discard(task)
             self._writers.discard(writer)
-            writer.transport.abort()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         protocol = "unknown"
@@ -321,10 +327,11 @@ class EgressProxy:
                     raise _Refused(400, f"malformed request ({exc})") from None
         except TimeoutError:
             self.log.decision(protocol, "", 0, False, f"handshake not finished within {self.limits.handshake_timeout}s")
+            writer.transport.abort()  # no lingering for a client that trickles
             return
         except _Refused as refused:
             self.log.decision(protocol, "", 0, False, refused.reason)
-            await self._refuse(writer, protocol, refused)
+            await self._refuse(reader, writer, protocol, refused)
             return
         if target is None:
             return
@@ -338,7 +345,7 @@ class EgressProxy:
             else:
                 reason = f"{target.host} is not served to this sandbox"
             self.log.decision(target.protocol, target.host, target.port, False, reason)
-            await self._refuse(writer, target.protocol, _Refused(403, reason, SOCKS_NOT_ALLOWED))
+            await self._refuse(reader, writer, target.protocol, _Refused(403, reason, SOCKS_NOT_ALLOWED))
             return
         await self._forward(target, reader, writer)
 
@@ -371,7 +378,7 @@ class EgressProxy:
         if failed is not None:
             code = SOCKS_NOT_ALLOWED if not failed.allowed else _socks_code_for(failed.error or "")
             status = 403 if not failed.allowed else 502
-            await self._refuse(writer, target.protocol, _Refused(status, failed.error or failed.reason, code))
+            await self._refuse(reader, writer, target.protocol, _Refused(status, failed.error or failed.reason, code))
             return
         first = b""
         server_name: str | None = None
@@ -404,7 +411,7 @@ class EgressProxy:
         if upstream is None:
             if not replied:
                 code = _socks_code_for(record.error or "")
-                await self._refuse(writer, target.protocol, _Refused(502, record.error or record.reason, code))
+                await self._refuse(reader, writer, target.protocol, _Refused(502, record.error or record.reason, code))
             return
         up_reader, up_writer = upstream
         self._writers.add(up_writer)
@@ -642,7 +649,9 @@ class EgressProxy:
             raise _Refused(400, "SOCKS request without host or port", SOCKS_FAILURE)
         return _Target("socks5", host, port)
 
-    async def _refuse(self, writer: asyncio.StreamWriter, protocol: str, refused: _Refused) -> None:
+    async def _refuse(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, protocol: str, refused: _Refused
+    ) -> None:
         if protocol == "socks5":
             writer.write(_socks_reply(refused.socks_code, None))
         else:
@@ -659,6 +668,7 @@ class EgressProxy:
             writer.write(head + body)
         with contextlib.suppress(ConnectionError):
             await writer.drain()
+        await finish(reader, writer, REFUSAL_LINGER)
 
 
 _PHRASES = {
@@ -671,6 +681,29 @@ _PHRASES = {
     431: "Request Header Fields Too Large",
     502: "Bad Gateway",
 }
+
+
+async def finish(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float) -> None:
+    """End a client connection without losing what is still buffered for it: half-close (after
+    the buffer is flushed), read away what the client still sends (closing with unread bytes
+    would be a reset, which can destroy our last bytes at the client), then close. After
+    ``timeout`` seconds it aborts."""
+    transport = writer.transport
+    if transport.is_closing():
+        return
+    try:
+        async with asyncio.timeout(timeout):
+            if writer.can_write_eof():
+                writer.write_eof()
+            discarded = 0
+            while discarded < (1 << 20) and (data := await reader.read(64 * 1024)):
+                discarded += len(data)
+            writer.close()
+            await writer.wait_closed()
+    except (TimeoutError, OSError, RuntimeError):
+        pass
+    finally:
+        transport.abort()  # a no-op once closed
 
 
 def tls_server_name(record: bytes) -> str | None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from cellbox.egress.bridge import Bridge
 from cellbox.egress.log import EgressLog
 from cellbox.egress.policy import IPAddress, OperatorPolicy, SandboxPolicy, parse_network
 from cellbox.egress.proxy import EgressProxy, ProxyLimits, ThreadedResolver
@@ -595,3 +596,41 @@ async def test_start_replaces_a_planted_symlink_without_following_it(short_tmp: 
         assert sorted(p.name for p in short_tmp.iterdir()) == ["egress.sock", "victim"]
     finally:
         await proxy.close()
+
+
+@pytest.mark.parametrize("through_bridge", [False, True], ids=["proxy", "bridge+proxy"])
+async def test_a_slow_reader_gets_every_byte(short_tmp: Path, through_bridge: bool) -> None:
+    # small enough for the kernel buffers on the way, so every relay can finish before we read
+    size = (1 << 20) if not through_bridge else (96 << 10)
+    sent = asyncio.Event()
+
+    async def blast(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # (closing with unread bytes would send a reset)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        writer.write(b"z" * size)
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        sent.set()
+
+    server = await asyncio.start_server(blast, ALLOWED_HOST, 0)
+    port = int(server.sockets[0].getsockname()[1])
+    proxy = EgressProxy(policy({"allow_out": [ALLOWED_HOST]}), short_tmp / "p.sock", EgressLog("sbx"))
+    await proxy.start()
+    bridge = Bridge(str(proxy.path), port=0)
+    await bridge.start()
+    try:
+        if through_bridge:
+            reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+        else:
+            reader, writer = await asyncio.open_unix_connection(str(proxy.path))
+        writer.write(f"GET http://{ALLOWED_HOST}:{port}/ HTTP/1.1\r\n\r\n".encode())
+        await asyncio.wait_for(sent.wait(), DEADLINE)  # the upstream is done before we read a byte
+        got = await asyncio.wait_for(reader.read(), DEADLINE)
+        assert got.endswith(b"z" * 1000) and got.count(b"z") == size
+        await shut(writer)
+    finally:
+        await bridge.close()
+        await proxy.close()
+        server.close()
+        await server.wait_closed()
