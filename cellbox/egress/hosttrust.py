@@ -261,7 +261,9 @@ def proxy_env(port: int, host: str = "127.0.0.1", *, socks_all_proxy: bool = Tru
     """HTTP_PROXY / HTTPS_PROXY / ALL_PROXY / NO_PROXY in both cases, for the bridge at ``host:port``.
 
     ALL_PROXY is ``socks5h://`` (names resolved by the proxy, never in the sandbox) for tools
-    that speak SOCKS and have no scheme-specific variable (git's ``git://``, curl's other schemes)."""
+    that honour it for what has no scheme-specific variable (curl and libcurl users for other
+    schemes, several language package managers). git over ssh and ``git://`` ignore all of these
+    (they need ``GIT_SSH_COMMAND`` / ``core.gitProxy``); git over https uses HTTPS_PROXY."""
     http = f"http://{host}:{port}"
     env = {"HTTP_PROXY": http, "HTTPS_PROXY": http, "NO_PROXY": NO_PROXY}
     if socks_all_proxy:
