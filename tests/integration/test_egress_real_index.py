@@ -69,6 +69,7 @@ async def test_pip_download_through_proxy_and_cache(tmp_path: Path, short_tmp: P
             assert code == 0, out
             hosts = {r.host for r in proxy.log.records() if r.allowed}
             assert {"pypi.org", "files.pythonhosted.org"} <= hosts, proxy.log.records()
+            assert {r.server_name for r in proxy.log.records() if r.allowed} >= {"pypi.org", "files.pythonhosted.org"}
             assert all(r.address and not r.address.startswith("127.") for r in proxy.log.records() if r.allowed)
 
             cached = {**direct, "PIP_INDEX_URL": CACHE_INDEX_URL, "PIP_TRUSTED_HOST": CACHE_HOST}
