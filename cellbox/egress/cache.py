@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -166,7 +167,8 @@ def _parse_page(body: bytes, content_type: str, page_url: str) -> list[CachedFil
 class PackageCache:
     """The shared pip cache. ``index_url`` is the upstream simple index (the host's pip
     ``index-url``, default PyPI's); ``directory`` holds the files; ``client`` is the HTTP client
-    used upstream (the service's, honouring the host's proxy and CA settings), made if not given.
+    used upstream, made if not given (honouring the host's proxy variables, trusting
+    ``ca_bundle``: pass :attr:`HostConfig.ca_bundle <cellbox.egress.hosttrust.HostConfig>`).
 
     Created once by the service at start; handed to every sandbox's egress proxy as the local
     site :data:`CACHE_HOST`. :meth:`close` at shutdown."""
@@ -180,13 +182,17 @@ class PackageCache:
         page_ttl: float = 600.0,
         client: httpx.AsyncClient | None = None,
         timeout: float = 60.0,
+        ca_bundle: str | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.index_url = index_url.rstrip("/") + "/"
         self.max_bytes = max_bytes
         self.page_ttl = page_ttl
         self._own_client = client is None
-        self.client = client or httpx.AsyncClient(timeout=timeout, follow_redirects=True)
+        # The host's CA bundle (hosttrust's), so an inspecting proxy's CA is trusted here too;
+        # httpx would otherwise use certifi's unless SSL_CERT_FILE happens to be set.
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else True
+        self.client = client or httpx.AsyncClient(timeout=timeout, follow_redirects=True, verify=verify)
         self._pages: dict[str, _Page] = {}
         self._known: dict[str, CachedFile] = {}  # sha256 → the file a page announced
         self._locks: dict[str, asyncio.Lock] = {}

@@ -13,7 +13,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import ipaddress
 import logging
+import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +31,33 @@ from cellbox.egress.policy import OperatorPolicy, SandboxPolicy, parse_network
 from cellbox.egress.proxy import EgressProxy, LocalSite, ProxyLimits, Resolver, ThreadedResolver
 from cellbox.interpreter.errors import InvalidRequest
 
-__all__ = ["SOCKET_NAME", "Egress", "SandboxEgress"]
+__all__ = ["SOCKET_NAME", "Egress", "SandboxEgress", "host_addresses"]
 
 log = logging.getLogger("cellbox.egress")
 
 SOCKET_NAME = "egress.sock"  # in the sandbox's run directory
 _MAX_UNIX_PATH = 107
+
+
+_SIOCGIFADDR = 0x8915
+
+
+def host_addresses(proc: Path = Path("/proc/net/if_inet6")) -> list[str]:
+    """Every address of this host's interfaces (IPv4 by ioctl, IPv6 from ``/proc``): what
+    :attr:`OperatorPolicy.own_addresses` should hold, so that a sandbox with ``internet: true``
+    cannot reach the service (or anything else on the host) through the host's public address."""
+    out: list[str] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _index, name in socket.if_nameindex():
+            with contextlib.suppress(OSError):
+                packed = fcntl.ioctl(probe.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+                out.append(socket.inet_ntoa(packed[20:24]))
+    with contextlib.suppress(OSError):
+        for line in proc.read_text().splitlines():
+            fields = line.split()
+            if fields:
+                out.append(str(ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
+    return list(dict.fromkeys(out))
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 from cellbox.egress.bridge import Bridge
 from cellbox.egress.cache import CACHE_INDEX_URL, PackageCache
 from cellbox.egress.hosttrust import HostConfig
-from cellbox.egress.service import SOCKET_NAME, Egress
+from cellbox.egress.policy import OperatorPolicy, parse_network
+from cellbox.egress.service import SOCKET_NAME, Egress, host_addresses
 from cellbox.interpreter.errors import InvalidRequest
 from tests.integration.test_egress_proxy import (
     ALLOWED_HOST,
@@ -24,11 +26,10 @@ from tests.integration.test_egress_proxy import (
     table_resolver,
 )
 
-pytestmark = pytest.mark.asyncio
-
 NO_HOST = HostConfig(root=Path("/nonexistent"))
 
 
+@pytest.mark.asyncio
 async def test_open_use_close_forget(short_tmp: Path) -> None:
     egress = Egress(OPERATOR, host=NO_HOST, resolver=table_resolver(RESOLVER_TABLE), bridge_port=0)
     policy = egress.parse({"allow_out": ["upstream.test"]})
@@ -56,6 +57,7 @@ async def test_open_use_close_forget(short_tmp: Path) -> None:
     await egress.aclose()
 
 
+@pytest.mark.asyncio
 async def test_no_egress_means_no_proxy(short_tmp: Path) -> None:
     egress = Egress(OPERATOR, host=NO_HOST, resolver=table_resolver(RESOLVER_TABLE))
     opened = await egress.open("sbx2", egress.parse(None), short_tmp)
@@ -65,6 +67,7 @@ async def test_no_egress_means_no_proxy(short_tmp: Path) -> None:
     await egress.aclose()
 
 
+@pytest.mark.asyncio
 async def test_cache_only_for_sandboxes_reaching_its_index(short_tmp: Path, tmp_path: Path) -> None:
     async with httpx.AsyncClient(trust_env=False) as client:
         cache = PackageCache(tmp_path, "https://pypi.org/simple/", client=client)
@@ -85,9 +88,20 @@ async def test_cache_only_for_sandboxes_reaching_its_index(short_tmp: Path, tmp_
         await egress.aclose()
 
 
+@pytest.mark.asyncio
 async def test_socket_path_too_long(tmp_path: Path) -> None:
     egress = Egress(OPERATOR, host=NO_HOST, resolver=table_resolver(RESOLVER_TABLE))
     deep = tmp_path / ("d" * 100)
     with pytest.raises(InvalidRequest, match="longer than a unix socket"):
         await egress.open("sbx", egress.parse({"allow_out": [ALLOWED_HOST]}), deep)
     await egress.aclose()
+
+
+def test_host_addresses_include_loopback_and_feed_the_operator_policy() -> None:
+    addresses = host_addresses()
+    assert "127.0.0.1" in addresses
+    operator = OperatorPolicy.build(permit=["loopback"], own_addresses=addresses)
+    refused = parse_network({"allow_out": ["127.0.0.0/8"]}, operator).decide(
+        None, ipaddress.ip_address("127.0.0.1"), 80
+    )
+    assert not refused.allowed and "own address" in refused.reason
