@@ -183,6 +183,7 @@ class PackageCache:
         client: httpx.AsyncClient | None = None,
         timeout: float = 60.0,
         ca_bundle: str | None = None,
+        max_pages: int = 2000,
     ) -> None:
         self.directory = Path(directory)
         self.index_url = index_url.rstrip("/") + "/"
@@ -193,7 +194,9 @@ class PackageCache:
         # httpx would otherwise use certifi's unless SSL_CERT_FILE happens to be set.
         verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else True
         self.client = client or httpx.AsyncClient(timeout=timeout, follow_redirects=True, verify=verify)
-        self._pages: dict[str, _Page] = {}
+        self._pages: OrderedDict[str, _Page] = OrderedDict()  # least recently fetched first
+        self.max_pages = max_pages
+        self._page_locks: dict[str, asyncio.Lock] = {}
         self._known: dict[str, CachedFile] = {}  # sha256 → the file a page announced
         self._locks: dict[str, asyncio.Lock] = {}
         self._lru: OrderedDict[str, int] = OrderedDict()  # sha256 → size, oldest first
@@ -250,21 +253,35 @@ class PackageCache:
     async def page(self, project: str) -> _Page | None:
         """The project's files, from memory if fresh, else from upstream (None: no such project)."""
         name = normalize_project(project)
-        cached = self._pages.get(name)
-        if cached is not None and time.monotonic() - cached.fetched < self.page_ttl:
-            return cached
-        url = urljoin(self.index_url, f"{name}/")
-        response = await self.client.get(url, headers={"Accept": UPSTREAM_ACCEPT})
-        if response.status_code == 404:
-            return None
-        response.raise_for_status()
-        files = _parse_page(response.content, response.headers.get("content-type", ""), str(response.url))
-        page = _Page(name, files, time.monotonic())
-        self._pages[name] = page
-        for file in files:
-            if file.sha256 and _SHA256.match(file.sha256.lower()):
-                self._known[file.sha256.lower()] = file
+        lock = self._page_locks.setdefault(name, asyncio.Lock())
+        async with lock:  # one upstream fetch per project, however many sandboxes ask at once
+            cached = self._pages.get(name)
+            if cached is not None and time.monotonic() - cached.fetched < self.page_ttl:
+                return cached
+            url = urljoin(self.index_url, f"{name}/")
+            response = await self.client.get(url, headers={"Accept": UPSTREAM_ACCEPT})
+            if response.status_code == 404:
+                return None
+            response.raise_for_status()
+            files = _parse_page(response.content, response.headers.get("content-type", ""), str(response.url))
+            page = _Page(name, files, time.monotonic())
+            self._forget_page(name)
+            self._pages[name] = page
+            for file in files:
+                if file.sha256 and _SHA256.match(file.sha256.lower()):
+                    self._known[file.sha256.lower()] = file
+            while len(self._pages) > self.max_pages:
+                self._forget_page(next(iter(self._pages)))
+        self._page_locks.pop(name, None)
         return page
+
+    def _forget_page(self, name: str) -> None:
+        """Drop a page and the file keys it announced (files on disk stay: a later page for the
+        same project announces them again)."""
+        old = self._pages.pop(name, None)
+        for file in old.files if old is not None else ():
+            if file.sha256:
+                self._known.pop(file.sha256.lower(), None)
 
     async def _project(self, project: str, accept: str, head: bool) -> LocalResponse:
         page = await self.page(project)

@@ -36,10 +36,9 @@ def make_wheel(name: str, version: str, payload: str = "") -> tuple[str, bytes]:
     }
     record = "".join(f"{path},,\n" for path in files) + f"{dist}.dist-info/RECORD,,\n"
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for path, text in files.items():
-            archive.writestr(path, text)
-        archive.writestr(f"{dist}.dist-info/RECORD", record)
+    with zipfile.ZipFile(buffer, "w") as archive:  # fixed timestamps: the same wheel every call
+        for path, text in [*files.items(), (f"{dist}.dist-info/RECORD", record)]:
+            archive.writestr(zipfile.ZipInfo(path, date_time=(2020, 1, 1, 0, 0, 0)), text)
     return f"{dist}-py3-none-any.whl", buffer.getvalue()
 
 
@@ -286,6 +285,26 @@ async def test_pep658_metadata_is_offered_verified_and_cached(
         assert got.status == 200 and await body_of(got) == metadata
     assert index.served[f"/files/{filename}.metadata"] == 2  # the tampered try, then one good fetch
     assert index.file_hits() == 2  # only metadata: the wheel itself was never needed
+
+
+@pytest.mark.asyncio
+async def test_pages_are_fetched_once_and_bounded(
+    tmp_path: Path, index: IndexServer, client: httpx.AsyncClient
+) -> None:
+    for i in range(3):
+        name, data = make_wheel(f"p{i}", "1.0")
+        index.add(f"p{i}", name, data)
+    cache = PackageCache(tmp_path, index.url, client=client, max_pages=2)
+    answers = await asyncio.gather(*[cache.respond("GET", "/simple/p0/", []) for _ in range(5)])
+    assert [a.status for a in answers] == [200] * 5 and index.served["/simple/p0/"] == 1
+    for i in (1, 2):
+        await cache.respond("GET", f"/simple/p{i}/", [])
+    p0 = make_wheel("p0", "1.0")
+    sha0 = hashlib.sha256(p0[1]).hexdigest()
+    assert (await cache.respond("GET", f"/files/{sha0}/{p0[0]}", [])).status == 404  # its page was dropped
+    await cache.respond("GET", "/simple/p0/", [])
+    assert index.served["/simple/p0/"] == 2
+    assert (await cache.respond("GET", f"/files/{sha0}/{p0[0]}", [])).status == 200
 
 
 async def run_pip(*args: str, env: dict[str, str]) -> tuple[int, str]:
