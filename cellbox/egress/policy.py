@@ -380,6 +380,13 @@ class OperatorPolicy:
             net = rule.network
             assert net is not None
             permitted = any(_subnet(net, p) for p in self.permit)
+            own = net.num_addresses == 1 and canonical_ip(net.network_address) in self.own_addresses
+            if own and not self.permit_own:
+                raise InvalidRequest(
+                    f"network.allow_out: {rule.entry!r} is this service's own address",
+                    field="network",
+                    entry=rule.entry,
+                )
             for special, label in _SPECIAL:
                 if _subnet(net, special):
                     if not permitted:

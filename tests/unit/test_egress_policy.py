@@ -194,6 +194,10 @@ def test_service_own_addresses_are_refused_inside_a_permitted_range() -> None:
     refused = policy.decide(None, ip("127.0.0.1"), 80)
     assert not refused.allowed and "own address" in refused.reason
     assert not policy.decide(None, ip("::ffff:127.0.0.1"), 80).allowed
+    public = OperatorPolicy.build(own_addresses=["198.51.99.7"])
+    with pytest.raises(InvalidRequest, match="own address"):
+        parse_network({"allow_out": ["198.51.99.7"]}, public)
+    assert not parse_network({"internet": True}, public).decide(None, ip("198.51.99.7"), 8080).allowed
 
 
 def test_operator_bounds_sandbox_requests() -> None:
