@@ -115,23 +115,32 @@ class SandboxManager:
         self.pool.start()
 
     def _check_default_template(self) -> None:
-        """Refuse to start where every create would fail: isolated sandboxes and no built
-        ``default`` template, with this service's own Python living outside what a sandbox
-        sees (a pyenv or a venv on another interpreter)."""
-        if self.runtime.isolation == "none":
+        """Refuse to start where every create would fail: isolated sandboxes, no built
+        template at all, and this service's own Python (the fallback ``default``) living
+        outside what a sandbox sees (a pyenv, or a venv of another interpreter). With other
+        templates built, only warn: creates that name one of them work."""
+        problem = self._default_template_problem()
+        if problem is None:
             return
+        if any(name != "default" for name in self.templates.names()):
+            log.warning("%s; creates without a template will fail", problem)
+            return
+        raise RuntimeUnavailable(problem)
+
+    def _default_template_problem(self) -> str | None:
         root = self.templates.root
-        if (root / "default" / "template.json").exists():
-            return
+        if self.runtime.isolation == "none" or (root / "default" / "template.json").exists():
+            return None
         try:
-            template = self.templates.get("default")
+            template: TemplateInfo | None = self.templates.get("default")
         except TemplateNotFound:
             template = None
-        python = Path(os.path.realpath(template.python)) if template is not None else None
-        visible = [Path("/usr")] + ([template.env_dir.parent] if template and template.env_dir else [])
-        if python is not None and any(python.is_relative_to(v) for v in visible):
-            return
-        raise RuntimeUnavailable(
+        if template is not None:
+            python = Path(os.path.realpath(template.python))
+            visible = [Path("/usr")] + ([template.env_dir.parent] if template.env_dir else [])
+            if any(python.is_relative_to(v) for v in visible):
+                return None
+        return (
             f"no 'default' template in {root}, and isolated sandboxes cannot run this service's own Python: "
             f"build one with `cellbox template build kernel_image --name default --data-dir {self.settings.data_dir}` "
             "(kernel_image/ is in the cellbox repository), or serve with --isolation none"
