@@ -352,7 +352,8 @@ async def run_notebook(
     *,
     stop_on_error: bool = True,
     language: str | None = None,
-) -> AsyncIterator[NotebookProgress]:
+    events: bool = False,
+) -> AsyncIterator[NotebookProgress | Any]:
     """Execute the notebook's runnable cells in order, writing their outputs and execution
     counts back into ``nb`` (in place), and yield progress: a :class:`CellStarted` and a
     :class:`CellFinished` per cell, then one :class:`NotebookFinished`.
@@ -360,7 +361,9 @@ async def run_notebook(
     With ``stop_on_error`` the run ends after the first cell that does not end ``ok`` (cells
     tagged ``raises-exception`` excepted, as nbclient); the cells after it keep what the upload
     had. ``fetch`` gives the bytes of result artifacts, to embed them. ``language`` sets the
-    notebook's kernelspec when the upload has none.
+    notebook's kernelspec when the upload has none. With ``events`` each execution's own
+    events are yielded too, as they arrive, between its cell's start and end (a live view, and
+    keepalives while a cell is quiet).
     """
     if language is not None and "kernelspec" not in nb.metadata:
         spec = kernelspec_for(language)
@@ -385,6 +388,8 @@ async def run_notebook(
                     if blob is not None:
                         blobs[ref.id] = blob
             collector.feed(event)
+            if events:
+                yield event
         ran += 1
         status = collector.status or EndStatus.KERNEL_DIED
         cell.execution_count = collector.execution_count
