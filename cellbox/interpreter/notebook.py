@@ -376,12 +376,12 @@ async def run_notebook(
     ran = 0
     for position, index in enumerate(runnable, start=1):
         cell = nb.cells[index]
-        execution_id, events = await execute(cell.source)
+        execution_id, stream = await execute(cell.source)
         yield CellStarted(index=index, execution_id=execution_id, cells_total=len(runnable), position=position)
         outputs = collector.start_cell()
         cell.outputs = outputs
         cell.execution_count = None
-        async for event in events:
+        async for event in stream:
             for ref in _refs([event]):
                 if ref.id not in blobs:
                     blob = await fetch(ref)

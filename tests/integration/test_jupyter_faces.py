@@ -305,7 +305,8 @@ async def test_gateway_rest_contract(srv: RunningServer) -> None:
         # errors are Jupyter-shaped; no key is 401
         r = await gw.get("/api/kernels/00000000-0000-0000-0000-000000000000")
         assert r.status_code == 404 and "message" in r.json()
-        assert (await httpx.AsyncClient(base_url=srv.url).get("/api/kernels")).status_code == 401
+    async with httpx.AsyncClient(base_url=srv.url) as anon:
+        assert (await anon.get("/api/kernels")).status_code == 401
 
 
 async def test_gateway_detaches_from_kernels_it_did_not_create(

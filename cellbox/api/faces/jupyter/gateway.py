@@ -260,7 +260,8 @@ class Gateway:
                 sbx, ctx = await self.find(owner, adopt, scope_id)
                 return JSONResponse(self.model(ctx, sbx), status_code=201)
             language = language_of(str(body.get("name") or "python3"))
-            env = body.get("env") if isinstance(body.get("env"), dict) else {}
+            raw_env = body.get("env")
+            env: dict[str, Any] = raw_env if isinstance(raw_env, dict) else {}
             if scope_id is not None:
                 sbx = await self.manager.get(owner, scope_id)
                 ctx = await self._context_of(sbx, language)

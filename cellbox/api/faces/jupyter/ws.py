@@ -260,8 +260,9 @@ async def _refuse(websocket: WebSocket, exc: e.InterpreterError) -> None:
     await websocket.close(code=code, reason=_close_reason(exc.message))
 
 
-async def execution_socket(websocket: WebSocket, sandbox_id: str) -> None:
+async def execution_socket(websocket: WebSocket) -> None:
     """The endpoint (see the module docstring)."""
+    sandbox_id = websocket.path_params["sandbox_id"]
     manager = websocket.app.state.services.manager
     try:
         owner = owner_of(websocket)
