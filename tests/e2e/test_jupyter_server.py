@@ -1,0 +1,67 @@
+"""A real jupyter_server in gateway mode against cellbox, driven as JupyterLab drives it.
+
+Needs ``.venv-jupyter`` (scripts/jupyter-e2e-setup.sh). The same steps pass against Jupyter
+Kernel Gateway 3.0.1 (shared/reference/jupyter-gateway.md §2).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from tests.e2e.jupyter import JUPYTER, drive_like_jupyterlab, jupyter_server, kernel_socket, result_text
+from tests.integration.conftest import execute, make_settings
+from tests.integration.server import RunningServer, run_server
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.asyncio,
+    pytest.mark.skipif(not JUPYTER.exists(), reason="no .venv-jupyter: run scripts/jupyter-e2e-setup.sh"),
+]
+
+KEY = "gateway-e2e-key"
+
+
+@pytest_asyncio.fixture
+async def cellbox(short_tmp: Path) -> AsyncIterator[RunningServer]:
+    async with run_server(make_settings(short_tmp, api_keys=[KEY])) as srv:
+        yield srv
+
+
+async def test_jupyter_server_drives_cellbox_kernels(cellbox: RunningServer) -> None:
+    async with jupyter_server(cellbox.url, KEY) as js:
+        seen = await drive_like_jupyterlab(js, plot=True)
+        assert seen["subprotocol"] is None  # jupyter_server speaks legacy JSON to browsers here
+        assert base64.b64decode(seen["png"]).startswith(b"\x89PNG")
+        assert seen["kernelspecs"]["default"] == "python3"
+    # the kernel's sandbox was made by the gateway face: its DELETE destroyed it
+    async with httpx.AsyncClient(base_url=cellbox.url, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        assert (await http.get("/v1/sandboxes")).json()["sandboxes"] == []
+
+
+async def test_jupyter_server_attaches_to_an_agents_sandbox(cellbox: RunningServer) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(base_url=cellbox.url, headers=headers, timeout=120) as http:
+        sid = (await http.post("/v1/sandboxes", json={})).json()["id"]
+        await execute(http, sid, "answer = 42")
+        async with jupyter_server(f"{cellbox.url}/v1/sandboxes/{sid}/jupyter", KEY) as js:
+            auth = {"Authorization": f"token {js.token}"}
+            async with httpx.AsyncClient(base_url=js.url, headers=auth, timeout=60) as lab:
+                body = {"path": "a.ipynb", "name": "a.ipynb", "type": "notebook", "kernel": {"name": "python3"}}
+                r = await lab.post("/api/sessions", json=body)
+                assert r.status_code == 201, r.text
+                kid = r.json()["kernel"]["id"]
+                async with kernel_socket(js.url, kid, js.token) as ks:
+                    await ks.kernel_info()
+                    iopub, _ = await ks.execute("answer")
+                    assert result_text(iopub) == "42"
+                    await ks.execute("from_lab = 'hi'")
+        # jupyter_server DELETEd the kernel when it exited: the sandbox must live on
+        assert (await http.get(f"/v1/sandboxes/{sid}")).json()["state"] == "running"
+        events = await execute(http, sid, "from_lab")
+        assert [e["data"]["text/plain"] for e in events if e["type"] == "result"] == ["'hi'"]
