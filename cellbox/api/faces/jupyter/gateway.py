@@ -51,6 +51,7 @@ import collections
 import datetime as dt
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +65,11 @@ from cellbox.api.errors import status_for
 from cellbox.api.faces.jupyter.common import owner_of, set_nodelay
 from cellbox.interpreter import errors as e
 from cellbox.interpreter import messages as m
+from cellbox.interpreter.config import Settings
+from cellbox.interpreter.manager import SandboxManager
 from cellbox.interpreter.models import ContextInfo, SandboxCreate, SandboxInfo, SandboxState
+from cellbox.interpreter.sandbox import Sandbox
+from cellbox.runtimes.base import SandboxBackend
 
 log = logging.getLogger("cellbox.api.gateway")
 
@@ -116,6 +121,13 @@ def _error(exc: e.InterpreterError) -> JSONResponse:
     return JSONResponse({"message": exc.message, "reason": reason, "code": exc.code}, status_code=http_status)
 
 
+def _backend(sbx: Sandbox) -> SandboxBackend:
+    sbx.require_running()
+    if sbx.backend is None:
+        raise e.SandboxNotRunning(f"sandbox {sbx.id} has no live kernels")
+    return sbx.backend
+
+
 @dataclass
 class _Kernel:
     """What this face keeps about one kernel it has seen (in memory; rebuilt on demand)."""
@@ -129,14 +141,14 @@ class _Kernel:
 class Gateway:
     """The face's handlers and its in-memory state (connections, activity)."""
 
-    def __init__(self, manager_getter: Any, settings: Any) -> None:
+    def __init__(self, manager_getter: Callable[[], SandboxManager], settings: Settings) -> None:
         self._manager_getter = manager_getter
         self.settings = settings
         self.kernels: dict[str, _Kernel] = {}
         self.tasks = TaskSet("jupyter gateway")
 
     @property
-    def manager(self) -> Any:
+    def manager(self) -> SandboxManager:
         return self._manager_getter()
 
     # -- finding kernels ------------------------------------------------------------------
@@ -152,7 +164,7 @@ class Gateway:
             k = self.kernels[kid] = _Kernel(sandbox_id, created_at)
         return k
 
-    async def find(self, owner: str, kid: str, scope_id: str | None) -> tuple[Any, ContextInfo]:
+    async def find(self, owner: str, kid: str, scope_id: str | None) -> tuple[Sandbox, ContextInfo]:
         """The live sandbox and context of kernel ``kid``; NotFound otherwise."""
         known = self.kernels.get(kid)
         candidates: list[str] = []
@@ -174,7 +186,7 @@ class Gateway:
                     return sbx, await sbx.contexts.get(kid)
         raise e.ContextNotFound(f"Kernel does not exist: {kid}")
 
-    def model(self, ctx: ContextInfo, sandbox: Any) -> dict[str, Any]:
+    def model(self, ctx: ContextInfo, sandbox: Sandbox) -> dict[str, Any]:
         k = self._seen(ctx.id, sandbox.id, getattr(sandbox.info_base, "created_at", time.time()))
         return kernel_model(ctx, k.last_activity, len(k.sockets), sandbox.id)
 
@@ -271,11 +283,11 @@ class Gateway:
         except e.InterpreterError as exc:
             return _error(exc)
 
-    async def _context_of(self, sbx: Any, language: str) -> ContextInfo:
+    async def _context_of(self, sbx: Sandbox, language: str) -> ContextInfo:
         for ctx in await sbx.contexts.list():
             if ctx.language == language:
-                return ctx  # type: ignore[no-any-return]
-        return await sbx.contexts.create(language)  # type: ignore[no-any-return]
+                return ctx
+        return await sbx.contexts.create(language)
 
     def _timeout_from(self, env: dict[str, Any]) -> float:
         maximum = float(self.settings.max_sandbox_timeout)
@@ -290,7 +302,7 @@ class Gateway:
             raise e.InvalidRequest(f"KERNEL_CELLBOX_TIMEOUT must be in (0, {maximum:g}]")
         return value
 
-    async def _new_sandbox(self, owner: str, language: str, env: dict[str, Any]) -> tuple[Any, ContextInfo]:
+    async def _new_sandbox(self, owner: str, language: str, env: dict[str, Any]) -> tuple[Sandbox, ContextInfo]:
         timeout = self._timeout_from(env)
         template = str(env.get("KERNEL_CELLBOX_TEMPLATE") or "default")
         template_info = self.manager.templates.get(template)
@@ -308,7 +320,7 @@ class Gateway:
         return sbx, ctx
 
     @staticmethod
-    def _made_here(sbx: Any) -> bool:
+    def _made_here(sbx: Sandbox) -> bool:
         return bool(sbx.info_base.metadata.get(GATEWAY_META) == "kernel")
 
     async def get_kernel(self, request: Request) -> Response:
@@ -364,7 +376,7 @@ class Gateway:
         if k is not None:
             k.last_activity = time.time()
 
-    def _refresh_timeout(self, owner: str, sbx: Any, kid: str) -> None:
+    def _refresh_timeout(self, owner: str, sbx: Sandbox, kid: str) -> None:
         """Push the expiry of a gateway-made sandbox forward on activity (throttled)."""
         k = self.kernels.get(kid)
         if k is None or not self._made_here(sbx):
@@ -400,8 +412,9 @@ class Gateway:
             await websocket.close(code=code, reason=exc.message.encode()[:120].decode("utf-8", "ignore"))
             return
         protocol = m.select_subprotocol(websocket.scope.get("subprotocols") or [])
+        backend = _backend(sbx)
         # subscribe before accepting: nothing the kernel answers can be missed
-        tap = sbx.backend.subscribe(kid)
+        tap = backend.subscribe(kid)
         await websocket.accept(subprotocol=protocol or None)
         set_nodelay(websocket)
         k = self._seen(kid, sbx.id, time.time())
@@ -426,7 +439,7 @@ class Gateway:
         self,
         websocket: WebSocket,
         owner: str,
-        sbx: Any,
+        sbx: Sandbox,
         kid: str,
         protocol: m.WsProtocol,
         mine: collections.OrderedDict[str, None],
@@ -458,7 +471,7 @@ class Gateway:
                 self._touch(kid)
                 self._refresh_timeout(owner, sbx, kid)
                 try:
-                    await sbx.backend.send_message(kid, msg)
+                    await _backend(sbx).send_message(kid, msg)
                 except e.InterpreterError as exc:
                     log.warning("kernel %s: could not deliver %s: %s", kid, m.msg_type(msg), exc.message)
         except WebSocketDisconnect:
@@ -469,7 +482,7 @@ class Gateway:
     async def _to_client(
         self,
         websocket: WebSocket,
-        tap: Any,
+        tap: AsyncIterator[m.KernelMessage],
         protocol: m.WsProtocol,
         mine: collections.OrderedDict[str, None],
         kid: str,

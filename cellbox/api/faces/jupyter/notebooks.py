@@ -16,7 +16,7 @@ stream is one ``{"type": "error", "name": code, "value": message}`` line, then t
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -28,7 +28,9 @@ from cellbox.api.streaming import NDJSONStream
 from cellbox.api.urls import base_url, with_artifact_urls
 from cellbox.interpreter import errors as e
 from cellbox.interpreter import notebook as nbk
-from cellbox.interpreter.models import ArtifactRef, ExecuteRequest, ExecutionRecord, dump_event
+from cellbox.interpreter.manager import SandboxManager
+from cellbox.interpreter.models import ArtifactRef, Event, ExecuteRequest, ExecutionInfo, ExecutionRecord, dump_event
+from cellbox.interpreter.sandbox import Sandbox
 
 __all__ = ["Notebooks"]
 
@@ -48,11 +50,11 @@ def _flag(value: str | None, default: bool) -> bool:
 class Notebooks:
     """The two routes, over the services' manager."""
 
-    def __init__(self, manager_getter: Any) -> None:
+    def __init__(self, manager_getter: Callable[[], SandboxManager]) -> None:
         self._manager_getter = manager_getter
 
     @property
-    def manager(self) -> Any:
+    def manager(self) -> SandboxManager:
         return self._manager_getter()
 
     def _fetcher(self, owner: str) -> nbk.ArtifactFetch:
@@ -65,7 +67,7 @@ class Notebooks:
 
         return fetch
 
-    async def _context(self, sbx: Any, wanted: str | None, infos: list[Any]) -> str | None:
+    async def _context(self, sbx: Sandbox, wanted: str | None, infos: list[ExecutionInfo]) -> str | None:
         if wanted:
             return wanted
         default = getattr(sbx.contexts, "default_id", "")
@@ -74,7 +76,7 @@ class Notebooks:
         ordered = sorted(infos, key=lambda i: i.created_at)
         return str(ordered[0].context_id) if ordered else None
 
-    async def _language(self, sbx: Any, context_id: str | None) -> str:
+    async def _language(self, sbx: Sandbox, context_id: str | None) -> str:
         if context_id is None:
             return "python"
         try:
@@ -140,7 +142,7 @@ class Notebooks:
         except e.InterpreterError as exc:
             return error_response(exc)
 
-        async def execute(code: str) -> tuple[str, AsyncIterator[Any]]:
+        async def execute(code: str) -> tuple[str, AsyncIterator[Event]]:
             info = await sbx.executions.start(ExecuteRequest(code=code, context=context_id, timeout=timeout))
             return info.id, await sbx.executions.follow(info.id)
 

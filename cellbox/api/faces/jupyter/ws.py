@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -42,7 +43,8 @@ from cellbox.api.errors import status_for
 from cellbox.api.faces.jupyter.common import owner_of, set_nodelay
 from cellbox.api.urls import base_url, with_artifact_urls
 from cellbox.interpreter import errors as e
-from cellbox.interpreter.models import ExecuteRequest, dump_event
+from cellbox.interpreter.models import Event, ExecuteRequest, dump_event
+from cellbox.interpreter.sandbox import Sandbox
 
 log = logging.getLogger("cellbox.api.ws")
 
@@ -119,7 +121,7 @@ def _close_reason(message: str) -> str:
 class _Session:
     """One connected socket: reads frames, runs a follower task per execution, serialises sends."""
 
-    def __init__(self, websocket: WebSocket, sandbox: Any, base: str) -> None:
+    def __init__(self, websocket: WebSocket, sandbox: Sandbox, base: str) -> None:
         self.ws = websocket
         self.sandbox = sandbox
         self.base = base
@@ -192,7 +194,9 @@ class _Session:
                 pong["request_id"] = frame.request_id
             await self.send(pong)
 
-    def _follow(self, execution_id: str | None, frame: ExecuteFrame | FollowFrame, events: Any = None) -> None:
+    def _follow(
+        self, execution_id: str | None, frame: ExecuteFrame | FollowFrame, events: AsyncIterator[Event] | None = None
+    ) -> None:
         task = self.tasks.spawn(self._relay(execution_id, frame, events), name="ws-follow")
         if execution_id is not None:
             previous = self.followers.pop(execution_id, None)
@@ -200,7 +204,9 @@ class _Session:
                 previous.cancel()
             self.followers[execution_id] = task
 
-    async def _relay(self, execution_id: str | None, frame: ExecuteFrame | FollowFrame, events: Any) -> None:
+    async def _relay(
+        self, execution_id: str | None, frame: ExecuteFrame | FollowFrame, events: AsyncIterator[Event] | None
+    ) -> None:
         try:
             if isinstance(frame, ExecuteFrame):
                 info = await self.sandbox.executions.start(
@@ -222,6 +228,7 @@ class _Session:
                 if frame.interrupt_on_disconnect:
                     self.interrupt_on_drop.add(info.id)
                 events = await self.sandbox.executions.follow(info.id)
+            assert events is not None  # a follow frame comes with its events
             async for ev in events:
                 wire = with_artifact_urls(dump_event(ev), self.base)
                 if frame.request_id is not None:
