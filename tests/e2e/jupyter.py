@@ -65,15 +65,22 @@ async def wait_http(url: str, *, timeout: float, headers: dict[str, str] | None 
 
 @contextlib.asynccontextmanager
 async def jupyter_server(
-    gateway_url: str, gateway_token: str, *, app: str = "server", extra: list[str] | None = None
+    gateway_url: str,
+    gateway_token: str,
+    *,
+    app: str = "server",
+    extra: list[str] | None = None,
+    files: dict[str, str] | None = None,
 ) -> AsyncIterator[JupyterServer]:
     """Start ``jupyter server`` (or ``jupyter lab``) in gateway mode on a free loopback port,
-    with its own config/data/runtime dirs; stop it (by pid) on exit."""
+    with its own config/data/runtime dirs and ``files`` in its root dir; stop it (by pid) on exit."""
     port = free_port()
     token = uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="cbxjs") as tmp:
         home = pathlib.Path(tmp)
         (home / "nb").mkdir()
+        for name, text in (files or {}).items():
+            (home / "nb" / name).write_text(text)
         env = {
             "PATH": f"{JUPYTER_VENV / 'bin'}:/usr/bin:/bin",
             "HOME": str(home),

@@ -6,6 +6,7 @@ import logging
 import socket
 
 from starlette.requests import HTTPConnection
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from cellbox.api.deps import authenticate
 
@@ -45,3 +46,15 @@ def set_nodelay(conn: HTTPConnection) -> bool:
     except OSError:
         log.debug("could not set TCP_NODELAY", exc_info=True)
         return False
+
+
+async def close_quietly(websocket: WebSocket, code: int = 1000, reason: str = "") -> None:
+    """Close the socket unless it is closed already; a client that left meanwhile is no error.
+    ``reason`` is cut to the 123 bytes a close frame holds."""
+    if websocket.application_state != WebSocketState.CONNECTED:
+        return
+    reason = reason.encode()[:120].decode("utf-8", errors="ignore")
+    try:
+        await websocket.close(code=code, reason=reason)
+    except (WebSocketDisconnect, RuntimeError):
+        pass

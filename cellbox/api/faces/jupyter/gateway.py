@@ -57,12 +57,12 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from cellbox import __version__
 from cellbox.aio import TaskSet, cancel_and_wait
 from cellbox.api.errors import status_for
-from cellbox.api.faces.jupyter.common import owner_of, set_nodelay
+from cellbox.api.faces.jupyter.common import close_quietly, owner_of, set_nodelay
 from cellbox.interpreter import errors as e
 from cellbox.interpreter import messages as m
 from cellbox.interpreter.config import Settings
@@ -394,11 +394,7 @@ class Gateway:
     async def _close_sockets(self, kid: str) -> None:
         k = self.kernels.get(kid)
         for ws in list(k.sockets if k else ()):
-            if ws.application_state == WebSocketState.CONNECTED:
-                try:
-                    await ws.close(code=1000, reason="kernel shut down by a client")
-                except RuntimeError:
-                    pass
+            await close_quietly(ws, 1000, "kernel shut down by a client")
 
     # -- channels -------------------------------------------------------------------------------
 
@@ -409,7 +405,7 @@ class Gateway:
             sbx, ctx = await self.find(owner, kid, websocket.path_params.get("sandbox_id"))
         except e.InterpreterError as exc:
             _, code = status_for(exc)
-            await websocket.close(code=code, reason=exc.message.encode()[:120].decode("utf-8", "ignore"))
+            await close_quietly(websocket, code, exc.message)
             return
         protocol = m.select_subprotocol(websocket.scope.get("subprotocols") or [])
         backend = _backend(sbx)
@@ -429,11 +425,7 @@ class Gateway:
             aclose = getattr(tap, "aclose", None)
             if aclose is not None:
                 await aclose()
-            if websocket.application_state == WebSocketState.CONNECTED:
-                try:
-                    await websocket.close()
-                except RuntimeError:
-                    pass
+            await close_quietly(websocket)
 
     async def _from_client(
         self,

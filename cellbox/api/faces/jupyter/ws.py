@@ -40,7 +40,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from cellbox.aio import TaskSet
 from cellbox.api.errors import status_for
-from cellbox.api.faces.jupyter.common import owner_of, set_nodelay
+from cellbox.api.faces.jupyter.common import close_quietly, owner_of, set_nodelay
 from cellbox.api.urls import base_url, with_artifact_urls
 from cellbox.interpreter import errors as e
 from cellbox.interpreter.models import Event, ExecuteRequest, dump_event
@@ -110,12 +110,6 @@ def _request_id_of(raw: object) -> str | None:
     if isinstance(raw, dict) and isinstance(raw.get("request_id"), str):
         return str(raw["request_id"])
     return None
-
-
-def _close_reason(message: str) -> str:
-    # a close frame's reason is at most 123 bytes
-    data = message.encode()[:120]
-    return data.decode("utf-8", errors="ignore")
 
 
 class _Session:
@@ -263,8 +257,11 @@ async def _refuse(websocket: WebSocket, exc: e.InterpreterError) -> None:
     """Accept, say why in an error event, and close with the table's code."""
     _, code = status_for(exc)
     await websocket.accept()
-    await websocket.send_text(json.dumps(_error_event(exc, None)))
-    await websocket.close(code=code, reason=_close_reason(exc.message))
+    try:
+        await websocket.send_text(json.dumps(_error_event(exc, None)))
+    except (WebSocketDisconnect, RuntimeError):
+        return
+    await close_quietly(websocket, code, exc.message)
 
 
 async def execution_socket(websocket: WebSocket) -> None:
@@ -284,5 +281,4 @@ async def execution_socket(websocket: WebSocket) -> None:
         await session.run()
     except WebSocketDisconnect:
         pass
-    if websocket.application_state == WebSocketState.CONNECTED:
-        await websocket.close()
+    await close_quietly(websocket)
