@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import nbformat
@@ -338,3 +340,13 @@ async def test_exported_session_reruns_to_the_same_outputs() -> None:
     nb = nbk.read_notebook(nbk.write_notebook(exported))
     [p async for p in nbk.run_notebook(nb, replay, _fetch)]
     assert [c.outputs for c in nb.cells] == [sources[c.source].outputs for c in nb.cells]
+
+
+def test_only_the_notebook_module_imports_nbformat() -> None:
+    root = Path(__file__).parents[2] / "cellbox"
+    importers = sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if re.search(r"^\s*(import nbformat|from nbformat)", p.read_text(), re.MULTILINE)
+    )
+    assert importers == ["interpreter/notebook.py"]

@@ -178,6 +178,12 @@ class Gateway:
                 ctx = await sbx.contexts.get(kid)
             except e.NotFound:
                 continue
+            except e.SandboxNotRunning as exc:
+                if scope_id is not None or exc.details.get("state") == SandboxState.PAUSED.value:
+                    raise  # a paused sandbox's kernel exists: say so (409)
+                # an ended sandbox's kernel is gone: 404, which jupyter_server reads as culled
+                self.kernels.pop(kid, None)
+                continue
             return sbx, ctx
         if scope_id is None:
             for info in await self._sandboxes(owner, None):

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -27,10 +28,12 @@ from cellbox.api.faces.jupyter.common import owner_of
 from cellbox.api.streaming import NDJSONStream
 from cellbox.api.urls import base_url, with_artifact_urls
 from cellbox.interpreter import errors as e
-from cellbox.interpreter import notebook as nbk
 from cellbox.interpreter.manager import SandboxManager
 from cellbox.interpreter.models import ArtifactRef, Event, ExecuteRequest, ExecutionInfo, ExecutionRecord, dump_event
 from cellbox.interpreter.sandbox import Sandbox
+
+if TYPE_CHECKING:
+    from cellbox.interpreter import notebook as nbk
 
 __all__ = ["Notebooks"]
 
@@ -45,6 +48,17 @@ def _flag(value: str | None, default: bool) -> bool:
     if value.lower() in ("0", "false", "no", "off"):
         return False
     raise e.InvalidRequest(f"expected true or false, got {value!r}")
+
+
+def _notebook_module() -> ModuleType:
+    # nbformat comes with the server extra; without it the service runs, these routes say why not
+    try:
+        from cellbox.interpreter import notebook
+    except ImportError as exc:
+        raise e.RuntimeUnavailable(
+            f"the notebook routes need {exc.name}: pip install 'cellbox[server]'", missing=exc.name
+        ) from exc
+    return notebook
 
 
 class Notebooks:
@@ -92,6 +106,7 @@ class Notebooks:
         try:
             owner = owner_of(request)
             sid = request.path_params["sandbox_id"]
+            nbk = _notebook_module()
             sbx = await self.manager.get(owner, sid)
             infos = await sbx.executions.list()
             context_id = await self._context(sbx, request.query_params.get("context"), infos)
@@ -126,6 +141,7 @@ class Notebooks:
                 options, body = body, body["notebook"]
             if not isinstance(body, dict):
                 raise e.InvalidRequest("the body must be a notebook (JSON object)")
+            nbk = _notebook_module()
             nb = nbk.read_notebook(body)
             stop_on_error = _flag(query.get("stop_on_error"), bool(options.get("stop_on_error", True)))
             events = _flag(query.get("events"), bool(options.get("events", True)))
