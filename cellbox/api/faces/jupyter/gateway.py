@@ -132,6 +132,7 @@ def _backend(sbx: Sandbox) -> SandboxBackend:
 class _Kernel:
     """What this face keeps about one kernel it has seen (in memory; rebuilt on demand)."""
 
+    owner: str
     sandbox_id: str
     last_activity: float
     sockets: set[WebSocket] = field(default_factory=set)
@@ -158,11 +159,18 @@ class Gateway:
             return [await self.manager.info(owner, scope_id)]
         return list(await self.manager.list_sandboxes(owner, states=[SandboxState.RUNNING.value]))
 
-    def _seen(self, kid: str, sandbox_id: str, created_at: float) -> _Kernel:
+    def _seen(self, kid: str, owner: str, sandbox_id: str, created_at: float) -> _Kernel:
         k = self.kernels.get(kid)
         if k is None or k.sandbox_id != sandbox_id:
-            k = self.kernels[kid] = _Kernel(sandbox_id, created_at)
+            k = self.kernels[kid] = _Kernel(owner, sandbox_id, created_at)
         return k
+
+    def _forget_others(self, owner: str, listed: set[str]) -> None:
+        """After a full listing of ``owner``'s kernels: drop what is known of their kernels that
+        are gone (and have no socket here), so this map does not grow with every sandbox ever seen."""
+        for kid, k in list(self.kernels.items()):
+            if k.owner == owner and kid not in listed and not k.sockets:
+                del self.kernels[kid]
 
     async def find(self, owner: str, kid: str, scope_id: str | None) -> tuple[Sandbox, ContextInfo]:
         """The live sandbox and context of kernel ``kid``; NotFound otherwise."""
@@ -193,7 +201,7 @@ class Gateway:
         raise e.ContextNotFound(f"Kernel does not exist: {kid}")
 
     def model(self, ctx: ContextInfo, sandbox: Sandbox) -> dict[str, Any]:
-        k = self._seen(ctx.id, sandbox.id, getattr(sandbox.info_base, "created_at", time.time()))
+        k = self._seen(ctx.id, sandbox.owner, sandbox.id, sandbox.info_base.created_at)
         return kernel_model(ctx, k.last_activity, len(k.sockets), sandbox.id)
 
     # -- REST -------------------------------------------------------------------------------
@@ -257,8 +265,10 @@ class Gateway:
                 if info.state != SandboxState.RUNNING:
                     continue
                 for ctx in info.contexts:
-                    k = self._seen(ctx.id, info.id, info.created_at)
+                    k = self._seen(ctx.id, owner, info.id, info.created_at)
                     out.append(kernel_model(ctx, k.last_activity, len(k.sockets), info.id))
+            if scope_id is None:
+                self._forget_others(owner, {model["id"] for model in out})
             return JSONResponse(out)
         except e.InterpreterError as exc:
             return _error(exc)
@@ -322,7 +332,7 @@ class Gateway:
         except BaseException:
             await self.manager.delete(owner, info.id)
             raise
-        self._seen(ctx.id, sbx.id, time.time()).refreshed_at = time.monotonic()
+        self._seen(ctx.id, owner, sbx.id, time.time()).refreshed_at = time.monotonic()
         return sbx, ctx
 
     @staticmethod
@@ -419,7 +429,7 @@ class Gateway:
         tap = backend.subscribe(kid)
         await websocket.accept(subprotocol=protocol or None)
         set_nodelay(websocket)
-        k = self._seen(kid, sbx.id, time.time())
+        k = self._seen(kid, owner, sbx.id, time.time())
         k.sockets.add(websocket)
         mine: collections.OrderedDict[str, None] = collections.OrderedDict()
         relay = asyncio.create_task(self._to_client(websocket, tap, protocol, mine, kid), name=f"gateway-out-{kid}")
