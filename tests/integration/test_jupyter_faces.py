@@ -402,6 +402,42 @@ async def test_gateway_input_request_goes_to_the_asking_socket_only(srv: Running
             await gw.delete(f"/api/kernels/{kid}")
 
 
+async def test_gateway_replays_what_a_session_missed_on_reconnect(
+    srv: RunningServer, http: httpx.AsyncClient, sid: str
+) -> None:
+    kid = (await http.get(f"/v1/sandboxes/{sid}")).json()["contexts"][0]["id"]
+    session = uuid.uuid4().hex
+    base = ws_url(srv, f"/api/kernels/{kid}/channels")
+    headers = {"Authorization": f"token {KEY}"}
+
+    async def connections() -> int:
+        return int((await http.get(f"/api/kernels/{kid}", headers=headers)).json()["connections"])
+
+    async def gone() -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while await connections() != 0:
+            assert loop.time() < deadline, "the server never saw the socket close"
+            await asyncio.sleep(0.02)
+
+    async with websockets.connect(f"{base}?session_id={session}", additional_headers=headers) as ws:
+        ch = Channels(ws, "")
+        await ch.until(await ch.send(_kmsg("kernel_info_request", {})), "kernel_info_reply")
+    await gone()
+    # while the frontend is away, an agent runs code in the same kernel (the native API)
+    await execute(http, sid, "print('while you were away')")
+    async with websockets.connect(f"{base}?session_id={uuid.uuid4().hex}", additional_headers=headers) as ws:
+        await ws.send(m.to_json_frame(_kmsg("kernel_info_request", {})))
+        first = m.decode_ws_frame(await asyncio.wait_for(ws.recv(), 30), "")
+        assert m.msg_type(first) != "stream", "another session got the first session's backlog"
+    async with websockets.connect(f"{base}?session_id={session}", additional_headers=headers) as ws:
+        texts = []
+        while "while you were away\n" not in texts:
+            msg = m.decode_ws_frame(await asyncio.wait_for(ws.recv(), 30), "")
+            if m.msg_type(msg) == "stream":
+                texts.append(msg["content"]["text"])
+
+
 async def test_gateway_round_trip_is_not_held_by_nagle(srv: RunningServer) -> None:
     async with httpx.AsyncClient(base_url=srv.url, headers={"Authorization": f"token {KEY}"}, timeout=120) as gw:
         kid = (await gw.post("/api/kernels", json={"name": "python3"})).json()["id"]

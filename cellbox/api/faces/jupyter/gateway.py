@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -80,6 +81,10 @@ GATEWAY_META = "jupyter.gateway"
 TIMEOUT_META = "jupyter.timeout"  # the lifetime asked for, renewed on activity
 _ACTIVITY_REFRESH = 60.0  # at most one timeout refresh per kernel per this many seconds
 _SENT_IDS_KEPT = 10_000  # per socket: request ids whose replies go to it
+# A client session that drops keeps its subscription this long, buffering up to this many
+# messages, for a reconnect with the same session_id (Kernel Gateway buffers without bound).
+PARK_SECONDS = 120.0
+PARK_MAX_MESSAGES = 10_000
 
 
 def spec_name(language: str) -> str:
@@ -128,6 +133,58 @@ def _backend(sbx: Sandbox) -> SandboxBackend:
     return sbx.backend
 
 
+class _Tap:
+    """A kernel subscription whose reader may be cancelled without ending it (a parked
+    session's drain and the next socket take turns reading it)."""
+
+    def __init__(self, source: AsyncIterator[m.KernelMessage]) -> None:
+        self._it = source.__aiter__()
+        self._pending: asyncio.Future[m.KernelMessage] | None = None
+        self._ended = False
+
+    async def next(self) -> m.KernelMessage | None:
+        """The next message; None once the subscription ended."""
+        if self._ended:
+            return None
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._it.__anext__())
+        pending = self._pending
+        try:
+            # shielded: a cancelled reader leaves the pending read (and its result) to the next
+            msg = await asyncio.shield(pending)
+        except StopAsyncIteration:
+            self._ended = True
+            self._pending = None
+            return None
+        self._pending = None
+        return msg
+
+    async def aclose(self) -> None:
+        self._ended = True
+        if self._pending is not None:
+            self._pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await self._pending
+            self._pending = None
+        aclose = getattr(self._it, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+@dataclass
+class _Link:
+    """One client session's view of a kernel: its subscription, the ids of the requests it
+    sent (their replies are its own), and what it has not been sent yet."""
+
+    tap: _Tap
+    mine: collections.OrderedDict[str, None] = field(default_factory=collections.OrderedDict)
+    backlog: collections.deque[m.KernelMessage] = field(
+        default_factory=lambda: collections.deque(maxlen=PARK_MAX_MESSAGES)
+    )
+    drain: asyncio.Task[None] | None = None
+    dropped: int = 0
+
+
 @dataclass
 class _Kernel:
     """What this face keeps about one kernel it has seen (in memory; rebuilt on demand)."""
@@ -146,6 +203,8 @@ class Gateway:
         self._manager_getter = manager_getter
         self.settings = settings
         self.kernels: dict[str, _Kernel] = {}
+        self.parked: dict[tuple[str, str], _Link] = {}
+        self._shut_down: set[WebSocket] = set()  # sockets closed by a kernel shutdown
         self.tasks = TaskSet("jupyter gateway")
 
     @property
@@ -410,7 +469,12 @@ class Gateway:
     async def _close_sockets(self, kid: str) -> None:
         k = self.kernels.get(kid)
         for ws in list(k.sockets if k else ()):
+            self._shut_down.add(ws)
             await close_quietly(ws, 1000, "kernel shut down by a client")
+        for key in [key for key in self.parked if key[0] == kid]:
+            link = self.parked.pop(key)
+            await cancel_and_wait(link.drain)
+            await link.tap.aclose()
 
     # -- channels -------------------------------------------------------------------------------
 
@@ -419,29 +483,68 @@ class Gateway:
         try:
             owner = owner_of(websocket)
             sbx, ctx = await self.find(owner, kid, websocket.path_params.get("sandbox_id"))
+            backend = _backend(sbx)
         except e.InterpreterError as exc:
             _, code = status_for(exc)
             await close_quietly(websocket, code, exc.message)
             return
         protocol = m.select_subprotocol(websocket.scope.get("subprotocols") or [])
-        backend = _backend(sbx)
-        # subscribe before accepting: nothing the kernel answers can be missed
-        tap = backend.subscribe(kid)
+        session_id = websocket.query_params.get("session_id") or ""
+        key = (kid, session_id)
+        link = self.parked.pop(key, None) if session_id else None
+        if link is not None:
+            # the same client session again: take over its subscription and what it missed
+            await cancel_and_wait(link.drain)
+            link.drain = None
+        else:
+            # subscribe before accepting: nothing the kernel answers can be missed
+            link = _Link(_Tap(backend.subscribe(kid)))
         await websocket.accept(subprotocol=protocol or None)
         set_nodelay(websocket)
         k = self._seen(kid, owner, sbx.id, time.time())
         k.sockets.add(websocket)
-        mine: collections.OrderedDict[str, None] = collections.OrderedDict()
-        relay = asyncio.create_task(self._to_client(websocket, tap, protocol, mine, kid), name=f"gateway-out-{kid}")
+        relay = asyncio.create_task(self._to_client(websocket, link, protocol, kid), name=f"gateway-out-{kid}")
+        client_left = False
         try:
-            await self._from_client(websocket, owner, sbx, kid, protocol, mine, relay)
+            client_left = await self._from_client(websocket, owner, sbx, kid, protocol, link, relay)
         finally:
-            k.sockets.discard(websocket)
             await cancel_and_wait(relay)
-            aclose = getattr(tap, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            shut_down = websocket in self._shut_down
+            self._shut_down.discard(websocket)
+            if session_id and client_left and not shut_down:
+                self._park(key, link)
+            else:
+                await link.tap.aclose()
+            # counted as connected until parked: a client that saw connections drop to 0 may
+            # reconnect and find its session's backlog
+            k.sockets.discard(websocket)
             await close_quietly(websocket)
+
+    def _park(self, key: tuple[str, str], link: _Link) -> None:
+        """Keep a departed client session's subscription for a while, buffering what the kernel
+        says, so a reconnect with the same ``session_id`` (JupyterLab's) gets what it missed."""
+
+        async def drain() -> None:
+            try:
+                async with asyncio.timeout(PARK_SECONDS):
+                    while (msg := await link.tap.next()) is not None:
+                        if len(link.backlog) == link.backlog.maxlen:
+                            link.dropped += 1
+                        link.backlog.append(msg)
+            except TimeoutError:
+                pass
+            finally:
+                if self.parked.get(key) is link:  # nobody came back for it
+                    del self.parked[key]
+                    if link.dropped:
+                        log.info("kernel %s: dropped %d messages for session %s", key[0], link.dropped, key[1])
+                    await link.tap.aclose()
+
+        previous = self.parked.pop(key, None)
+        if previous is not None and previous is not link:
+            self.tasks.spawn(previous.tap.aclose(), name="gateway-unpark")
+        self.parked[key] = link
+        link.drain = self.tasks.spawn(drain(), name=f"gateway-park-{key[0]}")
 
     async def _from_client(
         self,
@@ -450,18 +553,20 @@ class Gateway:
         sbx: Sandbox,
         kid: str,
         protocol: m.WsProtocol,
-        mine: collections.OrderedDict[str, None],
-        relay: asyncio.Task[None],
-    ) -> None:
+        link: _Link,
+        relay: asyncio.Task[bool],
+    ) -> bool:
+        """Relay client frames to the kernel; True when the client left, False when the
+        kernel's stream ended (context removed, sandbox closed)."""
         receive = asyncio.ensure_future(websocket.receive())
         try:
             while True:
                 done, _ = await asyncio.wait({receive, relay}, return_when=asyncio.FIRST_COMPLETED)
                 if relay in done:
-                    return  # the kernel's stream ended (context removed, sandbox closed)
+                    return not relay.result()  # the kernel's stream ended, or sending failed
                 message = receive.result()
                 if message["type"] == "websocket.disconnect":
-                    return
+                    return True
                 receive = asyncio.ensure_future(websocket.receive())
                 data = message.get("text")
                 if data is None:
@@ -473,9 +578,9 @@ class Gateway:
                     continue
                 msg_id = msg["header"].get("msg_id")
                 if msg_id:
-                    mine[msg_id] = None
-                    while len(mine) > _SENT_IDS_KEPT:
-                        mine.popitem(last=False)
+                    link.mine[msg_id] = None
+                    while len(link.mine) > _SENT_IDS_KEPT:
+                        link.mine.popitem(last=False)
                 self._touch(kid)
                 self._refresh_timeout(owner, sbx, kid)
                 try:
@@ -483,26 +588,37 @@ class Gateway:
                 except e.InterpreterError as exc:
                     log.warning("kernel %s: could not deliver %s: %s", kid, m.msg_type(msg), exc.message)
         except WebSocketDisconnect:
-            return
+            return True
         finally:
             receive.cancel()
 
-    async def _to_client(
-        self,
-        websocket: WebSocket,
-        tap: AsyncIterator[m.KernelMessage],
-        protocol: m.WsProtocol,
-        mine: collections.OrderedDict[str, None],
-        kid: str,
-    ) -> None:
-        async for msg in tap:
-            channel = msg.get("channel")
-            if channel != "iopub":
-                parent = m.parent_msg_id(msg)
-                if parent is None or parent not in mine:
-                    continue  # a reply to another client's request
-                if channel in ("shell", "control") and m.msg_type(msg).endswith("_reply"):
-                    mine.pop(parent, None)
+    @staticmethod
+    def _for_this_socket(msg: m.KernelMessage, mine: collections.OrderedDict[str, None]) -> bool:
+        """iopub is for everyone; shell, control and stdin messages only for the socket whose
+        request they answer."""
+        channel = msg.get("channel")
+        if channel == "iopub":
+            return True
+        parent = m.parent_msg_id(msg)
+        if parent is None or parent not in mine:
+            return False
+        if channel in ("shell", "control") and m.msg_type(msg).endswith("_reply"):
+            mine.pop(parent, None)
+        return True
+
+    async def _to_client(self, websocket: WebSocket, link: _Link, protocol: m.WsProtocol, kid: str) -> bool:
+        """Relay the kernel's messages for this socket; True when the kernel's stream ended,
+        False when the client could not be sent to (it left)."""
+        while True:
+            if link.backlog:
+                msg = link.backlog.popleft()
+            else:
+                got = await link.tap.next()
+                if got is None:
+                    return True
+                msg = got
+            if not self._for_this_socket(msg, link.mine):
+                continue
             self._touch(kid)
             frame = m.encode_ws_frame(msg, protocol)
             try:
@@ -511,4 +627,8 @@ class Gateway:
                 else:
                     await websocket.send_bytes(frame)
             except (WebSocketDisconnect, RuntimeError):
-                return
+                link.backlog.appendleft(msg)  # not delivered: a reconnect gets it
+                return False
+            except asyncio.CancelledError:
+                link.backlog.appendleft(msg)
+                raise
