@@ -39,7 +39,10 @@ or ``v1.kernel.websocket.jupyter.org`` when the client offers it (jupyter_server
 mode never does; JupyterLab talking to cellbox directly may). iopub goes to every socket;
 shell, control and stdin replies only to the socket whose request they answer. Frontend
 messages reach the kernel through the sandbox's backend (its FIFO for ``execute_request``),
-comm messages and buffers untouched. TCP_NODELAY is set on the socket. Known upstream limit:
+comm messages and buffers untouched. TCP_NODELAY is set on the socket. A client session that
+drops (``?session_id=``, which JupyterLab keeps across reconnects and jupyter_server forwards)
+keeps its subscription for ``PARK_SECONDS``, buffering up to ``PARK_MAX_MESSAGES``; reconnecting
+with the same ``session_id`` delivers what it missed (Kernel Gateway does this without bounds). Known upstream limit:
 jupyter_server's gateway relay decodes every upstream frame as UTF-8, so binary-buffer messages
 (ipywidgets with buffers) break there (reference §5.4); direct connections carry them fine.
 """
