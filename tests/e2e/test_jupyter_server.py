@@ -7,6 +7,7 @@ Kernel Gateway 3.0.1 (shared/reference/jupyter-gateway.md §2).
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -44,7 +45,10 @@ async def test_jupyter_server_drives_cellbox_kernels(cellbox: RunningServer) -> 
         assert (await http.get("/v1/sandboxes")).json()["sandboxes"] == []
 
 
-async def test_jupyter_server_attaches_to_an_agents_sandbox(cellbox: RunningServer) -> None:
+async def test_jupyter_server_attaches_to_an_agents_sandbox(
+    cellbox: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="cellbox.api.gateway")
     headers = {"Authorization": f"Bearer {KEY}"}
     async with httpx.AsyncClient(base_url=cellbox.url, headers=headers, timeout=120) as http:
         sid = (await http.post("/v1/sandboxes", json={})).json()["id"]
@@ -61,7 +65,9 @@ async def test_jupyter_server_attaches_to_an_agents_sandbox(cellbox: RunningServ
                     iopub, _ = await ks.execute("answer")
                     assert result_text(iopub) == "42"
                     await ks.execute("from_lab = 'hi'")
-        # jupyter_server DELETEd the kernel when it exited: the sandbox must live on
+        # jupyter_server DELETEd the kernel when it exited (it does so for every kernel it
+        # knows): the gateway detached, the sandbox lives on
+        assert f"detached from kernel {kid}" in caplog.text
         assert (await http.get(f"/v1/sandboxes/{sid}")).json()["state"] == "running"
         events = await execute(http, sid, "from_lab")
         assert [e["data"]["text/plain"] for e in events if e["type"] == "result"] == ["'hi'"]
