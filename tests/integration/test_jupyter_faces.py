@@ -281,6 +281,9 @@ async def test_gateway_rest_contract(srv: RunningServer) -> None:
         assert spec["spec"]["language"] == "python" and spec["spec"]["display_name"]
         assert (await gw.get("/api/kernelspecs/python3")).json()["name"] == "python3"
         assert (await gw.get("/api/kernelspecs/nope")).status_code == 404
+        # jupyter_server's single-spec URL when KERNEL_USERNAME is set
+        assert (await gw.get("/api/kernelspecs", params={"user": "lab/python3"})).json()["name"] == "python3"
+        assert (await gw.get("/api/kernelspecs", params={"user": "lab"})).json()["default"] == "python3"
         r = await gw.post(
             "/api/kernels", json={"name": "python3", "env": {"KERNEL_USERNAME": "lab", "KERNEL_WORKING_DIR": "/x"}}
         )

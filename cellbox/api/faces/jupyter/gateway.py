@@ -299,7 +299,16 @@ class Gateway:
         try:
             owner = owner_of(request)
             scope_id = request.path_params.get("sandbox_id")
-            return JSONResponse(self._kernelspecs(await self._template_for(owner, scope_id)))
+            specs = self._kernelspecs(await self._template_for(owner, scope_id))
+            # jupyter_server with KERNEL_USERNAME set asks for one spec as
+            # /api/kernelspecs?user=NAME/SPEC (the query joined before the path; reference §1.2)
+            user = request.query_params.get("user", "")
+            if "/" in user:
+                name = user.rsplit("/", 1)[1]
+                if name not in specs["kernelspecs"]:
+                    raise e.NotFound(f"Kernel spec {name} not found")
+                return JSONResponse(specs["kernelspecs"][name])
+            return JSONResponse(specs)
         except e.InterpreterError as exc:
             return _error(exc)
 
