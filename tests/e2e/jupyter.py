@@ -71,6 +71,7 @@ async def jupyter_server(
     app: str = "server",
     extra: list[str] | None = None,
     files: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[JupyterServer]:
     """Start ``jupyter server`` (or ``jupyter lab``) in gateway mode on a free loopback port,
     with its own config/data/runtime dirs and ``files`` in its root dir; stop it (by pid) on exit."""
@@ -81,7 +82,8 @@ async def jupyter_server(
         (home / "nb").mkdir()
         for name, text in (files or {}).items():
             (home / "nb" / name).write_text(text)
-        env = {
+        environ = {
+            **(env or {}),
             "PATH": f"{JUPYTER_VENV / 'bin'}:/usr/bin:/bin",
             "HOME": str(home),
             "JUPYTER_CONFIG_DIR": str(home / "config"),
@@ -106,7 +108,7 @@ async def jupyter_server(
         ]
         log_path = home / "jupyter.log"
         with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=home)
+            proc = subprocess.Popen(argv, env=environ, stdout=log_file, stderr=subprocess.STDOUT, cwd=home)
         server = JupyterServer(f"http://127.0.0.1:{port}", token, proc, log_path)
         try:
             await wait_http(

@@ -71,3 +71,11 @@ async def test_jupyter_server_attaches_to_an_agents_sandbox(
         assert (await http.get(f"/v1/sandboxes/{sid}")).json()["state"] == "running"
         events = await execute(http, sid, "from_lab")
         assert [e["data"]["text/plain"] for e in events if e["type"] == "result"] == ["'hi'"]
+
+
+async def test_single_spec_lookup_with_kernel_username(cellbox: RunningServer) -> None:
+    # jupyter_server then asks the gateway for /api/kernelspecs?user=alice/python3 (its bug)
+    async with jupyter_server(cellbox.url, KEY, env={"KERNEL_USERNAME": "alice"}) as js:
+        async with httpx.AsyncClient(base_url=js.url, headers={"Authorization": f"token {js.token}"}) as lab:
+            r = await lab.get("/api/kernelspecs/python3")
+            assert r.status_code == 200 and r.json()["name"] == "python3", r.text
