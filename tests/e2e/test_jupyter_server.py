@@ -79,3 +79,27 @@ async def test_single_spec_lookup_with_kernel_username(cellbox: RunningServer) -
         async with httpx.AsyncClient(base_url=js.url, headers={"Authorization": f"token {js.token}"}) as lab:
             r = await lab.get("/api/kernelspecs/python3")
             assert r.status_code == 200 and r.json()["name"] == "python3", r.text
+
+
+async def test_comms_pass_through_jupyter_server(cellbox: RunningServer) -> None:
+    # what ipywidgets does, without binary buffers (jupyter_server's relay breaks those: §5.4)
+    async with jupyter_server(cellbox.url, KEY) as js:
+        async with httpx.AsyncClient(base_url=js.url, headers={"Authorization": f"token {js.token}"}) as lab:
+            r = await lab.post("/api/kernels", json={"name": "python3"})
+            assert r.status_code == 201, r.text
+            kid = r.json()["id"]
+            async with kernel_socket(js.url, kid, js.token) as ks:
+                await ks.kernel_info()
+                _, reply = await ks.execute(
+                    "import comm\n"
+                    "def _echo(c, open_msg):\n"
+                    "    c.on_msg(lambda msg: c.send(data={'echo': msg['content']['data']}))\n"
+                    "comm.get_comm_manager().register_target('echo', _echo)"
+                )
+                assert reply["content"]["status"] == "ok", reply
+                comm_id = "c0ffee"
+                await ks.send(ks.msg("comm_open", {"comm_id": comm_id, "target_name": "echo", "data": {}}))
+                mid = await ks.send(ks.msg("comm_msg", {"comm_id": comm_id, "data": {"value": [1, "two"]}}))
+                echo = await ks.until(mid, "comm_msg", "iopub")
+                assert echo["content"]["data"] == {"echo": {"value": [1, "two"]}}
+            assert (await lab.delete(f"/api/kernels/{kid}")).status_code == 204
