@@ -14,13 +14,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-import nbformat
 import pytest
 import pytest_asyncio
 
 from tests.e2e.jupyter import JUPYTER, JUPYTER_VENV, ROOT, jupyter_server
 from tests.integration.conftest import make_settings
 from tests.integration.server import RunningServer, run_server
+
+nbformat = pytest.importorskip("nbformat", reason="nbformat comes with the server extra")
 
 PLAYWRIGHT_CORE = JUPYTER_VENV / "node" / "node_modules" / "playwright-core"
 CHROMIUM = Path("/usr/bin/chromium")

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import nbformat
 import pytest
 import pytest_asyncio
 import websockets
@@ -466,6 +465,7 @@ PLOT = (
 
 
 async def test_notebook_export_is_valid_and_reruns_to_the_same_outputs(http: httpx.AsyncClient, sid: str) -> None:
+    nbformat = pytest.importorskip("nbformat", reason="nbformat comes with the server extra")
     for code in ["print('hello')", "x = 20\nx + 1", PLOT, "1 / 0"]:
         await execute(http, sid, code)
     r = await http.get(f"/v1/sandboxes/{sid}/notebook")
@@ -501,6 +501,7 @@ async def test_notebook_export_is_valid_and_reruns_to_the_same_outputs(http: htt
 
 
 async def test_notebook_run_stops_at_the_error_cell_by_default(http: httpx.AsyncClient, sid: str) -> None:
+    nbformat = pytest.importorskip("nbformat", reason="nbformat comes with the server extra")
     nb = nbformat.v4.new_notebook()
     nb.cells = [
         nbformat.v4.new_markdown_cell("# run"),

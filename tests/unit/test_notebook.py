@@ -9,10 +9,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import nbformat
 import pytest
 
-from cellbox.interpreter import notebook as nbk
 from cellbox.interpreter.errors import InvalidRequest
 from cellbox.interpreter.models import (
     ArtifactRef,
@@ -29,6 +27,9 @@ from cellbox.interpreter.models import (
     StderrEvent,
     StdoutEvent,
 )
+
+nbformat = pytest.importorskip("nbformat", reason="nbformat comes with the server extra")
+nbk = pytest.importorskip("cellbox.interpreter.notebook")
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(40))
 PNG_REF = ArtifactRef(id="a" * 64, mime="image/png", url="/v1/artifacts/" + "a" * 64, size=len(PNG))
