@@ -67,10 +67,23 @@ async def cellbox(short_tmp: Path) -> AsyncIterator[RunningServer]:
         yield srv
 
 
-async def test_jupyterlab_runs_a_plot_on_a_cellbox_kernel(cellbox: RunningServer) -> None:
+async def test_jupyterlab_runs_a_plot_on_a_cellbox_kernel(cellbox: RunningServer, tmp_path: Path) -> None:
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     SCREENSHOT.unlink(missing_ok=True)
-    async with jupyter_server(cellbox.url, KEY, app="lab", extra=LAB_OFFLINE, files={"plot.ipynb": _notebook()}) as lab:
+    # no "get notified about Jupyter news?" toast over the screenshot
+    settings = tmp_path / "lab-settings"
+    (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True)
+    (settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False})
+    )
+    async with jupyter_server(
+        cellbox.url,
+        KEY,
+        app="lab",
+        extra=LAB_OFFLINE,
+        files={"plot.ipynb": _notebook()},
+        env={"JUPYTERLAB_SETTINGS_DIR": str(settings)},
+    ) as lab:
         env = {
             **os.environ,
             "LAB_URL": lab.url,
