@@ -21,7 +21,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from cellbox.interpreter import messages as m
-from tests.integration.conftest import execute, make_settings
+from tests.integration.conftest import execute, isolation_settings
 from tests.integration.server import RunningServer, run_server
 
 pytestmark = pytest.mark.asyncio
@@ -32,8 +32,10 @@ UUID_RE = re.compile(r"^\w+-\w+-\w+-\w+-\w+$")
 
 
 @pytest_asyncio.fixture
-async def srv(short_tmp: Path) -> AsyncIterator[RunningServer]:
-    async with run_server(make_settings(short_tmp, api_keys=[KEY])) as running:
+async def srv(short_tmp: Path, isolation: str) -> AsyncIterator[RunningServer]:
+    # every test runs against each isolation mode of the local runtime (the raw kernel tap and
+    # the agent-run kernels of bwrap sandboxes included)
+    async with run_server(isolation_settings(short_tmp, isolation, api_keys=[KEY])) as running:
         yield running
 
 
