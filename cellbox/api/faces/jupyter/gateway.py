@@ -497,7 +497,10 @@ class Gateway:
             sbx, ctx = await self.find(owner, kid, websocket.path_params.get("sandbox_id"))
             backend = _backend(sbx)
         except e.InterpreterError as exc:
+            # accepted, then closed with the table's code and the reason (a refused handshake
+            # would only say 403)
             _, code = status_for(exc)
+            await websocket.accept()
             await close_quietly(websocket, code, exc.message)
             return
         protocol = m.select_subprotocol(websocket.scope.get("subprotocols") or [])
