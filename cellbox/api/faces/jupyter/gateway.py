@@ -136,6 +136,18 @@ def _backend(sbx: Sandbox) -> SandboxBackend:
     return sbx.backend
 
 
+def _recorded(msg: m.KernelMessage) -> bool:
+    """A frontend's cell (a non-silent shell execute_request) is recorded as an execution;
+    silent ones (completers, variable inspectors) only pass through the FIFO."""
+    content = msg.get("content") or {}
+    return (
+        msg.get("channel") == "shell"
+        and m.msg_type(msg) == "execute_request"
+        and not content.get("silent")
+        and content.get("store_history", True) is not False
+    )
+
+
 class _Tap:
     """A kernel subscription whose reader may be cancelled without ending it (a parked
     session's drain and the next socket take turns reading it)."""
@@ -599,7 +611,11 @@ class Gateway:
                 self._touch(kid)
                 self._refresh_timeout(owner, sbx, kid)
                 try:
-                    await _backend(sbx).send_message(kid, msg)
+                    if _recorded(msg):
+                        # A cell: into the sandbox's execution log and artifacts like any other.
+                        await sbx.executions.start_message(kid, msg)
+                    else:
+                        await _backend(sbx).send_message(kid, msg)
                 except e.InterpreterError as exc:
                     log.warning("kernel %s: could not deliver %s: %s", kid, m.msg_type(msg), exc.message)
         except WebSocketDisconnect:
