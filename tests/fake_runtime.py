@@ -166,6 +166,12 @@ class FakeBackend:
                 ctx.current = None
         yield end
 
+    def execute_message(
+        self, context_id: str, execution_id: str, message: KernelMessage
+    ) -> AsyncIterator[Event | RunningEvent]:
+        code = str((message.get("content") or {}).get("code", ""))
+        return self._run(self._ctx(context_id), execution_id, ExecuteRequest(code=code), 3600.0)
+
     async def send_input(self, context_id: str, execution_id: str, value: str) -> None:
         ctx = self._ctx(context_id)
         if ctx.current != execution_id:

@@ -20,6 +20,7 @@ from cellbox.aio import TaskSet
 from cellbox.interpreter.artifacts import BlobStore, decode_output, is_artifact_mime
 from cellbox.interpreter.errors import ExecutionNotFound, InvalidRequest
 from cellbox.interpreter.execution import ExecutionLog
+from cellbox.interpreter.messages import KernelMessage
 from cellbox.interpreter.models import (
     ArtifactRef,
     DisplayUpdateEvent,
@@ -111,10 +112,33 @@ class Executions:
         assert sb.backend is not None
         execution_id = new_execution_id()
         stream = sb.backend.execute(context_id, execution_id, req, timeout)
+        return await self._launch(execution_id, context_id, req, stream)
+
+    async def start_message(self, context_id: str, message: KernelMessage) -> ExecutionInfo:
+        """Queue a Jupyter frontend's own ``execute_request`` in the context's FIFO and record
+        it like any execution (log, artifacts, notebook export); the frontend gets the
+        kernel's replies through the backend's raw subscription."""
+        sb = self.sandbox
+        sb.require_running()
+        assert sb.backend is not None
+        content = message.get("content") or {}
+        req = ExecuteRequest(code=str(content.get("code", "")), allow_stdin=bool(content.get("allow_stdin")))
+        execution_id = new_execution_id()
+        stream = sb.backend.execute_message(context_id, execution_id, message)
+        return await self._launch(execution_id, context_id, req, stream)
+
+    async def _launch(
+        self,
+        execution_id: str,
+        context_id: str,
+        req: ExecuteRequest,
+        stream: AsyncIterator[Event | RunningEvent],
+    ) -> ExecutionInfo:
+        sb = self.sandbox
         xlog = ExecutionLog(execution_id, sb.id, context_id, req.code, self.store)
         await xlog.begin(StartEvent(sandbox_id=sb.id, context_id=context_id))
         self.live[xlog.id] = xlog
-        if settings.log_code:
+        if sb.settings.log_code:
             log.debug("execution %s in %s/%s: %r", xlog.id, sb.id, context_id, req.code)
         log.info("execution %s queued in %s/%s (%d bytes)", xlog.id, sb.id, context_id, len(req.code))
         self.tasks.spawn(self._consume(xlog, req, stream), name=f"execution-{xlog.id}")
@@ -127,7 +151,7 @@ class Executions:
         try:
             async for ev in stream:
                 if isinstance(ev, RunningEvent):
-                    await xlog.set_running()
+                    xlog.set_running()
                 elif isinstance(ev, EndEvent):
                     end = ev
                 else:
@@ -203,9 +227,6 @@ class Executions:
         backend = self.sandbox.backend
         if backend is not None:
             await backend.interrupt_context(xlog.context_id, execution_id)
-
-    def busy(self) -> bool:
-        return any(x.status == "running" for x in self.live.values())
 
 
 __all__ = ["Executions", "KEEP_ENDED_SECONDS", "OutputStore", "new_context_id", "new_execution_id"]

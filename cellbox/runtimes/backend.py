@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cellbox.backend")
 
+# A frontend's cell has no deadline of ours (its user interrupts it); this stands for "none".
+FRONTEND_TIMEOUT = 10.0 * 365 * 24 * 3600
 # How long closing a sandbox waits for its raw executions to notice their kernel is gone.
 _CLOSE_GRACE = 10.0
 
@@ -269,6 +271,13 @@ class LocalSandboxBackend:
         self, context_id: str, execution_id: str, request: ExecuteRequest, timeout: float
     ) -> AsyncIterator[Event | RunningEvent]:
         return self._runner(context_id).execute(execution_id, request, timeout)
+
+    def execute_message(
+        self, context_id: str, execution_id: str, message: KernelMessage
+    ) -> AsyncIterator[Event | RunningEvent]:
+        content = message.get("content") or {}
+        request = ExecuteRequest(code=str(content.get("code", "")), allow_stdin=bool(content.get("allow_stdin")))
+        return self._runner(context_id).execute(execution_id, request, FRONTEND_TIMEOUT, message)
 
     async def send_input(self, context_id: str, execution_id: str, value: str) -> None:
         self._runner(context_id).send_input(execution_id, value)

@@ -157,6 +157,14 @@ class SandboxBackend(Protocol):
         the kernel or the code does; ContextNotFound before the first event."""
         ...
 
+    def execute_message(
+        self, context_id: str, execution_id: str, message: KernelMessage
+    ) -> AsyncIterator[Event | RunningEvent]:
+        """Like :meth:`execute` for a frontend's own ``execute_request`` (its header kept, no
+        deadline of ours): the frontend gets the kernel's replies through :meth:`subscribe`,
+        the core gets the same execution as events to record."""
+        ...
+
     async def send_input(self, context_id: str, execution_id: str, value: str) -> None:
         """Answer the ``input_request`` of a running execution; InvalidRequest if it is not
         waiting for input."""

@@ -177,12 +177,17 @@ class ExecutionRunner:
         self.saw_error = False
         self.outcome = Outcome()
 
-    async def run(self, code: str, allow_stdin: bool) -> AsyncIterator[Event]:
+    async def run(self, code: str, allow_stdin: bool, message: KernelMessage | None = None) -> AsyncIterator[Event]:
+        """Run ``code``, or send a frontend's own execute_request ``message`` (its replies keep
+        reaching the frontend through the raw subscription)."""
         out = self.outcome
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         timed_out = False
-        route = self.session.execute(code, allow_stdin=allow_stdin)
+        if message is not None:
+            route = self.session.execute_message(message)
+        else:
+            route = self.session.execute(code, allow_stdin=allow_stdin)
         got_idle = got_reply = False
         try:
             while not (got_idle and got_reply):
@@ -437,7 +442,7 @@ class ContextRunner:
         self.pending_input = waiting
 
     async def execute(
-        self, execution_id: str, req: ExecuteRequest, timeout: float
+        self, execution_id: str, req: ExecuteRequest, timeout: float, message: KernelMessage | None = None
     ) -> AsyncIterator[Event | RunningEvent]:
         """Run one execution to its ``end`` (never raises: every failure becomes an event)."""
         config = self.backend.config
@@ -449,7 +454,7 @@ class ContextRunner:
                 self.current = execution_id
                 self._interrupt_requested = False
                 try:
-                    async for ev in self._run_locked(req, timeout, end, config):
+                    async for ev in self._run_locked(req, timeout, end, config, message):
                         yield ev
                 finally:
                     self.current = None
@@ -463,7 +468,12 @@ class ContextRunner:
         yield end
 
     async def _run_locked(
-        self, req: ExecuteRequest, timeout: float, end: EndEvent, config: BackendConfig
+        self,
+        req: ExecuteRequest,
+        timeout: float,
+        end: EndEvent,
+        config: BackendConfig,
+        message: KernelMessage | None = None,
     ) -> AsyncIterator[Event | RunningEvent]:
         await self._wait_restart_done()
         if self.state == ContextState.DEAD:
@@ -488,7 +498,7 @@ class ContextRunner:
             interrupted=lambda: self._interrupt_requested,
             on_input=self._set_pending_input,
         )
-        async for ev in runner.run(req.code, req.allow_stdin):
+        async for ev in runner.run(req.code, req.allow_stdin, message):
             yield ev
         outcome = runner.outcome
         end.status, end.reason, end.state_lost = outcome.status, outcome.reason, outcome.state_lost

@@ -256,6 +256,12 @@ class KernelSession:
         client.shell_channel.send(msg)
         return route
 
+    def execute_message(self, message: KernelMessage) -> Route:
+        """Send a frontend's own execute_request (its header kept); returns its route."""
+        route = self.open_route(str(message["header"]["msg_id"]))
+        self.send(message)
+        return route
+
     def send_input(self, value: str) -> None:
         """Answer the kernel's pending ``input_request``."""
         self._require_client().input(value)

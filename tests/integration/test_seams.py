@@ -134,3 +134,34 @@ async def test_a_frontends_cell_queues_with_native_executions(
     assert results and results[0]["content"]["data"]["text/plain"] == "'cell'"
     assert native[-1]["status"] == "ok" and main_text(native) == "'native'"
     await messages.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_frontends_cell_is_recorded_as_an_execution(
+    server: RunningServer, client: httpx.AsyncClient, sandbox: str
+) -> None:
+    """What a JupyterLab user runs lands in the execution log (and so in replays and the
+    notebook export), while the frontend still gets the kernel's own replies."""
+    sbx = await server.manager.get("anonymous", sandbox)
+    assert sbx.backend is not None
+    cid = sbx.contexts.default_id
+    messages = sbx.backend.subscribe(cid)
+    cell = frontend_message(
+        "execute_request",
+        {
+            "code": "print('from lab'); 6 * 7",
+            "silent": False,
+            "store_history": True,
+            "user_expressions": {},
+            "allow_stdin": False,
+            "stop_on_error": True,
+        },
+    )
+    info = await sbx.executions.start_message(cid, cell)
+    got = await replies_to(messages, cell["header"]["msg_id"], "execute_reply")
+    assert of_type(got, "execute_reply")[0]["content"]["status"] == "ok"
+    await messages.aclose()  # type: ignore[attr-defined]
+    async with asyncio.timeout(DEADLINE):
+        events = [ev async for ev in await sbx.executions.follow(info.id) if ev.type != "keepalive"]
+    assert [e.type for e in events] == ["start", "stdout", "result", "end"], events
+    listed = (await client.get(f"/v1/sandboxes/{sandbox}/executions")).json()["executions"]
+    assert any(x["id"] == info.id and x["code"].startswith("print('from lab')") for x in listed)
