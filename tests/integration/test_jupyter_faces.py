@@ -21,7 +21,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from cellbox.interpreter import messages as m
-from tests.integration.conftest import execute, isolation_settings
+from tests.integration.helpers import execute, isolation_settings
 from tests.integration.server import RunningServer, run_server
 
 pytestmark = pytest.mark.asyncio
