@@ -1,0 +1,178 @@
+"""The control plane's REST routes (what the SDKs call on ``E2B_API_URL``)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cellbox.api.faces.e2b import models as m
+from cellbox.api.faces.e2b.services import services
+from cellbox.interpreter.errors import Conflict, InvalidRequest, SandboxNotFound
+from cellbox.interpreter.models import SandboxInfo, SandboxState
+
+__all__ = ["routes"]
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw:
+        return {}
+    try:
+        doc = await request.json()
+    except ValueError:
+        raise InvalidRequest("the request body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return doc
+
+
+def _validation(exc: ValidationError) -> InvalidRequest:
+    first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid"}
+    where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+    return InvalidRequest(f"invalid {where}: {first.get('msg', 'invalid')}", field=where)
+
+
+def _live(info: SandboxInfo) -> SandboxInfo:
+    # Killed and lost sandboxes are history to cellbox; to E2B they do not exist.
+    if info.state in (SandboxState.KILLED, SandboxState.LOST):
+        raise SandboxNotFound(f"sandbox {info.id} was not found", id=info.id)
+    return info
+
+
+async def create(request: Request) -> Response:
+    svc = services(request)
+    owner = svc.owner(request)
+    try:
+        body = m.NewSandbox.model_validate(await _body(request))
+    except ValidationError as exc:
+        raise _validation(exc) from None
+    info = await svc.manager.create(owner, m.to_create(body, svc.settings.max_sandbox_timeout))
+    return JSONResponse(m.sandbox_response(info, svc.token(request, info.id), svc.defaults), status_code=201)
+
+
+async def list_v2(request: Request) -> Response:
+    svc = services(request)
+    owner = svc.owner(request)
+    q = request.query_params
+    states = m.parse_states(q.getlist("state"))
+    metadata = m.parse_metadata_query(q.get("metadata"))
+    found = await svc.manager.list_sandboxes(owner, states=states, metadata=metadata)
+    if template := q.get("template"):
+        found = [s for s in found if s.template in (template, m.cellbox_template(template))]
+    try:
+        limit = int(q.get("limit") or 100)
+    except ValueError:
+        raise InvalidRequest("limit must be an integer", field="limit") from None
+    items, token = m.page(found, limit, q.get("order"), q.get("nextToken"))
+    headers = {"X-Next-Token": token} if token else {}
+    return JSONResponse([m.listed_sandbox(s, svc.defaults) for s in items], headers=headers)
+
+
+async def list_v1(request: Request) -> Response:
+    svc = services(request)
+    owner = svc.owner(request)
+    metadata = m.parse_metadata_query(request.query_params.get("metadata"))
+    found = await svc.manager.list_sandboxes(owner, states=m.parse_states(None), metadata=metadata)
+    return JSONResponse([m.listed_sandbox(s, svc.defaults) for s in found])
+
+
+async def detail(request: Request) -> Response:
+    svc = services(request)
+    sid = request.path_params["sandbox_id"]
+    info = _live(await svc.manager.info(svc.owner(request), sid))
+    return JSONResponse(m.sandbox_detail(info, svc.token(request, sid), svc.defaults))
+
+
+async def kill(request: Request) -> Response:
+    svc = services(request)
+    sid = request.path_params["sandbox_id"]
+    owner = svc.owner(request)
+    _live(await svc.manager.info(owner, sid))
+    await svc.manager.delete(owner, sid)
+    return Response(status_code=204)
+
+
+async def set_timeout(request: Request) -> Response:
+    svc = services(request)
+    sid = request.path_params["sandbox_id"]
+    try:
+        body = m.TimeoutBody.model_validate(await _body(request))
+    except ValidationError as exc:
+        raise _validation(exc) from None
+    owner = svc.owner(request)
+    _live(await svc.manager.info(owner, sid))
+    await svc.manager.set_timeout(owner, sid, min(float(body.timeout), svc.settings.max_sandbox_timeout))
+    return Response(status_code=204)
+
+
+async def connect(request: Request) -> Response:
+    svc = services(request)
+    sid = request.path_params["sandbox_id"]
+    try:
+        body = m.ConnectBody.model_validate(await _body(request))
+    except ValidationError as exc:
+        raise _validation(exc) from None
+    if body.memory is False:
+        raise InvalidRequest("on_resume='reboot' is not supported: cellbox resumes with memory kept", field="memory")
+    owner = svc.owner(request)
+    info = _live(await svc.manager.info(owner, sid))
+    status = 200
+    if info.state is SandboxState.PAUSED:
+        info = await svc.manager.resume(owner, sid)
+        status = 201
+    if body.timeout:
+        info = await svc.manager.set_timeout(owner, sid, min(float(body.timeout), svc.settings.max_sandbox_timeout))
+    return JSONResponse(m.sandbox_response(info, svc.token(request, sid), svc.defaults), status_code=status)
+
+
+async def resume(request: Request) -> Response:
+    """The legacy ``POST /sandboxes/{id}/resume`` (``{"timeout"?, "autoPause"?}``)."""
+    svc = services(request)
+    sid = request.path_params["sandbox_id"]
+    owner = svc.owner(request)
+    info = _live(await svc.manager.info(owner, sid))
+    if info.state is not SandboxState.PAUSED:
+        raise Conflict(f"sandbox {sid} is not paused")
+    info = await svc.manager.resume(owner, sid)
+    return JSONResponse(m.sandbox_response(info, svc.token(request, sid), svc.defaults), status_code=201)
+
+
+async def pause(request: Request) -> Response:
+    svc = services(request)
+    sid = request.path_params["sandbox_id"]
+    owner = svc.owner(request)
+    info = _live(await svc.manager.info(owner, sid))
+    if info.state is SandboxState.PAUSED:
+        raise Conflict(f"sandbox {sid} is already paused")
+    await svc.manager.pause(owner, sid)
+    return Response(status_code=204)
+
+
+async def metrics(request: Request) -> Response:
+    svc = services(request)
+    sid = request.path_params["sandbox_id"]
+    info = _live(await svc.manager.info(svc.owner(request), sid))
+    return JSONResponse([m.metric(info.usage, info, svc.defaults, time.time())])
+
+
+def routes() -> list[Route]:
+    """The control-plane routes, old and new paths (the SDKs moved create/connect to /v2)."""
+    return [
+        Route("/v2/sandboxes", create, methods=["POST"]),
+        Route("/sandboxes", create, methods=["POST"]),
+        Route("/v2/sandboxes", list_v2, methods=["GET"]),
+        Route("/sandboxes", list_v1, methods=["GET"]),
+        Route("/sandboxes/{sandbox_id}", detail, methods=["GET"]),
+        Route("/sandboxes/{sandbox_id}", kill, methods=["DELETE"]),
+        Route("/sandboxes/{sandbox_id}/timeout", set_timeout, methods=["POST"]),
+        Route("/v2/sandboxes/{sandbox_id}/connect", connect, methods=["POST"]),
+        Route("/sandboxes/{sandbox_id}/connect", connect, methods=["POST"]),
+        Route("/sandboxes/{sandbox_id}/resume", resume, methods=["POST"]),
+        Route("/sandboxes/{sandbox_id}/pause", pause, methods=["POST"]),
+        Route("/sandboxes/{sandbox_id}/metrics", metrics, methods=["GET"]),
+    ]
