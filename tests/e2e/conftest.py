@@ -29,7 +29,6 @@ from cellbox.interpreter.config import Settings
 from cellbox.keys import new_key
 from tests.integration.server import run_server
 
-
 START_DEADLINE = 120.0
 
 

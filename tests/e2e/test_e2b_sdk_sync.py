@@ -204,9 +204,11 @@ def test_run_code_timeout(sbx: Sandbox) -> None:
 
 
 def test_contexts(sbx: Sandbox) -> None:
-    ctx = sbx.create_code_context(cwd="/tmp")
-    assert ctx.language == "python" and ctx.cwd == "/tmp"
-    assert sbx.run_code("import os; os.getcwd()", context=ctx).text == "/tmp"
+    sbx.files.make_dir("proj")
+    ctx = sbx.create_code_context(cwd="/home/user/proj")
+    assert ctx.language == "python" and ctx.cwd == "/home/user/proj"
+    proj = sbx.commands.run("cd ~/proj && pwd").stdout.strip()  # the host path with isolation "none"
+    assert sbx.run_code("import os; os.getcwd()", context=ctx).text == proj
     sbx.run_code("y = 5", context=ctx)
     assert sbx.run_code("y", context=ctx).text == "5"
     assert ctx.id in [c.id for c in sbx.list_code_contexts()]
@@ -275,8 +277,10 @@ def test_commands_background_stdin_list_kill_connect(sbx: Sandbox) -> None:
 def test_commands_cwd_envs_timeout(sbx: Sandbox) -> None:
     from e2b import TimeoutException
 
-    assert sbx.commands.run("pwd", cwd="/tmp").stdout == "/tmp\n"
-    assert sbx.commands.run("pwd").stdout == "/home/user\n"
+    sbx.files.make_dir("proj")
+    home = sbx.commands.run("cd ~ && pwd").stdout  # the host path with isolation "none"
+    assert sbx.commands.run("pwd").stdout == home
+    assert sbx.commands.run("pwd", cwd="/home/user/proj").stdout == home.rstrip("\n") + "/proj\n"
     assert sbx.commands.run("echo $A-$B", envs={"A": "1", "B": "2"}).stdout == "1-2\n"
     with pytest.raises(TimeoutException):
         sbx.commands.run("sleep 30", timeout=1)

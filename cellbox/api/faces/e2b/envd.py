@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import posixpath
 import shlex
 import zlib
@@ -237,7 +238,9 @@ async def process_start(
     )
     info = await sbx.commands.start(req)
     if not msg.get("stdin"):
-        await sbx.commands.stdin(info.pid, None)  # E2B: without stdin, a read sees EOF
+        # E2B: without stdin a read sees EOF. A quick command may have ended already.
+        with contextlib.suppress(e.NotFound, e.InvalidRequest, e.Conflict):
+            await sbx.commands.stdin(info.pid, None)
     async for out in _follow_process(sbx, info.pid):
         yield out
 
