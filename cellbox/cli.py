@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import mimetypes
 import os
 import shlex
 import sys
@@ -23,6 +22,7 @@ import click
 import httpx
 
 from cellbox.client import CommandExitError, Execution, InterpreterError, Result, Sandbox
+from cellbox.interpreter.media import extension_for
 
 if TYPE_CHECKING:
     from cellbox.interpreter.config import Settings
@@ -30,18 +30,6 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 NO_KEY_WARNING = "no API key: bound to {host} only, anyone on this host can use it"
-_EXTENSIONS = {
-    "image/png": ".png",
-    "image/jpeg": ".jpg",
-    "image/gif": ".gif",
-    "image/svg+xml": ".svg",
-    "application/pdf": ".pdf",
-    "text/html": ".html",
-    "text/plain": ".txt",
-    "application/json": ".json",
-}
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """cellbox: a self-hosted code interpreter (Jupyter kernels in sandboxes)."""
@@ -243,7 +231,7 @@ def _save_artifacts(sandbox: Sandbox, execution: Execution, directory: Path) -> 
     refs = [ref for result in execution.results for ref in result.artifacts]
     saved = []
     for k, ref in enumerate(refs, start=1):
-        ext = _EXTENSIONS.get(ref.mime) or mimetypes.guess_extension(ref.mime) or ".bin"
+        ext = "." + extension_for(ref.mime)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{prefix}-{k}{ext}"
         path.write_bytes(sandbox.download_artifact(ref))

@@ -1,126 +1,68 @@
-"""The application factory: ``create_app(settings)``."""
+"""The application factory: ``create_app(settings)``, the root of every face.
+
+The root app runs the lifespan (it opens the :class:`SandboxManager` and closes it) and hands
+each request to the first face that claims it (``cellbox.api.faces``).
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-import cellbox
-from cellbox.api import errors
-from cellbox.api.errors import error_response
-from cellbox.api.routes import artifacts, commands, executions, files, sandboxes
+from cellbox.api.faces import Face, Services, load_faces
 from cellbox.interpreter.config import Settings
-from cellbox.interpreter.errors import RequestTooLarge
 from cellbox.interpreter.manager import SandboxManager
-from cellbox.interpreter.models import Health
 
 log = logging.getLogger("cellbox.api")
 
 
-class BodyLimit:
-    """Refuse request bodies over the limit with a 413 JSON error, whether the client
-    announced the size (Content-Length) or streams it (chunked). File uploads get their own,
-    larger limit."""
+class CellboxApp:
+    """The root ASGI app: lifespan, then dispatch to the faces."""
 
-    def __init__(self, app: ASGIApp, limit: int, upload_limit: int) -> None:
-        self.app = app
-        self.json_limit = limit
-        self.upload_limit = upload_limit
+    def __init__(self, settings: Settings, faces: list[Face], manager: SandboxManager | None = None) -> None:
+        self.settings = settings
+        self.services = Services(settings, manager)
+        self._owns_manager = manager is None
+        self.faces = [(face, face.build(self.services)) for face in faces]
 
-    def limit_for(self, scope: Scope) -> int:
-        if scope["method"] in ("PUT", "POST") and scope["path"].endswith("/files"):
-            return self.upload_limit
-        return self.json_limit
+    def app_for(self, scope: Scope) -> ASGIApp:
+        for face, app in self.faces:
+            if face.matches(scope):
+                return app
+        return self.faces[-1][1]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
             return
-        limit = self.limit_for(scope)
-        too_large = RequestTooLarge(f"request body larger than {limit} bytes", limit=limit)
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                await error_response(too_large)(scope, receive, send)
-                return
-        seen = 0
-        too_large_seen = False
-        started = False
+        await self.app_for(scope)(scope, receive, send)
 
-        async def limited_receive() -> Message:
-            nonlocal seen, too_large_seen
-            if too_large_seen:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    # Stop feeding the app; it sees a client that went away, and we answer.
-                    too_large_seen = True
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal started
-            if too_large_seen:
-                return  # the app's answer to a "disconnect" is replaced by our 413
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        message = await receive()
+        assert message["type"] == "lifespan.startup"
         try:
-            await self.app(scope, limited_receive, guarded_send)
-        except Exception:
-            if not too_large_seen:
-                raise
-        if too_large_seen and not started:
-            await error_response(too_large)(scope, receive, send)
+            if self._owns_manager:
+                self.services._manager = await SandboxManager.open(self.settings)
+        except Exception as exc:
+            log.exception("cellbox could not start")
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        message = await receive()
+        assert message["type"] == "lifespan.shutdown"
+        try:
+            if self._owns_manager and self.services._manager is not None:
+                await self.services._manager.close()
+        except Exception as exc:
+            log.exception("cellbox did not shut down cleanly")
+            await send({"type": "lifespan.shutdown.failed", "message": str(exc)})
+            return
+        await send({"type": "lifespan.shutdown.complete"})
 
 
-def create_app(settings: Settings, manager: SandboxManager | None = None) -> FastAPI:
+def create_app(settings: Settings, manager: SandboxManager | None = None, faces: list[str] | None = None) -> CellboxApp:
     """Build the ASGI app. Without ``manager`` the lifespan opens one from ``settings`` (and
-    closes it at shutdown); tests may pass their own."""
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if manager is not None:
-            app.state.manager = manager
-            yield
-            return
-        opened = await SandboxManager.open(settings)
-        app.state.manager = opened
-        try:
-            yield
-        finally:
-            await opened.close()
-
-    app = FastAPI(
-        title="cellbox",
-        version=cellbox.__version__,
-        description="Self-hosted code interpreter: sandboxes with stateful Jupyter kernels.",
-        lifespan=lifespan,
-    )
-    app.state.settings = settings
-    errors.install(app)
-    app.include_router(sandboxes.router)
-    app.include_router(executions.router)
-    app.include_router(artifacts.router)
-    app.include_router(commands.router)
-    app.include_router(files.router)
-
-    @app.get("/healthz", response_model=Health, tags=["service"])
-    async def healthz(request: Request) -> Health:
-        m: SandboxManager = request.app.state.manager
-        return Health(
-            version=cellbox.__version__,
-            isolation=m.runtime.isolation,
-            runtime=m.runtime.name,
-            sandboxes=len(m.sandboxes),
-            pool=m.pool.counts(),
-        )
-
-    app.add_middleware(BodyLimit, limit=settings.max_request_bytes, upload_limit=settings.max_upload_bytes)
-    return app
+    closes it at shutdown); tests may pass their own. ``faces`` names the faces to serve
+    (default: every registered one)."""
+    return CellboxApp(settings, load_faces(faces), manager)

@@ -8,16 +8,18 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from cellbox.api.faces import Services
 from cellbox.interpreter.config import Settings
 from cellbox.interpreter.errors import Unauthorized
 from cellbox.interpreter.manager import SandboxManager
+from cellbox.interpreter.sandbox import Sandbox
 
 ANONYMOUS = "anonymous"
 
 
 def get_manager(request: Request) -> SandboxManager:
-    manager: SandboxManager = request.app.state.manager
-    return manager
+    services: Services = request.app.state.services
+    return services.manager
 
 
 def get_settings(request: Request) -> Settings:
@@ -58,5 +60,11 @@ def get_owner(request: Request, settings: Annotated[Settings, Depends(get_settin
     return authenticate(settings, request.headers.get("authorization"), request.headers.get("x-api-key"))
 
 
+async def get_sandbox(sandbox_id: str, owner: Annotated[str, Depends(get_owner)], request: Request) -> Sandbox:
+    """The caller's live sandbox named in the path (SandboxNotFound / SandboxNotRunning)."""
+    return await get_manager(request).get(owner, sandbox_id)
+
+
 Owner = Annotated[str, Depends(get_owner)]
 Manager = Annotated[SandboxManager, Depends(get_manager)]
+LiveSandbox = Annotated[Sandbox, Depends(get_sandbox)]

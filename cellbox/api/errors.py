@@ -1,13 +1,16 @@
-"""The one table from the core's exceptions to HTTP statuses and WebSocket close codes."""
+"""The one table from the core's exceptions to HTTP statuses and WebSocket close codes, and the
+handlers every face installs with its own renderer (the native face's body is
+``{"error": {...}}``; E2B's is ``{"code", "message"}``)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette import status
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -41,10 +44,14 @@ def status_for(exc: e.InterpreterError) -> tuple[int, int]:
     return status.HTTP_500_INTERNAL_SERVER_ERROR, status.WS_1011_INTERNAL_ERROR
 
 
+Renderer = Callable[[e.InterpreterError], Response]
+
+
 def error_response(exc: e.InterpreterError) -> JSONResponse:
+    """The native face's error body: ``{"error": {"code", "message", ...}}``."""
     http_status, _ = status_for(exc)
     headers: dict[str, str] = {}
-    if http_status == 401:
+    if http_status == status.HTTP_401_UNAUTHORIZED:
         headers["WWW-Authenticate"] = "Bearer"
     if "retry_after" in exc.details:
         headers["Retry-After"] = str(int(exc.details["retry_after"]))
@@ -59,32 +66,39 @@ def _validation_fields(errors: Any) -> list[dict[str, Any]]:
     return out
 
 
-def install(app: FastAPI) -> None:
-    """Register the handlers: every error leaves as ``{"error": {"code", "message", ...}}``."""
+def _from_http(exc: StarletteHTTPException) -> e.InterpreterError:
+    """Starlette's own errors (no route, wrong method) as the core's, for the SDKs to rebuild."""
+    detail = str(exc.detail)
+    if exc.status_code == status.HTTP_404_NOT_FOUND:
+        return e.NotFound(detail)
+    if exc.status_code == status.HTTP_401_UNAUTHORIZED:
+        return e.Unauthorized(detail)
+    return e.InvalidRequest(detail)
+
+
+def install(app: FastAPI, render: Renderer) -> None:
+    """Register a face's handlers: every error leaves through ``render`` (one body shape per
+    face, one status table for all); nothing unexpected leaks a traceback."""
 
     @app.exception_handler(e.InterpreterError)
-    async def interpreter_error(request: Request, exc: e.InterpreterError) -> JSONResponse:
-        return error_response(exc)
+    async def interpreter_error(request: Request, exc: e.InterpreterError) -> Response:
+        return render(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         fields = _validation_fields(exc.errors())
         first = fields[0] if fields else {"field": "body", "message": "invalid"}
-        return error_response(e.InvalidRequest(f"invalid {first['field']}: {first['message']}", fields=fields))
+        return render(e.InvalidRequest(f"invalid {first['field']}: {first['message']}", fields=fields))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "http_error")
-        return JSONResponse(
-            {"error": {"code": code, "message": str(exc.detail)}},
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
-        )
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        response = render(_from_http(exc))
+        response.status_code = exc.status_code  # 405 stays 405
+        for name, value in (getattr(exc, "headers", None) or {}).items():
+            response.headers[name] = value
+        return response
 
     @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(
-            {"error": {"code": "internal", "message": "internal error; the service log has the details"}},
-            status_code=500,
-        )
+        return render(e.InterpreterError("internal error; the service log has the details"))

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import hashlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +83,10 @@ class ArtifactStore:
                     blob.unlink(missing_ok=True)
                     removed += 1
         return removed
+
+    async def open(self, artifact_id: str, chunk: int = 1 << 20) -> AsyncIterator[bytes]:
+        """The blob's bytes in chunks, read off the event loop."""
+        path = self.path_for(artifact_id)
+        with await asyncio.to_thread(path.open, "rb") as f:
+            while data := await asyncio.to_thread(f.read, chunk):
+                yield data

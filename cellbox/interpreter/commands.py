@@ -11,19 +11,44 @@ a while after the command ended.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import signal as signals
 import time
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
+from cellbox.aio import TaskSet
 from cellbox.interpreter.errors import InvalidRequest, NotFound
 from cellbox.interpreter.events import EventLog
-from cellbox.interpreter.models import CommandInfo
-from cellbox.runtimes.agent_client import AgentClient, ProcessHandle
+from cellbox.interpreter.models import (
+    CommandEvent,
+    CommandExitEvent,
+    CommandInfo,
+    CommandKeepaliveEvent,
+    CommandRecord,
+    CommandRequest,
+    CommandStartEvent,
+    CommandStderrEvent,
+    CommandStdoutEvent,
+)
+from cellbox.runtimes.base import Process, SandboxBackend
+
+if TYPE_CHECKING:
+    from cellbox.interpreter.sandbox import Sandbox
+
+log = logging.getLogger("cellbox.commands")
 
 # Finished commands stay attachable this long, and at most this many per sandbox.
 KEEP_FINISHED_SECONDS = 600.0
 KEEP_FINISHED_COUNT = 100
+
+
+def describe_signal(signum: int) -> str:
+    """``"killed by SIGKILL"`` (or ``"killed by signal 70"`` for a number with no name)."""
+    try:
+        return f"killed by {signals.Signals(signum).name}"
+    except ValueError:
+        return f"killed by signal {signum}"
 
 
 def parse_signal(value: str | int) -> int:
@@ -40,11 +65,11 @@ def parse_signal(value: str | int) -> int:
     raise InvalidRequest(f"unknown signal {value!r}", field="signal")
 
 
-class CommandLog(EventLog):
+class CommandLog(EventLog[CommandEvent]):
     """One command's events and state."""
 
     def __init__(self, pid: int, cmd: str, cwd: str, max_output_bytes: int) -> None:
-        super().__init__()
+        super().__init__(lambda: CommandKeepaliveEvent(pid=pid))
         self.pid = pid
         self.cmd = cmd
         self.cwd = cwd
@@ -57,11 +82,9 @@ class CommandLog(EventLog):
         self.truncated = False
         self.timed_out = False
 
-    def keepalive_event(self) -> dict[str, Any]:
-        return {"type": "keepalive", "pid": self.pid}
-
-    def add(self, type_: str, **fields: Any) -> None:
-        self.publish({"type": type_, "pid": self.pid, "seq": self.next_seq, **fields})
+    def add(self, event: CommandEvent) -> None:
+        event.seq = len(self.events)
+        self.publish(event)
 
     def info(self) -> CommandInfo:
         return CommandInfo(
@@ -75,6 +98,9 @@ class CommandLog(EventLog):
             ended_at=self.ended_at,
         )
 
+    def record(self, after: int = -1) -> CommandRecord:
+        return CommandRecord(**self.info().model_dump(), events=list(self.since(after)))
+
     def output(self, stream: str, data: bytes) -> None:
         if self.truncated:
             return
@@ -83,87 +109,121 @@ class CommandLog(EventLog):
             self.truncated = True
         self.output_bytes += len(data)
         if data:
-            self.add(stream, text=data.decode(errors="replace"))
+            text = data.decode(errors="replace")
+            self.add(
+                CommandStdoutEvent(pid=self.pid, text=text)
+                if stream == "stdout"
+                else CommandStderrEvent(pid=self.pid, text=text)
+            )
         if self.truncated:
             self.add(
-                "stderr",
-                text=f"\n[cellbox] output truncated after {self.max_output_bytes} bytes; the command keeps running\n",
+                CommandStderrEvent(
+                    pid=self.pid,
+                    text=f"\n[cellbox] output truncated after {self.max_output_bytes} bytes; the command keeps running\n",
+                )
             )
 
 
 class Commands:
-    """The commands of one sandbox."""
+    """The shell commands of one live sandbox."""
 
-    def __init__(self, max_output_bytes: int) -> None:
-        self.max_output_bytes = max_output_bytes
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
+        self.max_output_bytes = sandbox.settings.max_output_bytes
         self.logs: dict[int, CommandLog] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.tasks = TaskSet(f"commands of {sandbox.id}")
 
-    async def start(
-        self, agent: AgentClient, cmd: str, env: dict[str, str], cwd: str, timeout: float | None
-    ) -> CommandLog:
+    def _backend(self) -> SandboxBackend:
+        self.sandbox.require_running()
+        assert self.sandbox.backend is not None
+        return self.sandbox.backend
+
+    async def start(self, req: CommandRequest) -> CommandLog:
         """Start ``bash -lc cmd``; returns its log at once (already holding ``start``)."""
-        handle = await agent.spawn(["/bin/bash", "-lc", cmd], env, cwd, pipes=True, tag="command")
-        log = CommandLog(handle.pid, cmd, cwd, self.max_output_bytes)
-        log.add("start", cmd=cmd, cwd=cwd)
-        self.logs[handle.pid] = log
-        task = asyncio.create_task(self._pump(agent, handle, log, timeout), name=f"command-{handle.pid}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        backend = self._backend()
+        cwd = req.cwd or backend.home
+        timeout = req.timeout if req.timeout is not None else self.sandbox.settings.command_timeout
+        process = await backend.spawn(["/bin/bash", "-lc", req.cmd], req.envs, cwd)
+        log.info("command %d started in %s (%d bytes)", process.pid, self.sandbox.id, len(req.cmd))
+        clog = CommandLog(process.pid, req.cmd, cwd, self.max_output_bytes)
+        clog.add(CommandStartEvent(pid=process.pid, cmd=req.cmd, cwd=cwd))
+        self.logs[process.pid] = clog
+        self.tasks.spawn(self._pump(backend, process, clog, timeout or None), name=f"command-{process.pid}")
         self._forget_old()
-        return log
+        return clog
 
-    async def _pump(self, agent: AgentClient, handle: ProcessHandle, log: CommandLog, timeout: float | None) -> None:
-        t0 = time.monotonic()
-        killer = None
-        if timeout:
-            killer = asyncio.get_running_loop().call_later(
-                timeout, lambda: asyncio.ensure_future(self._timeout(agent, log))
-            )
+    async def _pump(self, backend: SandboxBackend, process: Process, clog: CommandLog, timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        killer = self.tasks.spawn(self._kill_after(backend, clog, timeout), name="command-timeout") if timeout else None
         try:
-            while (item := await handle.output.get()) is not None:
-                log.output(*item)
-            code = await asyncio.shield(handle.exited)
+            async for stream, data in process.output():
+                clog.output(stream, data)
+            code = await process.wait()
         finally:
             if killer is not None:
                 killer.cancel()
-        log.ended_at = time.time()
-        fields: dict[str, Any] = {"duration_ms": round((time.monotonic() - t0) * 1000, 3)}
+        clog.ended_at = time.time()
+        end = CommandExitEvent(pid=clog.pid, duration_ms=round((loop.time() - t0) * 1000, 3))
         if code is None:
-            fields["reason"] = "the sandbox stopped"
+            end.reason = "the sandbox stopped"
         elif code < 0:
-            log.signal = -code
-            fields["signal"] = -code
-            fields["reason"] = f"killed by {signals.Signals(-code).name}" if -code in signals.valid_signals() else ""
+            clog.signal = end.signal = -code
+            end.reason = describe_signal(-code)
         else:
-            log.exit_code = code
-            fields["exit_code"] = code
-        if log.timed_out:
-            fields["reason"] = f"timeout: the command ran longer than {timeout:g} s and was killed"
-            fields["timed_out"] = True
-        log.add("exit", **fields)
-        log.close()
+            clog.exit_code = end.exit_code = code
+        if clog.timed_out:
+            end.reason = f"timeout: the command ran longer than {timeout:g} s and was killed"
+            end.timed_out = True
+        clog.add(end)
+        clog.close()
 
-    async def _timeout(self, agent: AgentClient, log: CommandLog) -> None:
-        if log.done.is_set():
+    async def _kill_after(self, backend: SandboxBackend, clog: CommandLog, timeout: float | None) -> None:
+        assert timeout is not None
+        await asyncio.sleep(timeout)
+        if clog.done.is_set():
             return
-        log.timed_out = True
-        with contextlib.suppress(Exception):
-            await agent.signal(log.pid, signals.SIGKILL, group=True)
+        clog.timed_out = True
+        try:
+            await backend.signal(clog.pid, signals.SIGKILL)
+        except Exception:  # it ended meanwhile, or the sandbox is going away
+            log.info("could not kill timed-out command %d", clog.pid, exc_info=True)
 
     def get(self, pid: int) -> CommandLog:
-        log = self.logs.get(pid)
-        if log is None:
+        self.sandbox.require_running()
+        clog = self.logs.get(pid)
+        if clog is None:
             raise NotFound(f"no command with pid {pid} in this sandbox")
-        return log
+        return clog
 
-    def running(self) -> list[CommandLog]:
-        return [log for log in self.logs.values() if not log.done.is_set()]
+    def list(self) -> list[CommandInfo]:
+        self.sandbox.require_running()
+        return [clog.info() for clog in self.logs.values()]
+
+    def follow(self, pid: int, after: int = -1) -> AsyncIterator[CommandEvent]:
+        return self.get(pid).follow(after, self.sandbox.settings.keepalive_interval)
+
+    async def stdin(self, pid: int, data: bytes | None) -> None:
+        """Write to a running command's stdin; ``None`` closes it."""
+        backend = self._backend()
+        if self.get(pid).done.is_set():
+            raise InvalidRequest(f"command {pid} has ended")
+        if data is None:
+            await backend.close_stdin(pid)
+        else:
+            await backend.write_stdin(pid, data)
+
+    async def signal(self, pid: int, signum: int) -> CommandInfo:
+        backend = self._backend()
+        clog = self.get(pid)
+        if not clog.done.is_set():
+            await backend.signal(pid, signum)
+        return clog.info()
 
     def _forget_old(self) -> None:
         now = time.time()
         finished = sorted((lg for lg in self.logs.values() if lg.done.is_set()), key=lambda lg: lg.ended_at or 0)
-        for i, log in enumerate(finished):
+        for i, clog in enumerate(finished):
             too_many = len(finished) - i > KEEP_FINISHED_COUNT
-            if too_many or now - (log.ended_at or now) > KEEP_FINISHED_SECONDS:
-                self.logs.pop(log.pid, None)
+            if too_many or now - (clog.ended_at or now) > KEEP_FINISHED_SECONDS:
+                self.logs.pop(clog.pid, None)

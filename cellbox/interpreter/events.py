@@ -1,35 +1,31 @@
-"""EventLog: an ordered, append-only list of wire events with live followers.
+"""EventLog: an ordered, append-only list of event models with live followers.
 
 The base of execution logs (durable, ``execution.py``) and command logs (in memory,
 ``commands.py``): a follower first gets what is already there, then every new event as it
-is appended, until the log is closed.
+is published, until the log is closed. Events stay models here; each face serialises them.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 
-class EventLog:
-    """Events in order; ``seq`` is the index. Closing it wakes every follower for good."""
+class EventLog(Generic[T]):
+    """Published events in order; ``seq`` is the index. Closing it wakes every follower for good."""
 
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
+    def __init__(self, keepalive: Callable[[], T]) -> None:
+        self.events: list[T] = []
         self.done = asyncio.Event()
         self._changed = asyncio.Event()
+        self._keepalive = keepalive
 
-    @property
-    def next_seq(self) -> int:
-        return len(self.events)
-
-    def keepalive_event(self) -> dict[str, Any]:
-        return {"type": "keepalive"}
-
-    def publish(self, wire: dict[str, Any]) -> None:
-        """Append a stamped wire event and wake the followers."""
-        self.events.append(wire)
+    def publish(self, *events: T) -> None:
+        """Make events visible to followers (in order) and wake them."""
+        self.events.extend(events)
         self._notify()
 
     def close(self) -> None:
@@ -40,7 +36,10 @@ class EventLog:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def follow(self, after: int = -1, keepalive: float | None = None) -> AsyncIterator[dict[str, Any]]:
+    def since(self, after: int) -> Sequence[T]:
+        return self.events[after + 1 :]
+
+    async def follow(self, after: int = -1, keepalive: float | None = None) -> AsyncIterator[T]:
         """Yield the events with ``seq > after``, then new ones as they come, until closed.
         With ``keepalive``, yield a keepalive event after that many quiet seconds."""
         pos = after + 1
@@ -58,4 +57,4 @@ class EventLog:
                 async with asyncio.timeout(keepalive):
                     await changed.wait()
             except TimeoutError:
-                yield self.keepalive_event()
+                yield self._keepalive()

@@ -1,97 +1,109 @@
-"""File operations in a sandbox, carried out by its agent (so as the sandbox's uid, in the
-sandbox's own view of the file system; see ``runtimes/agent.py``)."""
+"""A sandbox's files: the core's rules (streaming, size caps, keeping a file as an artifact)
+over the backend's file system (see ``runtimes/base.py``: as the sandbox's uid, in its own view)."""
 
 from __future__ import annotations
 
-import base64
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING
 
-from cellbox.interpreter.errors import FileNotFound, RequestTooLarge
-from cellbox.interpreter.models import EntryInfo, EntryList
-from cellbox.runtimes.agent_client import AgentClient
+from cellbox.interpreter.errors import FileNotFound, InvalidRequest, RequestTooLarge
+from cellbox.interpreter.models import ArtifactInfo, EntryInfo, EntryList
+from cellbox.runtimes.base import FileSystem, Watch
 
-CHUNK = 1 << 20  # per agent round trip; the agent caps reads at 4 MiB
+if TYPE_CHECKING:
+    from cellbox.interpreter.sandbox import Sandbox
 
-
-def _entry(doc: dict[str, Any]) -> EntryInfo:
-    return EntryInfo.model_validate(doc)
-
-
-async def stat(agent: AgentClient, path: str) -> EntryInfo:
-    return _entry((await agent.request("stat", path=path))["entry"])
+CHUNK = 1 << 20  # per backend round trip; the agent caps reads at 4 MiB
 
 
-async def exists(agent: AgentClient, path: str) -> bool:
-    try:
-        await agent.request("stat", path=path)
-    except FileNotFound:
-        return False
-    return True
+class Files:
+    """The files of one live sandbox."""
 
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
 
-async def listdir(agent: AgentClient, path: str, depth: int) -> EntryList:
-    resp = await agent.request("listdir", path=path, depth=depth)
-    return EntryList(entries=[_entry(e) for e in resp["entries"]], truncated=bool(resp.get("truncated")))
+    def _fs(self) -> FileSystem:
+        self.sandbox.require_running()
+        assert self.sandbox.backend is not None
+        return self.sandbox.backend.files
 
+    async def stat(self, path: str) -> EntryInfo:
+        return await self._fs().stat(path)
 
-async def mkdir(agent: AgentClient, path: str, parents: bool) -> tuple[bool, EntryInfo]:
-    resp = await agent.request("mkdir", path=path, parents=parents)
-    return bool(resp["created"]), _entry(resp["entry"])
+    async def exists(self, path: str) -> bool:
+        try:
+            await self._fs().stat(path)
+        except FileNotFound:
+            return False
+        return True
 
+    async def listdir(self, path: str, depth: int) -> EntryList:
+        return await self._fs().listdir(path, depth)
 
-async def move(agent: AgentClient, src: str, dst: str) -> EntryInfo:
-    return _entry((await agent.request("move", src=src, dst=dst))["entry"])
+    async def mkdir(self, path: str, parents: bool) -> tuple[bool, EntryInfo]:
+        return await self._fs().mkdir(path, parents)
 
+    async def move(self, src: str, dst: str) -> EntryInfo:
+        return await self._fs().move(src, dst)
 
-async def remove(agent: AgentClient, path: str) -> None:
-    await agent.request("remove", path=path)
+    async def remove(self, path: str) -> None:
+        await self._fs().remove(path)
 
+    async def watch(self, path: str, recursive: bool) -> Watch:
+        return await self._fs().watch(path, recursive)
 
-async def read_first(agent: AgentClient, path: str) -> tuple[bytes, bool, int]:
-    """The first chunk, whether it was the last, and the file size (raises before any
-    streaming starts, so a missing file is a clean 404)."""
-    resp = await agent.request("read", path=path, offset=0, length=CHUNK)
-    return base64.b64decode(resp["data"]), bool(resp["eof"]), int(resp["size"])
+    async def read(self, path: str) -> tuple[int, AsyncIterator[bytes]]:
+        """(size, chunks): the first chunk is read before this returns, so a missing file is a
+        clean FileNotFound before any streaming starts."""
+        fs = self._fs()
+        first, eof, size = await fs.read(path, 0, CHUNK)
+        return size, self._rest(fs, path, first, eof)
 
+    @staticmethod
+    async def _rest(fs: FileSystem, path: str, first: bytes, eof: bool) -> AsyncIterator[bytes]:
+        yield first
+        offset = len(first)
+        while not eof:
+            data, eof, _ = await fs.read(path, offset, CHUNK)
+            if data:
+                yield data
+            offset += len(data)
+            eof = eof or not data
 
-async def read_rest(agent: AgentClient, path: str, first: bytes, eof: bool) -> AsyncIterator[bytes]:
-    yield first
-    offset = len(first)
-    while not eof:
-        resp = await agent.request("read", path=path, offset=offset, length=CHUNK)
-        data = base64.b64decode(resp["data"])
-        if data:
-            yield data
-        offset += len(data)
-        eof = bool(resp["eof"]) or not data
+    async def write(self, path: str, chunks: AsyncIterator[bytes], max_bytes: int) -> EntryInfo:
+        """Write a whole file from a stream of chunks (created or truncated, parents made).
+        RequestTooLarge past ``max_bytes``: the partial file is removed."""
+        fs = self._fs()
+        offset = 0
+        entry: EntryInfo | None = None
+        pending = b""
+        try:
+            async for chunk in chunks:
+                pending += chunk
+                if offset + len(pending) > max_bytes:
+                    raise RequestTooLarge(f"upload larger than {max_bytes} bytes", limit=max_bytes)
+                while len(pending) >= CHUNK:
+                    piece, pending = pending[:CHUNK], pending[CHUNK:]
+                    entry = await fs.write(path, offset, piece, offset == 0)
+                    offset += len(piece)
+            if pending or entry is None:
+                entry = await fs.write(path, offset, pending, offset == 0)
+        except RequestTooLarge:
+            if offset:
+                await fs.remove(path)
+            raise
+        return entry
 
-
-async def write(agent: AgentClient, path: str, chunks: AsyncIterator[bytes], max_bytes: int) -> EntryInfo:
-    """Write a whole file from a stream of chunks (created or truncated, parents made).
-    RequestTooLarge past ``max_bytes``: the partial file is removed."""
-    offset = 0
-    entry: dict[str, Any] | None = None
-    pending = b""
-    try:
-        async for chunk in chunks:
-            pending += chunk
-            if offset + len(pending) > max_bytes:
-                raise RequestTooLarge(f"upload larger than {max_bytes} bytes", limit=max_bytes)
-            while len(pending) >= CHUNK:
-                piece, pending = pending[:CHUNK], pending[CHUNK:]
-                entry = await _write_at(agent, path, offset, piece)
-                offset += len(piece)
-        if pending or entry is None:
-            entry = await _write_at(agent, path, offset, pending)
-    except RequestTooLarge:
-        if offset:
-            await agent.request("remove", path=path)
-        raise
-    return _entry(entry["entry"])
-
-
-async def _write_at(agent: AgentClient, path: str, offset: int, data: bytes) -> dict[str, Any]:
-    return await agent.request(
-        "write", path=path, offset=offset, data=base64.b64encode(data).decode(), truncate=offset == 0
-    )
+    async def keep(self, path: str, mime: str) -> ArtifactInfo:
+        """Make a sandbox file an artifact (a copy, kept after the sandbox is gone)."""
+        sb = self.sandbox
+        limit = sb.settings.max_artifact_bytes
+        size, chunks = await self.read(path)
+        if size > limit:
+            raise InvalidRequest(f"{path} is larger than {limit} bytes", field="path")
+        data = b"".join([chunk async for chunk in chunks])
+        aid = await sb.artifacts_store.put(data)
+        created = await sb.store.put_artifact(aid, sb.id, None, mime, len(data))
+        return ArtifactInfo(
+            id=aid, sandbox_id=sb.id, execution_id=None, mime=mime, size=len(data), url="", created_at=created
+        )

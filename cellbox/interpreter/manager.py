@@ -1,64 +1,55 @@
-"""SandboxManager: the core's front door. Every face (HTTP, WebSocket, CLI, tests) calls it.
+"""SandboxManager: the core's front door for lifecycle, ownership and capacity.
 
 It owns the live sandboxes, the state store and the artifact store, enforces ownership (a
 sandbox belongs to the API key that created it; anyone else gets ``SandboxNotFound``),
-capacity, timeouts and expiry, and keeps the store in step with what is live.
+capacity (per key and for the host), timeouts and expiry, and keeps the store in step with
+what is live. The work inside a sandbox goes through the objects a
+:class:`~cellbox.interpreter.sandbox.Sandbox` carries (``sbx.executions``, ``sbx.commands``,
+``sbx.files``, ``sbx.contexts``, ``sbx.artifacts``): faces get one with :meth:`get`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import secrets
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
 
-from cellbox.interpreter import files
+import cellbox
+from cellbox.aio import TaskSet, cancel_and_wait
 from cellbox.interpreter.artifacts import ArtifactStore
-from cellbox.interpreter.commands import CommandLog
 from cellbox.interpreter.config import Settings
 from cellbox.interpreter.errors import (
     ArtifactNotFound,
     Conflict,
-    ExecutionNotFound,
     InvalidRequest,
     SandboxLimitReached,
     SandboxNotFound,
-    SandboxNotRunning,
     ServiceAtCapacity,
 )
-from cellbox.interpreter.execution import ExecutionLog
-from cellbox.interpreter.models import (
-    ArtifactInfo,
-    CommandRequest,
-    ContextInfo,
-    ExecuteRequest,
-    ExecutionInfo,
-    ExecutionRecord,
-    Limits,
-    SandboxCreate,
-    SandboxInfo,
-    SandboxState,
-)
+from cellbox.interpreter.models import ArtifactInfo, Health, Limits, SandboxCreate, SandboxInfo, SandboxState
 from cellbox.interpreter.pool import WarmPool
-from cellbox.interpreter.sandbox import Context, Sandbox, new_id, start_event
+from cellbox.interpreter.reaper import Reaper
+from cellbox.interpreter.sandbox import Sandbox
 from cellbox.interpreter.store import Store
 from cellbox.interpreter.templates import TemplateRegistry
-from cellbox.runtimes.agent_client import AgentClient
-from cellbox.runtimes.local import LocalRuntime as Runtime
-from cellbox.runtimes.types import TemplateInfo
+from cellbox.runtimes.base import Runtime
+from cellbox.runtimes.specs import TemplateInfo
 
 log = logging.getLogger("cellbox.manager")
 
-# An ended execution stays in memory this long, so followers that are a little late still
-# read it without a store round trip; after that it is served from the store.
-_KEEP_ENDED_SECONDS = 30.0
+# What a client told to come back later (the host is full) should wait, in seconds.
+RETRY_AFTER_FULL = 5
+
+
+def new_sandbox_id() -> str:
+    return f"sb_{secrets.token_hex(8)}"
 
 
 class SandboxManager:
-    """Creates, finds and removes sandboxes; runs executions. Start with :meth:`start`."""
+    """Creates, finds and removes sandboxes. Start with :meth:`start` (or :meth:`open`)."""
 
     def __init__(self, settings: Settings, runtime: Runtime, store: Store, artifacts: ArtifactStore) -> None:
         self.settings = settings
@@ -67,11 +58,25 @@ class SandboxManager:
         self.artifacts = artifacts
         self.templates = TemplateRegistry(settings.resolved_templates_dir())
         self.sandboxes: dict[str, Sandbox] = {}
-        self._creating = 0
-        self.pool = WarmPool(self, {name: settings.pool_size for name in settings.pool_templates})
-        self._reaper: asyncio.Task[None] | None = None
+        self._creating = 0  # cold builds under way (the host cap counts them)
+        self._reserved: Counter[str] = Counter()  # per-key creates under way (the key cap counts them)
+        self.pool = WarmPool(
+            {name: settings.pool_size for name in settings.pool_templates},
+            build=self._build_pooled,
+            has_capacity=lambda: self.live_count() < self.settings.max_sandboxes,
+            destroy=self._destroy,
+        )
+        self.reaper = Reaper(
+            lambda: self.sandboxes.values(),
+            lambda sb: self._kill(sb, "expired"),
+            self._purge,
+            interval=settings.reap_interval,
+            retention=settings.history_retention,
+        )
+        self._reaping: asyncio.Task[None] | None = None
         self._saves: dict[str, asyncio.Task[None]] = {}
         self._save_again: set[str] = set()
+        self.tasks = TaskSet("manager")
 
     @classmethod
     async def open(cls, settings: Settings, runtime: Runtime | None = None) -> SandboxManager:
@@ -95,73 +100,80 @@ class SandboxManager:
         lost, ended = await self.store.mark_lost("the service restarted; the kernel ended with it")
         if lost or ended:
             log.warning("service restart: %d sandboxes marked lost, %d executions closed", len(lost), len(ended))
-        self._reaper = asyncio.create_task(self._reap_loop(), name="cellbox-reaper")
+        self._reaping = asyncio.create_task(self.reaper.run(), name="cellbox-reaper")
         self.pool.start()
 
     async def close(self) -> None:
         """Stop every sandbox's kernels (their records stay, marked lost on next start)."""
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(BaseException):
-                await self._reaper
+        await cancel_and_wait(self._reaping)
         await self.pool.close()
-        await asyncio.gather(*(sb.close() for sb in self.sandboxes.values()), return_exceptions=True)
-        for sb in self.sandboxes.values():
-            if sb.handle is not None:
-                with contextlib.suppress(Exception):
-                    await self.runtime.destroy_sandbox(sb.handle)
-        for task in list(self._saves.values()):
-            with contextlib.suppress(BaseException):
-                await task
+        await asyncio.gather(*(self._destroy(sb) for sb in self.sandboxes.values()))
+        await asyncio.gather(*self._saves.values(), return_exceptions=True)
+        await self.tasks.wait()
         await self.runtime.shutdown()
         await self.store.close()
 
-    # -- sandboxes -------------------------------------------------------------------------
+    # -- creating -------------------------------------------------------------------------
 
-    async def create(self, owner: str, req: SandboxCreate) -> Sandbox:
+    def live_count(self) -> int:
+        """Sandboxes that hold resources: live ones, pooled ones and ones being built."""
+        return len(self.sandboxes) + self.pool.size() + self._creating
+
+    def _owned_count(self, owner: str) -> int:
+        return sum(1 for sb in self.sandboxes.values() if sb.owner == owner) + self._reserved[owner]
+
+    async def create(self, owner: str, req: SandboxCreate) -> SandboxInfo:
         """Create a sandbox and return once its default python context is ready: from the
         warm pool when one is ready for the template and the request asks for default limits,
         else cold.
 
         Raises TemplateNotFound, SandboxLimitReached (per key), ServiceAtCapacity (host),
-        InvalidRequest (a timeout or limit beyond the configured maxima), KernelStartFailed.
+        InvalidRequest (a timeout or limit beyond the configured maxima, a network the
+        runtime cannot give), KernelStartFailed.
         """
         s = self.settings
-        mine = sum(1 for sb in self.sandboxes.values() if sb.owner == owner)
-        if mine >= s.max_sandboxes_per_key:
-            raise SandboxLimitReached(f"this API key has its maximum of {s.max_sandboxes_per_key} sandboxes")
         timeout = req.timeout if req.timeout is not None else s.sandbox_timeout
         if timeout > s.max_sandbox_timeout:
             raise InvalidRequest(f"timeout may be at most {s.max_sandbox_timeout:g} s", field="timeout")
-        if req.network.internet:
-            raise InvalidRequest(
-                "outbound network is not available: sandboxes only have their own loopback", field="network"
-            )
         self._check_limits(req.limits)
         template = self.templates.get(req.template)
-        pooled = self.pool.take(template.name) if not req.limits.model_dump(exclude_none=True) else None
+        # Reserve the key's slot before the first await: concurrent creates must see it.
+        if self._owned_count(owner) >= s.max_sandboxes_per_key:
+            raise SandboxLimitReached(f"this API key has its maximum of {s.max_sandboxes_per_key} sandboxes")
+        self._reserved[owner] += 1
+        try:
+            sandbox = await self._create_reserved(owner, req, template, timeout)
+        finally:
+            self._reserved[owner] -= 1
+            if not self._reserved[owner]:
+                del self._reserved[owner]
+        return await sandbox.info()
+
+    async def _create_reserved(self, owner: str, req: SandboxCreate, template: TemplateInfo, timeout: float) -> Sandbox:
+        pooled = None
+        if not req.limits.model_dump(exclude_none=True) and req.network == type(req.network)():
+            pooled = self.pool.take(template.name)
         if pooled is not None:
             sandbox = pooled
             await self._claim(sandbox, owner, req, timeout)
         else:
-            if self.live_count() >= s.max_sandboxes:
-                raise ServiceAtCapacity(f"this service runs its maximum of {s.max_sandboxes} sandboxes", retry_after=5)
+            if self.live_count() >= self.settings.max_sandboxes:
+                raise ServiceAtCapacity(
+                    f"this service runs its maximum of {self.settings.max_sandboxes} sandboxes",
+                    retry_after=RETRY_AFTER_FULL,
+                )
             limits = Limits(
                 **{**template.limits.model_dump(exclude_none=True), **req.limits.model_dump(exclude_none=True)}
             )
-            sandbox = await self.build(template, limits, req.envs)
+            sandbox = await self.build(template, limits, req)
             sandbox.owner = owner
             info = sandbox.info_base
             info.metadata, info.end_at = dict(req.metadata), info.created_at + timeout
-            info.state = SandboxState.RUNNING
+            sandbox.transition(SandboxState.RUNNING)
         self.sandboxes[sandbox.id] = sandbox
-        await self.store.put_sandbox(owner, sandbox.record())
+        await self.store.put_sandbox(owner, await sandbox.record())
         log.info("sandbox %s created (template %s%s)", sandbox.id, template.name, ", warm" if pooled else "")
         return sandbox
-
-    def live_count(self) -> int:
-        """Sandboxes that hold resources: live ones, pooled ones and ones being built."""
-        return len(self.sandboxes) + self.pool.size() + self._creating
 
     def _check_limits(self, limits: Limits) -> None:
         s = self.settings
@@ -178,32 +190,34 @@ class SandboxManager:
             if value > maxima[name]:
                 raise InvalidRequest(f"limits.{name} may be at most {maxima[name]:g}", field=f"limits.{name}")
 
-    async def build(self, template: TemplateInfo, limits: Limits, envs: dict[str, str]) -> Sandbox:
+    async def _build_pooled(self, template_name: str) -> Sandbox:
+        template = self.templates.get(template_name)
+        return await self.build(template, Limits(**template.limits.model_dump()), SandboxCreate())
+
+    async def build(self, template: TemplateInfo, limits: Limits, req: SandboxCreate) -> Sandbox:
         """Start a sandbox (runtime resources + the default python context), owned by nobody and
         not registered yet. Used for cold creates and to fill the warm pool."""
-        now = time.time()
-        sid = new_id("sb_")
         info = SandboxInfo(
-            id=sid,
+            id=new_sandbox_id(),
             template=template.name,
             state=SandboxState.STARTING,
-            created_at=now,
-            envs=dict(envs),
+            created_at=time.time(),
+            envs=dict(req.envs),
             limits=limits,
             isolation=self.runtime.isolation,
             runtime=self.runtime.name,
         )
-        sandbox = Sandbox(sid, "", self.settings, self.runtime, self.store, self.artifacts, info, self._save)
+        sandbox = Sandbox(info, "", self.settings, self.runtime, self.store, self.artifacts, self._save)
         self._creating += 1
         try:
-            sandbox.handle = await self.runtime.create_sandbox(sid, template, limits, envs)
+            backend = await self.runtime.create_sandbox(info.id, template, limits, dict(req.envs), req.network)
+            sandbox.attach(backend)
             try:
-                ctx = await sandbox.add_context("python", None)
+                ctx = await sandbox.contexts.create("python", None)
                 if template.preload:
-                    await ctx.preload(template.preload)
+                    await backend.prepare_context(ctx.id, preload=template.preload, envs={})
             except BaseException:
-                await sandbox.close()
-                await self.runtime.destroy_sandbox(sandbox.handle)
+                await self._destroy(sandbox)
                 raise
         finally:
             self._creating -= 1
@@ -215,12 +229,11 @@ class SandboxManager:
         sandbox.owner = owner
         info = sandbox.info_base
         info.created_at, info.end_at, info.metadata = now, now + timeout, dict(req.metadata)
-        info.state = SandboxState.RUNNING
+        sandbox.transition(SandboxState.RUNNING)
         if req.envs:
             info.envs = dict(req.envs)
-            assert sandbox.handle is not None
-            sandbox.handle.envs = dict(req.envs)  # for commands and kernels started from now on
-            await sandbox.context().apply_envs(req.envs)
+            assert sandbox.backend is not None
+            await sandbox.backend.prepare_context(sandbox.contexts.default_id, preload=[], envs=req.envs)
 
     def _save(self, sandbox: Sandbox) -> None:
         """Persist a sandbox's record soon; coalesces bursts of changes into one write."""
@@ -229,26 +242,45 @@ class SandboxManager:
         if task is not None and not task.done():
             self._save_again.add(sid)
             return
+        if not sandbox.owner:
+            return  # not handed out yet (building, or in the pool): nothing to keep
 
         async def save() -> None:
-            while True:
-                self._save_again.discard(sid)
-                try:
-                    await self.store.put_sandbox(sandbox.owner, sandbox.record())
-                except Exception:
-                    log.exception("could not save sandbox %s", sid)
-                if sid not in self._save_again:
-                    return
+            try:
+                while True:
+                    self._save_again.discard(sid)
+                    try:
+                        await self.store.put_sandbox(sandbox.owner, await sandbox.record())
+                    except Exception:
+                        log.exception("could not save sandbox %s", sid)
+                    if sid not in self._save_again:
+                        return
+            finally:
+                if self._saves.get(sid) is asyncio.current_task():
+                    del self._saves[sid]
 
-        self._saves[sid] = asyncio.create_task(save())
+        self._saves[sid] = self.tasks.spawn(save(), name=f"save-{sid}")
+
+    # -- finding --------------------------------------------------------------------------
+
+    async def get(self, owner: str, sandbox_id: str) -> Sandbox:
+        """The owner's sandbox; SandboxNotFound if unknown or someone else's.
+
+        A live one (running or paused) is the sandbox itself; an ended one (killed, expired,
+        lost) is a read-only view of its record: its history (executions, artifacts) reads
+        from the store, and work (code, commands, files, contexts) gets SandboxNotRunning,
+        as work on a paused one does until it is resumed."""
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is not None:
+            if sb.owner != owner:
+                raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+            return sb
+        info = await self.info(owner, sandbox_id)  # raises SandboxNotFound
+        return Sandbox(info, owner, self.settings, self.runtime, self.store, self.artifacts, lambda _: None)
 
     async def live(self, owner: str, sandbox_id: str) -> Sandbox:
-        """The live sandbox; SandboxNotFound if unknown or someone else's, SandboxNotRunning if
-        it exists but is not running (killed, expired, lost)."""
-        sb = self.sandboxes.get(sandbox_id)
-        if sb is None or sb.owner != owner:
-            info = await self.info(owner, sandbox_id)  # raises SandboxNotFound
-            raise SandboxNotRunning(f"sandbox {sandbox_id} is {info.state.value}", state=info.state.value)
+        """:meth:`get`, and the sandbox must be running (not paused, not ended)."""
+        sb = await self.get(owner, sandbox_id)
         sb.require_running()
         return sb
 
@@ -257,7 +289,7 @@ class SandboxManager:
         if sb is not None:
             if sb.owner != owner:
                 raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
-            return sb.info()
+            return await sb.info()
         row = await self.store.get_sandbox(sandbox_id)
         if row is None or row[0] != owner:
             raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
@@ -270,11 +302,13 @@ class SandboxManager:
         out = []
         for doc in await self.store.list_sandboxes(owner, wanted):
             live = self.sandboxes.get(doc["id"])
-            info = live.info() if live is not None else SandboxInfo.model_validate(doc)
+            info = await live.info() if live is not None else SandboxInfo.model_validate(doc)
             if metadata and any(info.metadata.get(k) != v for k, v in metadata.items()):
                 continue
             out.append(info)
         return out
+
+    # -- ending ---------------------------------------------------------------------------
 
     async def delete(self, owner: str, sandbox_id: str) -> None:
         """Kill a sandbox and free its resources; its history stays for ``history_retention``."""
@@ -286,18 +320,28 @@ class SandboxManager:
 
     async def _kill(self, sb: Sandbox, why: str) -> None:
         self.sandboxes.pop(sb.id, None)
-        if sb.state == SandboxState.PAUSED and sb.handle is not None:
-            with contextlib.suppress(Exception):
-                await self.runtime.resume(sb.handle)  # frozen processes cannot be reaped
         self.pool.wake()
-        sb.info_base.state = SandboxState.KILLED
+        sb.transition(SandboxState.KILLED)
         sb.info_base.ended_at = time.time()
         sb.info_base.end_reason = why
-        await sb.close()
-        if sb.handle is not None:
-            await self.runtime.destroy_sandbox(sb.handle)
-        await self.store.put_sandbox(sb.owner, sb.record())
+        await self._destroy(sb)
+        await self.store.put_sandbox(sb.owner, await sb.record())
         log.info("sandbox %s %s", sb.id, why)
+
+    async def _destroy(self, sb: Sandbox) -> None:
+        """Stop a sandbox's kernels and free its runtime resources. Never raises."""
+        backend = sb.backend
+        if backend is not None:
+            try:
+                await self.runtime.resume(backend)  # frozen processes cannot be reaped
+            except Exception:
+                log.debug("sandbox %s: resume before destroy failed", sb.id, exc_info=True)
+        await sb.close()
+        if backend is not None:
+            try:
+                await self.runtime.destroy_sandbox(backend)
+            except Exception:
+                log.exception("sandbox %s: could not free its resources", sb.id)
 
     async def pause(self, owner: str, sandbox_id: str) -> SandboxInfo:
         """Freeze every process of the sandbox (memory kept). Conflict while an execution runs:
@@ -305,51 +349,33 @@ class SandboxManager:
         sb = await self.live(owner, sandbox_id)
         if sb.busy():
             raise Conflict(f"sandbox {sandbox_id} is running an execution; interrupt it or wait before pausing")
-        assert sb.handle is not None
-        await self.runtime.pause(sb.handle)
-        sb.info_base.state = SandboxState.PAUSED
-        await self.store.put_sandbox(owner, sb.record())
-        return sb.info()
+        assert sb.backend is not None
+        await self.runtime.pause(sb.backend)
+        sb.transition(SandboxState.PAUSED)
+        await self.store.put_sandbox(owner, await sb.record())
+        return await sb.info()
 
     async def resume(self, owner: str, sandbox_id: str) -> SandboxInfo:
-        sb = self.sandboxes.get(sandbox_id)
-        if sb is None or sb.owner != owner or sb.state != SandboxState.PAUSED:
-            return await self.info(owner, sandbox_id) if sb is None else (await self.live(owner, sandbox_id)).info()
-        assert sb.handle is not None
-        await self.runtime.resume(sb.handle)
-        sb.info_base.state = SandboxState.RUNNING
-        await self.store.put_sandbox(owner, sb.record())
-        return sb.info()
+        sb = await self.get(owner, sandbox_id)
+        if sb.state != SandboxState.PAUSED:
+            return await sb.info()
+        assert sb.backend is not None
+        await self.runtime.resume(sb.backend)
+        sb.transition(SandboxState.RUNNING)
+        await self.store.put_sandbox(owner, await sb.record())
+        return await sb.info()
 
     async def set_timeout(self, owner: str, sandbox_id: str, timeout: float) -> SandboxInfo:
         if timeout <= 0 or timeout > self.settings.max_sandbox_timeout:
             raise InvalidRequest(
                 f"timeout must be in (0, {self.settings.max_sandbox_timeout:g}] seconds", field="timeout"
             )
-        sb = self.sandboxes.get(sandbox_id)
-        if sb is None or sb.owner != owner or sb.state != SandboxState.PAUSED:
-            sb = await self.live(owner, sandbox_id)
+        sb = await self.get(owner, sandbox_id)
+        if sb.state != SandboxState.PAUSED:
+            sb.require_running()
         sb.info_base.end_at = time.time() + timeout
-        await self.store.put_sandbox(owner, sb.record())
-        return sb.info()
-
-    async def _reap_loop(self) -> None:
-        last_purge = 0.0
-        while True:
-            await asyncio.sleep(self.settings.reap_interval)
-            now = time.time()
-            for sb in list(self.sandboxes.values()):
-                if sb.info_base.end_at is not None and sb.info_base.end_at <= now:
-                    try:
-                        await self._kill(sb, "expired")
-                    except Exception:
-                        log.exception("could not expire sandbox %s", sb.id)
-            if now - last_purge > 600:
-                last_purge = now
-                try:
-                    await self._purge(now - self.settings.history_retention)
-                except Exception:
-                    log.exception("history purge failed")
+        await self.store.put_sandbox(owner, await sb.record())
+        return await sb.info()
 
     async def _purge(self, older_than: float) -> None:
         purged = await self.store.purge_sandboxes(older_than)
@@ -358,168 +384,27 @@ class SandboxManager:
             removed = await asyncio.to_thread(self.artifacts.remove_unreferenced, referenced)
             log.info("purged %d old sandboxes and %d artifact blobs", len(purged), removed)
 
-    # -- contexts --------------------------------------------------------------------------
+    # -- artifacts ------------------------------------------------------------------------
 
-    async def create_context(self, owner: str, sandbox_id: str, language: str, cwd: str | None) -> ContextInfo:
-        ctx = await (await self.live(owner, sandbox_id)).add_context(language, cwd)
-        return ctx.info()
-
-    async def contexts(self, owner: str, sandbox_id: str) -> list[ContextInfo]:
-        return [c.info() for c in (await self.live(owner, sandbox_id)).contexts.values()]
-
-    async def context(self, owner: str, sandbox_id: str, context_id: str) -> Context:
-        return (await self.live(owner, sandbox_id)).context(context_id)
-
-    async def remove_context(self, owner: str, sandbox_id: str, context_id: str) -> None:
-        await (await self.live(owner, sandbox_id)).remove_context(context_id)
-
-    # -- executions ------------------------------------------------------------------------
-
-    async def execute(self, owner: str, sandbox_id: str, req: ExecuteRequest) -> ExecutionLog:
-        """Queue an execution and return its log at once (already holding a ``start`` event).
-        It runs to its end whether or not anyone follows the log."""
-        sb = await self.live(owner, sandbox_id)
-        ctx = sb.context(req.context, req.language)
-        timeout = req.timeout or sb.info_base.limits.execution_timeout or self.settings.execution_timeout
-        if timeout > self.settings.max_execution_timeout:
-            raise InvalidRequest(f"timeout may be at most {self.settings.max_execution_timeout:g} s", field="timeout")
-        xlog = ExecutionLog(new_id("ex_"), sb.id, ctx.id, req.code, self.store)
-        await xlog.begin(start_event(xlog))
-        sb.executions[xlog.id] = xlog
-        if self.settings.log_code:
-            log.debug("execution %s in %s/%s: %r", xlog.id, sb.id, ctx.id, req.code)
-        log.info("execution %s queued in %s/%s (%d bytes)", xlog.id, sb.id, ctx.id, len(req.code))
-
-        async def run() -> None:
-            try:
-                await ctx.run(xlog, req, timeout)
-            finally:
-                asyncio.get_running_loop().call_later(_KEEP_ENDED_SECONDS, sb.executions.pop, xlog.id, None)
-
-        task = asyncio.create_task(run(), name=f"execution-{xlog.id}")
-        sb.tasks.add(task)
-        task.add_done_callback(sb.tasks.discard)
-        return xlog
-
-    async def _execution_owned(self, owner: str, sandbox_id: str, execution_id: str) -> ExecutionLog | dict[str, Any]:
-        sb = self.sandboxes.get(sandbox_id)
-        if sb is not None and sb.owner == owner and execution_id in sb.executions:
-            return sb.executions[execution_id]
-        await self.info(owner, sandbox_id)  # ownership check, raises SandboxNotFound
-        doc = await self.store.get_execution(execution_id)
-        if doc is None or doc["sandbox_id"] != sandbox_id:
-            raise ExecutionNotFound(f"no execution {execution_id!r} in sandbox {sandbox_id}")
-        return doc
-
-    async def execution(self, owner: str, sandbox_id: str, execution_id: str, after: int = -1) -> ExecutionRecord:
-        found = await self._execution_owned(owner, sandbox_id, execution_id)
-        if isinstance(found, ExecutionLog):
-            return ExecutionRecord.model_validate({**found.doc(), "events": found.events[after + 1 :]})
-        events = await self.store.get_events(execution_id, after)
-        return ExecutionRecord.model_validate({**found, "events": events})
-
-    async def follow(
-        self, owner: str, sandbox_id: str, execution_id: str, after: int = -1
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Events with ``seq > after``: stored ones, then live ones until ``end``."""
-        found = await self._execution_owned(owner, sandbox_id, execution_id)
-        keepalive = self.settings.keepalive_interval
-        if isinstance(found, ExecutionLog):
-            return found.follow(after, keepalive)
-
-        async def stored() -> AsyncIterator[dict[str, Any]]:
-            for ev in await self.store.get_events(execution_id, after):
-                yield ev
-
-        return stored()
-
-    async def executions(self, owner: str, sandbox_id: str) -> list[ExecutionInfo]:
-        await self.info(owner, sandbox_id)
-        return [ExecutionInfo.model_validate(d) for d in await self.store.list_executions(sandbox_id)]
-
-    async def send_input(self, owner: str, sandbox_id: str, execution_id: str, value: str) -> None:
-        sb = await self.live(owner, sandbox_id)
-        xlog = sb.executions.get(execution_id)
-        if xlog is None or xlog.done.is_set():
-            raise ExecutionNotFound(f"no running execution {execution_id!r} in sandbox {sandbox_id}")
-        sb.context(xlog.context_id).send_input(value)
-
-    # -- commands --------------------------------------------------------------------------
-
-    async def _agent(self, sb: Sandbox) -> AgentClient:
-        assert sb.handle is not None
-        return await self.runtime.agent(sb.handle)
-
-    async def start_command(self, owner: str, sandbox_id: str, req: CommandRequest) -> CommandLog:
-        """Start ``bash -lc cmd`` in the sandbox; returns its log at once."""
-        sb = await self.live(owner, sandbox_id)
-        assert sb.handle is not None
-        env = self.runtime.process_env(sb.handle, req.envs)
-        timeout = req.timeout if req.timeout is not None else self.settings.command_timeout
-        log.info("command started in %s (%d bytes)", sb.id, len(req.cmd))
-        return await sb.commands.start(await self._agent(sb), req.cmd, env, req.cwd or "/home/user", timeout or None)
-
-    async def commands(self, owner: str, sandbox_id: str) -> list[CommandLog]:
-        sb = await self.live(owner, sandbox_id)
-        return list(sb.commands.logs.values())
-
-    async def command(self, owner: str, sandbox_id: str, pid: int) -> CommandLog:
-        return (await self.live(owner, sandbox_id)).commands.get(pid)
-
-    async def command_stdin(self, owner: str, sandbox_id: str, pid: int, data: bytes | None) -> None:
-        """Write to a running command's stdin; ``None`` closes it."""
-        sb = await self.live(owner, sandbox_id)
-        cmd = sb.commands.get(pid)
-        if cmd.done.is_set():
-            raise InvalidRequest(f"command {pid} has ended")
-        agent = await self._agent(sb)
-        if data is None:
-            await agent.close_stdin(pid)
-        else:
-            await agent.write_stdin(pid, data)
-
-    async def command_signal(self, owner: str, sandbox_id: str, pid: int, signum: int) -> CommandLog:
-        sb = await self.live(owner, sandbox_id)
-        cmd = sb.commands.get(pid)
-        if not cmd.done.is_set():
-            await (await self._agent(sb)).signal(pid, signum, group=True)
-        return cmd
-
-    # -- files -----------------------------------------------------------------------------
-
-    async def files_agent(self, owner: str, sandbox_id: str) -> AgentClient:
-        """The agent that carries out file operations for this sandbox."""
-        return await self._agent(await self.live(owner, sandbox_id))
-
-    async def keep_file(self, owner: str, sandbox_id: str, path: str, mime: str) -> ArtifactInfo:
-        """Make a sandbox file an artifact (a copy, kept after the sandbox is gone)."""
-        agent = await self.files_agent(owner, sandbox_id)
-        first, eof, size = await files.read_first(agent, path)
-        if size > self.settings.max_artifact_bytes:
-            raise InvalidRequest(f"{path} is larger than {self.settings.max_artifact_bytes} bytes", field="path")
-        data = b"".join([chunk async for chunk in files.read_rest(agent, path, first, eof)])
-        aid = await self.artifacts.put(data)
-        created = await self.store.put_artifact(aid, sandbox_id, None, mime, len(data))
-        return ArtifactInfo(
-            id=aid,
-            sandbox_id=sandbox_id,
-            execution_id=None,
-            mime=mime,
-            size=len(data),
-            url=f"/v1/artifacts/{aid}",
-            created_at=created,
-        )
-
-    # -- artifacts -------------------------------------------------------------------------
-
-    async def artifact(self, owner: str, artifact_id: str) -> tuple[Path, ArtifactInfo]:
+    async def artifact(self, owner: str, artifact_id: str) -> tuple[ArtifactInfo, AsyncIterator[bytes]]:
+        """An artifact's record and its bytes; ArtifactNotFound unless the owner made it."""
         row = await self.store.find_artifact(artifact_id, owner)
         if row is None or not self.artifacts.exists(artifact_id):
             raise ArtifactNotFound(f"no artifact {artifact_id!r}")
-        return self.artifacts.path_for(artifact_id), ArtifactInfo(url=f"/v1/artifacts/{artifact_id}", **row)
+        return ArtifactInfo(url="", **row), self.artifacts.open(artifact_id)
 
     async def list_artifacts(self, owner: str, sandbox_id: str) -> list[ArtifactInfo]:
-        await self.info(owner, sandbox_id)
-        return [
-            ArtifactInfo(url=f"/v1/artifacts/{row['id']}", **row) for row in await self.store.list_artifacts(sandbox_id)
-        ]
+        """A sandbox's artifacts, also after it ended."""
+        await self.info(owner, sandbox_id)  # ownership
+        return [ArtifactInfo(url="", **row) for row in await self.store.list_artifacts(sandbox_id)]
+
+    # -- the service ------------------------------------------------------------------------
+
+    def health(self) -> Health:
+        return Health(
+            version=cellbox.__version__,
+            isolation=self.runtime.isolation,
+            runtime=self.runtime.name,
+            sandboxes=len(self.sandboxes),
+            pool=self.pool.counts(),
+        )

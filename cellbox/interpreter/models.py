@@ -12,7 +12,8 @@ This module imports only pydantic: ``pip install cellbox`` (the SDK alone) can u
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Literal
+import json
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -46,11 +47,14 @@ class StderrEvent(_Event):
 
 
 class ArtifactRef(BaseModel):
-    """A rich output kept on the server; ``url`` downloads it."""
+    """A rich output kept on the server; ``url`` downloads it.
+
+    The core emits the id; each face fills in ``url`` with its own address for the artifact
+    (the native API's is ``{base}/v1/artifacts/{id}``)."""
 
     id: str
     mime: str
-    url: str
+    url: str = ""
     size: int
 
 
@@ -131,6 +135,13 @@ class EndEvent(_Event):
     state_lost: bool = False
 
 
+class RunningEvent(_Event):
+    """Internal, never on the wire: a backend's execution left its context's queue and runs
+    now (its timeout starts). The core records the state change and drops the event."""
+
+    type: Literal["running"] = "running"
+
+
 Event = Annotated[
     StartEvent
     | StdoutEvent
@@ -147,18 +158,7 @@ Event = Annotated[
 
 _EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 EVENT_TYPES = frozenset(
-    [
-        "start",
-        "stdout",
-        "stderr",
-        "result",
-        "display_update",
-        "clear_output",
-        "error",
-        "input_request",
-        "keepalive",
-        "end",
-    ]
+    get_args(cls.model_fields["type"].annotation)[0] for cls in get_args(get_args(Event)[0])
 )
 
 
@@ -169,10 +169,9 @@ def parse_event(obj: dict[str, Any] | str | bytes) -> Event | None:
     newer server.
     """
     if isinstance(obj, (str, bytes)):
-        import json
-
         obj = json.loads(obj)
-    assert isinstance(obj, dict)
+    if not isinstance(obj, dict):
+        raise ValueError(f"an event is a JSON object, not {type(obj).__name__}")
     if obj.get("type") not in EVENT_TYPES:
         return None
     return _EVENT_ADAPTER.validate_python(obj)
@@ -254,6 +253,7 @@ class ContextInfo(BaseModel):
     execution_count: int = 0
     restarts: int = 0
     last_exit: KernelExit | None = None
+    last_activity: float = Field(default=0.0, description="When the kernel last sent or was sent a message.")
 
 
 class SandboxUsage(BaseModel):
@@ -291,6 +291,12 @@ class SandboxInfo(BaseModel):
 
 class SandboxList(BaseModel):
     sandboxes: list[SandboxInfo]
+
+
+class TimeoutBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    timeout: float = Field(gt=0, description="Seconds from now until the sandbox expires.")
 
 
 class ContextCreate(BaseModel):
@@ -332,6 +338,16 @@ class ExecutionInfo(BaseModel):
     ended_at: float | None = None
     execution_count: int | None = None
     code: str = ""
+
+
+class ExecutionList(BaseModel):
+    executions: list[ExecutionInfo]
+
+
+class InputBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    value: str = Field(description="The line to answer input() with (no newline needed).")
 
 
 class ExecutionRecord(ExecutionInfo):
@@ -387,10 +403,54 @@ class CommandList(BaseModel):
     commands: list[CommandInfo]
 
 
+class _CommandEvent(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    pid: int
+    seq: int | None = None
+
+
+class CommandStartEvent(_CommandEvent):
+    type: Literal["start"] = "start"
+    cmd: str
+    cwd: str
+
+
+class CommandStdoutEvent(_CommandEvent):
+    type: Literal["stdout"] = "stdout"
+    text: str
+
+
+class CommandStderrEvent(_CommandEvent):
+    type: Literal["stderr"] = "stderr"
+    text: str
+
+
+class CommandExitEvent(_CommandEvent):
+    """Always a command's last event: ``exit_code``, or the ``signal`` that killed it."""
+
+    type: Literal["exit"] = "exit"
+    exit_code: int | None = None
+    signal: int | None = None
+    duration_ms: float = 0.0
+    reason: str | None = None
+    timed_out: bool | None = None
+
+
+class CommandKeepaliveEvent(_CommandEvent):
+    type: Literal["keepalive"] = "keepalive"
+
+
+CommandEvent = Annotated[
+    CommandStartEvent | CommandStdoutEvent | CommandStderrEvent | CommandExitEvent | CommandKeepaliveEvent,
+    Field(discriminator="type"),
+]
+
+
 class CommandRecord(CommandInfo):
     """A command with its events (``start``, ``stdout``, ``stderr``, ``exit``)."""
 
-    events: list[dict[str, Any]] = Field(default_factory=list)
+    events: list[CommandEvent] = Field(default_factory=list)
 
 
 class StdinBody(BaseModel):
@@ -429,6 +489,27 @@ class FsEvent(BaseModel):
     type: Literal["create", "write", "remove", "rename", "chmod"]
     path: str
     is_dir: bool = False
+
+
+class WatchingEvent(BaseModel):
+    """The first line of a watch stream: the watch is in place."""
+
+    type: Literal["watching"] = "watching"
+    path: str
+    recursive: bool
+
+
+class WatchKeepaliveEvent(BaseModel):
+    type: Literal["keepalive"] = "keepalive"
+
+
+class Exists(BaseModel):
+    exists: bool
+
+
+class Created(BaseModel):
+    created: bool
+    entry: EntryInfo
 
 
 class MkdirBody(BaseModel):

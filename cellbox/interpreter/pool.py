@@ -10,16 +10,12 @@ a time (a start costs a core for ~0.4 s), and never past the service's capacity.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
-from cellbox.interpreter.models import Limits
-
-if TYPE_CHECKING:
-    from cellbox.interpreter.manager import SandboxManager
-    from cellbox.interpreter.sandbox import Sandbox
+from cellbox.aio import cancel_and_wait
+from cellbox.interpreter.sandbox import Sandbox
 
 log = logging.getLogger("cellbox.pool")
 
@@ -31,8 +27,19 @@ _REFILL_DELAY = 1.0
 class WarmPool:
     """Ready sandboxes per template (see module docstring)."""
 
-    def __init__(self, manager: SandboxManager, sizes: dict[str, int]) -> None:
-        self.manager = manager
+    def __init__(
+        self,
+        sizes: dict[str, int],
+        *,
+        build: Callable[[str], Awaitable[Sandbox]],
+        has_capacity: Callable[[], bool],
+        destroy: Callable[[Sandbox], Awaitable[None]],
+    ) -> None:
+        """``build(template)`` starts a sandbox, ``has_capacity()`` says whether the service
+        may start one more, ``destroy(sandbox)`` frees one the pool no longer wants."""
+        self.build = build
+        self.has_capacity = has_capacity
+        self.destroy = destroy
         self.sizes = {name: n for name, n in sizes.items() if n > 0}
         self.ready: dict[str, deque[Sandbox]] = {name: deque() for name in self.sizes}
         self._wanted = asyncio.Event()
@@ -71,13 +78,10 @@ class WarmPool:
             self._wanted.clear()
             for name, size in self.sizes.items():
                 while len(self.ready[name]) < size:
-                    if self.manager.live_count() >= self.manager.settings.max_sandboxes:
+                    if not self.has_capacity():
                         break  # the service is full: live sandboxes come first
                     try:
-                        template = self.manager.templates.get(name)
-                        sandbox = await self.manager.build(template, Limits(**template.limits.model_dump()), {})
-                    except asyncio.CancelledError:
-                        raise
+                        sandbox = await self.build(name)
                     except Exception:
                         log.exception("could not start a pooled %r sandbox; retrying in %g s", name, _RETRY_AFTER)
                         await asyncio.sleep(_RETRY_AFTER)
@@ -87,14 +91,7 @@ class WarmPool:
 
     async def close(self) -> None:
         """Stop filling and destroy every pooled sandbox."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+        await cancel_and_wait(self._task)
         for queue in self.ready.values():
             while queue:
-                sandbox = queue.popleft()
-                await sandbox.close()
-                if sandbox.handle is not None:
-                    with contextlib.suppress(Exception):
-                        await self.manager.runtime.destroy_sandbox(sandbox.handle)
+                await self.destroy(queue.popleft())

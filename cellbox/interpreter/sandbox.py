@@ -1,373 +1,206 @@
-"""Sandbox and Context: the isolation unit and the kernels inside it.
+"""Sandbox: one sandbox as the core sees it, its record and the small objects faces call.
 
-A :class:`Context` is one kernel (a :class:`KernelSession`) with a FIFO of executions in front
-of it: one execution at a time per context, in the order they were submitted, while other
-contexts and sandboxes run in parallel. When its kernel dies, the context restarts it on the
-same home at once and says so (``restarts``, ``last_exit``; the execution that was running
-ends ``kernel_died`` with ``state_lost``).
+A :class:`Sandbox` holds the record (:class:`~cellbox.interpreter.models.SandboxInfo`, what the
+state store keeps), the runtime's :class:`~cellbox.runtimes.base.SandboxBackend` while it is
+live, and one object per kind of work: ``contexts``, ``executions``, ``commands``, ``files``
+and ``artifacts``. Faces call those; lifecycle, ownership and capacity stay with the
+:class:`~cellbox.interpreter.manager.SandboxManager`.
+
+Its state changes only through :meth:`Sandbox.transition`, which refuses a move the
+lifecycle does not have (``expected running or paused, got killed``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import secrets
-import time
 from collections.abc import Callable
 from typing import Any
 
 from cellbox.interpreter.artifacts import ArtifactStore
 from cellbox.interpreter.commands import Commands
 from cellbox.interpreter.config import Settings
-from cellbox.interpreter.errors import (
-    ContextNotFound,
-    InvalidRequest,
-    SandboxNotRunning,
-)
-from cellbox.interpreter.execution import ExecutionLog, ExecutionRunner, env_code, run_hidden
-from cellbox.interpreter.kernel import KernelSession
-from cellbox.interpreter.models import (
-    ContextInfo,
-    ContextState,
-    EndEvent,
-    EndStatus,
-    ErrorEvent,
-    ExecuteRequest,
-    KernelExit,
-    SandboxInfo,
-    SandboxState,
-    StartEvent,
-)
+from cellbox.interpreter.errors import Conflict, ContextNotFound, SandboxNotRunning
+from cellbox.interpreter.executions import Executions, new_context_id
+from cellbox.interpreter.files import Files
+from cellbox.interpreter.models import ArtifactInfo, ContextInfo, SandboxInfo, SandboxState
 from cellbox.interpreter.store import Store
-from cellbox.runtimes.types import KernelSpec, SandboxHandle
-from cellbox.runtimes.local import LocalRuntime as Runtime
+from cellbox.runtimes.base import Runtime, SandboxBackend
 
 log = logging.getLogger("cellbox.sandbox")
 
+# How long closing a sandbox waits for its executions to store their end.
+_CLOSE_GRACE = 10.0
 
-# Kernel deaths within _CRASH_WINDOW seconds before restarts back off (1 s, 2 s, ... _MAX_BACKOFF).
-_CRASH_WINDOW = 60.0
-_CRASHES_BEFORE_BACKOFF = 3
-_MAX_BACKOFF = 30.0
+S = SandboxState
+# The lifecycle: which states a sandbox may move to from each state.
+_TRANSITIONS: dict[SandboxState, frozenset[SandboxState]] = {
+    S.STARTING: frozenset({S.RUNNING, S.KILLED}),
+    S.RUNNING: frozenset({S.PAUSED, S.KILLED, S.LOST}),
+    S.PAUSED: frozenset({S.RUNNING, S.KILLED, S.LOST}),
+    S.KILLED: frozenset(),
+    S.LOST: frozenset(),
+}
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}{secrets.token_hex(8)}"
+class Contexts:
+    """The contexts (kernels) of one live sandbox."""
 
-
-class Context:
-    """One kernel of a sandbox and the queue of executions in front of it."""
-
-    def __init__(self, sandbox: Sandbox, context_id: str, spec: KernelSpec, cwd: str | None) -> None:
+    def __init__(self, sandbox: Sandbox) -> None:
         self.sandbox = sandbox
-        self.id = context_id
-        self.spec = spec
-        self.language = spec.language
-        self.cwd = cwd or "/home/user"
-        self.state = ContextState.STARTING
-        self.execution_count = 0
-        self.restarts = 0
-        self.last_exit: KernelExit | None = None
-        self._generation = 0
-        self._lock = asyncio.Lock()  # FIFO: asyncio.Lock wakes waiters in arrival order
-        self._ready = asyncio.Event()
-        self._restarting: asyncio.Task[None] | None = None
-        self._interrupt_requested = False
-        self._deaths: list[float] = []
-        self.current: ExecutionLog | None = None
-        settings = sandbox.settings
-        self.session = KernelSession(self._launch, spec, settings.kernel_start_timeout)
-        self.session.on_death(self._on_death)
+        self.default_id = ""
 
-    async def _launch(self) -> Any:
-        self._generation += 1
-        assert self.sandbox.handle is not None, "the sandbox has no runtime handle"
-        return await self.sandbox.runtime.start_kernel(
-            self.sandbox.handle, self.spec, f"{self.id[-8:]}-{self._generation}", self.cwd
-        )
+    def _backend(self) -> SandboxBackend:
+        self.sandbox.require_running()
+        assert self.sandbox.backend is not None
+        return self.sandbox.backend
 
-    def info(self) -> ContextInfo:
-        return ContextInfo(
-            id=self.id,
-            language=self.language,
-            cwd=self.cwd,
-            state=self.state,
-            execution_count=self.execution_count,
-            restarts=self.restarts,
-            last_exit=self.last_exit,
-        )
+    async def create(self, language: str = "python", cwd: str | None = None) -> ContextInfo:
+        """Start a new context; InvalidRequest for a language the template lacks."""
+        backend = self.sandbox.backend
+        if backend is None:
+            raise SandboxNotRunning(f"sandbox {self.sandbox.id} is {self.sandbox.state.value}")
+        if self.sandbox.state != S.STARTING:
+            self.sandbox.require_running()
+        info = await backend.start_context(new_context_id(), language, cwd)
+        if not self.default_id:
+            self.default_id = info.id
+        self.sandbox.changed()
+        return info
 
-    async def start(self) -> None:
-        """Start the kernel; raises KernelStartFailed."""
-        self.state = ContextState.STARTING
-        try:
-            await self.session.start()
-        except BaseException:
-            self.state = ContextState.DEAD
-            raise
-        self.state = ContextState.IDLE
-        self._ready.set()
+    async def list(self) -> list[ContextInfo]:
+        return await self._backend().contexts()
 
-    def _on_death(self, exit_info: KernelExit) -> None:
-        """Called by the session's watcher the moment the kernel process exits."""
-        log.warning("sandbox %s context %s: kernel died: %s", self.sandbox.id, self.id, exit_info.detail)
-        self.last_exit = exit_info
-        self._ready.clear()
-        self.state = ContextState.RESTARTING
-        if self.sandbox.closing:
-            return
-        now = time.monotonic()
-        self._deaths = [t for t in self._deaths if now - t < _CRASH_WINDOW] + [now]
-        # A kernel that keeps dying (a full disk or memory it cannot start in) is restarted
-        # with a growing delay instead of in a tight loop.
-        extra = len(self._deaths) - _CRASHES_BEFORE_BACKOFF
-        delay = min(_MAX_BACKOFF, 2.0 ** extra) if extra >= 0 else 0.0
-        self._restarting = asyncio.create_task(self._restart(counted=True, delay=delay))
+    async def get(self, context_id: str) -> ContextInfo:
+        return await self._backend().context(context_id)
+
+    async def restart(self, context_id: str) -> ContextInfo:
+        info = await self._backend().restart_context(context_id)
+        self.sandbox.changed()
+        return info
+
+    async def interrupt(self, context_id: str) -> ContextInfo:
+        return await self._backend().interrupt_context(context_id)
+
+    async def remove(self, context_id: str) -> None:
+        await self._backend().remove_context(context_id)
+        if context_id == self.default_id:
+            self.default_id = ""
         self.sandbox.changed()
 
-    async def _restart(self, counted: bool, delay: float = 0.0) -> None:
-        if delay:
-            log.warning("sandbox %s context %s: restarting in %.0f s (it keeps dying)", self.sandbox.id, self.id, delay)
-            await asyncio.sleep(delay)
-        self._ready.clear()
-        self.state = ContextState.RESTARTING
-        await self.session.stop()
-        if counted:
-            self.restarts += 1
-        self.execution_count = 0
-        try:
-            await self.start()
-        except Exception as exc:  # KernelStartFailed, or the sandbox's agent is gone for good
-            log.error("sandbox %s context %s: restart failed: %s", self.sandbox.id, self.id, exc)
-            self.state = ContextState.DEAD
-        self.sandbox.changed()
+    async def resolve(self, context_id: str | None, language: str | None) -> str:
+        """The context an execution goes to: by id, else the first of ``language``, else the
+        default python context."""
+        if context_id:
+            return (await self.get(context_id)).id
+        if language and language != "python":
+            for info in await self.list():
+                if info.language == language:
+                    return info.id
+            raise ContextNotFound(f"no {language} context in sandbox {self.sandbox.id}; create one first")
+        if not self.default_id:
+            raise ContextNotFound(f"sandbox {self.sandbox.id} has no default context")
+        return self.default_id
 
-    async def restart(self) -> None:
-        """Restart the kernel on request. A running execution ends ``interrupted`` with
-        ``state_lost``; queued ones run on the fresh kernel."""
-        if self.current is not None:
-            self._interrupt_requested = True
-        await self._wait_restart_done()
-        self._restarting = asyncio.create_task(self._restart(counted=False))
-        await self._wait_restart_done()
 
-    async def _wait_restart_done(self) -> None:
-        task = self._restarting
-        if task is not None and not task.done():
-            with contextlib.suppress(Exception):
-                await asyncio.shield(task)
+class Artifacts:
+    """The artifacts one sandbox made (they outlive it)."""
 
-    async def preload(self, modules: list[str]) -> None:
-        """Import modules ahead of time (warm pool), leaving nothing in the user's namespace."""
-        code = f"import importlib as _cb_i\nfor _cb_m in {modules!r}:\n    _cb_i.import_module(_cb_m)\ndel _cb_i, _cb_m"
-        await run_hidden(self.session, code, self.sandbox.settings.kernel_start_timeout)
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
 
-    async def apply_envs(self, envs: dict[str, str]) -> None:
-        """Set environment variables in the running kernel for good (a pooled sandbox's envs)."""
-        hidden = env_code(self.language, envs)
-        if hidden is not None:
-            await run_hidden(self.session, hidden[0], self.sandbox.settings.kernel_start_timeout)
+    async def list(self) -> list[ArtifactInfo]:
+        rows = await self.sandbox.store.list_artifacts(self.sandbox.id)
+        return [ArtifactInfo(url="", **row) for row in rows]
 
-    async def interrupt(self) -> None:
-        """Interrupt the running execution (it ends ``interrupted``); no-op when idle."""
-        if self.current is not None and self.session.alive:
-            self._interrupt_requested = True
-            await self.session.interrupt()
-
-    def send_input(self, value: str) -> None:
-        if self.current is None or not self.current.pending_input:
-            raise InvalidRequest("the execution is not waiting for input")
-        self.session.send_input(value)
-
-    async def run(self, xlog: ExecutionLog, req: ExecuteRequest, timeout: float) -> None:
-        """Run one execution to its ``end`` (never raises: every failure becomes an event)."""
-        settings = self.sandbox.settings
-        t0 = time.monotonic()
-        end = EndEvent(status=EndStatus.OK)
-        try:
-            async with self._lock:
-                self.current = xlog
-                self._interrupt_requested = False
-                try:
-                    await self._run_locked(xlog, req, timeout, end, settings)
-                finally:
-                    self.current = None
-                    if self.state == ContextState.BUSY:
-                        self.state = ContextState.IDLE
-        except Exception as exc:  # a bug or a store failure: still end the execution
-            log.exception("execution %s failed", xlog.id)
-            end.status = EndStatus.ERROR
-            end.reason = f"internal error: {type(exc).__name__}"
-        end.duration_ms = round((time.monotonic() - t0) * 1000, 3)
-        # No sandbox record write here: an execution changes nothing the record must keep (its
-        # own log is stored), and this is the per-execution hot path.
-        await xlog.finish(end)
-
-    async def _run_locked(
-        self, xlog: ExecutionLog, req: ExecuteRequest, timeout: float, end: EndEvent, settings: Settings
-    ) -> None:
-        await self._wait_restart_done()
-        if self.state == ContextState.DEAD:
-            await self._restart(counted=True)
-        if not self._ready.is_set():
-            end.status, end.reason = EndStatus.KERNEL_DIED, "the kernel is not running and could not be restarted"
-            return
-        await xlog.set_running()
-        self.state = ContextState.BUSY
-        hidden = env_code(self.language, req.envs)
-        if req.envs and hidden is None:
-            xlog.append(ErrorEvent(name="InvalidRequest", value=f"envs are not supported for {self.language}"))
-            end.status = EndStatus.ERROR
-            return
-        if hidden is not None:
-            await run_hidden(self.session, hidden[0], timeout)
-        runner = ExecutionRunner(
-            xlog,
-            self.session,
-            self.sandbox.artifacts,
-            timeout=timeout,
-            interrupt_grace=settings.interrupt_grace,
-            max_output_bytes=settings.max_output_bytes,
-            inline=req.inline,
-            interrupted=lambda: self._interrupt_requested,
-        )
-        outcome = await runner.run(req.code, req.allow_stdin)
-        end.status, end.reason, end.state_lost = outcome.status, outcome.reason, outcome.state_lost
-        end.execution_count = outcome.execution_count
-        if outcome.execution_count:
-            self.execution_count = outcome.execution_count
-        if outcome.needs_restart:
-            # The kernel ignored the interrupt: replace it before the next execution.
-            self._ready.clear()
-            self._restarting = asyncio.create_task(self._restart(counted=True))
-        if outcome.state_lost:
-            return
-        if hidden is not None:
-            await run_hidden(self.session, hidden[1], settings.interrupt_grace)
-
-    async def close(self) -> None:
-        await self._wait_restart_done()
-        await self.session.stop()
-        self.state = ContextState.DEAD
+    async def keep(self, path: str, mime: str) -> ArtifactInfo:
+        return await self.sandbox.files.keep(path, mime)
 
 
 class Sandbox:
-    """A sandbox: its runtime handle, its contexts, and its record."""
+    """A sandbox: its record, its backend while live, and the objects faces work through."""
 
     def __init__(
         self,
-        sandbox_id: str,
+        info: SandboxInfo,
         owner: str,
         settings: Settings,
         runtime: Runtime,
         store: Store,
         artifacts: ArtifactStore,
-        info: SandboxInfo,
         on_change: Callable[[Sandbox], None],
     ) -> None:
-        self.id = sandbox_id
+        self.id = info.id
         self.owner = owner
         self.settings = settings
         self.runtime = runtime
         self.store = store
-        self.artifacts = artifacts
+        self.artifacts_store = artifacts
         self.info_base = info
-        self.handle: SandboxHandle | None = None
-        self.contexts: dict[str, Context] = {}
-        self.default_context_id = ""
-        self.closing = False
-        self.executions: dict[str, ExecutionLog] = {}
-        self.commands = Commands(settings.max_output_bytes)
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.backend: SandboxBackend | None = None
         self._on_change = on_change
+        self.contexts = Contexts(self)
+        self.executions = Executions(self)
+        self.commands = Commands(self)
+        self.files = Files(self)
+        self.artifacts = Artifacts(self)
 
     @property
     def state(self) -> SandboxState:
         return self.info_base.state
 
+    def transition(self, to: SandboxState) -> None:
+        """Move to ``to``; Conflict when the lifecycle has no such move from here."""
+        here = self.info_base.state
+        if to not in _TRANSITIONS[here]:
+            raise Conflict(f"sandbox {self.id}: expected a state that can become {to.value}, got {here.value}")
+        self.info_base.state = to
+
+    def attach(self, backend: SandboxBackend) -> None:
+        self.backend = backend
+        backend.on_change = self.changed
+
     def changed(self) -> None:
         self._on_change(self)
 
-    def record(self) -> dict[str, Any]:
-        """The sandbox as the state store keeps it (no live usage: that is read on demand)."""
-        return self.info(usage=False).model_dump(mode="json")
-
-    def info(self, usage: bool = True) -> SandboxInfo:
-        exits = [c.last_exit for c in self.contexts.values() if c.last_exit is not None]
-        update: dict[str, Any] = {"contexts": [c.info() for c in self.contexts.values()]}
-        if exits:
-            update["last_kernel_exit"] = max(exits, key=lambda e: e.at)
-        if usage and self.handle is not None and self.state in (SandboxState.RUNNING, SandboxState.PAUSED):
-            update["usage"] = self.runtime.usage(self.handle)
+    async def info(self, usage: bool = True) -> SandboxInfo:
+        update: dict[str, Any] = {}
+        backend = self.backend
+        if backend is not None and self.state not in (S.KILLED, S.LOST):
+            contexts = await backend.contexts()
+            update["contexts"] = contexts
+            exits = [c.last_exit for c in contexts if c.last_exit is not None]
+            if exits:
+                update["last_kernel_exit"] = max(exits, key=lambda e: e.at)
+            if usage and self.state in (S.RUNNING, S.PAUSED):
+                update["usage"] = await self.runtime.usage(backend)
         return self.info_base.model_copy(update=update)
 
+    async def record(self) -> dict[str, Any]:
+        """The sandbox as the state store keeps it (no live usage: that is read on demand)."""
+        return (await self.info(usage=False)).model_dump(mode="json")
+
     def require_running(self) -> None:
-        if self.state == SandboxState.PAUSED:
+        if self.state == S.PAUSED:
             raise SandboxNotRunning(f"sandbox {self.id} is paused; resume it first", state=self.state.value)
-        if self.state != SandboxState.RUNNING:
+        if self.state != S.RUNNING:
             raise SandboxNotRunning(f"sandbox {self.id} is {self.state.value}", state=self.state.value)
 
     def busy(self) -> bool:
-        return any(c.current is not None for c in self.contexts.values())
-
-    async def add_context(self, language: str, cwd: str | None) -> Context:
-        """Start a new context; raises InvalidRequest for a language the template lacks."""
-        assert self.handle is not None
-        spec = self.handle.template.kernels.get(language)
-        if spec is None:
-            raise InvalidRequest(
-                f"no {language!r} kernel in template {self.handle.template.name!r}",
-                field="language",
-                known=sorted(self.handle.template.kernels),
-            )
-        if len(self.contexts) >= self.settings.max_contexts_per_sandbox:
-            raise InvalidRequest(f"a sandbox may have at most {self.settings.max_contexts_per_sandbox} contexts")
-        ctx = Context(self, new_id("ctx_"), spec, cwd)
-        self.contexts[ctx.id] = ctx
-        try:
-            await ctx.start()
-        except BaseException:
-            self.contexts.pop(ctx.id, None)
-            await ctx.close()
-            raise
-        if not self.default_context_id:
-            self.default_context_id = ctx.id
-        self.changed()
-        return ctx
-
-    def context(self, context_id: str | None = None, language: str | None = None) -> Context:
-        if context_id:
-            ctx = self.contexts.get(context_id)
-            if ctx is None:
-                raise ContextNotFound(f"no context {context_id!r} in sandbox {self.id}")
-            return ctx
-        if language and language != "python":
-            for ctx in self.contexts.values():
-                if ctx.language == language:
-                    return ctx
-            raise ContextNotFound(f"no {language} context in sandbox {self.id}; create one first")
-        ctx = self.contexts.get(self.default_context_id)
-        if ctx is None:
-            raise ContextNotFound(f"sandbox {self.id} has no default context")
-        return ctx
-
-    async def remove_context(self, context_id: str) -> None:
-        ctx = self.context(context_id)
-        self.contexts.pop(ctx.id)
-        if ctx.id == self.default_context_id:
-            self.default_context_id = ""
-        await ctx.close()
-        self.changed()
+        return self.backend is not None and self.backend.busy()
 
     async def close(self) -> None:
-        """Stop every kernel (running executions end ``kernel_died``). Idempotent."""
-        self.closing = True
-        await asyncio.gather(*(c.close() for c in self.contexts.values()), return_exceptions=True)
-        for task in list(self.tasks):
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(task, 10)
-
-
-def start_event(xlog: ExecutionLog) -> StartEvent:
-    return StartEvent(sandbox_id=xlog.sandbox_id, context_id=xlog.context_id)
+        """Stop every kernel (running executions end ``kernel_died``) and wait for the
+        executions to be stored. Idempotent; never raises."""
+        if self.backend is not None:
+            try:
+                await self.backend.close()
+            except Exception:
+                log.exception("sandbox %s: the backend did not close cleanly", self.id)
+        try:
+            async with asyncio.timeout(_CLOSE_GRACE):
+                await self.executions.tasks.wait()
+        except TimeoutError:
+            log.error("sandbox %s: executions did not end within %g s of closing", self.id, _CLOSE_GRACE)
+            await self.executions.tasks.cancel()
+        await self.commands.tasks.cancel()

@@ -26,7 +26,7 @@ from typing import Any
 
 from cellbox.interpreter.errors import InvalidRequest, TemplateBuildFailed, TemplateNotFound
 from cellbox.interpreter.models import Limits
-from cellbox.runtimes.types import KernelSpec, TemplateInfo
+from cellbox.runtimes.specs import KernelSpec, TemplateInfo
 
 log = logging.getLogger("cellbox.templates")
 

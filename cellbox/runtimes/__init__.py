@@ -9,10 +9,10 @@ from cellbox.interpreter.errors import RuntimeUnavailable
 
 if TYPE_CHECKING:
     from cellbox.interpreter.config import Settings
-    from cellbox.runtimes.local import LocalRuntime as Runtime  # until the backend seam lands
+    from cellbox.runtimes.base import Runtime
 
 RUNTIMES: dict[str, str] = {
-    "local": "cellbox.runtimes.local:LocalRuntime",
+    "local": "cellbox.runtimes.backend:local_runtime",
 }
 
 
@@ -22,12 +22,12 @@ def load_runtime(settings: Settings) -> Runtime:
     target = RUNTIMES.get(settings.runtime)
     if target is None:
         raise RuntimeUnavailable(f"unknown runtime {settings.runtime!r}; known: {', '.join(sorted(RUNTIMES))}")
-    module_name, _, cls_name = target.partition(":")
+    module_name, _, factory = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise RuntimeUnavailable(
             f"runtime {settings.runtime!r} needs {exc.name}: pip install 'cellbox[{settings.runtime}]'"
         ) from exc
-    runtime: Runtime = getattr(module, cls_name)(settings)
+    runtime: Runtime = getattr(module, factory)(settings)
     return runtime

@@ -17,12 +17,12 @@ door (native executions, a JupyterLab frontend's raw ``execute_request``) queue 
 
 Implementations are picked by name (:data:`cellbox.runtimes.RUNTIMES`) and imported lazily.
 ``runtimes`` depends only on the bottom layer (``interpreter.errors``, ``interpreter.models``,
-``interpreter.messages``, ``runtimes.types``, ``cellbox.aio``): a structure test enforces it.
+``interpreter.messages``, ``runtimes.specs``, ``cellbox.aio``): a structure test enforces it.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from cellbox.interpreter.messages import KernelMessage
@@ -34,9 +34,10 @@ from cellbox.interpreter.models import (
     ExecuteRequest,
     Limits,
     NetworkSpec,
+    RunningEvent,
     SandboxUsage,
 )
-from cellbox.runtimes.types import KernelSpec, TemplateInfo
+from cellbox.runtimes.specs import KernelSpec, TemplateInfo
 
 __all__ = [
     "FileSystem",
@@ -111,6 +112,9 @@ class SandboxBackend(Protocol):
     template: TemplateInfo
     home: str  # the user's home (and default cwd) inside the sandbox
     files: FileSystem
+    # Set by the core: called when the sandbox's contexts change on their own (a kernel died
+    # or came back), so the core can persist the record.
+    on_change: Callable[[], None]
 
     # -- contexts ---------------------------------------------------------------------------
 
@@ -144,7 +148,7 @@ class SandboxBackend(Protocol):
 
     def execute(
         self, context_id: str, execution_id: str, request: ExecuteRequest, timeout: float
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncIterator[Event | RunningEvent]:
         """Queue an execution behind the context's FIFO and stream its events.
 
         Yields a ``RunningEvent`` when it leaves the queue (its ``timeout`` starts then), then

@@ -28,11 +28,11 @@ from typing import Any
 
 from cellbox.interpreter.config import Settings
 from cellbox.interpreter.errors import Conflict, InterpreterError, InvalidRequest, KernelStartFailed, RuntimeUnavailable
-from cellbox.interpreter.models import KernelExit, Limits, SandboxUsage
+from cellbox.interpreter.models import KernelExit, Limits, NetworkSpec, SandboxUsage
 from cellbox.runtimes import agent as agent_module
 from cellbox.runtimes import isolation as iso
 from cellbox.runtimes.agent_client import AgentClient, ProcessHandle
-from cellbox.runtimes.types import KernelSpec, SandboxHandle, TemplateInfo
+from cellbox.runtimes.specs import KernelSpec, SandboxHandle, TemplateInfo
 
 log = logging.getLogger("cellbox.runtime.local")
 
@@ -211,8 +211,12 @@ class LocalRuntime:
     # -- sandboxes -------------------------------------------------------------------------
 
     async def create_sandbox(
-        self, sandbox_id: str, template: TemplateInfo, limits: Limits, envs: dict[str, str]
+        self, sandbox_id: str, template: TemplateInfo, limits: Limits, envs: dict[str, str], network: NetworkSpec
     ) -> SandboxHandle:
+        if network.internet:
+            raise InvalidRequest(
+                "outbound network is not available: sandboxes only have their own loopback", field="network"
+            )
         handle = await self._prepare(sandbox_id, template, limits, envs)
         try:
             await self.agent(handle)
@@ -384,7 +388,7 @@ class LocalRuntime:
     async def resume(self, sandbox: SandboxHandle) -> None:
         return None
 
-    def usage(self, sandbox: SandboxHandle) -> SandboxUsage | None:
+    async def usage(self, sandbox: SandboxHandle) -> SandboxUsage | None:
         return None  # no cgroup and no own file system without isolation
 
     async def destroy_sandbox(self, sandbox: SandboxHandle) -> None:
@@ -653,7 +657,7 @@ class IsolatedLocalRuntime(LocalRuntime):
     async def resume(self, sandbox: SandboxHandle) -> None:
         sandbox.extra["cgroup"].thaw()
 
-    def usage(self, sandbox: SandboxHandle) -> SandboxUsage | None:
+    async def usage(self, sandbox: SandboxHandle) -> SandboxUsage | None:
         cgroup: iso.Cgroup | None = sandbox.extra.get("cgroup")
         if cgroup is None:
             return None

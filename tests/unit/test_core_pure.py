@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from cellbox.interpreter.artifacts import ArtifactStore, decode_output
-from cellbox.interpreter.execution import ExecutionLog, env_code, strip_ansi
+from cellbox.interpreter.execution import ExecutionLog
 from cellbox.interpreter.models import EndEvent, EndStatus, StdoutEvent
 from cellbox.interpreter.store import Store
+from cellbox.runtimes.backend import env_code, strip_ansi
 from cellbox.runtimes.local import describe_exit, resolve_cwd
 
 
@@ -79,7 +80,7 @@ async def test_execution_log_replays_and_follows(tmp_path: Path) -> None:
         await log.begin(StdoutEvent(text="first"))
 
         async def follower() -> list[str]:
-            return [ev["type"] async for ev in log.follow(-1, keepalive=0.05)]
+            return [ev.type async for ev in log.follow(-1, keepalive=0.05)]
 
         task = asyncio.create_task(follower())
         log.append(StdoutEvent(text="second"))

@@ -41,7 +41,7 @@ def test_only_the_kernel_module_imports_jupyter_client() -> None:
         for p in root.rglob("*.py")
         if "import jupyter_client" in p.read_text() or "from jupyter_client" in p.read_text()
     )
-    assert importers == ["interpreter/kernel.py"]
+    assert importers == ["runtimes/kernel.py"]
 
 
 def test_every_setting_is_documented() -> None:

@@ -3,29 +3,20 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 
-from cellbox.api.deps import Manager, Owner
-from cellbox.api.routes.executions import base_url
+from cellbox.api.deps import LiveSandbox, Manager, Owner
+from cellbox.api.urls import artifact_info, base_url
+from cellbox.interpreter.media import extension_for
 from cellbox.interpreter.models import ArtifactList
 
 router = APIRouter(tags=["artifacts"])
 
-_EXT = {
-    "image/png": "png",
-    "image/jpeg": "jpg",
-    "image/gif": "gif",
-    "image/webp": "webp",
-    "image/svg+xml": "svg",
-    "application/pdf": "pdf",
-}
-
 
 @router.get("/v1/sandboxes/{sandbox_id}/artifacts", response_model=ArtifactList)
-async def list_artifacts(sandbox_id: str, request: Request, owner: Owner, manager: Manager) -> ArtifactList:
-    items = await manager.list_artifacts(owner, sandbox_id)
+async def list_artifacts(request: Request, sandbox: LiveSandbox) -> ArtifactList:
     base = base_url(request)
-    return ArtifactList(artifacts=[a.model_copy(update={"url": base + a.url}) for a in items])
+    return ArtifactList(artifacts=[artifact_info(a, base) for a in await sandbox.artifacts.list()])
 
 
 @router.get(
@@ -34,7 +25,7 @@ async def list_artifacts(sandbox_id: str, request: Request, owner: Owner, manage
     responses={200: {"description": "The artifact's bytes, with its Content-Type."}},
 )
 async def get_artifact(artifact_id: str, request: Request, owner: Owner, manager: Manager) -> Response:
-    path, info = await manager.artifact(owner, artifact_id)
+    info, chunks = await manager.artifact(owner, artifact_id)
     etag = f'"{artifact_id}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
     if etag in request.headers.get("if-none-match", ""):
@@ -42,7 +33,6 @@ async def get_artifact(artifact_id: str, request: Request, owner: Owner, manager
     # SVG and PDF can carry scripts: never let a browser render them in our origin.
     headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
     headers["X-Content-Type-Options"] = "nosniff"
-    filename = f"{artifact_id[:16]}.{_EXT.get(info.mime, 'bin')}"
-    return FileResponse(
-        path, media_type=info.mime, headers=headers, filename=filename, content_disposition_type="inline"
-    )
+    headers["Content-Length"] = str(info.size)
+    headers["Content-Disposition"] = f'inline; filename="{artifact_id[:16]}.{extension_for(info.mime)}"'
+    return StreamingResponse(chunks, media_type=info.mime, headers=headers)

@@ -12,25 +12,26 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from cellbox.api.deps import Manager, Owner
-from cellbox.api.routes.executions import base_url
+from cellbox.api.deps import LiveSandbox
 from cellbox.api.streaming import NDJSONStream
-from cellbox.interpreter import files
+from cellbox.api.urls import artifact_info, base_url
 from cellbox.interpreter.errors import InvalidRequest
-from cellbox.interpreter.models import ArtifactInfo, EntryInfo, EntryList, MkdirBody, MoveBody
+from cellbox.interpreter.files import CHUNK
+from cellbox.interpreter.models import (
+    ArtifactInfo,
+    Created,
+    EntryInfo,
+    EntryList,
+    Exists,
+    MkdirBody,
+    MoveBody,
+    WatchingEvent,
+    WatchKeepaliveEvent,
+)
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["files"])
 
 PathQ = Annotated[str, Query(min_length=1, description="Absolute (/home/user/...) or relative to /home/user.")]
-
-
-class Exists(BaseModel):
-    exists: bool
-
-
-class Created(BaseModel):
-    created: bool
-    entry: EntryInfo
 
 
 def _mime(path: str) -> str:
@@ -41,21 +42,18 @@ def _mime(path: str) -> str:
     "/{sandbox_id}/files", response_class=Response, responses={200: {"description": "The file's bytes, streamed."}}
 )
 async def read_file(
-    sandbox_id: str,
     path: PathQ,
     request: Request,
-    owner: Owner,
-    manager: Manager,
+    sandbox: LiveSandbox,
     keep: Annotated[bool, Query(description="Also keep the file as an artifact (X-Artifact-Url).")] = False,
 ) -> Any:
-    agent = await manager.files_agent(owner, sandbox_id)
-    first, eof, size = await files.read_first(agent, path)
+    size, chunks = await sandbox.files.read(path)
     headers = {"Content-Length": str(size), "X-Content-Type-Options": "nosniff"}
     if keep:
-        art = await manager.keep_file(owner, sandbox_id, path, _mime(path))
+        art = artifact_info(await sandbox.files.keep(path, _mime(path)), base_url(request))
         headers["X-Artifact-Id"] = art.id
-        headers["X-Artifact-Url"] = base_url(request) + art.url
-    return StreamingResponse(files.read_rest(agent, path, first, eof), media_type=_mime(path), headers=headers)
+        headers["X-Artifact-Url"] = art.url
+    return StreamingResponse(chunks, media_type=_mime(path), headers=headers)
 
 
 async def _body_chunks(request: Request) -> AsyncIterator[bytes]:
@@ -65,23 +63,21 @@ async def _body_chunks(request: Request) -> AsyncIterator[bytes]:
 
 
 @router.put("/{sandbox_id}/files", response_model=EntryInfo)
-async def write_file(sandbox_id: str, path: PathQ, request: Request, owner: Owner, manager: Manager) -> EntryInfo:
+async def write_file(path: PathQ, request: Request, sandbox: LiveSandbox) -> EntryInfo:
     """Write the raw request body to ``path`` (created or replaced; parents made)."""
-    agent = await manager.files_agent(owner, sandbox_id)
-    return await files.write(agent, path, _body_chunks(request), manager.settings.max_upload_bytes)
+    return await sandbox.files.write(path, _body_chunks(request), sandbox.settings.max_upload_bytes)
 
 
 @router.post("/{sandbox_id}/files", response_model=EntryList)
 async def upload_files(
-    sandbox_id: str,
     request: Request,
-    owner: Owner,
-    manager: Manager,
+    sandbox: LiveSandbox,
     path: Annotated[str, Query(description="Directory the parts' filenames are relative to.")] = "/home/user",
 ) -> EntryList:
     """Multipart upload of one or more files; each part's filename (or field name) is its path."""
-    agent = await manager.files_agent(owner, sandbox_id)
-    form = await request.form(max_files=1000, max_part_size=manager.settings.max_upload_bytes)
+    sandbox.require_running()
+    limit = sandbox.settings.max_upload_bytes
+    form = await request.form(max_files=1000, max_part_size=limit)
     written = []
     try:
         for field, value in form.multi_items():
@@ -91,10 +87,10 @@ async def upload_files(
             target = name if name.startswith("/") else path.rstrip("/") + "/" + name
 
             async def chunks(upload: Any = value) -> AsyncIterator[bytes]:
-                while data := await upload.read(files.CHUNK):
+                while data := await upload.read(CHUNK):
                     yield data
 
-            written.append(await files.write(agent, target, chunks(), manager.settings.max_upload_bytes))
+            written.append(await sandbox.files.write(target, chunks(), limit))
     finally:
         await form.close()
     if not written:
@@ -104,39 +100,37 @@ async def upload_files(
 
 @router.get("/{sandbox_id}/files/list", response_model=EntryList)
 async def list_files(
-    sandbox_id: str,
-    owner: Owner,
-    manager: Manager,
+    sandbox: LiveSandbox,
     path: PathQ = "/home/user",
     depth: Annotated[int, Query(ge=1, le=32)] = 1,
 ) -> EntryList:
-    return await files.listdir(await manager.files_agent(owner, sandbox_id), path, depth)
+    return await sandbox.files.listdir(path, depth)
 
 
 @router.get("/{sandbox_id}/files/stat", response_model=EntryInfo)
-async def stat_file(sandbox_id: str, path: PathQ, owner: Owner, manager: Manager) -> EntryInfo:
-    return await files.stat(await manager.files_agent(owner, sandbox_id), path)
+async def stat_file(path: PathQ, sandbox: LiveSandbox) -> EntryInfo:
+    return await sandbox.files.stat(path)
 
 
 @router.get("/{sandbox_id}/files/exists", response_model=Exists)
-async def file_exists(sandbox_id: str, path: PathQ, owner: Owner, manager: Manager) -> Exists:
-    return Exists(exists=await files.exists(await manager.files_agent(owner, sandbox_id), path))
+async def file_exists(path: PathQ, sandbox: LiveSandbox) -> Exists:
+    return Exists(exists=await sandbox.files.exists(path))
 
 
 @router.post("/{sandbox_id}/files/mkdir", response_model=Created)
-async def make_dir(sandbox_id: str, body: MkdirBody, owner: Owner, manager: Manager) -> Created:
-    created, entry = await files.mkdir(await manager.files_agent(owner, sandbox_id), body.path, body.parents)
+async def make_dir(body: MkdirBody, sandbox: LiveSandbox) -> Created:
+    created, entry = await sandbox.files.mkdir(body.path, body.parents)
     return Created(created=created, entry=entry)
 
 
 @router.post("/{sandbox_id}/files/move", response_model=EntryInfo)
-async def move_file(sandbox_id: str, body: MoveBody, owner: Owner, manager: Manager) -> EntryInfo:
-    return await files.move(await manager.files_agent(owner, sandbox_id), body.src, body.dst)
+async def move_file(body: MoveBody, sandbox: LiveSandbox) -> EntryInfo:
+    return await sandbox.files.move(body.src, body.dst)
 
 
 @router.delete("/{sandbox_id}/files", status_code=204)
-async def remove_file(sandbox_id: str, path: PathQ, owner: Owner, manager: Manager) -> Response:
-    await files.remove(await manager.files_agent(owner, sandbox_id), path)
+async def remove_file(path: PathQ, sandbox: LiveSandbox) -> Response:
+    await sandbox.files.remove(path)
     return Response(status_code=204)
 
 
@@ -152,37 +146,36 @@ async def remove_file(sandbox_id: str, path: PathQ, owner: Owner, manager: Manag
     },
 )
 async def watch_dir(
-    sandbox_id: str,
     path: PathQ,
-    request: Request,
-    owner: Owner,
-    manager: Manager,
+    sandbox: LiveSandbox,
     recursive: Annotated[bool, Query(description="Also watch subdirectories, present and future.")] = False,
 ) -> Any:
-    agent = await manager.files_agent(owner, sandbox_id)
-    wid, queue = await agent.watch(path, recursive)
-    keepalive = manager.settings.keepalive_interval
+    watch = await sandbox.files.watch(path, recursive)
+    keepalive = sandbox.settings.keepalive_interval
 
-    async def events() -> AsyncIterator[dict[str, Any]]:
-        yield {"type": "watching", "path": path, "recursive": recursive}  # the watch is in place
-        while True:
-            try:
-                async with asyncio.timeout(keepalive):
-                    item = await queue.get()
-            except TimeoutError:
-                yield {"type": "keepalive"}
-                continue
-            if item is None:
-                return
-            yield item
+    async def events() -> AsyncIterator[BaseModel | dict[str, object]]:
+        try:
+            yield WatchingEvent(path=path, recursive=recursive)  # the watch is in place
+            changes = watch.events().__aiter__()
+            while True:
+                try:
+                    async with asyncio.timeout(keepalive):
+                        item = await anext(changes, None)
+                except TimeoutError:
+                    yield WatchKeepaliveEvent()
+                    continue
+                if item is None:
+                    return
+                yield item
+        finally:  # the client left, or the sandbox ended
+            await watch.close()
 
-    async def stop() -> None:
-        await agent.unwatch(wid)
+    def encode(item: BaseModel | dict[str, object]) -> dict[str, Any]:
+        return item.model_dump(mode="json") if isinstance(item, BaseModel) else dict(item)
 
-    return NDJSONStream(events(), base_url(request), on_disconnect=stop)
+    return NDJSONStream(events(), encode)
 
 
 @router.post("/{sandbox_id}/files/artifact", response_model=ArtifactInfo, status_code=201)
-async def keep_file(sandbox_id: str, path: PathQ, request: Request, owner: Owner, manager: Manager) -> ArtifactInfo:
-    art = await manager.keep_file(owner, sandbox_id, path, _mime(path))
-    return art.model_copy(update={"url": base_url(request) + art.url})
+async def keep_file(path: PathQ, request: Request, sandbox: LiveSandbox) -> ArtifactInfo:
+    return artifact_info(await sandbox.files.keep(path, _mime(path)), base_url(request))

@@ -5,24 +5,25 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
-from pydantic import BaseModel, ConfigDict, Field
 
-from cellbox.api.deps import Manager, Owner
+from cellbox.api.deps import LiveSandbox, Manager, Owner
 from cellbox.interpreter.errors import InvalidRequest
-from cellbox.interpreter.models import ContextCreate, ContextInfo, ContextList, SandboxCreate, SandboxInfo, SandboxList
+from cellbox.interpreter.models import (
+    ContextCreate,
+    ContextInfo,
+    ContextList,
+    SandboxCreate,
+    SandboxInfo,
+    SandboxList,
+    TimeoutBody,
+)
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
 
 
-class TimeoutBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    timeout: float = Field(gt=0, description="Seconds from now until the sandbox expires.")
-
-
 @router.post("", status_code=201, response_model=SandboxInfo)
 async def create_sandbox(body: SandboxCreate, owner: Owner, manager: Manager) -> SandboxInfo:
-    sandbox = await manager.create(owner, body)
-    return sandbox.info()
+    return await manager.create(owner, body)
 
 
 @router.get("", response_model=SandboxList)
@@ -71,30 +72,26 @@ async def resume_sandbox(sandbox_id: str, owner: Owner, manager: Manager) -> San
 
 
 @router.post("/{sandbox_id}/contexts", status_code=201, response_model=ContextInfo)
-async def create_context(sandbox_id: str, body: ContextCreate, owner: Owner, manager: Manager) -> ContextInfo:
-    return await manager.create_context(owner, sandbox_id, body.language, body.cwd)
+async def create_context(body: ContextCreate, sandbox: LiveSandbox) -> ContextInfo:
+    return await sandbox.contexts.create(body.language, body.cwd)
 
 
 @router.get("/{sandbox_id}/contexts", response_model=ContextList)
-async def list_contexts(sandbox_id: str, owner: Owner, manager: Manager) -> ContextList:
-    return ContextList(contexts=await manager.contexts(owner, sandbox_id))
+async def list_contexts(sandbox: LiveSandbox) -> ContextList:
+    return ContextList(contexts=await sandbox.contexts.list())
 
 
 @router.delete("/{sandbox_id}/contexts/{context_id}", status_code=204)
-async def remove_context(sandbox_id: str, context_id: str, owner: Owner, manager: Manager) -> Response:
-    await manager.remove_context(owner, sandbox_id, context_id)
+async def remove_context(context_id: str, sandbox: LiveSandbox) -> Response:
+    await sandbox.contexts.remove(context_id)
     return Response(status_code=204)
 
 
 @router.post("/{sandbox_id}/contexts/{context_id}/restart", response_model=ContextInfo)
-async def restart_context(sandbox_id: str, context_id: str, owner: Owner, manager: Manager) -> ContextInfo:
-    ctx = await manager.context(owner, sandbox_id, context_id)
-    await ctx.restart()
-    return ctx.info()
+async def restart_context(context_id: str, sandbox: LiveSandbox) -> ContextInfo:
+    return await sandbox.contexts.restart(context_id)
 
 
 @router.post("/{sandbox_id}/contexts/{context_id}/interrupt", response_model=ContextInfo)
-async def interrupt_context(sandbox_id: str, context_id: str, owner: Owner, manager: Manager) -> ContextInfo:
-    ctx = await manager.context(owner, sandbox_id, context_id)
-    await ctx.interrupt()
-    return ctx.info()
+async def interrupt_context(context_id: str, sandbox: LiveSandbox) -> ContextInfo:
+    return await sandbox.contexts.interrupt(context_id)

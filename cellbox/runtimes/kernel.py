@@ -2,15 +2,17 @@
 
 The only module that imports jupyter_client. A session owns:
 
-* the kernel process, started by the runtime (``Runtime.start_kernel``);
+* the kernel process, started by the local runtime (``LocalRuntime.start_kernel``);
 * one ``AsyncKernelClient`` (heartbeat off: liveness comes from the process, because a missed
   1 s heartbeat during a slow start reads as a false death);
-* three pump tasks (iopub, shell, stdin) that route every message by its parent
-  ``msg_id`` to the queue of the request that caused it, and drop the rest;
+* four pump tasks (iopub, shell, stdin, control) that route every message by its parent
+  ``msg_id`` to the queue of the request that caused it, and hand *every* message to the
+  raw subscribers (:meth:`KernelSession.subscribe`: the Jupyter gateway face relays a
+  frontend's traffic, comms and broadcast ``status`` included);
 * a watcher task that notices the process exiting at once and pushes a ``Died`` marker into
   every open route, so nobody waits on a dead kernel.
 
-Executions are not serialised here; ``Context`` in ``sandbox.py`` does that.
+Executions are not serialised here; the context runner in ``backend.py`` does that.
 """
 
 from __future__ import annotations
@@ -20,21 +22,60 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from jupyter_client.asynchronous.client import AsyncKernelClient
 
-from cellbox.interpreter.errors import KernelDied, KernelStartFailed
+from cellbox.aio import cancel_and_wait
+from cellbox.interpreter.errors import InvalidRequest, KernelDied, KernelStartFailed
+from cellbox.interpreter.messages import Channel, KernelMessage
 from cellbox.interpreter.models import KernelExit
-from cellbox.runtimes.types import KernelProcess, KernelSpec
+from cellbox.runtimes.specs import KernelProcess, KernelSpec
 
 log = logging.getLogger("cellbox.kernel")
 
 Message = dict[str, Any]
 
 _POLL_MS = 1000
+# A raw subscriber that falls this many messages behind is cut off (its iterator ends): a
+# stuck frontend must not grow the service's memory without bound.
+SUBSCRIBER_BACKLOG = 10_000
+_CHANNELS: tuple[Channel, ...] = ("shell", "iopub", "stdin", "control")
+
+
+class Subscription:
+    """Every message of one kernel, from the moment of subscribing (see
+    :meth:`KernelSession.subscribe`). Iterate it; :meth:`close` ends the iteration."""
+
+    def __init__(self, session: KernelSession) -> None:
+        self._session = session
+        self.queue: asyncio.Queue[KernelMessage | None] = asyncio.Queue(SUBSCRIBER_BACKLOG)
+        self.overflowed = False
+
+    def put(self, msg: KernelMessage) -> None:
+        try:
+            self.queue.put_nowait(msg)
+        except asyncio.QueueFull:
+            log.warning("a raw kernel subscriber fell %d messages behind; cutting it off", SUBSCRIBER_BACKLOG)
+            self.overflowed = True
+            self.close()
+
+    def close(self) -> None:
+        self._session._subscribers.discard(self)
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(None)
+        if self.queue.full():  # make room for the end marker
+            self.queue.get_nowait()
+            self.queue.put_nowait(None)
+
+    async def __aiter__(self) -> AsyncIterator[KernelMessage]:
+        try:
+            while (msg := await self.queue.get()) is not None:
+                yield msg
+        finally:
+            self._session._subscribers.discard(self)
 
 
 @dataclass(frozen=True)
@@ -69,7 +110,7 @@ class KernelSession:
     fresh :class:`KernelProcess`), so restart is just stop + start with the same callable.
     """
 
-    def __init__(self, launch: Callable[[], Any], spec: KernelSpec, start_timeout: float) -> None:
+    def __init__(self, launch: Callable[[], Awaitable[KernelProcess]], spec: KernelSpec, start_timeout: float) -> None:
         self._launch = launch
         self.spec = spec
         self.start_timeout = start_timeout
@@ -80,7 +121,10 @@ class KernelSession:
         self._routes: dict[str, Route] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._on_death: list[Callable[[KernelExit], None]] = []
+        self._subscribers: set[Subscription] = set()
         self.started_at = 0.0
+        self.last_activity = time.time()
+        self.execution_state = "starting"  # the kernel's last iopub status
 
     @property
     def alive(self) -> bool:
@@ -100,31 +144,33 @@ class KernelSession:
         """
         self.exit = None
         self.died = asyncio.Event()
-        t0 = time.monotonic()
+        self.execution_state = "starting"
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
         self.process = process = await self._launch()
         client = AsyncKernelClient()
-        client.load_connection_info(process.connection_info)
+        client.load_connection_info(cast(Any, process.connection_info))
         client.start_channels(shell=True, iopub=True, stdin=True, control=True, hb=False)
         self.client = client
         self._tasks = [asyncio.create_task(self._watch(process), name="kernel-watch")]
-        for name, channel in [("iopub", client.iopub_channel), ("shell", client.shell_channel),
-                              ("stdin", client.stdin_channel), ("control", client.control_channel)]:
+        for name in _CHANNELS:
+            channel = getattr(client, f"{name}_channel")
             self._tasks.append(asyncio.create_task(self._pump(name, channel), name=f"kernel-{name}"))
         try:
-            await self._wait_ready(time.monotonic() + self.start_timeout)
+            await self._wait_ready(t0 + self.start_timeout)
         except BaseException:
             await self.stop()
             raise
         self.started_at = time.monotonic()
-        log.debug("kernel ready in %.0f ms", (self.started_at - t0) * 1000)
+        log.debug("kernel ready in %.0f ms", (loop.time() - t0) * 1000)
 
-    async def _wait_ready(self, deadline: float) -> None:
-        """Probe with ``kernel_info`` every second until one is answered on shell and iopub.
+    async def _wait_ready(self, ldeadline: float) -> None:
+        """Probe with ``kernel_info`` every second until one is answered on shell and iopub
+        (``ldeadline`` is loop time).
 
         Every probe's replies land in one route: a kernel slow to start (a loaded host) may
         answer an early probe late, and that answer counts as much as a fresh one."""
         loop = asyncio.get_running_loop()
-        ldeadline = loop.time() + (deadline - time.monotonic())
         client = self._require_client()
         route = Route("kernel_info")
         probes: list[str] = []
@@ -162,11 +208,12 @@ class KernelSession:
         process, client = self.process, self.client
         try:
             if process is not None:
-                with contextlib.suppress(Exception):
+                try:
                     await process.kill()
+                except Exception:
+                    log.warning("could not kill a kernel process", exc_info=True)
             for t in self._tasks:
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await t
+                await cancel_and_wait(t)
         finally:
             self._tasks = []
             if client is not None:
@@ -213,6 +260,29 @@ class KernelSession:
         """Answer the kernel's pending ``input_request``."""
         self._require_client().input(value)
 
+    def subscribe(self) -> Subscription:
+        """Every message the kernel sends from now on, on every channel (with ``channel`` set),
+        across restarts, until the subscription is closed."""
+        sub = Subscription(self)
+        self._subscribers.add(sub)
+        return sub
+
+    def close_subscriptions(self) -> None:
+        for sub in list(self._subscribers):
+            sub.close()
+
+    def send(self, message: KernelMessage) -> None:
+        """Send a message built elsewhere (a frontend's), keeping its header: the kernel's
+        replies carry its ``msg_id`` as their parent and reach the raw subscribers."""
+        channel = message.get("channel")
+        if channel not in _CHANNELS:
+            raise InvalidRequest(f"unknown channel {channel!r}; one of {', '.join(_CHANNELS)}", field="channel")
+        client = self._require_client()
+        zmq_channel = getattr(client, f"{channel}_channel")
+        msg = {k: message.get(k, {}) for k in ("header", "parent_header", "metadata", "content")}
+        client.session.send(zmq_channel.socket, msg, buffers=message.get("buffers") or None)
+        self.last_activity = time.time()
+
     async def interrupt(self) -> None:
         """Interrupt the running cell: ``interrupt_request`` on control, or SIGINT for kernels
         whose spec says ``signal``. Does not wait for the cell to stop."""
@@ -247,10 +317,17 @@ class KernelSession:
             except Exception:  # a malformed or unsigned message: skip it, keep pumping
                 log.warning("dropped an unreadable %s message", channel, exc_info=True)
                 continue
+            self.last_activity = time.time()
+            if channel == "iopub" and msg["msg_type"] == "status":
+                self.execution_state = msg["content"].get("execution_state", self.execution_state)
             parent = msg.get("parent_header") or {}
             route = self._routes.get(parent.get("msg_id", ""))
             if route is not None:
                 route.queue.put_nowait((channel, msg))
+            if self._subscribers:
+                raw = cast(KernelMessage, {**msg, "channel": channel})
+                for sub in list(self._subscribers):
+                    sub.put(raw)
 
     async def _watch(self, process: KernelProcess) -> None:
         exit_info = await process.wait()
@@ -258,6 +335,7 @@ class KernelSession:
             return
         self.exit = exit_info
         self.died.set()
+        self.execution_state = "dead"
         self._fail_routes(Died(exit_info))
         for cb in self._on_death:
             try:

@@ -11,7 +11,10 @@ from typing import Any, Protocol
 
 from cellbox.interpreter.models import KernelExit, Limits
 
-__all__ = ["KernelProcess", "KernelSpec", "SandboxHandle", "TemplateInfo"]
+__all__ = ["SANDBOX_HOME", "KernelProcess", "KernelSpec", "SandboxHandle", "TemplateInfo"]
+
+# The user's home and default working directory, as every sandbox sees it.
+SANDBOX_HOME = "/home/user"
 
 
 @dataclass(frozen=True)
