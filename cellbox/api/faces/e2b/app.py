@@ -15,7 +15,6 @@ exist answers in the same shapes, never FastAPI's ``{"detail"}``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -24,15 +23,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from cellbox.api.faces import Face
+from cellbox.api.faces import Services as CoreServices
 from cellbox.api.faces.e2b import control, envd, jupyter
 from cellbox.api.faces.e2b.connect import HTTP_STATUS, Code, ConnectError, error_body
 from cellbox.api.faces.e2b.errors import Surface, http_error
 from cellbox.api.faces.e2b.models import SandboxDefaults
 from cellbox.api.faces.e2b.services import SANDBOX_ID_HEADER, Services, sandbox_target
 from cellbox.interpreter import errors as e
-from cellbox.interpreter.config import Settings
 
-__all__ = ["ENVD_PORT", "JUPYTER_PORT", "E2BFace", "is_e2b_request"]
+__all__ = ["ENVD_PORT", "FACE", "JUPYTER_PORT", "E2BFace", "is_e2b_request"]
 
 log = logging.getLogger("cellbox.api.e2b")
 
@@ -90,17 +90,18 @@ def is_e2b_request(scope: Scope, domain: str | None = None) -> bool:
 
 
 class E2BFace:
-    """The face's ASGI app. ``get_manager`` returns the core's SandboxManager (the root app's
-    lifespan opens it, so it is looked up per request)."""
+    """The face's ASGI app over the registry's services (the manager is looked up per
+    request: the root app's lifespan opens it after the faces are built)."""
 
-    def __init__(self, settings: Settings, get_manager: Callable[[], Any], domain: str | None = None) -> None:
+    def __init__(self, core: CoreServices, domain: str | None = None) -> None:
+        settings = core.settings
         defaults = SandboxDefaults(
             cpu=settings.default_cpu,
             memory_mb=settings.default_memory_mb,
             disk_mb=settings.default_disk_mb,
             domain=domain,
         )
-        self.services = Services(settings=settings, get_manager=get_manager, defaults=defaults)
+        self.services = Services(core=core, defaults=defaults)
         self.api = _surface_app(Surface.API, control.routes(), self.services)
         self.envd = _surface_app(Surface.ENVD, envd.routes(), self.services)
         self.jupyter = _surface_app(Surface.JUPYTER, jupyter.routes(), self.services)
@@ -126,3 +127,10 @@ class E2BFace:
             await JSONResponse(body, status_code=502)(scope, receive, send)
             return
         await app(scope, receive, send)
+
+
+def build(core: CoreServices) -> E2BFace:
+    return E2BFace(core)
+
+
+FACE = Face(name="e2b", matches=is_e2b_request, build=build)

@@ -61,7 +61,7 @@ async def list_v2(request: Request) -> Response:
     q = request.query_params
     states = m.parse_states(q.getlist("state"))
     metadata = m.parse_metadata_query(q.get("metadata"))
-    found = await svc.manager.list_sandboxes(owner, states=states, metadata=metadata)
+    found = await svc.manager.list_sandboxes(owner, states=[str(st) for st in states], metadata=metadata)
     if template := q.get("template"):
         found = [s for s in found if s.template in (template, m.cellbox_template(template))]
     try:
@@ -77,7 +77,7 @@ async def list_v1(request: Request) -> Response:
     svc = services(request)
     owner = svc.owner(request)
     metadata = m.parse_metadata_query(request.query_params.get("metadata"))
-    found = await svc.manager.list_sandboxes(owner, states=m.parse_states(None), metadata=metadata)
+    found = await svc.manager.list_sandboxes(owner, states=[str(st) for st in m.parse_states(None)], metadata=metadata)
     return JSONResponse([m.listed_sandbox(s, svc.defaults) for s in found])
 
 

@@ -25,7 +25,8 @@ from cellbox.api.faces.e2b.errors import connect_error
 from cellbox.api.faces.e2b.services import services
 from cellbox.api.faces.e2b.stream import ByteStream
 from cellbox.interpreter import errors as e
-from cellbox.interpreter.models import CommandRequest
+from cellbox.interpreter.models import CommandExitEvent, CommandRequest
+from cellbox.interpreter.sandbox import Sandbox
 
 __all__ = ["routes"]
 
@@ -62,22 +63,20 @@ def absolute(path: str) -> str:
     return posixpath.normpath(path if path.startswith("/") else posixpath.join(HOME, path))
 
 
-async def _sandbox(request: Request) -> tuple[str, Any]:
-    svc = services(request)
-    sid, _ = svc.target(request)
-    owner = svc.sandbox_owner(request, sid)
-    return sid, await svc.manager.get(owner, sid)
+async def _sandbox(request: Request) -> tuple[str, Sandbox]:
+    return await services(request).sandbox(request)
 
 
 # -- plain HTTP ---------------------------------------------------------------------------------
 
 
 async def health(request: Request) -> Response:
-    await _sandbox(request)
+    _, sbx = await _sandbox(request)
+    sbx.require_running()
     return Response(status_code=204)
 
 
-async def _file_sandbox(request: Request, operation: str, path: str, user: str | None) -> Any:
+async def _file_sandbox(request: Request, operation: str, path: str, user: str | None) -> Sandbox:
     """The sandbox of a ``/files`` request: by the routing headers and token, or (a signed URL
     that has neither) by the signature, which only the sandbox's token can make."""
     svc = services(request)
@@ -91,12 +90,9 @@ async def _file_sandbox(request: Request, operation: str, path: str, user: str |
     except ValueError:
         raise e.InvalidRequest("invalid signature_expiration") from None
     keys: list[str | None] = list(svc.settings.api_keys) or [None]
-    target = svc.defaults.domain and svc.target(request)
     for key in keys:
         owner = svc.owner_of(key)
         for info in await svc.manager.list_sandboxes(owner):
-            if target and info.id != target[0]:
-                continue
             token = access_token(key, info.id)
             if signature_valid(sig, path, operation, user, token, expiration):
                 return await svc.manager.get(owner, info.id)
@@ -115,7 +111,7 @@ async def read_file(request: Request) -> Response:
     entry = await sbx.files.stat(path)
     if entry.type == "dir":
         raise e.InvalidRequest(f"path {path!r} is a directory")
-    chunks: AsyncIterator[bytes] = await sbx.files.read(path)
+    _, chunks = await sbx.files.read(path)
     headers = {"Content-Disposition": f'attachment; filename="{posixpath.basename(path)}"'}
     if "gzip" in request.headers.get("accept-encoding", "") and "gzip" in q.get("encoding", "gzip"):
         headers["Content-Encoding"] = "gzip"
@@ -156,6 +152,7 @@ async def write_files(request: Request) -> Response:
     _check_user(user)
     raw_path = q.get("path")
     content_type = request.headers.get("content-type", "")
+    limit = services(request).settings.max_upload_bytes
     if content_type.startswith("multipart/form-data"):
         sbx = await _file_sandbox(request, "write", raw_path or "", user)
         written = []
@@ -167,7 +164,7 @@ async def write_files(request: Request) -> Response:
                 dest = raw_path if raw_path and len(uploads) == 1 else upload.filename
                 if not dest:
                     raise e.InvalidRequest("a file part without a file name, and no path")
-                entry = await sbx.files.write(absolute(dest), _upload_chunks(upload))
+                entry = await sbx.files.write(absolute(dest), _upload_chunks(upload), limit)
                 written.append(t.write_info(entry))
         return JSONResponse(written)
     if not raw_path:
@@ -179,14 +176,14 @@ async def write_files(request: Request) -> Response:
         body = _gunzip(body)
     elif encoding not in ("", "identity"):
         raise e.InvalidRequest(f"unsupported Content-Encoding {encoding!r}")
-    entry = await sbx.files.write(absolute(raw_path), body)
+    entry = await sbx.files.write(absolute(raw_path), body, limit)
     return JSONResponse([t.write_info(entry)])
 
 
 # -- Connect-RPC --------------------------------------------------------------------------------
 
-Unary = Callable[[Request, Any, dict[str, Any]], Awaitable[dict[str, Any]]]
-Streaming = Callable[[Request, Any, dict[str, Any], float | None], AsyncIterator[dict[str, Any]]]
+Unary = Callable[[Request, Sandbox, dict[str, Any]], Awaitable[dict[str, Any]]]
+Streaming = Callable[[Request, Sandbox, dict[str, Any], float | None], AsyncIterator[dict[str, Any]]]
 
 
 def _pid(msg: dict[str, Any]) -> int:
@@ -207,22 +204,21 @@ def _command(config: dict[str, Any]) -> str:
     return shlex.join([cmd, *args])
 
 
-async def _follow_process(sbx: Any, pid: int, after: int = -1) -> AsyncIterator[dict[str, Any]]:
+async def _follow_process(sbx: Sandbox, pid: int, after: int = -1) -> AsyncIterator[dict[str, Any]]:
     timed_out = False
     async for event in sbx.commands.follow(pid, after=after):
-        ev = event.model_dump() if hasattr(event, "model_dump") else dict(event)
-        msg = t.process_event(ev)
+        msg = t.process_event(event)
         if msg is not None:
             yield msg
-        if ev.get("type") == "exit":
-            timed_out = bool(ev.get("timed_out"))
+        if isinstance(event, CommandExitEvent):
+            timed_out = bool(event.timed_out)
             break
     if timed_out:
         raise c.ConnectError(c.Code.DEADLINE_EXCEEDED, "the command ran past its timeout and was killed")
 
 
 async def process_start(
-    request: Request, sbx: Any, msg: dict[str, Any], timeout: float | None
+    request: Request, sbx: Sandbox, msg: dict[str, Any], timeout: float | None
 ) -> AsyncIterator[dict[str, Any]]:
     _check_user(_rpc_user(request))
     if msg.get("pty"):
@@ -246,17 +242,17 @@ async def process_start(
 
 
 async def process_connect(
-    request: Request, sbx: Any, msg: dict[str, Any], timeout: float | None
+    request: Request, sbx: Sandbox, msg: dict[str, Any], timeout: float | None
 ) -> AsyncIterator[dict[str, Any]]:
     pid = _pid(msg)
-    await sbx.commands.get(pid)  # NOT_FOUND before the stream starts
+    sbx.commands.get(pid)  # NOT_FOUND before the stream starts
     async for out in _follow_process(sbx, pid):
         yield out
 
 
-async def process_list(request: Request, sbx: Any, msg: dict[str, Any]) -> dict[str, Any]:
+async def process_list(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
     processes = []
-    for info in await sbx.commands.list():
+    for info in sbx.commands.list():
         if not info.running:
             continue
         processes.append(
@@ -268,7 +264,7 @@ async def process_list(request: Request, sbx: Any, msg: dict[str, Any]) -> dict[
     return {"processes": processes}
 
 
-async def process_send_input(request: Request, sbx: Any, msg: dict[str, Any]) -> dict[str, Any]:
+async def process_send_input(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
     pid = _pid(msg)
     data = msg.get("input") or {}
     if "pty" in data:
@@ -277,7 +273,7 @@ async def process_send_input(request: Request, sbx: Any, msg: dict[str, Any]) ->
     return {}
 
 
-async def process_close_stdin(request: Request, sbx: Any, msg: dict[str, Any]) -> dict[str, Any]:
+async def process_close_stdin(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
     await sbx.commands.stdin(_pid(msg), None)
     return {}
 
@@ -285,33 +281,31 @@ async def process_close_stdin(request: Request, sbx: Any, msg: dict[str, Any]) -
 _SIGNALS = {"SIGNAL_SIGKILL": 9, "SIGNAL_SIGTERM": 15, "SIGKILL": 9, "SIGTERM": 15}
 
 
-async def process_send_signal(request: Request, sbx: Any, msg: dict[str, Any]) -> dict[str, Any]:
+async def process_send_signal(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
     raw = msg.get("signal", 0)
     signum = int(raw) if isinstance(raw, int) or str(raw).isdigit() else _SIGNALS.get(str(raw), 0)
     if signum not in (9, 15):
         raise c.ConnectError(c.Code.INVALID_ARGUMENT, f"unsupported signal {raw!r}")
     pid = _pid(msg)
-    info = await sbx.commands.get(pid)
-    if not info.running:
+    if sbx.commands.get(pid).done.is_set():
         raise e.NotFound(f"process {pid} is not running")
     await sbx.commands.signal(pid, signum)
     return {}
 
 
-async def fs_stat(request: Request, sbx: Any, msg: dict[str, Any]) -> dict[str, Any]:
+async def fs_stat(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
     _check_user(_rpc_user(request))
     return {"entry": t.entry_info(await sbx.files.stat(absolute(str(msg.get("path", "")))))}
 
 
-async def fs_list_dir(request: Request, sbx: Any, msg: dict[str, Any]) -> dict[str, Any]:
+async def fs_list_dir(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
     _check_user(_rpc_user(request))
     depth = int(msg.get("depth") or 1)
     listing = await sbx.files.listdir(absolute(str(msg.get("path", ""))), depth)
-    entries = listing.entries if hasattr(listing, "entries") else listing
-    return {"entries": [t.entry_info(entry) for entry in entries]}
+    return {"entries": [t.entry_info(entry) for entry in listing.entries]}
 
 
-async def fs_make_dir(request: Request, sbx: Any, msg: dict[str, Any]) -> dict[str, Any]:
+async def fs_make_dir(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
     _check_user(_rpc_user(request))
     path = absolute(str(msg.get("path", "")))
     created, entry = await sbx.files.mkdir(path, True)
@@ -320,20 +314,20 @@ async def fs_make_dir(request: Request, sbx: Any, msg: dict[str, Any]) -> dict[s
     return {"entry": t.entry_info(entry)}
 
 
-async def fs_move(request: Request, sbx: Any, msg: dict[str, Any]) -> dict[str, Any]:
+async def fs_move(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
     _check_user(_rpc_user(request))
     src, dst = absolute(str(msg.get("source", ""))), absolute(str(msg.get("destination", "")))
     return {"entry": t.entry_info(await sbx.files.move(src, dst))}
 
 
-async def fs_remove(request: Request, sbx: Any, msg: dict[str, Any]) -> dict[str, Any]:
+async def fs_remove(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
     _check_user(_rpc_user(request))
     await sbx.files.remove(absolute(str(msg.get("path", ""))))
     return {}
 
 
 async def fs_watch_dir(
-    request: Request, sbx: Any, msg: dict[str, Any], timeout: float | None
+    request: Request, sbx: Sandbox, msg: dict[str, Any], timeout: float | None
 ) -> AsyncIterator[dict[str, Any]]:
     _check_user(_rpc_user(request))
     root = absolute(str(msg.get("path", "")))

@@ -19,7 +19,8 @@ from cellbox.api.faces.e2b import translate as t
 from cellbox.api.faces.e2b.services import services
 from cellbox.api.faces.e2b.stream import ByteStream
 from cellbox.interpreter import errors as e
-from cellbox.interpreter.models import EndEvent, ExecuteRequest
+from cellbox.interpreter.models import ContextInfo, EndEvent, ExecuteRequest
+from cellbox.interpreter.sandbox import Sandbox
 
 __all__ = ["routes"]
 
@@ -29,13 +30,11 @@ HOME = "/home/user"
 LANGUAGES = {"js": "javascript", "ts": "javascript", "typescript": "javascript", "sh": "bash"}
 
 
-async def _sandbox(request: Request) -> Any:
-    svc = services(request)
-    sid, _ = svc.target(request)
-    return await svc.manager.get(svc.sandbox_owner(request, sid), sid)
+async def _sandbox(request: Request) -> Sandbox:
+    return (await services(request).sandbox(request))[1]
 
 
-def _context_json(info: Any) -> dict[str, Any]:
+def _context_json(info: ContextInfo) -> dict[str, Any]:
     return {"id": info.id, "language": info.language, "cwd": info.cwd or HOME}
 
 
@@ -53,11 +52,11 @@ async def _json(request: Request) -> dict[str, Any]:
 
 
 async def health(request: Request) -> Response:
-    await _sandbox(request)
+    (await _sandbox(request)).require_running()
     return PlainTextResponse("OK")
 
 
-async def _context_for(sbx: Any, context_id: str | None, language: str | None) -> str | None:
+async def _context_for(sbx: Sandbox, context_id: str | None, language: str | None) -> str | None:
     if context_id:
         await sbx.contexts.get(context_id)  # ContextNotFound → 404 before the stream starts
         return context_id
@@ -88,15 +87,15 @@ async def execute(request: Request) -> Response:
     )
 
     async def interrupt() -> None:
-        await sbx.executions.interrupt(started.id, only_if_running=False)
+        await sbx.executions.interrupt(started.id)
 
     return ByteStream(_lines(sbx, started.id), NDJSON, on_disconnect=interrupt)
 
 
-async def _lines(sbx: Any, execution_id: str) -> AsyncIterator[bytes]:
+async def _lines(sbx: Sandbox, execution_id: str) -> AsyncIterator[bytes]:
     lines = t.ExecutionLines()
     ended = False
-    async for event in sbx.executions.follow(execution_id):
+    async for event in await sbx.executions.follow(execution_id):
         for line in lines.lines(event):
             yield t.ndjson(line)
         if isinstance(event, EndEvent):

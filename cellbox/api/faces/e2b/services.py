@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import HTTPConnection
 
 from cellbox.api.deps import ANONYMOUS, key_from_headers, owner_of_key
+from cellbox.api.faces import Services as CoreServices
 from cellbox.api.faces.e2b import auth
 from cellbox.api.faces.e2b.models import SandboxDefaults
 from cellbox.interpreter.config import Settings
 from cellbox.interpreter.errors import InvalidRequest, Unauthorized
+from cellbox.interpreter.manager import SandboxManager
+from cellbox.interpreter.sandbox import Sandbox
 
 __all__ = ["SANDBOX_ID_HEADER", "SANDBOX_PORT_HEADER", "Services", "sandbox_target", "services"]
 
@@ -42,13 +44,16 @@ def sandbox_target(headers: Any, domain: str | None) -> tuple[str, int] | None:
 
 @dataclass
 class Services:
-    settings: Settings
-    get_manager: Callable[[], Any]  # -> SandboxManager, once the lifespan opened it
+    core: CoreServices  # the registry's: settings now, the manager once the lifespan ran
     defaults: SandboxDefaults
 
     @property
-    def manager(self) -> Any:
-        return self.get_manager()
+    def settings(self) -> Settings:
+        return self.core.settings
+
+    @property
+    def manager(self) -> SandboxManager:
+        return self.core.manager
 
     # -- the control plane -----------------------------------------------------------------
 
@@ -89,6 +94,12 @@ class Services:
         """The owner of ``sandbox_id`` according to the request's access token."""
         token = conn.headers.get("x-access-token") or conn.headers.get("e2b-traffic-access-token")
         return auth.owner_for_token(list(self.settings.api_keys), sandbox_id, token)
+
+    async def sandbox(self, conn: HTTPConnection) -> tuple[str, Sandbox]:
+        """The sandbox a sandbox-surface request is addressed to (live, paused or ended: work
+        on one that is not running raises SandboxNotRunning)."""
+        sid, _ = self.target(conn)
+        return sid, await self.manager.get(self.sandbox_owner(conn, sid), sid)
 
 
 def services(conn: HTTPConnection) -> Services:
