@@ -285,3 +285,18 @@ def test_commands_cwd_envs_timeout(sbx: Sandbox) -> None:
     with pytest.raises(TimeoutException):
         sbx.commands.run("sleep 30", timeout=1)
     assert sbx.commands.run("echo stdin-closed; cat").stdout == "stdin-closed\n"
+
+
+def test_watch_dir_polling(sbx: Sandbox) -> None:
+    sbx.files.make_dir("watched/sub")  # inotify sees into directories that exist when watched
+    handle = sbx.files.watch_dir("watched", recursive=True)
+    try:
+        sbx.files.write("watched/sub/deep.txt", "x")
+        deadline = time.monotonic() + 15
+        names: set[str] = set()
+        while "sub/deep.txt" not in names:
+            assert time.monotonic() < deadline, f"no event for sub/deep.txt, got {names}"
+            names |= {e.name for e in handle.get_new_events()}
+            time.sleep(0.1)
+    finally:
+        handle.stop()

@@ -149,7 +149,12 @@ async def pause(request: Request) -> Response:
     info = _live(await svc.manager.info(owner, sid))
     if info.state is SandboxState.PAUSED:
         raise Conflict(f"sandbox {sid} is already paused")
-    await svc.manager.pause(owner, sid)
+    try:
+        await svc.manager.pause(owner, sid)
+    except Conflict as exc:
+        # To the SDKs a 409 means "already paused" (pause() returns False); any other reason
+        # the core cannot pause (a busy kernel, a runtime without a freezer) must raise.
+        raise InvalidRequest(exc.message) from None
     return Response(status_code=204)
 
 

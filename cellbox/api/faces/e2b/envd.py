@@ -351,7 +351,27 @@ async def fs_watch_dir(
         await watch.close()
 
 
+async def fs_create_watcher(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
+    _check_user(_rpc_user(request))
+    root = absolute(str(msg.get("path", "")))
+    watch = await sbx.files.watch(root, bool(msg.get("recursive")))
+    return {"watcherId": services(request).watchers.add(sbx.id, sbx.owner, root, watch)}
+
+
+async def fs_get_watcher_events(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
+    events = services(request).watchers.take(str(msg.get("watcherId", "")), sbx.id, sbx.owner)
+    return {"events": events}
+
+
+async def fs_remove_watcher(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
+    await services(request).watchers.remove(str(msg.get("watcherId", "")), sbx.id, sbx.owner)
+    return {}
+
+
 UNARY: dict[str, Unary] = {
+    "filesystem.Filesystem/CreateWatcher": fs_create_watcher,
+    "filesystem.Filesystem/GetWatcherEvents": fs_get_watcher_events,
+    "filesystem.Filesystem/RemoveWatcher": fs_remove_watcher,
     "process.Process/List": process_list,
     "process.Process/SendInput": process_send_input,
     "process.Process/CloseStdin": process_close_stdin,

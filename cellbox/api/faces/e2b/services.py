@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import HTTPConnection
@@ -14,6 +14,7 @@ from cellbox.api.deps import ANONYMOUS, key_from_headers, owner_of_key
 from cellbox.api.faces import Services as CoreServices
 from cellbox.api.faces.e2b import auth
 from cellbox.api.faces.e2b.models import SandboxDefaults
+from cellbox.api.faces.e2b.watchers import Watchers
 from cellbox.interpreter.config import Settings
 from cellbox.interpreter.errors import InvalidRequest, Unauthorized
 from cellbox.interpreter.manager import SandboxManager
@@ -46,6 +47,7 @@ def sandbox_target(headers: Any, domain: str | None) -> tuple[str, int] | None:
 class Services:
     core: CoreServices  # the registry's: settings now, the manager once the lifespan ran
     defaults: SandboxDefaults
+    watchers: Watchers = field(default_factory=Watchers)  # envd's polling watchers
 
     @property
     def settings(self) -> Settings:
