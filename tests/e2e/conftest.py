@@ -30,6 +30,9 @@ from cellbox.keys import new_key
 from tests.integration.server import run_server
 
 START_DEADLINE = 120.0
+# "none" by default (the protocol is under test); E2E_ISOLATION=bwrap runs the same suite on
+# isolated sandboxes (as root), where paths are /home/user and pause works.
+ISOLATION = os.environ.get("E2E_ISOLATION", "none")
 
 
 @dataclass
@@ -85,14 +88,17 @@ class E2BServer:
 @pytest.fixture(scope="session")
 def e2b_server() -> Iterator[E2BServer]:
     base = Path(tempfile.mkdtemp(prefix="cbxe2e", dir="/tmp"))
+    if ISOLATION == "bwrap":
+        os.chmod(base, 0o711)  # sandbox uids must reach their home and ipc dirs below it
     key, other = new_key(), new_key()
     settings = Settings(
         data_dir=base / "data",
         run_dir=base / "run",
         templates_dir=Settings().resolved_templates_dir(),
-        isolation="none",
+        isolation=ISOLATION,
         api_keys=[key, other],
         reap_interval=0.5,
+        **({"cgroup_prefix": f"cbxe2e{os.getpid()}"} if ISOLATION == "bwrap" else {}),
     )
     server = ServerThread(settings)
     server.start()
