@@ -23,11 +23,21 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("e2b_code_interpreter", reason="the E2B SDKs are not installed: run scripts/e2e-setup.sh")
-
 from cellbox.interpreter.config import Settings
 from cellbox.keys import new_key
 from tests.integration.server import run_server
+
+try:
+    import e2b_code_interpreter  # noqa: F401
+except ImportError:  # the service's own venv: these tests need .venv-e2e
+    collect_ignore_glob = ["test_e2b_*.py"]
+
+
+def pytest_report_header() -> str | None:
+    if "collect_ignore_glob" in globals():
+        return "e2e: the E2B SDKs are not installed here; run scripts/e2e-setup.sh and use .venv-e2e"
+    return None
+
 
 START_DEADLINE = 120.0
 # "none" by default (the protocol is under test); E2E_ISOLATION=bwrap runs the same suite on
