@@ -300,3 +300,53 @@ def test_watch_dir_polling(sbx: Sandbox) -> None:
             time.sleep(0.1)
     finally:
         handle.stop()
+
+
+def test_more_mime_types_and_extra(sbx: Sandbox) -> None:
+    ex = sbx.run_code(
+        "from IPython.display import JSON, Latex, Javascript, display\n"
+        "display(JSON({'a': 1}))\ndisplay(Latex(r'$x^2$'))\ndisplay(Javascript('1 + 1'))\n"
+        "display({'application/vnd.custom+json': {'k': 'v'}, 'text/plain': 'custom'}, raw=True)"
+    )
+    assert ex.error is None, ex.error
+    assert ex.results[0].json == {"a": 1}
+    assert ex.results[1].latex == "$x^2$"
+    assert ex.results[2].javascript == "1 + 1"
+    assert ex.results[3].extra == {"application/vnd.custom+json": {"k": "v"}} and ex.results[3].text == "custom"
+
+
+def test_sandbox_envs_reach_kernels_and_commands(e2b_server: E2BServer) -> None:
+    sandbox = Sandbox.create(envs={"FROM_CREATE": "yes"})
+    try:
+        assert sandbox.run_code("import os; os.environ['FROM_CREATE']").text == "yes"
+        assert sandbox.commands.run("echo $FROM_CREATE").stdout == "yes\n"
+    finally:
+        sandbox.kill()
+
+
+def test_list_by_state(e2b_server: E2BServer) -> None:
+    from e2b import SandboxState
+
+    sandbox = CoreSandbox.create(metadata={"suite": "states"})
+    try:
+        running = CoreSandbox.list(query=SandboxQuery(metadata={"suite": "states"}, state=[SandboxState.RUNNING]))
+        assert [s.sandbox_id for s in running.next_items()] == [sandbox.sandbox_id]
+        paused = CoreSandbox.list(query=SandboxQuery(metadata={"suite": "states"}, state=[SandboxState.PAUSED]))
+        assert paused.next_items() == []
+    finally:
+        sandbox.kill()
+
+
+def test_internet_access_is_mapped_or_refused_clearly(e2b_server: E2BServer) -> None:
+    from e2b import SandboxException
+
+    offline = CoreSandbox.create(allow_internet_access=False)
+    offline.kill()
+    try:
+        online = CoreSandbox.create(allow_internet_access=True)
+    except SandboxException as exc:  # a runtime without an egress proxy says so
+        assert "network" in str(exc)
+    else:
+        online.kill()
+    with pytest.raises(SandboxException, match="allowOut"):
+        CoreSandbox.create(network={"allow_out": ["10.0.0.1"]})
