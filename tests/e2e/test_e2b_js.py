@@ -17,7 +17,8 @@ pytestmark = pytest.mark.e2e
 JS_DIR = Path(__file__).parent / "js"
 
 
-def test_js_guide_flows(e2b_server: E2BServer) -> None:
+@pytest.mark.parametrize("js_file", sorted(p.name for p in JS_DIR.glob("*.test.mjs")))
+def test_js(e2b_server: E2BServer, js_file: str) -> None:
     node = shutil.which("node")
     if node is None or not (JS_DIR / "node_modules" / "e2b").is_dir():
         pytest.skip("node or the JS SDKs are missing: run scripts/e2e-setup.sh")
@@ -27,9 +28,8 @@ def test_js_guide_flows(e2b_server: E2BServer) -> None:
         "E2B_SANDBOX_URL": e2b_server.url,
         "E2B_API_KEY": e2b_server.key,
     }
-    files = sorted(str(p.name) for p in JS_DIR.glob("*.test.mjs"))
     proc = subprocess.run(
-        [node, "--test", "--test-concurrency=1", "--test-reporter=spec", *files],
+        [node, "--test", "--test-concurrency=1", "--test-reporter=spec", js_file],
         cwd=JS_DIR,
         env=env,
         capture_output=True,
