@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -11,24 +10,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cellbox.api.faces.e2b import models as m
+from cellbox.api.faces.e2b.bodies import read_json_object
 from cellbox.api.faces.e2b.services import services
 from cellbox.interpreter.errors import Conflict, InvalidRequest, SandboxNotFound
 from cellbox.interpreter.models import SandboxInfo, SandboxState
 
 __all__ = ["routes"]
-
-
-async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if not raw:
-        return {}
-    try:
-        doc = await request.json()
-    except ValueError:
-        raise InvalidRequest("the request body is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    return doc
 
 
 def _validation(exc: ValidationError) -> InvalidRequest:
@@ -48,7 +35,7 @@ async def create(request: Request) -> Response:
     svc = services(request)
     owner = svc.owner(request)
     try:
-        body = m.NewSandbox.model_validate(await _body(request))
+        body = m.NewSandbox.model_validate(await read_json_object(request))
     except ValidationError as exc:
         raise _validation(exc) from None
     info = await svc.manager.create(owner, m.to_create(body, svc.settings.max_sandbox_timeout))
@@ -101,7 +88,7 @@ async def set_timeout(request: Request) -> Response:
     svc = services(request)
     sid = request.path_params["sandbox_id"]
     try:
-        body = m.TimeoutBody.model_validate(await _body(request))
+        body = m.TimeoutBody.model_validate(await read_json_object(request))
     except ValidationError as exc:
         raise _validation(exc) from None
     owner = svc.owner(request)
@@ -114,7 +101,7 @@ async def connect(request: Request) -> Response:
     svc = services(request)
     sid = request.path_params["sandbox_id"]
     try:
-        body = m.ConnectBody.model_validate(await _body(request))
+        body = m.ConnectBody.model_validate(await read_json_object(request))
     except ValidationError as exc:
         raise _validation(exc) from None
     if body.memory is False:

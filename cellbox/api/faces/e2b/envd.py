@@ -21,6 +21,7 @@ from starlette.routing import Route
 from cellbox.api.faces.e2b import connect as c
 from cellbox.api.faces.e2b import translate as t
 from cellbox.api.faces.e2b.auth import access_token, signature_valid
+from cellbox.api.faces.e2b.bodies import read_body
 from cellbox.api.faces.e2b.errors import connect_error
 from cellbox.api.faces.e2b.services import services
 from cellbox.api.faces.e2b.stream import ByteStream
@@ -403,7 +404,7 @@ async def rpc(request: Request) -> Response:
     sid = request.headers.get("e2b-sandbox-id", "")
     try:
         timeout = c.parse_timeout_ms(request.headers.get("connect-timeout-ms"))
-        body = await request.body()
+        body = await read_body(request)
         if streaming:
             msg = c.read_single_envelope(body)
         elif method in UNARY:

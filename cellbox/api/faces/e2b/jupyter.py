@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from cellbox.api.faces.e2b import translate as t
+from cellbox.api.faces.e2b.bodies import read_json_object
 from cellbox.api.faces.e2b.services import services
 from cellbox.api.faces.e2b.stream import ByteStream
 from cellbox.interpreter import errors as e
@@ -36,19 +37,6 @@ async def _sandbox(request: Request) -> Sandbox:
 
 def _context_json(info: ContextInfo) -> dict[str, Any]:
     return {"id": info.id, "language": info.language, "cwd": info.cwd or HOME}
-
-
-async def _json(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if not raw:
-        return {}
-    try:
-        doc = await request.json()
-    except ValueError:
-        raise e.InvalidRequest("the request body is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise e.InvalidRequest("the request body must be a JSON object")
-    return doc
 
 
 async def health(request: Request) -> Response:
@@ -72,7 +60,7 @@ async def _context_for(sbx: Sandbox, context_id: str | None, language: str | Non
 
 
 async def execute(request: Request) -> Response:
-    body = await _json(request)
+    body = await read_json_object(request)
     code = body.get("code")
     if not isinstance(code, str):
         raise e.InvalidRequest("code is required")
@@ -107,7 +95,7 @@ async def _lines(sbx: Sandbox, execution_id: str) -> AsyncIterator[bytes]:
 
 
 async def create_context(request: Request) -> Response:
-    body = await _json(request)
+    body = await read_json_object(request)
     sbx = await _sandbox(request)
     language = str(body.get("language") or "python").lower()
     info = await sbx.contexts.create(LANGUAGES.get(language, language), body.get("cwd") or HOME)
