@@ -4,6 +4,7 @@ first, then one test per capability."""
 from __future__ import annotations
 
 import base64
+import json
 import time
 from collections.abc import Iterator
 
@@ -350,3 +351,37 @@ def test_internet_access_is_mapped_or_refused_clearly(e2b_server: E2BServer) -> 
         online.kill()
     with pytest.raises(SandboxException, match="allowOut"):
         CoreSandbox.create(network={"allow_out": ["10.0.0.1"]})
+
+
+CHART = {
+    "type": "line",
+    "title": "t",
+    "x_label": "x",
+    "y_label": "y",
+    "x_unit": None,
+    "y_unit": None,
+    "x_scale": "linear",
+    "y_scale": "linear",
+    "x_ticks": [1.0, 2.0],
+    "x_tick_labels": ["1", "2"],
+    "y_ticks": [1.0, 4.0],
+    "y_tick_labels": ["1", "4"],
+    "elements": [{"label": "l", "points": [[1.0, 1.0], [2.0, 4.0]]}],
+}
+
+
+def test_e2b_chart_and_data_mime_types_reach_the_sdk_objects(sbx: Sandbox) -> None:
+    # The kernel-side formatters (e2b-charts, pandas) produce these MIME types when the
+    # template has them; here the kernel emits them raw, so the face's mapping is what is tested.
+    from e2b_code_interpreter.charts import ChartType, LineChart
+
+    ex = sbx.run_code(
+        "import json\n"
+        f"chart = json.loads({json.dumps(json.dumps(CHART))})\n"
+        "display({'e2b/chart': chart, 'e2b/data': {'a': [1, 2]}, 'text/plain': 'fig'}, raw=True)"
+    )
+    assert ex.error is None, ex.error
+    result = ex.results[0]
+    assert isinstance(result.chart, LineChart) and result.chart.type == ChartType.LINE
+    assert result.chart.elements[0].points == [(1.0, 1.0), (2.0, 4.0)]
+    assert result.data == {"a": [1, 2]}
