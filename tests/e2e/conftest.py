@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +45,14 @@ START_DEADLINE = 120.0
 ISOLATION = os.environ.get("E2E_ISOLATION", "none")
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 @dataclass
 class ServerThread:
     """A cellbox server (``tests.integration.server.run_server``) on an event loop in a
@@ -68,7 +76,10 @@ class ServerThread:
 
     def _run(self) -> None:
         try:
-            asyncio.run(self._main())
+            # uvloop, as `cellbox serve` runs (uvicorn[standard]); it also sets TCP_NODELAY on
+            # accepted connections, which asyncio skips for sockets made with proto 0.
+            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                runner.run(self._main())
         except BaseException as exc:  # reported to the test thread through start()
             self.error = exc
             self.ready.set()
