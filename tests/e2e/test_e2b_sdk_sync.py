@@ -385,3 +385,10 @@ def test_e2b_chart_and_data_mime_types_reach_the_sdk_objects(sbx: Sandbox) -> No
     assert isinstance(result.chart, LineChart) and result.chart.type == ChartType.LINE
     assert result.chart.elements[0].points == [(1.0, 1.0), (2.0, 4.0)]
     assert result.data == {"a": [1, 2]}
+
+
+def test_stream_input(sbx: Sandbox) -> None:
+    handle = sbx.commands.run("cat", background=True, stdin=True)
+    sbx.commands.stream_input(handle.pid, ["one ", b"two\n"])
+    sbx.commands.close_stdin(handle.pid)
+    assert handle.wait().stdout == "one two\n"

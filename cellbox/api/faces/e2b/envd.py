@@ -398,8 +398,45 @@ def _connect_failure(exc: BaseException, sandbox_id: str) -> c.ConnectError:
     return c.ConnectError(c.Code.INTERNAL, "internal error; the service log has the details")
 
 
+async def stream_input(request: Request) -> Response:
+    """``process.Process/StreamInput`` (client streaming): a ``start`` naming the process, then
+    ``data`` messages written to its stdin as they arrive; one empty response message."""
+    sid = request.headers.get("e2b-sandbox-id", "")
+    error: c.ConnectError | None = None
+    try:
+        sid, sbx = await _sandbox(request)
+        reader = c.EnvelopeReader()
+        pid: int | None = None
+        async for chunk in request.stream():
+            for flags, msg in reader.feed(chunk):
+                if flags & c.FLAG_END_STREAM:
+                    continue
+                if "start" in msg:
+                    pid = _pid(msg["start"])
+                elif "data" in msg:
+                    if pid is None:
+                        raise c.ConnectError(c.Code.INVALID_ARGUMENT, "the first message must be start")
+                    data = msg["data"].get("input") or {}
+                    if "pty" in data:
+                        raise c.ConnectError(c.Code.UNIMPLEMENTED, "PTY is not supported by cellbox yet")
+                    await sbx.commands.stdin(pid, base64.b64decode(data.get("stdin", "")))
+        if reader.pending:
+            raise c.ConnectError(c.Code.INVALID_ARGUMENT, "the request ended inside a message")
+    except (c.ConnectError, e.InterpreterError) as exc:
+        error = _connect_failure(exc, sid)
+
+    async def answer() -> AsyncIterator[bytes]:
+        if error is None:
+            yield c.envelope({})
+        yield c.end_stream(error)
+
+    return ByteStream(answer(), c.CONTENT_TYPE_STREAM)
+
+
 async def rpc(request: Request) -> Response:
     method = f"{request.path_params['service']}/{request.path_params['method']}"
+    if method == "process.Process/StreamInput":
+        return await stream_input(request)
     streaming = method in STREAMING
     sid = request.headers.get("e2b-sandbox-id", "")
     try:
