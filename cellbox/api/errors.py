@@ -88,7 +88,8 @@ def install(app: FastAPI, render: Renderer) -> None:
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         fields = _validation_fields(exc.errors())
         first = fields[0] if fields else {"field": "body", "message": "invalid"}
-        return render(e.InvalidRequest(f"invalid {first['field']}: {first['message']}", fields=fields))
+        message = f"invalid {first['field']}: {first['message']}"
+        return render(e.InvalidRequest(message, field=first["field"], fields=fields))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

@@ -119,7 +119,8 @@ class CommandLog(EventLog[CommandEvent]):
             self.add(
                 CommandStderrEvent(
                     pid=self.pid,
-                    text=f"\n[cellbox] output truncated after {self.max_output_bytes} bytes; the command keeps running\n",
+                    text=f"\n[cellbox] output truncated after {self.max_output_bytes} bytes; "
+                    "the command keeps running\n",
                 )
             )
 

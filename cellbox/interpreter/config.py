@@ -7,12 +7,13 @@ a test keeps it so.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _default_data_dir() -> Path:
@@ -29,13 +30,26 @@ class Settings(BaseSettings):
     public_url: str | None = Field(
         None, description="Base URL clients reach the service at (for artifact URLs); default: from the request."
     )
-    api_keys: list[str] = Field(
+    api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Accepted API keys. Empty: no auth, and the server may only bind a loopback address.",
+        description="Accepted API keys (CELLBOX_API_KEYS: comma-separated, or a JSON list). Empty: no auth, "
+        "and the server may only bind a loopback address.",
     )
     data_dir: Path = Field(
         default_factory=_default_data_dir,
-        description="Holds the SQLite state store, artifacts and sandbox homes.",
+        description="Holds the SQLite state store (by default), artifacts, sandbox homes and the instance id.",
+    )
+    state_store: str = Field(
+        "",
+        description="URL of the state store (sandbox records, executions and their events, the artifact index). "
+        "Known schemes: 'sqlite:///absolute/path.sqlite3'. Empty: sqlite:///DATA_DIR/state.sqlite3.",
+    )
+    instance_id: str = Field(
+        "",
+        pattern=r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$",
+        description="Names this service instance in the state store: at startup only its own sandboxes are "
+        "marked lost and its own executions closed. Services sharing one store need distinct ids. Empty: a "
+        "stable id kept in DATA_DIR/instance-id, created on first start, so a restart recovers its sandboxes.",
     )
     run_dir: Path | None = Field(
         None,
@@ -114,6 +128,17 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="Log level of the service.")
     log_code: bool = Field(False, description="Log submitted code at DEBUG level (never at INFO).")
 
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        """``a,b`` or ``["a", "b"]`` from the environment; a list as it is."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [k.strip() for k in text.split(",") if k.strip()]
+        return value
+
     def resolved_run_dir(self) -> Path:
         if self.run_dir is not None:
             return self.run_dir
@@ -123,3 +148,7 @@ class Settings(BaseSettings):
 
     def resolved_templates_dir(self) -> Path:
         return self.templates_dir or self.data_dir / "templates"
+
+    def resolved_state_store(self) -> str:
+        """The state store URL: ``state_store``, or SQLite in the data dir."""
+        return self.state_store or "sqlite://" + os.path.abspath(self.data_dir / "state.sqlite3")

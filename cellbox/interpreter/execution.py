@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from cellbox.interpreter.events import EventLog
 from cellbox.interpreter.models import EndEvent, EndStatus, Event, KeepaliveEvent, _Event, dump_event
-from cellbox.interpreter.store import Store
+from cellbox.interpreter.store import StateStore
 
 log = logging.getLogger("cellbox.execution")
 
@@ -37,7 +37,7 @@ class ExecutionLog(EventLog[Event]):
         sandbox_id: str,
         context_id: str,
         code: str,
-        store: Store,
+        store: StateStore,
         created_at: float | None = None,
     ) -> None:
         super().__init__(lambda: KeepaliveEvent(execution_id=execution_id))

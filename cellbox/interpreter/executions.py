@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from cellbox.aio import TaskSet
-from cellbox.interpreter.artifacts import ArtifactStore, decode_output, is_artifact_mime
+from cellbox.interpreter.artifacts import BlobStore, decode_output, is_artifact_mime
 from cellbox.interpreter.errors import ExecutionNotFound, InvalidRequest
 from cellbox.interpreter.execution import ExecutionLog
 from cellbox.interpreter.models import (
@@ -33,7 +33,7 @@ from cellbox.interpreter.models import (
     RunningEvent,
     StartEvent,
 )
-from cellbox.interpreter.store import Store
+from cellbox.interpreter.store import StateStore
 
 if TYPE_CHECKING:
     from cellbox.interpreter.sandbox import Sandbox
@@ -57,7 +57,7 @@ def new_context_id() -> str:
 class OutputStore:
     """Turns the rich formats of a MIME bundle into artifacts (stored, fsync'ed, indexed)."""
 
-    def __init__(self, artifacts: ArtifactStore, store: Store, sandbox_id: str) -> None:
+    def __init__(self, artifacts: BlobStore, store: StateStore, sandbox_id: str) -> None:
         self.artifacts = artifacts
         self.store = store
         self.sandbox_id = sandbox_id
@@ -95,7 +95,7 @@ class Executions:
         self.outputs = OutputStore(sandbox.artifacts_store, sandbox.store, sandbox.id)
 
     @property
-    def store(self) -> Store:
+    def store(self) -> StateStore:
         return self.sandbox.store
 
     async def start(self, req: ExecuteRequest) -> ExecutionInfo:

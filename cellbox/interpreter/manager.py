@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 import cellbox
 from cellbox.aio import TaskSet, cancel_and_wait
-from cellbox.interpreter.artifacts import ArtifactStore
+from cellbox.interpreter.artifacts import ArtifactStore, BlobStore
 from cellbox.interpreter.config import Settings
 from cellbox.interpreter.errors import (
     ArtifactNotFound,
@@ -33,7 +33,7 @@ from cellbox.interpreter.models import ArtifactInfo, Health, Limits, SandboxCrea
 from cellbox.interpreter.pool import WarmPool
 from cellbox.interpreter.reaper import Reaper
 from cellbox.interpreter.sandbox import Sandbox
-from cellbox.interpreter.store import Store
+from cellbox.interpreter.store import StateStore, open_from_settings
 from cellbox.interpreter.templates import TemplateRegistry
 from cellbox.runtimes.base import Runtime
 from cellbox.runtimes.specs import TemplateInfo
@@ -51,7 +51,7 @@ def new_sandbox_id() -> str:
 class SandboxManager:
     """Creates, finds and removes sandboxes. Start with :meth:`start` (or :meth:`open`)."""
 
-    def __init__(self, settings: Settings, runtime: Runtime, store: Store, artifacts: ArtifactStore) -> None:
+    def __init__(self, settings: Settings, runtime: Runtime, store: StateStore, artifacts: BlobStore) -> None:
         self.settings = settings
         self.runtime = runtime
         self.store = store
@@ -86,7 +86,7 @@ class SandboxManager:
 
             runtime = load_runtime(settings)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        store = await Store.open(settings.data_dir / "state.sqlite3")
+        store = await open_from_settings(settings)
         manager = cls(settings, runtime, store, ArtifactStore(settings.data_dir / "artifacts"))
         try:
             await manager.start()
@@ -98,8 +98,14 @@ class SandboxManager:
     async def start(self) -> None:
         await self.runtime.startup()
         lost, ended = await self.store.mark_lost("the service restarted; the kernel ended with it")
+        log.info("service instance %s", self.store.instance_id)
         if lost or ended:
-            log.warning("service restart: %d sandboxes marked lost, %d executions closed", len(lost), len(ended))
+            log.warning(
+                "service restart: instance %s: %d sandboxes marked lost, %d executions closed",
+                self.store.instance_id,
+                len(lost),
+                len(ended),
+            )
         self._reaping = asyncio.create_task(self.reaper.run(), name="cellbox-reaper")
         self.pool.start()
 
@@ -381,7 +387,7 @@ class SandboxManager:
         purged = await self.store.purge_sandboxes(older_than)
         if purged:
             referenced = await self.store.referenced_artifacts()
-            removed = await asyncio.to_thread(self.artifacts.remove_unreferenced, referenced)
+            removed = await self.artifacts.delete_unreferenced(referenced)
             log.info("purged %d old sandboxes and %d artifact blobs", len(purged), removed)
 
     # -- artifacts ------------------------------------------------------------------------
@@ -389,8 +395,9 @@ class SandboxManager:
     async def artifact(self, owner: str, artifact_id: str) -> tuple[ArtifactInfo, AsyncIterator[bytes]]:
         """An artifact's record and its bytes; ArtifactNotFound unless the owner made it."""
         row = await self.store.find_artifact(artifact_id, owner)
-        if row is None or not self.artifacts.exists(artifact_id):
+        if row is None:
             raise ArtifactNotFound(f"no artifact {artifact_id!r}")
+        await self.artifacts.size(artifact_id)  # ArtifactNotFound before the response starts
         return ArtifactInfo(url="", **row), self.artifacts.open(artifact_id)
 
     async def list_artifacts(self, owner: str, sandbox_id: str) -> list[ArtifactInfo]:

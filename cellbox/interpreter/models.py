@@ -217,9 +217,12 @@ class Limits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    memory_mb: int | None = Field(default=None, ge=16)
-    cpu: float | None = Field(default=None, gt=0)
-    pids: int | None = Field(default=None, ge=16)
+    # The minima are what a kernel needs to start at all: below them a create would wait for a
+    # kernel that never comes (an idle ipykernel is ~50 MB and 14 threads, and takes ~0.4 s of
+    # CPU to start).
+    memory_mb: int | None = Field(default=None, ge=64)
+    cpu: float | None = Field(default=None, ge=0.1)
+    pids: int | None = Field(default=None, ge=32)
     disk_mb: int | None = Field(default=None, ge=16)
     nofile: int | None = Field(default=None, ge=64)
     fsize_mb: int | None = Field(default=None, ge=1)

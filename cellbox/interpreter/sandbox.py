@@ -17,14 +17,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from cellbox.interpreter.artifacts import ArtifactStore
+from cellbox.interpreter.artifacts import BlobStore
 from cellbox.interpreter.commands import Commands
 from cellbox.interpreter.config import Settings
 from cellbox.interpreter.errors import Conflict, ContextNotFound, SandboxNotRunning
 from cellbox.interpreter.executions import Executions, new_context_id
 from cellbox.interpreter.files import Files
 from cellbox.interpreter.models import ArtifactInfo, ContextInfo, SandboxInfo, SandboxState
-from cellbox.interpreter.store import Store
+from cellbox.interpreter.store import StateStore
 from cellbox.runtimes.base import Runtime, SandboxBackend
 
 log = logging.getLogger("cellbox.sandbox")
@@ -126,8 +126,8 @@ class Sandbox:
         owner: str,
         settings: Settings,
         runtime: Runtime,
-        store: Store,
-        artifacts: ArtifactStore,
+        store: StateStore,
+        artifacts: BlobStore,
         on_change: Callable[[Sandbox], None],
     ) -> None:
         self.id = info.id

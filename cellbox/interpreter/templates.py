@@ -143,6 +143,7 @@ def build_template(
         doc.setdefault("kernels", ["python", "bash"])
         (staging / "template.json").write_text(json.dumps(doc, indent=2))
         target = root / name
+        relocate_venv(staging / "venv", staging / "venv", target / "venv")
         old = root / f".{name}.old"
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -153,6 +154,19 @@ def build_template(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def relocate_venv(venv: Path, built_at: Path, final: Path) -> None:
+    """Point a venv built at ``built_at`` to where it will live (``final``): its scripts'
+    shebangs (pip, ...), the activate scripts and pyvenv.cfg name the build path, which the
+    atomic rename would leave dangling ("pip: cannot execute: required file not found")."""
+    old, new = str(built_at).encode(), str(final).encode()
+    for path in [*(venv / "bin").iterdir(), venv / "pyvenv.cfg"]:
+        if path.is_symlink() or not path.is_file():
+            continue
+        data = path.read_bytes()
+        if old in data and b"\0" not in data[:1024]:
+            path.write_bytes(data.replace(old, new))
 
 
 def _run(argv: list[str], on_line: Callable[[str], None] | None) -> None:

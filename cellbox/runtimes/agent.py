@@ -13,20 +13,22 @@ or ``{"id": N, "ok": false, "error": {"code", "message"}}``. Unsolicited events:
 ``{"event": "output", "pid", "stream": "stdout"|"stderr", "data": <base64>}`` (all output of
 a process is sent before its exit event).
 
-Ops: ``ping``; ``spawn`` (argv, env, cwd, log, pipes) -> pid; ``signal`` (pid, signum,
-group); ``stdin`` (pid, data base64); ``close_stdin`` (pid); ``list``; files: ``stat``,
+Ops: ``ping``; ``spawn`` (argv, env, cwd, log, pipes, tag) -> pid; ``signal`` (pid, signum,
+group); ``stdin`` (pid, data base64); ``close_stdin`` (pid); files: ``stat``,
 ``listdir`` (path, depth), ``mkdir`` (path, parents), ``move`` (src, dst), ``remove``,
 ``read`` (path, offset, length) -> data base64 + eof, ``write`` (path, offset, data,
 truncate); ``watch`` (path, recursive) -> watch id, then ``{"event": "fs", "watch", "type":
 create|write|remove|rename|chmod, "path", "is_dir"}`` events until ``unwatch`` (watch).
 Relative paths start at the home. With ``--jail`` (sandboxes without a mount namespace of
 their own) every path must resolve, symlinks followed, inside the home, and
-``/home/user/...`` names the home.
+``/home/user/...`` names the home. File operations run in worker threads, so a large
+listing or delete never stalls the output of the sandbox's processes.
 
 When the service's connection closes, the agent kills every process it started and exits:
 a sandbox never outlives the service that runs it.
 
-Usage: ``python agent.py --socket PATH`` (prints nothing; the socket appearing is readiness).
+Usage: ``python agent.py --socket PATH`` (prints nothing; the socket appearing is readiness:
+it is bound and listening under another name first, then renamed into place).
 """
 
 from __future__ import annotations
@@ -38,16 +40,29 @@ import contextlib
 import ctypes
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
+import socket
 import stat
 import struct
 import sys
+from collections.abc import Coroutine
 from typing import Any
 
+log = logging.getLogger("cellbox.agent")
+
+#: The user's home inside the sandbox (``cellbox.runtimes.isolation.layout.SANDBOX_HOME``; this
+#: file is stdlib-only, so it has its own copy).
+SANDBOX_HOME = "/home/user"
 _CHUNK = 65536
+# Requests carry file data as base64: lines far above asyncio's 64 KiB default.
 _LINE_LIMIT = 8 << 20
+#: The most a ``read`` returns at once (the client asks for less: it streams in chunks).
+_MAX_READ = 4 << 20
+#: The most entries one ``listdir`` returns (the answer says ``truncated``).
+_MAX_LISTING = 10_000
 
 
 _IN_MODIFY, _IN_ATTRIB, _IN_CLOSE_WRITE = 0x2, 0x4, 0x8
@@ -74,15 +89,14 @@ class Inotify:
         self.next_id = 1
         asyncio.get_running_loop().add_reader(self.fd, self.read)
 
-    def watch(self, root: str, recursive: bool) -> int:
+    def watch(self, root: str, recursive: bool, subdirs: list[str]) -> int:
+        """Watch ``root`` and (recursive) its ``subdirs``, listed beforehand off the loop."""
         wid = self.next_id
         self.next_id += 1
         self.watches[wid] = (root, recursive)
         self.add(root, wid)
-        if recursive:
-            for dirpath, dirnames, _ in os.walk(root):
-                for d in dirnames:
-                    self.add(os.path.join(dirpath, d), wid)
+        for d in subdirs:
+            self.add(d, wid)
         return wid
 
     def add(self, directory: str, wid: int) -> None:
@@ -137,7 +151,7 @@ class Inotify:
                     "path": self.agent.shown(path),
                     "is_dir": bool(mask & _IN_ISDIR),
                 }
-                asyncio.get_running_loop().create_task(self.agent.send(event))
+                self.agent.spawn(self.agent.send(event), "fs-event")
 
 
 def _error_code(exc: Exception) -> str:
@@ -157,15 +171,28 @@ def _error_code(exc: Exception) -> str:
 
 
 class Agent:
-    def __init__(self, home: str = "/home/user", jail: bool = False) -> None:
+    def __init__(self, home: str = SANDBOX_HOME, jail: bool = False) -> None:
         self.home = os.path.realpath(home)
         self.jail = jail
         self.procs: dict[int, asyncio.subprocess.Process] = {}
-        self.meta: dict[int, dict[str, Any]] = {}
         self.writer: asyncio.StreamWriter | None = None
         self.write_lock = asyncio.Lock()
         self.done = asyncio.Event()
         self.inotify: Inotify | None = None
+        # asyncio holds tasks weakly: every task the agent starts is kept here until it ends.
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Start background work, keeping a reference until it ends; a failure is logged."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("agent task %s failed", task.get_name(), exc_info=exc)
 
     async def send(self, obj: dict[str, Any]) -> None:
         if self.writer is None:
@@ -189,7 +216,7 @@ class Agent:
                     req = json.loads(line)
                 except ValueError:
                     continue
-                asyncio.get_running_loop().create_task(self.handle(req))
+                self.spawn(self.handle(req), f"request-{req.get('op')}")
         finally:
             self.done.set()
 
@@ -212,14 +239,14 @@ class Agent:
 
     async def op_spawn(self, req: dict[str, Any]) -> dict[str, Any]:
         pipes = bool(req.get("pipes"))
-        log = req.get("log")
+        log_path = req.get("log")
         out: Any = asyncio.subprocess.PIPE if pipes else asyncio.subprocess.DEVNULL
         logf = None
-        if log and not pipes:
-            logf = open(log, "ab")
+        if log_path and not pipes:
+            logf = await asyncio.to_thread(open, log_path, "ab")
             out = logf
         cwd = self.resolve(req["cwd"]) if req.get("cwd") else self.home
-        os.makedirs(cwd, exist_ok=True)  # a missing working directory is made, as for kernels
+        os.makedirs(cwd, exist_ok=True)  # a missing working directory is made, as the sandbox user
         try:
             proc = await asyncio.create_subprocess_exec(
                 *req["argv"],
@@ -234,18 +261,17 @@ class Agent:
             if logf is not None:
                 logf.close()
         self.procs[proc.pid] = proc
-        self.meta[proc.pid] = {"argv": req["argv"], "tag": req.get("tag", ""), "cwd": req.get("cwd")}
-        asyncio.get_running_loop().create_task(self.watch(proc, pipes))
+        kernel = str(req.get("tag", "")).startswith("kernel:")
+        self.spawn(self.watch(proc, pipes, kernel), f"process-{proc.pid}")
         return {"pid": proc.pid}
 
-    async def watch(self, proc: asyncio.subprocess.Process, pipes: bool) -> None:
+    async def watch(self, proc: asyncio.subprocess.Process, pipes: bool, kernel: bool) -> None:
         if pipes:
             assert proc.stdout is not None and proc.stderr is not None
             await asyncio.gather(self.pump(proc.pid, "stdout", proc.stdout), self.pump(proc.pid, "stderr", proc.stderr))
         code = await proc.wait()
-        meta = self.meta.pop(proc.pid, {})
         self.procs.pop(proc.pid, None)
-        if str(meta.get("tag", "")).startswith("kernel:"):
+        if kernel:
             # A dead kernel's forks (same process group) would keep its memory and pids charged
             # and starve the restarted kernel: they go with it. (Commands keep their background
             # children: a daemon started with `cmd &` may outlive the command on purpose.)
@@ -289,17 +315,14 @@ class Agent:
             proc.stdin.close()
         return {}
 
-    async def op_list(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"processes": [{"pid": pid, **meta} for pid, meta in self.meta.items()]}
-
     # -- files ---------------------------------------------------------------------------
 
     def resolve(self, path: str, follow_last: bool = True) -> str:
         """The real path for a sandbox path; PermissionError outside the jail."""
         if not isinstance(path, str) or not path or "\0" in path:
             raise ValueError("a path is a non-empty string")
-        if path == "/home/user" or path.startswith("/home/user/"):
-            path = self.home + path[len("/home/user") :]
+        if path == SANDBOX_HOME or path.startswith(SANDBOX_HOME + "/"):
+            path = self.home + path[len(SANDBOX_HOME) :]
         elif not path.startswith("/"):
             path = os.path.join(self.home, path)
         elif self.jail:
@@ -313,7 +336,7 @@ class Agent:
     def shown(self, real: str) -> str:
         """How a real path is shown to the user (``/home/user/...`` for the home)."""
         if real == self.home or real.startswith(self.home + "/"):
-            return "/home/user" + real[len(self.home) :]
+            return SANDBOX_HOME + real[len(self.home) :]
         return real
 
     def entry(self, real: str) -> dict[str, Any]:
@@ -346,10 +369,13 @@ class Agent:
         return {"entry": self.entry(self.resolve(req["path"], follow_last=False))}
 
     async def op_listdir(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await asyncio.to_thread(self._listdir, req)
+
+    def _listdir(self, req: dict[str, Any]) -> dict[str, Any]:
         root = self.resolve(req["path"])
         depth = max(1, int(req.get("depth", 1)))
         entries: list[dict[str, Any]] = []
-        limit = int(req.get("limit", 10000))
+        limit = min(int(req.get("limit", _MAX_LISTING)), _MAX_LISTING)
 
         def walk(directory: str, level: int) -> None:
             with os.scandir(directory) as it:
@@ -366,6 +392,9 @@ class Agent:
         return {"entries": entries, "truncated": len(entries) >= limit}
 
     async def op_mkdir(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await asyncio.to_thread(self._mkdir, req)
+
+    def _mkdir(self, req: dict[str, Any]) -> dict[str, Any]:
         real = self.resolve(req["path"])
         if os.path.isdir(real):
             return {"created": False, "entry": self.entry(real)}
@@ -383,6 +412,9 @@ class Agent:
         return {"entry": self.entry(dst)}
 
     async def op_remove(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await asyncio.to_thread(self._remove, req)
+
+    def _remove(self, req: dict[str, Any]) -> dict[str, Any]:
         real = self.resolve(req["path"], follow_last=False)
         if real == self.home:
             raise PermissionError("the home itself cannot be removed")
@@ -393,8 +425,11 @@ class Agent:
         return {}
 
     async def op_read(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await asyncio.to_thread(self._read, req)
+
+    def _read(self, req: dict[str, Any]) -> dict[str, Any]:
         real = self.resolve(req["path"])
-        length = min(int(req.get("length", _CHUNK * 16)), 4 << 20)
+        length = min(int(req.get("length", _CHUNK * 16)), _MAX_READ)
         with open(real, "rb") as f:
             f.seek(int(req.get("offset", 0)))
             data = f.read(length)
@@ -402,6 +437,9 @@ class Agent:
         return {"data": base64.b64encode(data).decode(), "eof": eof, "size": os.path.getsize(real)}
 
     async def op_write(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await asyncio.to_thread(self._write, req)
+
+    def _write(self, req: dict[str, Any]) -> dict[str, Any]:
         real = self.resolve(req["path"])
         if req.get("truncate"):
             os.makedirs(os.path.dirname(real), exist_ok=True)
@@ -420,15 +458,23 @@ class Agent:
     # -- watching ------------------------------------------------------------------------
 
     async def op_watch(self, req: dict[str, Any]) -> dict[str, Any]:
-        root = self.resolve(req["path"])
+        recursive = bool(req.get("recursive"))
+        root, subdirs = await asyncio.to_thread(self._watch_dirs, req["path"], recursive)
+        if self.inotify is None:
+            self.inotify = Inotify(self)
+        return {"watch": self.inotify.watch(root, recursive, subdirs)}
+
+    def _watch_dirs(self, path: str, recursive: bool) -> tuple[str, list[str]]:
+        root = self.resolve(path)
         if not os.path.exists(root):
             raise FileNotFoundError(f"no such directory: {self.shown(root)}")
         if not os.path.isdir(root):
             raise NotADirectoryError(f"{self.shown(root)} is not a directory")
-        if self.inotify is None:
-            self.inotify = Inotify(self)
-        wid = self.inotify.watch(root, bool(req.get("recursive")))
-        return {"watch": wid}
+        subdirs = []
+        if recursive:
+            for dirpath, dirnames, _ in os.walk(root):
+                subdirs += [os.path.join(dirpath, d) for d in dirnames]
+        return root, subdirs
 
     async def op_unwatch(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.inotify is not None:
@@ -441,12 +487,23 @@ class Agent:
                 os.killpg(pid, signal.SIGKILL)
 
 
+def listening_socket(path: str) -> socket.socket:
+    """A unix socket that is listening by the time ``path`` exists: bound and listening under
+    ``path~``, then renamed, so the service may connect as soon as it sees the file."""
+    staging = path + "~"
+    for stale in (path, staging):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stale)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(staging)
+    sock.listen(8)
+    os.rename(staging, path)
+    return sock
+
+
 async def main(socket_path: str, home: str, jail: bool) -> None:
     agent = Agent(home, jail)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(socket_path)
-    # Requests carry up to 1 MiB of file data as base64: lines far above asyncio's 64 KiB default.
-    server = await asyncio.start_unix_server(agent.serve, path=socket_path, limit=_LINE_LIMIT)
+    server = await asyncio.start_unix_server(agent.serve, sock=listening_socket(socket_path), limit=_LINE_LIMIT)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         loop.add_signal_handler(sig, agent.done.set)
@@ -458,9 +515,10 @@ async def main(socket_path: str, home: str, jail: bool) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="cellbox in-sandbox agent")
     parser.add_argument("--socket", required=True)
-    parser.add_argument("--home", default="/home/user")
+    parser.add_argument("--home", default=SANDBOX_HOME)
     parser.add_argument("--jail", action="store_true")
     args = parser.parse_args()
+    logging.basicConfig(stream=sys.stderr, format="agent %(levelname)s %(message)s")  # into agent.log
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     asyncio.run(main(args.socket, args.home, args.jail))
     sys.exit(0)

@@ -8,9 +8,9 @@ import contextlib
 import itertools
 import json
 import logging
-from collections.abc import Callable
 from typing import Any
 
+from cellbox.aio import cancel_and_wait
 from cellbox.interpreter import errors
 from cellbox.interpreter.errors import InterpreterError, KernelDied
 
@@ -18,6 +18,9 @@ log = logging.getLogger("cellbox.agent")
 
 # Agent lines carry up to 4 MiB of file data as base64 plus framing.
 _LINE_LIMIT = 8 << 20
+#: Filesystem events buffered per watch; a watcher that falls this far behind loses events
+#: (the agent keeps sending; the reader never blocks on one slow watcher).
+WATCH_QUEUE_SIZE = 10_000
 
 
 _AGENT_ERRORS: dict[str, type[InterpreterError]] = {
@@ -66,7 +69,6 @@ class AgentClient:
         self._early_exits: dict[int, int | None] = {}
         self.closed = asyncio.Event()
         self._watches: dict[int, asyncio.Queue[dict[str, Any] | None]] = {}
-        self._on_close: list[Callable[[], None]] = []
         self._task = asyncio.create_task(self._read(), name="agent-reader")
 
     @classmethod
@@ -75,9 +77,6 @@ class AgentClient:
         client = cls(reader, writer)
         await client.request("ping")
         return client
-
-    def on_close(self, callback: Callable[[], None]) -> None:
-        self._on_close.append(callback)
 
     async def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one request and wait for its response; raises AgentGone, NotFound or
@@ -131,7 +130,7 @@ class AgentClient:
 
     async def watch(self, path: str, recursive: bool) -> tuple[int, asyncio.Queue[dict[str, Any] | None]]:
         """Start watching a directory: (watch id, queue of fs events; None when the agent goes)."""
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=10000)
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=WATCH_QUEUE_SIZE)
         resp = await self.request("watch", path=path, recursive=recursive)
         wid = int(resp["watch"])
         self._watches[wid] = queue
@@ -144,12 +143,11 @@ class AgentClient:
                 await self.request("unwatch", watch=wid)
 
     async def close(self) -> None:
+        """Close the connection (the agent then kills what it started and exits). Idempotent."""
         self._writer.close()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(OSError):  # the agent may have gone first
             await self._writer.wait_closed()
-        self._task.cancel()
-        with contextlib.suppress(BaseException):
-            await self._task
+        await cancel_and_wait(self._task)
         self._mark_closed()
 
     def _finish(self, handle: ProcessHandle, code: int | None) -> None:
@@ -207,6 +205,3 @@ class AgentClient:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(None)
         self._procs.clear()
-        for cb in self._on_close:
-            with contextlib.suppress(Exception):
-                cb()

@@ -1,45 +1,74 @@
 """The local runtime: sandboxes on the service's own host.
 
-With ``isolation="none"`` each kernel is a plain child process in its own session (so an
-interrupt or ``kill -9 -1``-style group signal never reaches the service), with its own home
-directory under the data dir and a clean, allowlisted environment. Kernels talk ZMQ over
-``ipc`` sockets in a per-sandbox run directory: no kernel ever listens on a host TCP port.
+Every sandbox starts with its agent (``runtimes/agent.py``), the sandbox's first process:
+kernels and shell commands are the agent's children, and file operations are its requests.
+The service reaches the agent and each kernel over unix sockets in the sandbox's run directory
+(``<run dir>/<sandbox id>/<name>/``): no kernel ever listens on a host TCP port.
 
-With ``isolation="bwrap"`` (:class:`IsolatedLocalRuntime`, chosen by ``LocalRuntime(settings)``
-itself) each sandbox gets its own host uid, cgroup (memory, pids, cpu), disk-capped home and
-rlimits, and each kernel runs in its own bubblewrap sandbox with a seccomp filter and no
-network; the helpers and the call sequence are in :mod:`cellbox.runtimes.isolation`.
+How a sandbox is confined is a composed strategy (:class:`Isolation`), picked by name from
+:data:`ISOLATIONS` and imported only when selected:
+
+* ``"bwrap"`` (:class:`cellbox.runtimes.isolation.strategy.BwrapIsolation`): each sandbox
+  gets its own host uid, cgroup (memory, pids, cpu), disk-capped home and rlimits, and **one**
+  bubblewrap process with a seccomp filter and no network, whose init is the agent. The
+  helpers and their sequence are in :mod:`cellbox.runtimes.isolation`.
+* ``"none"`` (:class:`NoIsolation`): the agent is a plain child process of the service in its
+  own session (so a group signal such as ``kill -9 -1`` never reaches the service), with its
+  own home under the data dir and a clean, allowlisted environment; ``--jail`` keeps its file
+  operations in the home. Trusted code only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import shutil
 import signal
-import stat
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
-from cellbox.interpreter.config import Settings
+from cellbox.aio import TaskSet, poll_until
 from cellbox.interpreter.errors import Conflict, InterpreterError, InvalidRequest, KernelStartFailed, RuntimeUnavailable
 from cellbox.interpreter.models import KernelExit, Limits, NetworkSpec, SandboxUsage
 from cellbox.runtimes import agent as agent_module
-from cellbox.runtimes import isolation as iso
 from cellbox.runtimes.agent_client import AgentClient, ProcessHandle
-from cellbox.runtimes.specs import KernelSpec, SandboxHandle, TemplateInfo
+from cellbox.runtimes.isolation.cgroups import Cgroup
+from cellbox.runtimes.isolation.disk import DiskHome
+from cellbox.runtimes.isolation.ipc import (
+    KERNEL_SOCKETS,
+    check_socket_paths,
+    wait_for_ipc_sockets,
+    write_ipc_connection,
+)
+from cellbox.runtimes.isolation.layout import MAX_SOCKET_PATH, SANDBOX_HOME
+from cellbox.runtimes.specs import KernelProcess, KernelSpec, LocalConfig, TemplateInfo
+
+__all__ = [
+    "ENV_ALLOWLIST",
+    "ISOLATIONS",
+    "Isolation",
+    "LocalRuntime",
+    "LocalSandbox",
+    "NoIsolation",
+    "ResolvedLimits",
+    "base_env",
+    "describe_exit",
+    "resolve_cwd",
+    "signal_name",
+]
 
 log = logging.getLogger("cellbox.runtime.local")
 
-# A unix socket path must fit in sockaddr_un.sun_path (108 bytes with the NUL); ZMQ appends
-# "-N" to the ip we give it.
-_MAX_IPC_PATH = 100
 _LOG_TAIL_BYTES = 2000
+# Seconds a process has to exit once told to (its connection closed, or SIGKILL sent) before
+# the runtime stops waiting (and kills its whole group).
+_REAP_TIMEOUT = 10.0
 
 # Variables a kernel may inherit from the service's environment. Anything else (API keys,
 # cloud credentials, ...) stays out: the service's environment is not the sandbox's.
@@ -47,39 +76,80 @@ ENV_ALLOWLIST = ("LANG", "LC_ALL", "TZ", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"
 
 # The agent is a single stdlib-only file run by the template's Python inside the sandbox.
 AGENT_SOURCE = Path(agent_module.__file__)
-_AGENT_SOCKET = "a.sock"
-SANDBOX_AGENT = "/opt/cellbox/agent.py"
+# -I: the agent's own directory (cellbox/runtimes, with a types.py) must not shadow the standard
+# library, and no PYTHON* variable of the sandbox may change how the agent runs.
+AGENT_PYTHON_FLAGS = ("-I",)
+AGENT_DIR = "agent"  # its socket directory, next to the kernels' in the sandbox's run dir
+AGENT_SOCKET = "a.sock"
+# The agent binds "a.sock~" and renames it into place once it listens (see agent.py).
+AGENT_SOCKET_NAMES = (AGENT_SOCKET, AGENT_SOCKET + "~")
+
+# The longest path the runtime puts below its run dir: /<sandbox id>/<dir>/<socket>, with room
+# for the core's ids (sb_ + 16 hex digits) and kernel names (8 characters, "-", the restart).
+_SOCKET_PATH_ROOM = len("/sb_0123456789abcdef/01234567-9999/" + max(AGENT_SOCKET_NAMES + KERNEL_SOCKETS, key=len))
 
 
-def describe_exit(returncode: int | None, log_tail: str = "") -> KernelExit:
-    """Turn a process return code into a KernelExit with a human reason."""
+# -- exits -----------------------------------------------------------------------------------
+
+
+def signal_name(signum: int) -> str:
+    """``SIGKILL`` for 9, ``signal 99`` for a number no signal has."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+_SIGNAL_REASONS = {signal.SIGKILL: "killed", signal.SIGSEGV: "segfault", signal.SIGABRT: "aborted"}
+
+
+def describe_exit(
+    returncode: int | None, log_tail: str = "", *, cause: str | None = None, limits: ResolvedLimits | None = None
+) -> KernelExit:
+    """Turn a process return code into a KernelExit with a human reason.
+
+    ``-N`` (what the agent reports) and ``128+N`` (what bwrap or a shell reports) both mean
+    "killed by signal N". ``cause`` (from :func:`cellbox.runtimes.isolation.death_reason`:
+    ``oom``, ``pids``, ...) replaces the reason, and with ``limits`` the detail names the
+    limit that was hit.
+    """
     now = time.time()
     if returncode is None:
-        return KernelExit(reason="unknown", detail=log_tail, at=now)
-    if returncode < 0 or returncode > 128:
+        exit_ = KernelExit(reason="unknown", detail=log_tail, at=now)
+    elif returncode < 0 or returncode > 128:
         signum = -returncode if returncode < 0 else returncode - 128
-        try:
-            name = signal.Signals(signum).name
-        except ValueError:
-            name = f"signal {signum}"
-        reasons = {signal.SIGKILL: "killed", signal.SIGSEGV: "segfault", signal.SIGABRT: "aborted"}
-        reason = reasons.get(signum, "signal")  # type: ignore[call-overload]  # Signals is an IntEnum
-        return KernelExit(signal=signum, reason=reason, detail=f"killed by {name}", at=now)
-    detail = f"exited with status {returncode}"
-    if log_tail:
-        detail += ": " + log_tail.strip().splitlines()[-1][:300]
-    return KernelExit(exit_code=returncode, reason="exited", detail=detail, at=now)
+        reason = _SIGNAL_REASONS.get(signum, "signal")  # type: ignore[call-overload]  # Signals is an IntEnum
+        exit_ = KernelExit(signal=signum, reason=reason, detail=f"killed by {signal_name(signum)}", at=now)
+    else:
+        detail = f"exited with status {returncode}"
+        if log_tail:
+            detail += ": " + log_tail.strip().splitlines()[-1][:300]
+        exit_ = KernelExit(exit_code=returncode, reason="exited", detail=detail, at=now)
+    if cause is None:
+        return exit_
+    detail = exit_.detail
+    if cause == "oom" and limits is not None:
+        detail = f"out of memory: the sandbox's {limits.memory_mb} MiB memory limit was reached"
+    elif cause == "pids" and limits is not None:
+        detail = f"{detail}, after hitting the sandbox's limit of {limits.pids} processes and threads"
+    return exit_.model_copy(update={"reason": cause, "detail": detail})
 
 
-def kernel_env(template: TemplateInfo, spec: KernelSpec, home: str, envs: dict[str, str]) -> dict[str, str]:
-    """The complete environment of a kernel: allowlist + template + kernel spec + sandbox envs."""
-    return base_env(template, home, envs, spec.env)
+def agent_gone_exit() -> KernelExit:
+    """How a kernel ended when the sandbox's agent (its init) went, taking everything along."""
+    return KernelExit(
+        reason="killed", detail="every process of the sandbox ended (its init process exited)", at=time.time()
+    )
+
+
+# -- environment, files, argv ----------------------------------------------------------------
 
 
 def base_env(
     template: TemplateInfo, home: str, envs: dict[str, str], kernel: dict[str, str] | None = None
 ) -> dict[str, str]:
-    """The environment of a sandbox process: allowlist + template + ``kernel`` + ``envs``."""
+    """The environment of a sandbox process: allowlist + template + ``kernel`` + ``envs``.
+    An empty value removes the variable."""
     env = {k: os.environ[k] for k in ENV_ALLOWLIST if k in os.environ}
     bindir = str(template.python.parent)
     env.update(
@@ -103,7 +173,7 @@ def base_env(
 def write_profile(home: Path, template: TemplateInfo, uid: int | None = None) -> None:
     """A default ``~/.profile``: commands run as ``bash -lc``, and a login shell's
     /etc/profile resets PATH, so the template's tools (python3, pip) come first again here.
-    Left alone if the sandbox's home already has one."""
+    Left alone if the sandbox's home already has one. Blocking."""
     profile = home / ".profile"
     if profile.exists():
         return
@@ -128,8 +198,258 @@ def kernel_argv(template: TemplateInfo, spec: KernelSpec, connection_file: str) 
     return argv
 
 
+def resolve_cwd(home: Path, cwd: str | None) -> str:
+    """Map a sandbox path (``/home/user/x`` or relative ``x``) to the host directory under
+    ``home``; InvalidRequest for paths outside the home. Creates nothing (the agent makes a
+    missing working directory, as the sandbox's user)."""
+    if not cwd:
+        return str(home)
+    rel = cwd[len(SANDBOX_HOME) :] if cwd.startswith(SANDBOX_HOME) else cwd
+    target = (home / rel.lstrip("/")).resolve()
+    if target != home.resolve() and home.resolve() not in target.parents:
+        raise InvalidRequest(f"cwd {cwd!r} is outside the sandbox home", field="cwd")
+    return str(target)
+
+
+def _sandbox_cwd(home: Path, cwd: str | None) -> str:
+    """A kernel's working directory as a sandbox path (``/home/user/...``)."""
+    if not cwd:
+        return SANDBOX_HOME
+    rel = Path(resolve_cwd(home, cwd)).relative_to(home.resolve())
+    return SANDBOX_HOME if str(rel) == "." else f"{SANDBOX_HOME}/{rel}"
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - _LOG_TAIL_BYTES))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+# -- per-sandbox state -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvedLimits:
+    """A sandbox's limits with the service defaults filled in."""
+
+    memory_mb: int
+    cpu: float
+    pids: int
+    disk_mb: int
+    nofile: int
+    fsize_mb: int
+
+    @classmethod
+    def of(cls, limits: Limits, config: LocalConfig) -> ResolvedLimits:
+        return cls(
+            memory_mb=limits.memory_mb or config.default_memory_mb,
+            cpu=limits.cpu or config.default_cpu,
+            pids=limits.pids or config.default_pids,
+            disk_mb=limits.disk_mb or config.default_disk_mb,
+            nofile=limits.nofile or config.default_nofile,
+            fsize_mb=limits.fsize_mb or config.default_fsize_mb,
+        )
+
+
+@dataclass
+class LocalSandbox:
+    """What the local runtime keeps for one sandbox. Made by :meth:`LocalRuntime.create_sandbox`;
+    the isolation fills in its part in :meth:`Isolation.prepare`."""
+
+    sandbox_id: str
+    template: TemplateInfo
+    limits: Limits
+    envs: dict[str, str]  # the sandbox's own variables, for every process started from now on
+    resolved: ResolvedLimits
+    dir: Path  # <data dir>/sandboxes/<id>: the home (and its image), /etc files
+    home: Path  # the sandbox's /home/user, as a host path
+    run: Path  # <run dir>/<id>: the agent's and the kernels' socket directories, agent.log
+    # isolation "bwrap": the sandbox's host uid, cgroup and disk-backed home
+    uid: int | None = None
+    cgroup: Cgroup | None = None
+    disk: DiskHome | None = None
+    # the agent (see LocalRuntime.agent)
+    agent: AgentClient | None = None
+    agent_proc: asyncio.subprocess.Process | None = None
+    agent_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+# -- isolation strategies --------------------------------------------------------------------
+
+
+class Isolation(Protocol):
+    """How the local runtime confines a sandbox. Only :class:`LocalRuntime` calls these, in
+    the order of the method list; every method that touches many files or runs a tool is
+    async (and keeps blocking work off the event loop)."""
+
+    name: str
+
+    def __init__(self, config: LocalConfig) -> None: ...
+
+    async def startup(self) -> None:
+        """Once, from :meth:`LocalRuntime.startup`: make the homes and run dirs, check the host
+        (RuntimeUnavailable), reap leftovers of an earlier run."""
+        ...
+
+    async def prepare(self, sandbox: LocalSandbox) -> None:
+        """From ``create_sandbox``: make the sandbox's home and run dir and whatever confines it,
+        filling in ``sandbox``. On failure the runtime calls :meth:`teardown`."""
+        ...
+
+    def home_in_sandbox(self, sandbox: LocalSandbox) -> str:
+        """The home as the sandbox's processes see it (their ``HOME``)."""
+        ...
+
+    def socket_dir(self, sandbox: LocalSandbox, name: str, sockets: Sequence[str]) -> tuple[Path, str]:
+        """A fresh, empty directory ``<run>/<name>`` in which the sandbox will bind ``sockets``,
+        before each start of the agent (name ``agent``) or a kernel: (host path, sandbox path)."""
+        ...
+
+    def secure_socket_dir(self, sandbox: LocalSandbox, host_dir: Path, sockets: Sequence[str]) -> None:
+        """Once ``sockets`` are bound and before the service connects: take the directory
+        back from the sandbox; KernelStartFailed if a socket was replaced."""
+        ...
+
+    async def spawn_agent(
+        self, sandbox: LocalSandbox, socket: str, env: dict[str, str], log: IO[bytes]
+    ) -> asyncio.subprocess.Process:
+        """Start the sandbox's agent (its init) listening on ``socket`` (a sandbox path), with
+        ``env``, its output into ``log``. From :meth:`LocalRuntime.agent`."""
+        ...
+
+    def exit_describer(self, sandbox: LocalSandbox) -> Callable[[int | None, str], KernelExit]:
+        """Called as a kernel starts: a function that explains its exit (code, log tail);
+        ``None`` for the code means the agent went away."""
+        ...
+
+    async def usage(self, sandbox: LocalSandbox) -> SandboxUsage | None: ...
+
+    async def pause(self, sandbox: LocalSandbox) -> None:
+        """Freeze every process of the sandbox; Conflict where this isolation cannot."""
+        ...
+
+    async def resume(self, sandbox: LocalSandbox) -> None: ...
+
+    async def kill_leftovers(self, sandbox: LocalSandbox) -> None:
+        """Before the agent starts again: kill whatever outlived the previous one."""
+        ...
+
+    async def teardown(self, sandbox: LocalSandbox) -> None:
+        """From ``destroy_sandbox``, after the agent was reaped: kill what is left and free
+        what :meth:`prepare` took (the runtime deletes the directories afterwards). Idempotent,
+        and works on a sandbox whose :meth:`prepare` failed halfway."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Once, when the service stops, after every sandbox was destroyed."""
+        ...
+
+
+class NoIsolation:
+    """``isolation="none"``: sandboxes as plain processes of the service (module docstring)."""
+
+    name = "none"
+
+    def __init__(self, config: LocalConfig) -> None:
+        self.config = config
+
+    async def startup(self) -> None:
+        log.warning(
+            "ISOLATION IS OFF (--isolation none): sandboxes run as plain processes of this service, "
+            "as its user, with its network and file system. Run trusted code only."
+        )
+        self.config.homes.mkdir(parents=True, exist_ok=True)
+        self.config.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    async def prepare(self, sandbox: LocalSandbox) -> None:
+        def make() -> None:
+            sandbox.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+            sandbox.run.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_profile(sandbox.home, sandbox.template)
+
+        await asyncio.to_thread(make)
+
+    def home_in_sandbox(self, sandbox: LocalSandbox) -> str:
+        return str(sandbox.home)
+
+    def socket_dir(self, sandbox: LocalSandbox, name: str, sockets: Sequence[str]) -> tuple[Path, str]:
+        host = sandbox.run / name
+        check_socket_paths(host, sockets)
+        shutil.rmtree(host, ignore_errors=True)
+        host.mkdir(mode=0o700)
+        return host, str(host)
+
+    def secure_socket_dir(self, sandbox: LocalSandbox, host_dir: Path, sockets: Sequence[str]) -> None:
+        return None  # the sandbox runs as the service's own user: nothing to take back
+
+    async def spawn_agent(
+        self, sandbox: LocalSandbox, socket: str, env: dict[str, str], log: IO[bytes]
+    ) -> asyncio.subprocess.Process:
+        python = str(sandbox.template.python)
+        argv = [python, *AGENT_PYTHON_FLAGS, str(AGENT_SOURCE), "--socket", socket, "--home", str(sandbox.home)]
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            "--jail",
+            env=env,
+            cwd=str(sandbox.home),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+
+    def exit_describer(self, sandbox: LocalSandbox) -> Callable[[int | None, str], KernelExit]:
+        def describe(code: int | None, log_tail: str) -> KernelExit:
+            return agent_gone_exit() if code is None else describe_exit(code, log_tail)
+
+        return describe
+
+    async def usage(self, sandbox: LocalSandbox) -> SandboxUsage | None:
+        return None  # no cgroup and no own file system without isolation
+
+    async def pause(self, sandbox: LocalSandbox) -> None:
+        raise Conflict("pause needs isolation 'bwrap' (its cgroup freezer); this service runs with 'none'")
+
+    async def resume(self, sandbox: LocalSandbox) -> None:
+        return None
+
+    async def kill_leftovers(self, sandbox: LocalSandbox) -> None:
+        return None  # the agent killed its process groups; without a cgroup nothing else is known
+
+    async def teardown(self, sandbox: LocalSandbox) -> None:
+        return None
+
+    async def shutdown(self) -> None:
+        return None
+
+
+#: Isolation strategies by name (the ``isolation`` setting), imported only when selected.
+ISOLATIONS: dict[str, str] = {
+    "none": "cellbox.runtimes.local:NoIsolation",
+    "bwrap": "cellbox.runtimes.isolation.strategy:BwrapIsolation",
+}
+
+
+def load_isolation(config: LocalConfig) -> Isolation:
+    """The strategy ``config.isolation`` names; RuntimeUnavailable for an unknown name."""
+    target = ISOLATIONS.get(config.isolation)
+    if target is None:
+        known = "', '".join(sorted(ISOLATIONS))
+        raise RuntimeUnavailable(f"unknown isolation {config.isolation!r}: use '{known}'")
+    module_name, _, cls_name = target.partition(":")
+    cls: type[Isolation] = getattr(importlib.import_module(module_name), cls_name)
+    return cls(config)
+
+
+# -- kernels ---------------------------------------------------------------------------------
+
+
 class AgentKernelProcess:
-    """A kernel started by the sandbox's agent (see ``KernelProcess`` in base.py)."""
+    """A kernel started by the sandbox's agent (see ``KernelProcess`` in types.py)."""
 
     def __init__(
         self,
@@ -145,7 +465,7 @@ class AgentKernelProcess:
         self.pid: int | None = handle.pid
         self._log_path = log_path
         self._describe = describe
-        self._signals: set[asyncio.Task[None]] = set()
+        self._signals = TaskSet("kernel signals")
 
     async def wait(self) -> KernelExit:
         # Shielded: cancelling a waiter must not cancel the shared exit future itself.
@@ -153,205 +473,178 @@ class AgentKernelProcess:
         return self._describe(code, _log_tail(self._log_path))
 
     def signal(self, signum: int) -> None:
-        task = asyncio.ensure_future(self._signal(signum))
-        self._signals.add(task)
-        task.add_done_callback(self._signals.discard)
+        self._signals.spawn(self._signal(signum), name=f"signal-{signum}")
 
     async def _signal(self, signum: int) -> None:
         if not self._handle.exited.done():
-            with contextlib.suppress(InterpreterError):
+            with contextlib.suppress(InterpreterError):  # it exited meanwhile, or the agent went
                 await self._agent.signal(self._handle.pid, signum, group=True)
 
     async def kill(self) -> None:
         await self._signal(signal.SIGKILL)
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(_REAP_TIMEOUT):
                 await asyncio.shield(self._handle.exited)
 
 
-def _agent_gone_exit() -> KernelExit:
-    return KernelExit(
-        reason="killed", detail="every process of the sandbox ended (its init process exited)", at=time.time()
-    )
+# -- the runtime -----------------------------------------------------------------------------
 
 
 class LocalRuntime:
-    """Sandboxes on this host (see module docstring). Every sandbox starts with its agent
-    (``agent.py``); kernels and commands are the agent's children."""
+    """Sandboxes on this host (see the module docstring). ``isolation`` is the strategy's name;
+    the strategy itself is :attr:`strategy`."""
 
     name = "local"
 
-    def __new__(cls, settings: Settings) -> LocalRuntime:
-        # ``load_runtime`` only knows "local"; the isolation setting picks the implementation.
-        if cls is LocalRuntime and settings.isolation == "bwrap":
-            cls = IsolatedLocalRuntime
-        return super().__new__(cls)
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.isolation = settings.isolation
-        self.homes = settings.data_dir / "sandboxes"
-        self.run_root = settings.resolved_run_dir()
+    def __init__(self, config: LocalConfig) -> None:
+        self.config = config
+        self.strategy: Isolation = load_isolation(config)
+        self.isolation: str = self.strategy.name
 
     async def startup(self) -> None:
-        if self.isolation != "none":
-            raise RuntimeUnavailable(f"unknown isolation {self.isolation!r}: use 'bwrap' or 'none'")
-        log.warning(
-            "ISOLATION IS OFF (--isolation none): sandboxes run as plain processes of this service, "
-            "as its user, with its network and file system. Run trusted code only."
-        )
-        self.homes.mkdir(parents=True, exist_ok=True)
-        self.run_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._check_run_root()
+        """Once, before any sandbox: RuntimeUnavailable when this host cannot run the chosen
+        isolation (or the run dir is too long for unix socket paths)."""
+        if len(str(self.config.run_dir)) + _SOCKET_PATH_ROOM > MAX_SOCKET_PATH:
+            raise RuntimeUnavailable(
+                f"run dir {self.config.run_dir} is too long for unix socket paths "
+                f"(at most {MAX_SOCKET_PATH - _SOCKET_PATH_ROOM} characters)"
+            )
+        await self.strategy.startup()
 
-    def _check_run_root(self) -> None:
-        if len(str(self.run_root)) > _MAX_IPC_PATH - 50:
-            raise RuntimeUnavailable(f"run dir {self.run_root} is too long for unix socket paths")
+    async def shutdown(self) -> None:
+        await self.strategy.shutdown()
 
     # -- sandboxes -------------------------------------------------------------------------
 
     async def create_sandbox(
         self, sandbox_id: str, template: TemplateInfo, limits: Limits, envs: dict[str, str], network: NetworkSpec
-    ) -> SandboxHandle:
+    ) -> LocalSandbox:
+        """Provision a sandbox and start its agent; no kernel yet. InvalidRequest for a
+        network this runtime cannot give (today: any outbound network)."""
         if network.internet:
             raise InvalidRequest(
                 "outbound network is not available: sandboxes only have their own loopback", field="network"
             )
-        handle = await self._prepare(sandbox_id, template, limits, envs)
+        sandbox_dir = self.config.homes / sandbox_id
+        sandbox = LocalSandbox(
+            sandbox_id=sandbox_id,
+            template=template,
+            limits=limits,
+            envs=dict(envs),
+            resolved=ResolvedLimits.of(limits, self.config),
+            dir=sandbox_dir,
+            home=sandbox_dir / "home",
+            run=self.config.run_dir / sandbox_id,
+        )
         try:
-            await self.agent(handle)
+            await self.strategy.prepare(sandbox)
+            await self.agent(sandbox)
         except BaseException:
-            await self.destroy_sandbox(handle)
+            await self.destroy_sandbox(sandbox)
             raise
-        return handle
+        return sandbox
 
-    async def _prepare(
-        self, sandbox_id: str, template: TemplateInfo, limits: Limits, envs: dict[str, str]
-    ) -> SandboxHandle:
-        home = self.homes / sandbox_id / "home"
-        home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        run = self.run_root / sandbox_id
-        run.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_profile(home, template)
-        return SandboxHandle(sandbox_id, home, template, limits, dict(envs), extra={"run": run})
+    async def destroy_sandbox(self, handle: LocalSandbox) -> None:
+        """Stop the agent (it kills what it started), then everything left; free the uid,
+        cgroup and home. Idempotent."""
+        await self._stop_agent(handle)
+        await self.strategy.teardown(handle)
+        await asyncio.to_thread(shutil.rmtree, handle.run, True)
+        await asyncio.to_thread(shutil.rmtree, handle.dir, True)
 
-    async def agent(self, sandbox: SandboxHandle) -> AgentClient:
+    async def pause(self, handle: LocalSandbox) -> None:
+        await self.strategy.pause(handle)
+
+    async def resume(self, handle: LocalSandbox) -> None:
+        await self.strategy.resume(handle)
+
+    async def usage(self, handle: LocalSandbox) -> SandboxUsage | None:
+        return await self.strategy.usage(handle)
+
+    def home_in_sandbox(self, handle: LocalSandbox) -> str:
+        """The home as the sandbox's processes see it."""
+        return self.strategy.home_in_sandbox(handle)
+
+    def process_env(self, handle: LocalSandbox, envs: dict[str, str]) -> dict[str, str]:
+        """The environment of a command in the sandbox: allowlist + template + sandbox + ``envs``."""
+        return base_env(handle.template, self.home_in_sandbox(handle), {**handle.envs, **envs})
+
+    # -- the agent -------------------------------------------------------------------------
+
+    async def agent(self, handle: LocalSandbox) -> AgentClient:
         """The sandbox's agent, started again if it died (``kill -9 -1`` inside the sandbox
         takes it down with everything else). Called for every kernel start and by the
-        commands and files APIs."""
-        extra = sandbox.extra
-        lock: asyncio.Lock = extra.setdefault("agent_lock", asyncio.Lock())
-        async with lock:
-            client: AgentClient | None = extra.get("agent")
+        commands and files APIs. KernelStartFailed when it does not come up."""
+        async with handle.agent_lock:
+            client = handle.agent
             if client is not None and not client.closed.is_set():
                 return client
             if client is not None:
-                log.warning("sandbox %s: its agent exited; starting it again", sandbox.sandbox_id)
-            await self._reap_agent(sandbox)
-            agent_dir = extra["run"] / "agent"
-            self._prepare_agent_dir(sandbox, agent_dir)
-            logf = open(extra["run"] / "agent.log", "ab")
+                log.warning("sandbox %s: its agent exited; starting it again", handle.sandbox_id)
+            await self._stop_agent(handle)
+            await self.strategy.kill_leftovers(handle)
+            host_dir, sandbox_dir = self.strategy.socket_dir(handle, AGENT_DIR, AGENT_SOCKET_NAMES)
+            agent_log = await asyncio.to_thread(open, handle.run / "agent.log", "ab")
             try:
-                proc = await self._spawn_agent(sandbox, logf)
+                proc = await self.strategy.spawn_agent(
+                    handle, f"{sandbox_dir}/{AGENT_SOCKET}", self.process_env(handle, {}), agent_log
+                )
             finally:
-                logf.close()
-            extra["agent_proc"] = proc
-            sock = agent_dir / _AGENT_SOCKET
+                agent_log.close()  # the agent has its own copy
+            handle.agent_proc = proc
             try:
-                deadline = time.monotonic() + self.settings.kernel_start_timeout
-                delay = 0.002
-                secured = False
-                client = None
-                while client is None:
-                    if sock.exists():
-                        if not secured:
-                            self._secure_agent_dir(sandbox, agent_dir)
-                            secured = True
-                        # Bound is not yet listening: ECONNREFUSED for a moment.
-                        with contextlib.suppress(ConnectionRefusedError):
-                            client = await AgentClient.connect(str(sock))
-                            break
-                    if proc.returncode is not None or time.monotonic() > deadline:
-                        tail = _log_tail(extra["run"] / "agent.log").strip()[-500:]
-                        raise KernelStartFailed(f"the sandbox's agent did not start: {tail or 'no output'}")
-                    await asyncio.sleep(delay)  # a short back-off while the agent starts
-                    delay = min(delay * 1.5, 0.02)
+                socket = host_dir / AGENT_SOCKET
+                # The socket appears once the agent listens (agent.py renames it into place).
+                started = await poll_until(
+                    socket.exists, timeout=self.config.kernel_start_timeout, alive=lambda: proc.returncode is None
+                )
+                if not started:
+                    tail = _log_tail(handle.run / "agent.log").strip()[-500:]
+                    raise KernelStartFailed(f"the sandbox's agent did not start: {tail or 'no output'}")
+                self.strategy.secure_socket_dir(handle, host_dir, (AGENT_SOCKET,))
+                handle.agent = await AgentClient.connect(str(socket))
             except BaseException:
-                await self._reap_agent(sandbox)
+                await self._stop_agent(handle)
                 raise
-            extra["agent"] = client
-            return client
+            return handle.agent
 
-    def _prepare_agent_dir(self, sandbox: SandboxHandle, agent_dir: Path) -> None:
-        shutil.rmtree(agent_dir, ignore_errors=True)
-        agent_dir.mkdir(mode=0o700)
-
-    def _secure_agent_dir(self, sandbox: SandboxHandle, agent_dir: Path) -> None:
-        return None
-
-    async def _spawn_agent(self, sandbox: SandboxHandle, logf: Any) -> asyncio.subprocess.Process:
-        argv = [
-            str(sandbox.template.python),
-            str(AGENT_SOURCE),
-            "--socket",
-            str(sandbox.extra["run"] / "agent" / _AGENT_SOCKET),
-            "--home",
-            str(sandbox.home),
-            "--jail",
-        ]
-        return await asyncio.create_subprocess_exec(
-            *argv,
-            env=self.process_env(sandbox, {}),
-            cwd=str(sandbox.home),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=logf,
-            stderr=logf,
-            start_new_session=True,
-        )
-
-    async def _reap_agent(self, sandbox: SandboxHandle) -> None:
+    async def _stop_agent(self, handle: LocalSandbox) -> None:
         """Close the connection (the agent then kills what it started and exits) and reap it."""
-        client: AgentClient | None = sandbox.extra.pop("agent", None)
+        client, handle.agent = handle.agent, None
         if client is not None:
             await client.close()
-        proc: asyncio.subprocess.Process | None = sandbox.extra.pop("agent_proc", None)
+        proc, handle.agent_proc = handle.agent_proc, None
         if proc is None:
             return
         try:
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(_REAP_TIMEOUT):
                 await proc.wait()
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
 
-    def home_in_sandbox(self, sandbox: SandboxHandle) -> str:
-        """The home as the sandbox's processes see it."""
-        return str(sandbox.home)
-
-    def process_env(self, sandbox: SandboxHandle, envs: dict[str, str]) -> dict[str, str]:
-        """The environment of a command in the sandbox: allowlist + template + sandbox + ``envs``."""
-        return base_env(sandbox.template, self.home_in_sandbox(sandbox), {**sandbox.envs, **envs})
-
     # -- kernels ---------------------------------------------------------------------------
 
-    async def start_kernel(
-        self, sandbox: SandboxHandle, spec: KernelSpec, name: str, cwd: str | None
-    ) -> AgentKernelProcess:
-        agent = await self.agent(sandbox)
-        host_dir, sandbox_dir = self._kernel_dir(sandbox, name)
-        conn = iso.write_ipc_connection(host_dir, sandbox_path=sandbox_dir)
-        workdir = self._kernel_cwd(sandbox, cwd)
-        env = kernel_env(sandbox.template, spec, self.home_in_sandbox(sandbox), sandbox.envs)
-        argv = kernel_argv(sandbox.template, spec, conn.sandbox_file)
-        describe = self._describer(sandbox)
-        handle = await agent.spawn(argv, env, workdir, log=f"{sandbox_dir}/kernel.log", tag=f"kernel:{name}")
-        kernel = AgentKernelProcess(agent, handle, conn.connection_info, host_dir / "kernel.log", describe)
+    async def start_kernel(self, handle: LocalSandbox, spec: KernelSpec, name: str, cwd: str | None) -> KernelProcess:
+        """Start a kernel as a child of the sandbox's agent and return once its sockets are
+        bound (not yet answering: the kernel session waits for that). KernelStartFailed, with
+        the end of the kernel's log, when it dies or does not bind in time; InvalidRequest for
+        a ``cwd`` outside the home."""
+        agent = await self.agent(handle)
+        workdir = _sandbox_cwd(handle.home, cwd)
+        host_dir, sandbox_dir = self.strategy.socket_dir(handle, name, KERNEL_SOCKETS)
+        conn = write_ipc_connection(host_dir, sandbox_path=sandbox_dir)
+        env = base_env(handle.template, self.home_in_sandbox(handle), handle.envs, spec.env)
+        argv = kernel_argv(handle.template, spec, conn.sandbox_file)
+        describe = self.strategy.exit_describer(handle)
+        proc = await agent.spawn(argv, env, workdir, log=f"{sandbox_dir}/kernel.log", tag=f"kernel:{name}")
+        kernel = AgentKernelProcess(agent, proc, conn.connection_info, host_dir / "kernel.log", describe)
         try:
-            await iso.wait_for_ipc_sockets(
-                host_dir, timeout=self.settings.kernel_start_timeout, alive=lambda: not handle.exited.done()
+            await wait_for_ipc_sockets(
+                host_dir, timeout=self.config.kernel_start_timeout, alive=lambda: not proc.exited.done()
             )
-            self._secure_kernel_dir(sandbox, host_dir)
+            self.strategy.secure_socket_dir(handle, host_dir, KERNEL_SOCKETS)
         except BaseException as exc:
             await kernel.kill()
             if isinstance(exc, KernelStartFailed):
@@ -361,348 +654,3 @@ class LocalRuntime:
                 raise KernelStartFailed(f"{exc.message}:\n{tail}" if tail else exc.message) from exc
             raise
         return kernel
-
-    def _kernel_dir(self, sandbox: SandboxHandle, name: str) -> tuple[Path, str]:
-        """A fresh directory for one kernel's sockets: (host path, path inside the sandbox)."""
-        host = sandbox.extra["run"] / name
-        shutil.rmtree(host, ignore_errors=True)
-        host.mkdir(mode=0o700)
-        return host, str(host)
-
-    def _kernel_cwd(self, sandbox: SandboxHandle, cwd: str | None) -> str:
-        resolve_cwd(sandbox.home, cwd)  # refuses paths outside, creates the directory
-        return cwd or iso.SANDBOX_HOME
-
-    def _secure_kernel_dir(self, sandbox: SandboxHandle, host_dir: Path) -> None:
-        return None
-
-    def _describer(self, sandbox: SandboxHandle) -> Callable[[int | None, str], KernelExit]:
-        def describe(code: int | None, log_tail: str) -> KernelExit:
-            return _agent_gone_exit() if code is None else describe_exit(code, log_tail)
-
-        return describe
-
-    async def pause(self, sandbox: SandboxHandle) -> None:
-        raise Conflict("pause needs isolation 'bwrap' (its cgroup freezer); this service runs with 'none'")
-
-    async def resume(self, sandbox: SandboxHandle) -> None:
-        return None
-
-    async def usage(self, sandbox: SandboxHandle) -> SandboxUsage | None:
-        return None  # no cgroup and no own file system without isolation
-
-    async def destroy_sandbox(self, sandbox: SandboxHandle) -> None:
-        await self._reap_agent(sandbox)
-        run: Path = sandbox.extra["run"]
-        await asyncio.to_thread(shutil.rmtree, run, True)
-        await asyncio.to_thread(shutil.rmtree, sandbox.home.parent, True)
-
-    async def shutdown(self) -> None:
-        return None
-
-
-def _log_tail(path: Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - _LOG_TAIL_BYTES))
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
-
-
-# =============================================================================================
-# isolation="bwrap"
-
-
-@dataclass(frozen=True)
-class _Resolved:
-    """A sandbox's limits with the service defaults filled in."""
-
-    memory_mb: int
-    cpu: float
-    pids: int
-    disk_mb: int
-    nofile: int
-    fsize_mb: int
-
-    @classmethod
-    def of(cls, limits: Limits, settings: Settings) -> _Resolved:
-        return cls(
-            memory_mb=limits.memory_mb or settings.default_memory_mb,
-            cpu=limits.cpu or settings.default_cpu,
-            pids=limits.pids or settings.default_pids,
-            disk_mb=limits.disk_mb or settings.default_disk_mb,
-            nofile=limits.nofile or settings.default_nofile,
-            fsize_mb=limits.fsize_mb or settings.default_fsize_mb,
-        )
-
-
-def describe_isolated_exit(returncode: int | None, reason: str, limits: _Resolved, log_tail: str = "") -> KernelExit:
-    """A KernelExit for a sandboxed kernel; ``reason`` from :func:`isolation.death_reason`.
-
-    bwrap exits with 128+N when the kernel died of signal N, and with -N when bwrap itself
-    was killed (by the service: ``kill -9 -1`` from inside cannot reach it)."""
-    base = describe_exit(returncode, log_tail)
-    signum, exit_code, detail = base.signal, base.exit_code, base.detail
-    if returncode is not None and returncode > 128:  # bwrap passes on the kernel's signal
-        signum, exit_code = returncode - 128, None
-        try:
-            detail = f"killed by {signal.Signals(signum).name}"
-        except ValueError:
-            detail = f"killed by signal {signum}"
-    if reason == "oom":
-        detail = f"out of memory: the sandbox's {limits.memory_mb} MiB memory limit was reached"
-    elif reason == "pids":
-        detail = f"{detail}, after hitting the sandbox's limit of {limits.pids} processes and threads"
-    return KernelExit(exit_code=exit_code, signal=signum, reason=reason, detail=detail, at=base.at)
-
-
-def _allow_traverse(path: Path) -> None:
-    """Give others search (x) permission on a service-owned directory, so the sandbox uid can
-    reach the paths below it that bwrap binds (bwrap opens its sources as that uid)."""
-    mode = path.stat().st_mode
-    if mode & 0o001 == 0:
-        os.chmod(path, (mode & 0o7777) | 0o011)
-
-
-def _check_traversable(path: Path) -> None:
-    for parent in [path, *path.parents]:
-        if parent.stat().st_mode & 0o001 == 0:
-            raise RuntimeUnavailable(
-                f"{parent} is not searchable by other users; sandbox uids must reach {path} "
-                "(chmod o+x, or pick a data/run dir elsewhere)"
-            )
-
-
-class IsolatedLocalRuntime(LocalRuntime):
-    """``isolation="bwrap"``: sandboxes as uid + cgroup + disk home, kernels in bubblewrap."""
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
-        self.isolation = "bwrap"
-        self.uids = iso.UidPool(settings.sandbox_uid_first, settings.sandbox_uid_count)
-        self.tree: iso.CgroupTree | None = None
-        self.bpf: Path | None = None
-        self.agent_file: Path | None = None
-
-    async def startup(self) -> None:
-        if os.geteuid() != 0:
-            raise RuntimeUnavailable("isolation 'bwrap' needs the service to run as root")
-        self.homes.mkdir(parents=True, exist_ok=True)
-        self.run_root.mkdir(parents=True, exist_ok=True, mode=0o711)
-        if len(str(self.run_root)) > _MAX_IPC_PATH - 30:
-            raise RuntimeUnavailable(f"run dir {self.run_root} is too long for unix socket paths")
-        # The sandbox uids must reach their home and ipc dirs; the service's own dirs may be
-        # opened up for search (never read), the directories above them are checked.
-        for d in (self.settings.data_dir, self.homes, self.run_root):
-            _allow_traverse(d)
-        _check_traversable(self.homes)
-        _check_traversable(self.run_root)
-        last_uid = self.settings.sandbox_uid_first + self.settings.sandbox_uid_count - 1
-        report = await iso.check_host(self.run_root, probe_uid=last_uid, cgroup_prefix=self.settings.cgroup_prefix)
-        report.require()
-        for w in report.warnings:
-            log.warning("isolation: %s", w)
-        self.tree = iso.CgroupTree.detect(self.settings.cgroup_prefix)
-        self.tree.prepare()
-        reaped = await self.tree.reap_leftovers()
-        await iso.DiskHome.reap_leftovers(self.homes)
-        for sid in reaped:
-            log.warning("reaped leftover sandbox %s", sid)
-            await asyncio.to_thread(shutil.rmtree, self.homes / sid, True)
-            await asyncio.to_thread(shutil.rmtree, self.run_root / sid, True)
-        self.bpf = iso.seccomp_bpf(self.run_root)
-        # The agent is bound into every sandbox from a root-owned copy the sandbox uids can reach.
-        self.agent_file = self.run_root / "agent.py"
-        shutil.copyfile(AGENT_SOURCE, self.agent_file)
-        os.chmod(self.agent_file, 0o644)
-
-    async def _prepare(
-        self, sandbox_id: str, template: TemplateInfo, limits: Limits, envs: dict[str, str]
-    ) -> SandboxHandle:
-        assert self.tree is not None, "startup() was not called"
-        resolved = _Resolved.of(limits, self.settings)
-        if template.env_dir is not None:
-            _allow_traverse(template.env_dir.parent)
-        sandbox_dir = self.homes / sandbox_id
-        run = self.run_root / sandbox_id
-        uid = self.uids.acquire(sandbox_id)
-        extra: dict[str, Any] = {"run": run, "dir": sandbox_dir, "uid": uid, "limits": resolved}
-        handle = SandboxHandle(sandbox_id, sandbox_dir / "home", template, limits, dict(envs), extra=extra)
-        try:
-            sandbox_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
-            os.chmod(sandbox_dir, 0o711)
-            run.mkdir(parents=True, exist_ok=True, mode=0o711)
-            os.chmod(run, 0o711)
-            cgroup = self.tree.create(sandbox_id)
-            extra["cgroup"] = cgroup
-            cgroup.set_limits(memory_bytes=resolved.memory_mb << 20, pids=resolved.pids, cpu=resolved.cpu)
-            extra["home"] = home = await iso.DiskHome.create(
-                sandbox_dir / "home", size_bytes=resolved.disk_mb << 20, uid=uid
-            )
-            handle.home = home.path
-            write_profile(handle.home, template, uid)
-            iso.write_etc_files(sandbox_dir / "etc")
-        except BaseException:
-            await self.destroy_sandbox(handle)
-            raise
-        return handle
-
-    # -- the agent: the sandbox's first process, inside bwrap --------------------------------
-
-    def _prepare_agent_dir(self, sandbox: SandboxHandle, agent_dir: Path) -> None:
-        iso.prepare_ipc_dir(agent_dir, sandbox.extra["uid"])
-
-    def _secure_agent_dir(self, sandbox: SandboxHandle, agent_dir: Path) -> None:
-        # As for kernels' sockets: once bound, the directory goes back to root, and the socket
-        # must be the agent's own (not a symlink the sandbox planted to a host socket).
-        os.chown(agent_dir, 0, 0)
-        os.chmod(agent_dir, 0o755)
-        st = os.lstat(agent_dir / _AGENT_SOCKET)
-        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != sandbox.extra["uid"]:
-            raise KernelStartFailed("the sandbox's agent socket was replaced")
-
-    async def _spawn_agent(self, sandbox: SandboxHandle, logf: Any) -> asyncio.subprocess.Process:
-        assert self.bpf is not None and self.agent_file is not None
-        extra = sandbox.extra
-        template = sandbox.template
-        resolved: _Resolved = extra["limits"]
-        binds: list[tuple[Path, str]] = [(self.agent_file, SANDBOX_AGENT)]
-        if template.env_dir is not None:
-            # the template dir holds the startup (exec) files next to the venv
-            binds.append((template.env_dir.parent, str(template.env_dir.parent)))
-        cmd = iso.build_bwrap_argv(
-            [
-                str(template.python),
-                SANDBOX_AGENT,
-                "--socket",
-                f"{iso.SANDBOX_RUN}/agent/{_AGENT_SOCKET}",
-                "--home",
-                iso.SANDBOX_HOME,
-            ],
-            home=sandbox.home,
-            run_dir=extra["run"],
-            etc_dir=extra["dir"] / "etc",
-            seccomp=self.bpf,
-            template_env=template.env_dir,
-            env=self.process_env(sandbox, {}),
-            cwd=iso.SANDBOX_HOME,
-            tmp_size=self.settings.sandbox_tmp_mb << 20,
-            extra_ro_binds=binds,
-        )
-        rlimits = iso.Rlimits(nofile=resolved.nofile, fsize_bytes=resolved.fsize_mb << 20)
-        with cmd.open() as (argv, fds):
-            return await asyncio.create_subprocess_exec(
-                *argv,
-                pass_fds=fds,
-                cwd="/",
-                env={},
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=logf,
-                stderr=logf,
-                start_new_session=True,
-                preexec_fn=iso.make_preexec(extra["cgroup"], extra["uid"], rlimits),
-            )
-
-    async def _reap_agent(self, sandbox: SandboxHandle) -> None:
-        await super()._reap_agent(sandbox)
-        cgroup: iso.Cgroup | None = sandbox.extra.get("cgroup")
-        if cgroup is not None and cgroup.pids():
-            await cgroup.kill_all()  # anything that outlived the sandbox's pid namespace
-
-    def home_in_sandbox(self, sandbox: SandboxHandle) -> str:
-        return iso.SANDBOX_HOME
-
-    # -- kernels -------------------------------------------------------------------------------
-
-    def _kernel_dir(self, sandbox: SandboxHandle, name: str) -> tuple[Path, str]:
-        host = iso.prepare_ipc_dir(sandbox.extra["run"] / name, sandbox.extra["uid"])
-        return host, f"{iso.SANDBOX_RUN}/{name}"
-
-    def _kernel_cwd(self, sandbox: SandboxHandle, cwd: str | None) -> str:
-        return self._sandbox_cwd(sandbox.home, cwd, sandbox.extra["uid"])
-
-    def _secure_kernel_dir(self, sandbox: SandboxHandle, host_dir: Path) -> None:
-        iso.hand_back_ipc_dir(host_dir, sandbox.extra["uid"])
-
-    def _describer(self, sandbox: SandboxHandle) -> Callable[[int | None, str], KernelExit]:
-        cgroup: iso.Cgroup = sandbox.extra["cgroup"]
-        limits: _Resolved = sandbox.extra["limits"]
-        before = cgroup.counters()
-
-        def describe(code: int | None, log_tail: str) -> KernelExit:
-            after = cgroup.counters()
-            reason = iso.death_reason(-9 if code is None else code, before, after)
-            if code is None and reason == "killed":
-                return _agent_gone_exit()
-            return describe_isolated_exit(code, reason, limits, log_tail)
-
-        return describe
-
-    @staticmethod
-    def _sandbox_cwd(home: Path, cwd: str | None, uid: int) -> str:
-        """The kernel's cwd as a sandbox path; created (owned by the sandbox uid) if missing."""
-        host = Path(resolve_cwd(home, cwd))
-        rel = host.relative_to(home.resolve())
-        p = host
-        while p != home.resolve() and p.stat().st_uid == 0:  # made by resolve_cwd, as root
-            os.chown(p, uid, uid)
-            p = p.parent
-        return str(Path(iso.SANDBOX_HOME) / rel) if str(rel) != "." else iso.SANDBOX_HOME
-
-    async def pause(self, sandbox: SandboxHandle) -> None:
-        await sandbox.extra["cgroup"].freeze()
-
-    async def resume(self, sandbox: SandboxHandle) -> None:
-        sandbox.extra["cgroup"].thaw()
-
-    async def usage(self, sandbox: SandboxHandle) -> SandboxUsage | None:
-        cgroup: iso.Cgroup | None = sandbox.extra.get("cgroup")
-        if cgroup is None:
-            return None
-        u = cgroup.usage()
-        out = SandboxUsage(
-            memory_bytes=u.memory_bytes, memory_peak_bytes=u.memory_peak_bytes, pids=u.pids, cpu_seconds=u.cpu_seconds
-        )
-        with contextlib.suppress(OSError):
-            st = os.statvfs(sandbox.home)
-            out.disk_total_bytes = st.f_blocks * st.f_frsize
-            out.disk_used_bytes = (st.f_blocks - st.f_bfree) * st.f_frsize
-        return out
-
-    async def destroy_sandbox(self, sandbox: SandboxHandle) -> None:
-        extra = sandbox.extra
-        cgroup: iso.Cgroup | None = extra.get("cgroup")
-        if cgroup is None and self.tree is not None:
-            with contextlib.suppress(ValueError):
-                cgroup = self.tree.sandbox(sandbox.sandbox_id)
-        await LocalRuntime._reap_agent(self, sandbox)
-        if cgroup is not None:
-            await cgroup.kill_all()
-            await cgroup.remove()
-        home: iso.DiskHome | None = extra.get("home")
-        if home is not None:
-            await home.destroy()
-        await asyncio.to_thread(shutil.rmtree, extra["run"], True)
-        await asyncio.to_thread(shutil.rmtree, extra["dir"], True)
-        self.uids.release(sandbox.sandbox_id)
-
-    async def shutdown(self) -> None:
-        if self.tree is not None:  # the prefix itself, once every sandbox is gone
-            for d in self.tree._unique_dirs():
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-
-
-def resolve_cwd(home: Path, cwd: str | None) -> str:
-    """Map a sandbox path (``/home/user/x`` or relative ``x``) to the host directory, creating
-    it; refuses paths outside the home."""
-    if not cwd:
-        return str(home)
-    rel = cwd[len("/home/user") :] if cwd.startswith("/home/user") else cwd
-    target = (home / rel.lstrip("/")).resolve()
-    if target != home.resolve() and home.resolve() not in target.parents:
-        raise InvalidRequest(f"cwd {cwd!r} is outside the sandbox home", field="cwd")
-    target.mkdir(parents=True, exist_ok=True)
-    return str(target)

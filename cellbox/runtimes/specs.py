@@ -1,4 +1,5 @@
-"""Plain types shared by the runtimes and the core: kernel specs and resolved templates.
+"""Plain types shared by the runtimes and the core: kernel specs, resolved templates, and the
+local runtime's configuration.
 
 Bottom layer: imports only the wire models.
 """
@@ -11,7 +12,7 @@ from typing import Any, Protocol
 
 from cellbox.interpreter.models import KernelExit, Limits
 
-__all__ = ["SANDBOX_HOME", "KernelProcess", "KernelSpec", "SandboxHandle", "TemplateInfo"]
+__all__ = ["SANDBOX_HOME", "KernelProcess", "KernelSpec", "LocalConfig", "SandboxHandle", "TemplateInfo"]
 
 # The user's home and default working directory, as every sandbox sees it.
 SANDBOX_HOME = "/home/user"
@@ -61,13 +62,40 @@ class KernelProcess(Protocol):
         ...
 
 
-@dataclass
-class SandboxHandle:
-    """What the local runtime keeps for one sandbox (to be replaced by a typed LocalSandbox)."""
+@dataclass(frozen=True)
+class LocalConfig:
+    """What the local runtime reads of the service's settings, and nothing else.
+
+    ``load_runtime`` builds it from the settings object by attribute (the fields are named as
+    the settings are); tests build it directly.
+    """
+
+    data_dir: Path  # sandbox homes live in <data_dir>/sandboxes
+    run_dir: Path  # the sandboxes' socket directories; short, for unix socket paths
+    isolation: str = "bwrap"  # a name in cellbox.runtimes.local.ISOLATIONS
+    kernel_start_timeout: float = 60.0  # seconds for the agent, and each kernel, to come up
+    # the limits a sandbox gets where its Limits leave a field unset
+    default_memory_mb: int = 1024
+    default_cpu: float = 1.0
+    default_pids: int = 256
+    default_disk_mb: int = 1024
+    default_nofile: int = 1024
+    default_fsize_mb: int = 1024
+    # isolation "bwrap" only
+    sandbox_uid_first: int = 310_000
+    sandbox_uid_count: int = 10_000
+    cgroup_prefix: str = "cellbox"
+    sandbox_tmp_mb: int = 256
+
+    @property
+    def homes(self) -> Path:
+        """Where the sandboxes' homes live: ``<data_dir>/sandboxes/<sandbox id>/home``."""
+        return self.data_dir / "sandboxes"
+
+
+class SandboxHandle(Protocol):
+    """What a runtime's per-sandbox state shows the backend (the local runtime's LocalSandbox)."""
 
     sandbox_id: str
-    home: Path  # the sandbox's /home/user, as a host path
     template: TemplateInfo
-    limits: Limits
     envs: dict[str, str]
-    extra: dict[str, Any] = field(default_factory=dict)

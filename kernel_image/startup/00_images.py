@@ -4,15 +4,18 @@
 import sys as _sys
 
 
-def _cellbox_patch_pil():
+def _cellbox_patch_pil(image_module=None):
+    # The module object itself when patching as it is imported: ``import PIL.Image`` there
+    # fails ("cannot access submodule 'Image' of module 'PIL'": it is not bound on PIL yet).
     from IPython.display import display
 
-    import PIL.Image
+    if image_module is None:
+        import PIL.Image as image_module
 
     def _show(self, title=None, **_kwargs):
         display(self)
 
-    PIL.Image.Image.show = _show
+    image_module.Image.show = _show
 
 
 class _CellboxPILHook:
@@ -33,7 +36,7 @@ class _CellboxPILHook:
         def _exec(module):
             exec_module(module)
             try:
-                _cellbox_patch_pil()
+                _cellbox_patch_pil(module)
             except Exception:
                 pass
 

@@ -1,6 +1,10 @@
 """The isolation helpers end to end: a real ipykernel in bwrap, cgroups, uid drop, seccomp,
 an ipc directory handed back to root, a loop-mounted home.
 
+The helpers are driven directly here, with the kernel as the sandbox's only process (no
+agent), so each one is checked on its own; the runtime's own sequence (one bwrap per sandbox,
+the agent as its init, kernels as the agent's children) is exercised by the API tests.
+
 Needs root and bubblewrap (skipped otherwise), libseccomp2, e2fsprogs, and network access to
 build the template venv once (``/tmp/cellbox-test-venv``, from ``/usr/bin/python3``).
 Everything a test creates lives under a per-run prefix and is removed by the fixtures.
@@ -28,8 +32,9 @@ import pytest
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.connect import KernelConnectionInfo
 
-from cellbox.interpreter.errors import KernelStartFailed, RuntimeUnavailable
+from cellbox.interpreter.errors import InvalidRequest, KernelStartFailed, RuntimeUnavailable
 from cellbox.runtimes.isolation import (
+    SANDBOX_HOME,
     SANDBOX_UID,
     Cgroup,
     CgroupTree,
@@ -48,6 +53,8 @@ from cellbox.runtimes.isolation import (
     write_etc_files,
     write_ipc_connection,
 )
+from cellbox.runtimes.local import ENV_ALLOWLIST, base_env
+from cellbox.runtimes.specs import TemplateInfo
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="isolation needs root"),
@@ -111,15 +118,13 @@ def host() -> Iterator[Host]:
 
 async def _teardown_host(tree: CgroupTree, base: Path) -> None:
     await tree.reap_leftovers()
-    for d in {d for d in tree.dirs.values()}:
-        with contextlib.suppress(FileNotFoundError):
-            d.rmdir()
+    tree.remove()
     await DiskHome.reap_leftovers(base)
     shutil.rmtree(base, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
-# an isolated kernel, the way the local runtime will start one
+# an isolated kernel: the helpers in the runtime's order, the kernel as bwrap's only process
 
 
 @dataclass
@@ -229,6 +234,7 @@ async def isolated_kernel(
             etc_dir=etc,
             seccomp=host.bpf,
             template_env=venv,
+            env=base_env(TemplateInfo("t", venv / "bin" / "python", venv, {}), SANDBOX_HOME, {}),
         )
         log = sandbox_dir / "kernel.log"
         counters = cgroup.counters()
@@ -293,7 +299,7 @@ def test_seccomp_filter_is_cached(host: Host) -> None:
 
 
 SELF_CHECK = r"""
-import ctypes, errno, json, os, resource, socket, subprocess
+import ctypes, errno, json, os, resource, socket, subprocess, sys
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 def sys_errno(nr, *args):
@@ -319,7 +325,7 @@ print(json.dumps({
     "nofile": resource.getrlimit(resource.RLIMIT_NOFILE), "core": resource.getrlimit(resource.RLIMIT_CORE),
     "write_home": attempt(lambda: write("/home/user/ok.txt")), "write_tmp": attempt(lambda: write("/tmp/ok.txt")),
     "write_usr": attempt(lambda: write("/usr/x")), "write_root": attempt(lambda: write("/x")),
-    "write_venv": attempt(lambda: write(os.environ["VIRTUAL_ENV"] + "/x")),
+    "write_venv": attempt(lambda: write(sys.prefix + "/x")),
     "write_run": attempt(lambda: write("/run/cellbox/x")),
     "replace_socket": attempt(lambda: os.replace("/run/cellbox/k-1", "/run/cellbox/k-9")),
     "unlink_socket": attempt(lambda: os.unlink("/run/cellbox/k-1")),
@@ -347,11 +353,12 @@ async def test_kernel_runs_isolated(host: Host, template_venv: Path) -> None:
         assert info["root"] == sorted({"dev", "etc", "home", "proc", "run", "tmp", "usr"} | top)
         assert info["ifaces"] == ["lo"] and info["hostname"] == "sandbox"
         assert info["tcp_host"] == "ENETUNREACH"
-        # the explicit environment only: no variable of the host's leaks in
+        # the explicit environment only (base_env's): no variable of the host's leaks in
         env = set(info["env"])
-        assert {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG", "VIRTUAL_ENV"} <= env
-        ours = {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG", "TERM", "PWD", "VIRTUAL_ENV"}
-        assert not (set(os.environ) - ours) & env, (set(os.environ) - ours) & env
+        ours = {"HOME", "USER", "PATH", "LANG", "TERM", "PYTHONUNBUFFERED", "MPLBACKEND"}
+        assert ours <= env
+        allowed = ours | set(ENV_ALLOWLIST) | {"PWD"}
+        assert not (set(os.environ) - allowed) & env, (set(os.environ) - allowed) & env
         assert info["nofile"] == [1024, 1024] and info["core"] == [0, 0]
         assert (info["write_home"], info["write_tmp"]) == ("ok", "ok")
         assert {info[k] for k in ("write_usr", "write_root", "write_venv")} == {"EROFS"}
@@ -517,8 +524,8 @@ async def test_reap_leftovers_kills_and_removes_only_our_prefix(host: Host) -> N
         assert not os.path.ismount(home.path)
     finally:
         await other.remove()
-        for d in set(other_tree.dirs.values()):
-            d.rmdir()
+        other_tree.remove()
+        assert not any(d.exists() for d in other_tree.unique_dirs)
         await home.destroy()
 
 
@@ -592,3 +599,67 @@ async def _plain_start(host: Host, venv: Path) -> float:
         proc.kill()
         await proc.wait()
         shutil.rmtree(ipc_dir.parent)
+
+
+# ---------------------------------------------------------------------------------------------
+# the composed runtime: LocalRuntime with each isolation, a real kernel as the agent's child
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("isolation", ["none", "bwrap"])
+async def test_runtime_runs_a_kernel_in_its_sandbox(host: Host, isolation: str) -> None:
+    from cellbox.interpreter.config import Settings
+    from cellbox.interpreter.models import Limits, NetworkSpec
+    from cellbox.interpreter.templates import TemplateRegistry
+    from cellbox.runtimes.local import LocalRuntime
+    from cellbox.runtimes.specs import LocalConfig
+
+    try:
+        template = TemplateRegistry(Settings.model_validate({}).resolved_templates_dir()).get("default")
+    except Exception as exc:  # the install script builds it; without it there is no kernel env
+        pytest.skip(f"no default template: {exc}")
+    tag = f"{isolation}{os.getpid()}"
+    config = LocalConfig(
+        data_dir=host.base / f"rt-{isolation}",
+        run_dir=host.run / f"rt-{isolation}",
+        isolation=isolation,
+        cgroup_prefix=f"cellbox-rt-{tag}",
+        sandbox_uid_first=317_000,
+        sandbox_uid_count=100,
+    )
+    runtime = LocalRuntime(config)
+    await runtime.startup()
+    sandbox = await runtime.create_sandbox("sb_rt1", template, Limits(memory_mb=512), {}, NetworkSpec())
+    client: AsyncKernelClient | None = None
+    try:
+        kernel = await runtime.start_kernel(sandbox, template.kernels["python"], "k1-1", "proj/deep")
+        client = AsyncKernelClient()
+        client.load_connection_info(cast(KernelConnectionInfo, kernel.connection_info))
+        client.start_channels(hb=False)
+        info = await execute_json(
+            client, "import json, os\nprint(json.dumps([os.getcwd(), os.getuid(), os.environ['HOME']]))"
+        )
+        home = runtime.home_in_sandbox(sandbox)
+        assert info[0] == f"{home}/proj/deep" and info[2] == home
+        usage = await runtime.usage(sandbox)
+        if isolation == "bwrap":
+            assert home == SANDBOX_HOME and info[1] == SANDBOX_UID
+            assert usage is not None and usage.memory_bytes and usage.disk_total_bytes
+            await runtime.pause(sandbox)
+            assert sandbox.cgroup is not None and sandbox.cgroup.frozen()
+            await runtime.resume(sandbox)
+        else:
+            assert usage is None and info[1] == os.getuid()
+        assert (await execute(client, "1+1"))["result"] == "2"
+        with pytest.raises(InvalidRequest):
+            await runtime.start_kernel(sandbox, template.kernels["python"], "k1-2", "/home/user/../../etc")
+        await kernel.kill()
+        assert (await kernel.wait()).reason == "killed"
+    finally:
+        if client is not None:
+            client.stop_channels()
+        await runtime.destroy_sandbox(sandbox)
+        await runtime.shutdown()
+    assert not sandbox.dir.exists() and not sandbox.run.exists()
+    if sandbox.cgroup is not None:
+        assert not sandbox.cgroup.exists()

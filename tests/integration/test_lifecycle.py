@@ -38,6 +38,14 @@ async def test_pause_and_resume_keep_state(client: httpx.AsyncClient, sandbox: s
 async def test_usage_and_limits_in_info(client: httpx.AsyncClient, isolation: str) -> None:
     r = await client.post("/v1/sandboxes", json={"limits": {"memory_mb": 10**7}})
     assert r.status_code == 422 and r.json()["error"]["field"] == "limits.memory_mb"
+    # Too small to start a kernel: refused at once, naming the minimum (not a 30 s wait).
+    for limits, field, minimum in [
+        ({"memory_mb": 16}, "limits.memory_mb", "64"),
+        ({"cpu": 5e-324}, "limits.cpu", "0.1"),
+    ]:
+        r = await client.post("/v1/sandboxes", json={"limits": limits})
+        assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
+        assert minimum in r.json()["error"]["message"], r.text
     r = await client.post("/v1/sandboxes", json={"limits": {"memory_mb": 512, "pids": 200}})
     assert r.status_code == 201, r.text
     info = r.json()

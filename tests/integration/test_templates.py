@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from cellbox.interpreter.templates import build_template, default_template_python
-from tests.integration.conftest import execute, isolation_settings, main_text
+from tests.integration.conftest import execute, isolation_settings, main_text, run_cmd, stdout
 from tests.integration.server import run_server
 
 
@@ -42,6 +42,9 @@ async def test_build_list_and_use(tiny_templates: Path, short_tmp: Path, isolati
         sid = r.json()["id"]
         events = await execute(c, sid, "import os, sys\n(TEMPLATE_MARK, os.environ['TINY'], 'venv' in sys.prefix)")
         assert main_text(events) == "('tiny', '1', True)"
+        # The venv was built elsewhere and renamed into place: its scripts must still run.
+        pip = await run_cmd(c, sid, "pip --version")
+        assert pip[-1]["exit_code"] == 0 and "pip " in stdout(pip), pip
         bash = await c.post(f"/v1/sandboxes/{sid}/contexts", json={"language": "bash"})
         assert bash.status_code == 422 and bash.json()["error"]["known"] == ["python"]
         unknown = await c.post("/v1/sandboxes", json={"template": "nope"})

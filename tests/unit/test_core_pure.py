@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from cellbox.interpreter.artifacts import ArtifactStore, decode_output
 from cellbox.interpreter.execution import ExecutionLog
 from cellbox.interpreter.models import EndEvent, EndStatus, StdoutEvent
 from cellbox.interpreter.store import Store
-from cellbox.runtimes.backend import env_code, strip_ansi
+from cellbox.runtimes.context import env_code, strip_ansi
 from cellbox.runtimes.local import describe_exit, resolve_cwd
 
 
@@ -57,19 +56,6 @@ def test_resolve_cwd_stays_in_home(tmp_path: Path) -> None:
     assert resolve_cwd(home, None) == str(home)
     with pytest.raises(Exception, match="outside"):
         resolve_cwd(home, "/home/user/../../etc")
-
-
-@pytest.mark.asyncio
-async def test_artifact_store_is_content_addressed(tmp_path: Path) -> None:
-    store = ArtifactStore(tmp_path)
-    a = await store.put(b"png-bytes")
-    assert a == await store.put(b"png-bytes") and store.exists(a)
-    assert store.path_for(a).read_bytes() == b"png-bytes"
-    assert decode_output("image/png", "cG5n") == b"png"
-    assert decode_output("image/svg+xml", "<svg/>") == b"<svg/>"
-    with pytest.raises(ValueError):
-        store.path_for("../../etc/passwd")
-    assert store.remove_unreferenced(set()) == 1 and not store.exists(a)
 
 
 @pytest.mark.asyncio

@@ -20,10 +20,12 @@ from cellbox.runtimes.isolation import (
     UidPool,
     build_bwrap_argv,
     death_reason,
-    sandbox_env,
+    seccomp,
     write_etc_files,
     write_ipc_connection,
 )
+from cellbox.runtimes.local import ENV_ALLOWLIST, ResolvedLimits, base_env, describe_exit
+from cellbox.runtimes.specs import TemplateInfo
 
 # ---------------------------------------------------------------------------------------------
 # uids
@@ -55,6 +57,10 @@ def _pairs(options: tuple[str, ...], flag: str) -> list[tuple[str, str]]:
     return [(options[i + 1], options[i + 2]) for i, o in enumerate(options) if o == flag]
 
 
+def _template(venv: Path) -> TemplateInfo:
+    return TemplateInfo(name="t", python=venv / "bin" / "python", env_dir=venv, kernels={})
+
+
 def test_bwrap_argv_layout(tmp_path: Path) -> None:
     venv = Path("/tmp/some-venv")
     cmd = build_bwrap_argv(
@@ -64,7 +70,7 @@ def test_bwrap_argv_layout(tmp_path: Path) -> None:
         etc_dir=tmp_path / "etc",
         seccomp=None,
         template_env=venv,
-        env=sandbox_env(venv, {"FOO": "bar"}),
+        env=base_env(_template(venv), "/home/user", {"FOO": "bar"}),
     )
     o = cmd.options
     for flag in ("--unshare-user", "--disable-userns", "--unshare-pid", "--unshare-net", "--unshare-ipc"):
@@ -79,8 +85,22 @@ def test_bwrap_argv_layout(tmp_path: Path) -> None:
     assert (str(tmp_path / "run"), "/run/cellbox") in _pairs(o, "--bind")
     assert o[-4:] == ("--remount-ro", "/", "--chdir", "/home/user")
     env = {key: value for key, value in _pairs(o, "--setenv")}
-    assert env["FOO"] == "bar" and env["PATH"].startswith(f"{venv}/bin:")
-    assert not set(os.environ) - set(sandbox_env(venv)) & set(env)
+    assert env["FOO"] == "bar" and env["PATH"].startswith(f"{venv}/bin:") and env["HOME"] == "/home/user"
+
+
+def test_base_env_keeps_the_service_environment_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    monkeypatch.setenv("TZ", "Europe/Paris")
+    venv = Path("/tmp/some-venv")
+    template = TemplateInfo(
+        name="t", python=venv / "bin" / "python", env_dir=venv, kernels={}, env={"A": "template", "B": "template"}
+    )
+    env = base_env(template, "/home/user", {"B": "sandbox", "MPLBACKEND": ""}, {"A": "kernel"})
+    assert "AWS_SECRET_ACCESS_KEY" not in env
+    assert "TZ" in ENV_ALLOWLIST and env["TZ"] == "Europe/Paris"
+    assert env["PATH"].startswith(f"{venv}/bin:") and env["HOME"] == "/home/user"
+    assert (env["A"], env["B"]) == ("kernel", "sandbox")  # sandbox envs win over the kernel's
+    assert "MPLBACKEND" not in env  # an empty value unsets
 
 
 def test_bwrap_command_passes_options_through_a_memfd(tmp_path: Path) -> None:
@@ -112,19 +132,19 @@ def test_etc_files(tmp_path: Path) -> None:
 
 def test_ipc_connection_has_two_views(tmp_path: Path) -> None:
     conn = write_ipc_connection(tmp_path, kernel_name="python3")
-    inside = json.loads(conn.host_file.read_text())
+    inside = json.loads((tmp_path / isolation.CONNECTION_FILE).read_text())
     assert inside["transport"] == "ipc" and inside["ip"] == "/run/cellbox/k"
     assert [inside[k] for k in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")] == [1, 2, 3, 4, 5]
     assert len(inside["key"]) == 64
     assert conn.connection_info == {**inside, "ip": str(tmp_path / "k")}
     assert conn.sandbox_file == "/run/cellbox/kernel.json"
-    assert [p.name for p in conn.socket_paths] == ["k-1", "k-2", "k-3", "k-4", "k-5"]
+    assert isolation.KERNEL_SOCKETS == ("k-1", "k-2", "k-3", "k-4", "k-5")
 
 
 def test_ipc_dir_path_must_fit_a_unix_socket(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="107"):
         isolation.prepare_ipc_dir(tmp_path / ("x" * 100) / "python", os.getuid())
-    with pytest.raises(ValueError, match="kernel name"):
+    with pytest.raises(ValueError, match="socket directory name"):
         isolation.prepare_ipc_dir(tmp_path / "..", os.getuid())
 
 
@@ -132,17 +152,17 @@ def test_ipc_dir_path_must_fit_a_unix_socket(tmp_path: Path) -> None:
 # seccomp policy
 
 
-def _denied(rules: list[isolation._Rule], syscall: str, args: list[int]) -> bool:
+def _denied(rules: list[seccomp._Rule], syscall: str, args: list[int]) -> bool:
     def matches(cmp: tuple[int, int, int, int]) -> bool:
         arg, op, a, b = cmp
-        assert op == isolation._SCMP_CMP_MASKED_EQ
+        assert op == seccomp._SCMP_CMP_MASKED_EQ
         return args[arg] & a == b
 
     return any(r.syscall == syscall and all(matches(c) for c in r.args) for r in rules)
 
 
 def test_personality_rules_allow_only_linux_and_the_query() -> None:
-    rules = isolation._seccomp_rules()
+    rules = seccomp._seccomp_rules()
     assert not _denied(rules, "personality", [0])
     assert not _denied(rules, "personality", [0xFFFFFFFF])
     assert not _denied(rules, "personality", [0xFFFFFFFFFFFFFFFF])  # glibc sign-extends -1
@@ -153,7 +173,7 @@ def test_personality_rules_allow_only_linux_and_the_query() -> None:
 
 
 def test_clone_rules_deny_namespace_flags_only() -> None:
-    rules = isolation._seccomp_rules()
+    rules = seccomp._seccomp_rules()
     sigchld = 17
     thread_flags = 0x003D0F00  # what glibc's pthread_create passes
     assert not _denied(rules, "clone", [sigchld])
@@ -245,3 +265,18 @@ def test_rlimits_never_exceed_the_hard_limit() -> None:
     assert eff[resource.RLIMIT_CORE] == 0
     assert resource.RLIMIT_FSIZE in eff
     assert resource.RLIMIT_NOFILE not in dict(Rlimits(nofile=None).effective())
+
+
+def test_describe_exit_names_the_cause_and_the_limit() -> None:
+    limits = ResolvedLimits(memory_mb=160, cpu=1, pids=64, disk_mb=1, nofile=1, fsize_mb=1)
+    oom = describe_exit(137, cause="oom", limits=limits)
+    assert (oom.reason, oom.signal, oom.exit_code) == ("oom", 9, None)
+    assert "160 MiB memory limit" in oom.detail
+    pids = describe_exit(-9, cause="pids", limits=limits)
+    assert (
+        pids.reason == "pids"
+        and pids.detail == "killed by SIGKILL, after hitting the sandbox's limit of 64 processes and threads"
+    )
+    assert describe_exit(-11).reason == "segfault" and describe_exit(-11, cause="killed").reason == "killed"
+    assert describe_exit(-99).detail == "killed by signal 99"
+    assert describe_exit(None, "tail").reason == "unknown"

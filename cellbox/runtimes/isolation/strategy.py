@@ -1,0 +1,251 @@
+"""``isolation="bwrap"``: the local runtime's strategy that composes the isolation helpers.
+
+Each sandbox gets a host uid (:class:`~.uids.UidPool`), a cgroup with its limits
+(:class:`~.cgroups.Cgroup`), a disk-capped home (:class:`~.disk.DiskHome`), its own ``/etc``
+files, and one unprivileged bubblewrap process (:func:`~.bwrap.build_bwrap_argv`) entered
+through :func:`~.child.make_preexec` with the seccomp filter; the agent is that process's
+command, the sandbox's init. The agent's and the kernels' socket directories are handed back
+to root once bound (:mod:`~.ipc`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO
+
+from cellbox.interpreter.errors import RuntimeUnavailable
+from cellbox.interpreter.models import KernelExit, SandboxUsage
+from cellbox.runtimes.isolation.bwrap import build_bwrap_argv, write_etc_files
+from cellbox.runtimes.isolation.cgroups import Cgroup, CgroupTree, death_reason
+from cellbox.runtimes.isolation.child import Rlimits, make_preexec
+from cellbox.runtimes.isolation.disk import DiskHome
+from cellbox.runtimes.isolation.hostcheck import check_host
+from cellbox.runtimes.isolation.ipc import hand_back_ipc_dir, prepare_ipc_dir
+from cellbox.runtimes.isolation.layout import SANDBOX_HOME, SANDBOX_RUN
+from cellbox.runtimes.isolation.seccomp import seccomp_bpf
+from cellbox.runtimes.isolation.uids import UidPool
+from cellbox.runtimes.local import (
+    AGENT_PYTHON_FLAGS,
+    AGENT_SOURCE,
+    LocalSandbox,
+    agent_gone_exit,
+    describe_exit,
+    write_profile,
+)
+from cellbox.runtimes.specs import LocalConfig
+
+__all__ = ["SANDBOX_AGENT", "BwrapIsolation"]
+
+log = logging.getLogger("cellbox.runtime.local")
+
+#: Where the agent is bound (read-only) inside every sandbox.
+SANDBOX_AGENT = "/opt/cellbox/agent.py"
+
+
+def _allow_traverse(path: Path) -> None:
+    """Give others search (x) permission on a service-owned directory, so the sandbox uid can
+    reach the paths below it that bwrap binds (bwrap opens its sources as that uid)."""
+    mode = path.stat().st_mode
+    if mode & 0o001 == 0:
+        os.chmod(path, (mode & 0o7777) | 0o011)
+
+
+def _check_traversable(path: Path) -> None:
+    for parent in [path, *path.parents]:
+        if parent.stat().st_mode & 0o001 == 0:
+            raise RuntimeUnavailable(
+                f"{parent} is not searchable by other users; sandbox uids must reach {path} "
+                "(chmod o+x, or pick a data/run dir elsewhere)"
+            )
+
+
+class BwrapIsolation:
+    """The ``Isolation`` strategy for ``"bwrap"`` (see the module docstring)."""
+
+    name = "bwrap"
+
+    def __init__(self, config: LocalConfig) -> None:
+        self.config = config
+        self.uids = UidPool(config.sandbox_uid_first, config.sandbox_uid_count)
+        self.tree: CgroupTree | None = None  # from startup on
+        self.bpf: Path | None = None
+        self.agent_file: Path | None = None
+
+    def _started(self) -> tuple[CgroupTree, Path, Path]:
+        if self.tree is None or self.bpf is None or self.agent_file is None:
+            raise RuntimeError("BwrapIsolation.startup() was not called")
+        return self.tree, self.bpf, self.agent_file
+
+    async def startup(self) -> None:
+        config = self.config
+        if os.geteuid() != 0:
+            raise RuntimeUnavailable("isolation 'bwrap' needs the service to run as root")
+        config.homes.mkdir(parents=True, exist_ok=True)
+        config.run_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        # The sandbox uids must reach their home and socket dirs; the service's own dirs may be
+        # opened up for search (never read), the directories above them are checked.
+        for d in (config.data_dir, config.homes, config.run_dir):
+            _allow_traverse(d)
+        _check_traversable(config.homes)
+        _check_traversable(config.run_dir)
+        last_uid = config.sandbox_uid_first + config.sandbox_uid_count - 1
+        report = await check_host(config.run_dir, probe_uid=last_uid, cgroup_prefix=config.cgroup_prefix)
+        report.require()
+        for warning in report.warnings:
+            log.warning("isolation: %s", warning)
+        self.tree = CgroupTree.detect(config.cgroup_prefix)
+        self.tree.prepare()
+        reaped = await self.tree.reap_leftovers()
+        await DiskHome.reap_leftovers(config.homes)
+        for sid in reaped:
+            log.warning("reaped leftover sandbox %s", sid)
+            await asyncio.to_thread(shutil.rmtree, config.homes / sid, True)
+            await asyncio.to_thread(shutil.rmtree, config.run_dir / sid, True)
+        self.bpf = seccomp_bpf(config.run_dir)
+        # The agent is bound into every sandbox from a root-owned copy the sandbox uids can reach.
+        self.agent_file = config.run_dir / "agent.py"
+        shutil.copyfile(AGENT_SOURCE, self.agent_file)
+        os.chmod(self.agent_file, 0o644)
+
+    async def prepare(self, sandbox: LocalSandbox) -> None:
+        tree, _, _ = self._started()
+        # acquire() scans /proc: off the loop, like every other blocking step here.
+        uid = sandbox.uid = await asyncio.to_thread(self.uids.acquire, sandbox.sandbox_id)
+        sandbox.cgroup = await asyncio.to_thread(self._make_dirs_and_cgroup, sandbox, tree)
+        limits = sandbox.resolved
+        sandbox.disk = await DiskHome.create(sandbox.dir / "home", size_bytes=limits.disk_mb << 20, uid=uid)
+        sandbox.home = sandbox.disk.path
+        await asyncio.to_thread(write_profile, sandbox.home, sandbox.template, uid)
+        await asyncio.to_thread(write_etc_files, sandbox.dir / "etc")
+
+    @staticmethod
+    def _make_dirs_and_cgroup(sandbox: LocalSandbox, tree: CgroupTree) -> Cgroup:
+        if sandbox.template.env_dir is not None:
+            _allow_traverse(sandbox.template.env_dir.parent)
+        for d in (sandbox.dir, sandbox.run):
+            d.mkdir(parents=True, exist_ok=True, mode=0o711)
+            os.chmod(d, 0o711)
+        cgroup = tree.create(sandbox.sandbox_id)
+        limits = sandbox.resolved
+        cgroup.set_limits(memory_bytes=limits.memory_mb << 20, pids=limits.pids, cpu=limits.cpu)
+        return cgroup
+
+    def home_in_sandbox(self, sandbox: LocalSandbox) -> str:
+        return SANDBOX_HOME
+
+    def socket_dir(self, sandbox: LocalSandbox, name: str, sockets: Sequence[str]) -> tuple[Path, str]:
+        host = prepare_ipc_dir(sandbox.run / name, self._uid(sandbox), sockets)
+        return host, f"{SANDBOX_RUN}/{name}"
+
+    def secure_socket_dir(self, sandbox: LocalSandbox, host_dir: Path, sockets: Sequence[str]) -> None:
+        hand_back_ipc_dir(host_dir, self._uid(sandbox), sockets)
+
+    async def spawn_agent(
+        self, sandbox: LocalSandbox, socket: str, env: dict[str, str], log: IO[bytes]
+    ) -> asyncio.subprocess.Process:
+        _, bpf, agent_file = self._started()
+        template, limits = sandbox.template, sandbox.resolved
+        binds: list[tuple[Path, str]] = [(agent_file, SANDBOX_AGENT)]
+        if template.env_dir is not None:
+            # the template dir holds the startup (exec) files next to the venv
+            binds.append((template.env_dir.parent, str(template.env_dir.parent)))
+        cmd = build_bwrap_argv(
+            [str(template.python), *AGENT_PYTHON_FLAGS, SANDBOX_AGENT, "--socket", socket, "--home", SANDBOX_HOME],
+            home=sandbox.home,
+            run_dir=sandbox.run,
+            etc_dir=sandbox.dir / "etc",
+            seccomp=bpf,
+            env=env,
+            template_env=template.env_dir,
+            cwd=SANDBOX_HOME,
+            tmp_size=self.config.sandbox_tmp_mb << 20,
+            extra_ro_binds=binds,
+        )
+        rlimits = Rlimits(nofile=limits.nofile, fsize_bytes=limits.fsize_mb << 20)
+        preexec = make_preexec(sandbox.cgroup, self._uid(sandbox), rlimits)
+        with cmd.open() as (argv, fds):
+            return await asyncio.create_subprocess_exec(
+                *argv,
+                pass_fds=fds,
+                cwd="/",
+                env={},
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                preexec_fn=preexec,
+            )
+
+    def exit_describer(self, sandbox: LocalSandbox) -> Callable[[int | None, str], KernelExit]:
+        cgroup, limits = self._cgroup(sandbox), sandbox.resolved
+        before = cgroup.counters()
+
+        def describe(code: int | None, log_tail: str) -> KernelExit:
+            cause = death_reason(-9 if code is None else code, before, cgroup.counters())
+            if code is None and cause == "killed":
+                return agent_gone_exit()
+            return describe_exit(code, log_tail, cause=cause, limits=limits)
+
+        return describe
+
+    async def usage(self, sandbox: LocalSandbox) -> SandboxUsage | None:
+        if sandbox.cgroup is None:
+            return None
+        return await asyncio.to_thread(self._usage, sandbox.cgroup, sandbox.home)
+
+    @staticmethod
+    def _usage(cgroup: Cgroup, home: Path) -> SandboxUsage:
+        u = cgroup.usage()
+        out = SandboxUsage(
+            memory_bytes=u.memory_bytes, memory_peak_bytes=u.memory_peak_bytes, pids=u.pids, cpu_seconds=u.cpu_seconds
+        )
+        with contextlib.suppress(OSError):
+            st = os.statvfs(home)
+            out.disk_total_bytes = st.f_blocks * st.f_frsize
+            out.disk_used_bytes = (st.f_blocks - st.f_bfree) * st.f_frsize
+        return out
+
+    async def pause(self, sandbox: LocalSandbox) -> None:
+        await self._cgroup(sandbox).freeze()
+
+    async def resume(self, sandbox: LocalSandbox) -> None:
+        self._cgroup(sandbox).thaw()
+
+    async def kill_leftovers(self, sandbox: LocalSandbox) -> None:
+        cgroup = sandbox.cgroup
+        if cgroup is not None and cgroup.pids():  # anything that outlived the sandbox's pid namespace
+            await cgroup.kill_all()
+
+    async def teardown(self, sandbox: LocalSandbox) -> None:
+        cgroup = sandbox.cgroup
+        if cgroup is None and self.tree is not None:  # prepare failed before it was recorded
+            with contextlib.suppress(ValueError):
+                cgroup = self.tree.sandbox(sandbox.sandbox_id)
+        if cgroup is not None:
+            await cgroup.kill_all()
+            await cgroup.remove()
+        if sandbox.disk is not None:
+            await sandbox.disk.destroy()
+        self.uids.release(sandbox.sandbox_id)
+
+    async def shutdown(self) -> None:
+        if self.tree is not None:  # the prefix itself, once every sandbox is gone
+            self.tree.remove()
+
+    @staticmethod
+    def _uid(sandbox: LocalSandbox) -> int:
+        if sandbox.uid is None:
+            raise RuntimeError(f"sandbox {sandbox.sandbox_id} has no uid: prepare() did not run")
+        return sandbox.uid
+
+    @staticmethod
+    def _cgroup(sandbox: LocalSandbox) -> Cgroup:
+        if sandbox.cgroup is None:
+            raise RuntimeError(f"sandbox {sandbox.sandbox_id} has no cgroup: prepare() did not run")
+        return sandbox.cgroup
