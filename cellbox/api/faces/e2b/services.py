@@ -101,7 +101,8 @@ class Services:
         """The sandbox a sandbox-surface request is addressed to (live, paused or ended: work
         on one that is not running raises SandboxNotRunning)."""
         sid, _ = self.target(conn)
-        return sid, await self.manager.get(self.sandbox_owner(conn, sid), sid)
+        owner = self.sandbox_owner(conn, sid)  # authenticate before touching the core
+        return sid, await self.manager.get(owner, sid)
 
 
 def services(conn: HTTPConnection) -> Services:
