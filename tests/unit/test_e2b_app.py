@@ -66,3 +66,12 @@ async def test_jupyter_errors_are_plain_text(client: httpx.AsyncClient) -> None:
 async def test_other_ports_are_not_open(client: httpx.AsyncClient) -> None:
     r = await client.get("/", headers={"E2b-Sandbox-Id": "sb_1", "E2b-Sandbox-Port": "8080"})
     assert r.status_code == 502 and "port 8080 is not open" in r.json()["message"]
+
+
+@pytest.mark.asyncio
+async def test_host_routing_reaches_the_sandbox_surfaces(client: httpx.AsyncClient) -> None:
+    host = {"Host": "49983-sb_0123456789abcdef.cellbox.test"}
+    r = await client.post("/filesystem.Filesystem/Stat", json={"path": "/"}, headers=host)
+    assert r.status_code == 401 and r.json()["code"] == "unauthenticated"  # envd's RPC answered
+    r = await client.post("/execute", json={"code": "1"}, headers={"Host": "49999-sb_0123456789abcdef.cellbox.test"})
+    assert r.status_code == 401 and r.headers["content-type"].startswith("text/plain")

@@ -47,9 +47,11 @@ def test_signature_matches_the_sdks_algorithm() -> None:
 
 def test_sandbox_target_from_headers_or_host() -> None:
     assert sandbox_target({"e2b-sandbox-id": "sb_1", "e2b-sandbox-port": "49983"}, None) == ("sb_1", 49983)
-    assert sandbox_target({"host": "49999-sb_1.cellbox.test"}, None) is None
-    assert sandbox_target({"host": "49999-sb_1.cellbox.test:8080"}, "cellbox.test") == ("sb_1", 49999)
-    assert sandbox_target({"host": "49999-sb_1.elsewhere.test"}, "cellbox.test") is None
+    sid = "sb_0123456789abcdef"
+    assert sandbox_target({"host": f"49999-{sid}.cellbox.test"}, None) == (sid, 49999)
+    assert sandbox_target({"host": f"49999-{sid}.cellbox.test:8080"}, "cellbox.test") == (sid, 49999)
+    assert sandbox_target({"host": f"49999-{sid}.elsewhere.test"}, "cellbox.test") is None
+    assert sandbox_target({"host": "8080-myapp.example.com"}, None) is None  # not a sandbox id
     assert sandbox_target({"e2b-sandbox-id": "sb_1", "e2b-sandbox-port": "x"}, None) is None
 
 
@@ -65,5 +67,6 @@ def test_which_requests_are_the_faces() -> None:
     assert is_e2b_request(_scope("/files", query="path=a&signature=v1_x"))
     assert not is_e2b_request(_scope("/v1/sandboxes"))
     assert not is_e2b_request(_scope("/files"))
+    assert is_e2b_request(_scope("/", {"host": "3000-sb_0123456789abcdef.cellbox.test"}))
     assert not is_e2b_request(_scope("/sandboxesque"))
     assert not is_e2b_request({"type": "websocket", "path": "/v2/sandboxes", "headers": []})

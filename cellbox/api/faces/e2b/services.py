@@ -24,22 +24,23 @@ __all__ = ["SANDBOX_ID_HEADER", "SANDBOX_PORT_HEADER", "Services", "sandbox_targ
 
 SANDBOX_ID_HEADER = "e2b-sandbox-id"
 SANDBOX_PORT_HEADER = "e2b-sandbox-port"
-_HOST_TARGET = re.compile(r"(?P<port>\d{1,5})-(?P<id>[A-Za-z0-9_]+)\.(?P<domain>.+)")
+# E2B's host routing, ``{port}-{sandbox id}.{domain}``; only cellbox's own id shape is claimed,
+# so no other request's host is ever taken for one.
+_HOST_TARGET = re.compile(r"(?P<port>\d{1,5})-(?P<id>sb_[0-9a-f]{8,64})\.(?P<domain>.+)")
 
 
 def sandbox_target(headers: Any, domain: str | None) -> tuple[str, int] | None:
     """``(sandbox id, port)`` a request is addressed to: the ``E2b-Sandbox-Id`` /
-    ``E2b-Sandbox-Port`` headers, else (with a domain configured) the host
-    ``{port}-{id}.{domain}``; None for the control plane."""
+    ``E2b-Sandbox-Port`` headers, else the host ``{port}-{id}.{domain}`` (E2B's domain mode,
+    behind a TLS proxy; with ``domain`` given, only that domain); None for the control plane."""
     sid = headers.get(SANDBOX_ID_HEADER)
     port = headers.get(SANDBOX_PORT_HEADER)
     if sid and port and port.isdigit():
         return sid, int(port)
-    if domain:
-        host = (headers.get("host") or "").split(":", 1)[0].lower()
-        match = _HOST_TARGET.fullmatch(host)
-        if match and match["domain"] == domain.lower():
-            return match["id"], int(match["port"])
+    host = (headers.get("host") or "").split(":", 1)[0].lower()
+    match = _HOST_TARGET.fullmatch(host)
+    if match and (domain is None or match["domain"] == domain.lower()):
+        return match["id"], int(match["port"])
     return None
 
 
