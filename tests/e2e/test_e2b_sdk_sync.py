@@ -4,6 +4,7 @@ first, then one test per capability."""
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import time
 from collections.abc import Iterator
@@ -334,6 +335,13 @@ def test_list_by_state(e2b_server: E2BServer) -> None:
         assert [s.sandbox_id for s in running.next_items()] == [sandbox.sandbox_id]
         paused = CoreSandbox.list(query=SandboxQuery(metadata={"suite": "states"}, state=[SandboxState.PAUSED]))
         assert paused.next_items() == []
+        started = sandbox.get_info().started_at
+        later = CoreSandbox.list(query=SandboxQuery(metadata={"suite": "states"}, started_after=started))
+        assert [s.sandbox_id for s in later.next_items()] == [sandbox.sandbox_id]
+        after = started + datetime.timedelta(seconds=5)
+        assert (
+            CoreSandbox.list(query=SandboxQuery(metadata={"suite": "states"}, started_after=after)).next_items() == []
+        )
     finally:
         sandbox.kill()
 

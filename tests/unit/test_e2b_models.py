@@ -130,3 +130,10 @@ def test_paging_errors() -> None:
     with pytest.raises(InvalidRequest):
         m.page([], 10, None, "!!not-a-token")
     assert m.page([], 10, None, None) == ([], None)
+
+
+def test_rfc3339_round_trip() -> None:
+    assert m.parse_rfc3339(m.rfc3339(1_700_000_000.5), "t") == 1_700_000_000.5
+    assert m.parse_rfc3339("2023-11-14T23:13:20+01:00", "t") == 1_700_000_000.0
+    with pytest.raises(InvalidRequest):
+        m.parse_rfc3339("yesterday", "startedAfter")

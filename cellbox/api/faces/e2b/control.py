@@ -51,6 +51,10 @@ async def list_v2(request: Request) -> Response:
     found = await svc.manager.list_sandboxes(owner, states=[str(st) for st in states], metadata=metadata)
     if template := q.get("template"):
         found = [s for s in found if s.template in (template, m.cellbox_template(template))]
+    if started_after := q.get("startedAfter"):
+        since = m.parse_rfc3339(started_after, "startedAfter")
+        # times go out with microseconds (rfc3339): compare at that precision
+        found = [s for s in found if round(s.created_at, 6) >= since]
     try:
         limit = int(q.get("limit") or 100)
     except ValueError:

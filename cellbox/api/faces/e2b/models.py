@@ -43,6 +43,7 @@ __all__ = [
     "metric",
     "page",
     "parse_metadata_query",
+    "parse_rfc3339",
     "parse_states",
     "rfc3339",
     "sandbox_detail",
@@ -149,6 +150,17 @@ def to_create(body: NewSandbox, max_timeout: float | None = None) -> SandboxCrea
 def rfc3339(ts: float) -> str:
     """A unix time as the RFC 3339 UTC string the SDKs parse (``isoparse``)."""
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def parse_rfc3339(value: str, field: str) -> float:
+    """An RFC 3339 time (``2026-12-01T10:00:00Z``, any offset) as a unix time."""
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest(f"invalid {field}: expected an RFC 3339 time", field=field) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
 
 
 def _e2b_state(state: SandboxState) -> Literal["running", "paused"]:
