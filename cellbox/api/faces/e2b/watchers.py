@@ -8,6 +8,7 @@ buffer, and it goes away with its watch (removed, or the sandbox ended).
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
@@ -38,17 +39,17 @@ class Watchers:
 
     def __init__(self) -> None:
         self._watchers: dict[str, _Watcher] = {}
-        self._pumps: dict[str, Any] = {}
+        self._pumps: dict[str, asyncio.Task[None]] = {}
         self._tasks = TaskSet("e2b watchers")
 
     def add(self, sandbox_id: str, owner: str, root: str, watch: Watch) -> str:
         watcher_id = "w_" + secrets.token_hex(8)
         w = _Watcher(sandbox_id, owner, root, watch)
         self._watchers[watcher_id] = w
-        self._pumps[watcher_id] = self._tasks.spawn(self._pump(w), name=f"e2b-watcher-{watcher_id}")
+        self._pumps[watcher_id] = self._tasks.spawn(self._pump(watcher_id, w), name=f"e2b-watcher-{watcher_id}")
         return watcher_id
 
-    async def _pump(self, w: _Watcher) -> None:
+    async def _pump(self, watcher_id: str, w: _Watcher) -> None:
         try:
             async for event in w.watch.events():
                 out = t.fs_event(dict(event), w.root)
@@ -56,6 +57,7 @@ class Watchers:
                     w.events.append(out)
         finally:
             w.ended = True
+            self._pumps.pop(watcher_id, None)
 
     def _get(self, watcher_id: str, sandbox_id: str, owner: str) -> _Watcher:
         w = self._watchers.get(watcher_id)
