@@ -70,8 +70,11 @@ async def execute(request: Request) -> Response:
     sbx = await _sandbox(request)
     cid = await _context_for(sbx, context_id, language)
     envs = {str(k): str(v) for k, v in (body.get("env_vars") or {}).items()}
+    # E2B has no server-side execution limit: the SDK's own timeout closes the connection,
+    # which interrupts the execution. The service's largest limit stays as the backstop.
+    limit = services(request).settings.max_execution_timeout
     started = await sbx.executions.start(
-        ExecuteRequest(code=code, context=cid, envs=envs, inline=True, interrupt_on_disconnect=True)
+        ExecuteRequest(code=code, context=cid, envs=envs, timeout=limit, inline=True, interrupt_on_disconnect=True)
     )
 
     async def interrupt() -> None:
