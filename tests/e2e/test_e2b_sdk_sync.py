@@ -402,3 +402,13 @@ def test_stream_input(sbx: Sandbox) -> None:
     sbx.commands.stream_input(handle.pid, ["one ", b"two\n"])
     sbx.commands.close_stdin(handle.pid)
     assert handle.wait().stdout == "one two\n"
+
+
+def test_large_files_round_trip(sbx: Sandbox) -> None:
+    import os
+
+    blob = os.urandom(1 << 20) * 3 + b"\x00" * (5 << 20)  # 8 MiB: several core chunks, compressible tail
+    sbx.files.write("big.bin", blob, gzip=True)
+    assert bytes(sbx.files.read("big.bin", format="bytes")) == blob
+    assert sbx.files.get_info("big.bin").size == len(blob)
+    assert b"".join(sbx.files.read("big.bin", format="stream", gzip=True)) == blob

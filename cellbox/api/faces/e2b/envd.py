@@ -114,7 +114,7 @@ async def read_file(request: Request) -> Response:
         raise e.InvalidRequest(f"path {path!r} is a directory")
     _, chunks = await sbx.files.read(path)
     headers = {"Content-Disposition": f'attachment; filename="{posixpath.basename(path)}"'}
-    if "gzip" in request.headers.get("accept-encoding", "") and "gzip" in q.get("encoding", "gzip"):
+    if "gzip" in request.headers.get("accept-encoding", ""):
         headers["Content-Encoding"] = "gzip"
         chunks = _gzip(chunks)
     return ByteStream(chunks, "application/octet-stream", headers=headers)
@@ -129,11 +129,16 @@ async def _gzip(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 
 async def _gunzip(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    # Decompressed output is bounded per step (a small gzip body can expand enormously); the
+    # core's upload limit bounds the total.
     dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:
         async for chunk in chunks:
-            if out := dec.decompress(chunk):
-                yield out
+            data = chunk
+            while data:
+                if out := dec.decompress(data, UPLOAD_CHUNK):
+                    yield out
+                data = dec.unconsumed_tail
         if tail := dec.flush():
             yield tail
     except zlib.error as exc:
