@@ -110,6 +110,11 @@ def test_create_info_list_connect_kill(e2b_server: E2BServer) -> None:
         assert [s.sandbox_id for s in listed] == [sandbox.sandbox_id]
         again = CoreSandbox.connect(sandbox.sandbox_id)
         assert again.commands.run("echo again").stdout == "again\n"
+        end = sandbox.get_info().end_at
+        CoreSandbox.connect(sandbox.sandbox_id, timeout=5)  # connecting never shortens a life
+        assert sandbox.get_info().end_at == end
+        CoreSandbox.connect(sandbox.sandbox_id, timeout=600)
+        assert sandbox.get_info().end_at > end
     finally:
         assert sandbox.kill() is True
     assert not sandbox.is_running()

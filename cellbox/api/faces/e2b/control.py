@@ -117,7 +117,10 @@ async def connect(request: Request) -> Response:
         info = await svc.manager.resume(owner, sid)
         status = 201
     if body.timeout:
-        info = await svc.manager.set_timeout(owner, sid, min(float(body.timeout), svc.settings.max_sandbox_timeout))
+        # E2B: connecting may extend a sandbox's life, never shorten it.
+        seconds = min(float(body.timeout), svc.settings.max_sandbox_timeout)
+        if info.end_at is None or time.time() + seconds > info.end_at:
+            info = await svc.manager.set_timeout(owner, sid, seconds)
     return JSONResponse(m.sandbox_response(info, svc.token(request, sid), svc.defaults), status_code=status)
 
 
