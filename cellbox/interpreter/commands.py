@@ -32,6 +32,7 @@ from cellbox.interpreter.models import (
     CommandStdoutEvent,
 )
 from cellbox.runtimes.base import Process, SandboxBackend
+from cellbox.runtimes.specs import signal_name
 
 if TYPE_CHECKING:
     from cellbox.interpreter.sandbox import Sandbox
@@ -41,14 +42,6 @@ log = logging.getLogger("cellbox.commands")
 # Finished commands stay attachable this long, and at most this many per sandbox.
 KEEP_FINISHED_SECONDS = 600.0
 KEEP_FINISHED_COUNT = 100
-
-
-def describe_signal(signum: int) -> str:
-    """``"killed by SIGKILL"`` (or ``"killed by signal 70"`` for a number with no name)."""
-    try:
-        return f"killed by {signals.Signals(signum).name}"
-    except ValueError:
-        return f"killed by signal {signum}"
 
 
 def parse_signal(value: str | int) -> int:
@@ -170,7 +163,7 @@ class Commands:
             end.reason = "the sandbox stopped"
         elif code < 0:
             clog.signal = end.signal = -code
-            end.reason = describe_signal(-code)
+            end.reason = f"killed by {signal_name(-code)}"
         else:
             clog.exit_code = end.exit_code = code
         if clog.timed_out:

@@ -53,6 +53,7 @@ class ExecutionLog(EventLog[Event]):
         self._next_seq = 0
         self._unsaved: list[tuple[Event, dict[str, Any]]] = []
         self._flushing: asyncio.Task[None] | None = None
+        self._status_write: asyncio.Task[None] | None = None
         self._store_failed = False
 
     def doc(self) -> dict[str, Any]:
@@ -101,18 +102,24 @@ class ExecutionLog(EventLog[Event]):
                 return
             self.publish(*(ev for ev, _ in batch))
 
-    async def set_running(self) -> None:
+    def set_running(self) -> None:
+        """The execution left its queue. Stored in the background (the kernel need not wait
+        for a commit to start), always before the end."""
         self.status = "running"
+        self._status_write = asyncio.create_task(self._write_status(self.doc()), name=f"running-{self.id}")
+
+    async def _write_status(self, doc: dict[str, Any]) -> None:
         try:
-            await self.store.put_execution(self.doc())
+            await self.store.put_execution(doc)
         except Exception:
             log.exception("could not store that %s runs", self.id)
 
     async def finish(self, end: EndEvent) -> None:
         """Append the closing ``end`` event, committed with everything before it before any
         follower sees it. Always closes the log, even when the store fails."""
-        if self._flushing is not None:
-            await asyncio.wait({self._flushing})  # not cancelled if our caller is
+        pending_writes = {t for t in (self._flushing, self._status_write) if t is not None}
+        if pending_writes:
+            await asyncio.wait(pending_writes)  # not cancelled if our caller is
         self.status = end.status
         self.execution_count = end.execution_count
         self.ended_at = time.time()

@@ -127,7 +127,7 @@ class Executions:
         try:
             async for ev in stream:
                 if isinstance(ev, RunningEvent):
-                    await xlog.set_running()
+                    xlog.set_running()
                 elif isinstance(ev, EndEvent):
                     end = ev
                 else:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import cellbox
 from cellbox.aio import TaskSet, cancel_and_wait
@@ -25,9 +27,11 @@ from cellbox.interpreter.errors import (
     ArtifactNotFound,
     Conflict,
     InvalidRequest,
+    RuntimeUnavailable,
     SandboxLimitReached,
     SandboxNotFound,
     ServiceAtCapacity,
+    TemplateNotFound,
 )
 from cellbox.interpreter.models import ArtifactInfo, Health, Limits, SandboxCreate, SandboxInfo, SandboxState
 from cellbox.interpreter.pool import WarmPool
@@ -96,6 +100,7 @@ class SandboxManager:
         return manager
 
     async def start(self) -> None:
+        self._check_default_template()
         await self.runtime.startup()
         lost, ended = await self.store.mark_lost("the service restarted; the kernel ended with it")
         log.info("service instance %s", self.store.instance_id)
@@ -108,6 +113,38 @@ class SandboxManager:
             )
         self._reaping = asyncio.create_task(self.reaper.run(), name="cellbox-reaper")
         self.pool.start()
+
+    def _check_default_template(self) -> None:
+        """Refuse to start where every create would fail: isolated sandboxes, no built
+        template at all, and this service's own Python (the fallback ``default``) living
+        outside what a sandbox sees (a pyenv, or a venv of another interpreter). With other
+        templates built, only warn: creates that name one of them work."""
+        problem = self._default_template_problem()
+        if problem is None:
+            return
+        if any(name != "default" for name in self.templates.names()):
+            log.warning("%s; creates without a template will fail", problem)
+            return
+        raise RuntimeUnavailable(problem)
+
+    def _default_template_problem(self) -> str | None:
+        root = self.templates.root
+        if self.runtime.isolation == "none" or (root / "default" / "template.json").exists():
+            return None
+        try:
+            template: TemplateInfo | None = self.templates.get("default")
+        except TemplateNotFound:
+            template = None
+        if template is not None:
+            python = Path(os.path.realpath(template.python))
+            visible = [Path("/usr")] + ([template.env_dir.parent] if template.env_dir else [])
+            if any(python.is_relative_to(v) for v in visible):
+                return None
+        return (
+            f"no 'default' template in {root}, and isolated sandboxes cannot run this service's own Python: "
+            f"build one with `cellbox template build kernel_image --name default --data-dir {self.settings.data_dir}` "
+            "(kernel_image/ is in the cellbox repository), or serve with --isolation none"
+        )
 
     async def close(self) -> None:
         """Stop every sandbox's kernels (their records stay, marked lost on next start)."""

@@ -47,7 +47,7 @@ from cellbox.runtimes.isolation.ipc import (
     write_ipc_connection,
 )
 from cellbox.runtimes.isolation.layout import MAX_SOCKET_PATH, SANDBOX_HOME
-from cellbox.runtimes.specs import KernelProcess, KernelSpec, LocalConfig, TemplateInfo
+from cellbox.runtimes.specs import KernelProcess, KernelSpec, LocalConfig, TemplateInfo, signal_name
 
 __all__ = [
     "ENV_ALLOWLIST",
@@ -90,14 +90,6 @@ _SOCKET_PATH_ROOM = len("/sb_0123456789abcdef/01234567-9999/" + max(AGENT_SOCKET
 
 
 # -- exits -----------------------------------------------------------------------------------
-
-
-def signal_name(signum: int) -> str:
-    """``SIGKILL`` for 9, ``signal 99`` for a number no signal has."""
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 _SIGNAL_REASONS = {signal.SIGKILL: "killed", signal.SIGSEGV: "segfault", signal.SIGABRT: "aborted"}

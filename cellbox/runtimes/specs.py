@@ -6,13 +6,14 @@ Bottom layer: imports only the wire models.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from cellbox.interpreter.models import KernelExit, Limits
 
-__all__ = ["SANDBOX_HOME", "KernelProcess", "KernelSpec", "LocalConfig", "SandboxHandle", "TemplateInfo"]
+__all__ = ["SANDBOX_HOME", "signal_name", "KernelProcess", "KernelSpec", "LocalConfig", "SandboxHandle", "TemplateInfo"]
 
 # The user's home and default working directory, as every sandbox sees it.
 SANDBOX_HOME = "/home/user"
@@ -99,3 +100,11 @@ class SandboxHandle(Protocol):
     sandbox_id: str
     template: TemplateInfo
     envs: dict[str, str]
+
+
+def signal_name(signum: int) -> str:
+    """``SIGKILL`` for 9, ``signal 99`` for a number no signal has (kernel and command exits)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

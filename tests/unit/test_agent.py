@@ -18,8 +18,8 @@ from cellbox.interpreter.errors import Conflict, InvalidRequest, RuntimeUnavaila
 from cellbox.interpreter.models import Limits, NetworkSpec
 from cellbox.runtimes import agent as agent_module
 from cellbox.runtimes import load_runtime
-from cellbox.runtimes.backend import LocalBackendRuntime
 from cellbox.runtimes.agent_client import AgentClient, AgentGone, ProcessHandle
+from cellbox.runtimes.backend import LocalBackendRuntime
 from cellbox.runtimes.local import ISOLATIONS, LocalRuntime, NoIsolation
 from cellbox.runtimes.specs import LocalConfig, TemplateInfo
 
@@ -185,7 +185,9 @@ async def test_load_runtime_reads_the_settings_by_attribute(short_tmp: Path) -> 
     )
     runtime = load_runtime(settings)
     assert isinstance(runtime, LocalBackendRuntime) and isinstance(runtime.provisioner, LocalRuntime)
-    assert runtime.provisioner.config == _config(short_tmp, data_dir=short_tmp / "d", run_dir=short_tmp / "r", default_pids=77)
+    assert runtime.provisioner.config == _config(
+        short_tmp, data_dir=short_tmp / "d", run_dir=short_tmp / "r", default_pids=77
+    )
 
 
 async def test_a_run_dir_too_long_for_sockets_is_refused(short_tmp: Path) -> None:

@@ -15,6 +15,7 @@ from cellbox.interpreter.artifacts import ArtifactStore
 from cellbox.interpreter.config import Settings
 from cellbox.interpreter.errors import (
     Conflict,
+    RuntimeUnavailable,
     SandboxLimitReached,
     SandboxNotFound,
     SandboxNotRunning,
@@ -285,3 +286,31 @@ async def test_a_restart_marks_the_previous_sandboxes_lost(tmp_path: Path) -> No
         assert (await m2.info("alice", info.id)).state == SandboxState.LOST
     finally:
         await m2.close()
+
+
+@pytest.mark.asyncio
+async def test_an_isolated_service_with_no_usable_default_template_refuses_to_start(tmp_path: Path) -> None:
+    class HostFallback(TemplateRegistry):
+        """No built template; the service's own Python lives outside what a sandbox sees."""
+
+        def get(self, name: str) -> TemplateInfo:
+            return TemplateInfo(
+                name=name, python=Path("/opt/pyenv/bin/python3"), env_dir=Path("/srv/app/.venv"), kernels={}
+            )
+
+    runtime = FakeRuntime()
+    runtime.isolation = "bwrap"
+    settings = Settings(data_dir=tmp_path / "d", run_dir=tmp_path / "r")
+    settings.data_dir.mkdir(parents=True)
+    store = await Store.open(settings.data_dir / "s.db")
+    m = SandboxManager(settings, runtime, store, ArtifactStore(tmp_path / "a"))
+    m.templates = HostFallback(tmp_path / "templates")
+    try:
+        with pytest.raises(RuntimeUnavailable, match="cellbox template build kernel_image --name default"):
+            await m.start()
+        assert not runtime.started  # refused before anything was set up
+        (tmp_path / "templates" / "default").mkdir(parents=True)
+        (tmp_path / "templates" / "default" / "template.json").write_text("{}")
+        await m.start()  # a built template: fine
+    finally:
+        await m.close()
