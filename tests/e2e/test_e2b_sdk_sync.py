@@ -417,3 +417,20 @@ def test_large_files_round_trip(sbx: Sandbox) -> None:
     assert bytes(sbx.files.read("big.bin", format="bytes")) == blob
     assert sbx.files.get_info("big.bin").size == len(blob)
     assert b"".join(sbx.files.read("big.bin", format="stream", gzip=True)) == blob
+
+
+def test_concurrent_sandboxes_are_separate(e2b_server: E2BServer) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(i: int) -> tuple[str, str]:
+        sandbox = Sandbox.create()
+        try:
+            sandbox.run_code(f"marker = {i}")
+            sandbox.files.write("who.txt", str(i))
+            return sandbox.run_code("marker").text or "", sandbox.files.read("who.txt")
+        finally:
+            sandbox.kill()
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(work, range(3)))
+    assert results == [(str(i), str(i)) for i in range(3)]
