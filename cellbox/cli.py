@@ -543,3 +543,16 @@ def template_list(data_dir: Path | None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@main.group()
+def keys() -> None:
+    """API keys (``e2b_`` + hex: the E2B SDKs and cellbox's own take the same key)."""
+
+
+@keys.command("new")
+def keys_new() -> None:
+    """Print a fresh random key. Give it to the service with --api-key or CELLBOX_API_KEYS."""
+    from cellbox.keys import new_key
+
+    click.echo(new_key())

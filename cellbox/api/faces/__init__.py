@@ -47,6 +47,7 @@ class Face:
 
 # Order matters: the first face that claims a request gets it; "native" claims the rest.
 FACES: dict[str, str] = {
+    "e2b": "cellbox.api.faces.e2b.app:FACE",
     "jupyter": "cellbox.api.faces.jupyter:FACE",
     "native": "cellbox.api.faces.native:FACE",
 }

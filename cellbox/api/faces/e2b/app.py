@@ -1,0 +1,136 @@
+"""The E2B face as one ASGI sub-application: :class:`E2BFace`.
+
+It answers three kinds of request, told apart the way E2B's own front door does:
+
+* with ``E2b-Sandbox-Id`` + ``E2b-Sandbox-Port`` (or the host ``{port}-{id}.{domain}``):
+  port 49983 is envd (:mod:`.envd`), port 49999 the code-interpreter server
+  (:mod:`.jupyter`), any other port a sandbox port (not offered yet: E2B's "port is not open");
+* a signed ``/files`` URL (``download_url``/``upload_url``: no headers at all): envd;
+* everything else: the control plane (:mod:`.control`).
+
+Each surface renders the core's errors its own way (:mod:`.errors`); a route that does not
+exist answers in the same shapes, never FastAPI's ``{"detail"}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from cellbox.api.faces import Face
+from cellbox.api.faces import Services as CoreServices
+from cellbox.api.faces.e2b import control, envd, jupyter
+from cellbox.api.faces.e2b.connect import HTTP_STATUS, Code, ConnectError, error_body
+from cellbox.api.faces.e2b.errors import Surface, http_error
+from cellbox.api.faces.e2b.models import SandboxDefaults
+from cellbox.api.faces.e2b.services import SANDBOX_ID_HEADER, Services, sandbox_target
+from cellbox.interpreter import errors as e
+
+__all__ = ["ENVD_PORT", "FACE", "JUPYTER_PORT", "E2BFace", "is_e2b_request"]
+
+log = logging.getLogger("cellbox.api.e2b")
+
+ENVD_PORT = 49983
+JUPYTER_PORT = 49999
+# Control-plane paths (the native API lives under /v1, so these never clash with it).
+_API_PREFIXES = ("/sandboxes", "/v2/sandboxes")
+
+
+def _render(surface: Surface, exc: e.InterpreterError, request: Request) -> Response:
+    status, body = http_error(exc, surface, request.headers.get(SANDBOX_ID_HEADER, ""))
+    headers = {"Retry-After": str(int(exc.details["retry_after"]))} if "retry_after" in exc.details else None
+    if isinstance(body, str):
+        return PlainTextResponse(body, status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _surface_app(surface: Surface, routes: list[Any], svc: Services) -> Starlette:
+    async def core_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, e.InterpreterError)
+        return _render(surface, exc, request)
+
+    async def http_exc(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if surface is Surface.RPC or request.url.path.count("/") == 2 and "." in request.url.path:
+            err = ConnectError(Code.UNIMPLEMENTED, f"{request.url.path} is not implemented by cellbox")
+            return JSONResponse(error_body(err), status_code=HTTP_STATUS[err.code])
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        base: e.InterpreterError = e.NotFound(message) if exc.status_code == 404 else e.InvalidRequest(message)
+        return _render(surface, base, request)
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _render(surface, e.InterpreterError("internal error; the service log has the details"), request)
+
+    app = Starlette(
+        routes=routes,
+        exception_handlers={e.InterpreterError: core_error, HTTPException: http_exc, Exception: unexpected},
+    )
+    app.state.e2b = svc
+    return app
+
+
+def is_e2b_request(scope: Scope, domain: str | None = None) -> bool:
+    """Whether a request is the E2B face's (the face registry's dispatch asks)."""
+    if scope["type"] != "http":
+        return False
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+    if sandbox_target(headers, domain) is not None:
+        return True
+    path: str = scope.get("path", "")
+    if path == "/files" and "signature=" in scope.get("query_string", b"").decode("latin-1"):
+        return True
+    return any(path == p or path.startswith(p + "/") for p in _API_PREFIXES)
+
+
+class E2BFace:
+    """The face's ASGI app over the registry's services (the manager is looked up per
+    request: the root app's lifespan opens it after the faces are built)."""
+
+    def __init__(self, core: CoreServices, domain: str | None = None) -> None:
+        settings = core.settings
+        defaults = SandboxDefaults(
+            cpu=settings.default_cpu,
+            memory_mb=settings.default_memory_mb,
+            disk_mb=settings.default_disk_mb,
+            domain=domain,
+        )
+        self.services = Services(core=core, defaults=defaults)
+        self.api = _surface_app(Surface.API, control.routes(), self.services)
+        self.envd = _surface_app(Surface.ENVD, envd.routes(), self.services)
+        self.jupyter = _surface_app(Surface.JUPYTER, jupyter.routes(), self.services)
+
+    def matches(self, scope: Scope) -> bool:
+        return is_e2b_request(scope, self.services.defaults.domain)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        target = sandbox_target(headers, self.services.defaults.domain)
+        if target is None:
+            app = self.envd if scope.get("path") == "/files" else self.api
+        elif target[1] == ENVD_PORT:
+            app = self.envd
+        elif target[1] == JUPYTER_PORT:
+            app = self.jupyter
+        else:
+            # E2B's proxy answers this for a port nothing listens on; cellbox does not relay
+            # sandbox ports yet, so that is the honest answer.
+            body = {"code": 502, "message": f"The sandbox is running but port {target[1]} is not open"}
+            await JSONResponse(body, status_code=502)(scope, receive, send)
+            return
+        await app(scope, receive, send)
+
+
+def build(core: CoreServices) -> E2BFace:
+    return E2BFace(core)
+
+
+FACE = Face(name="e2b", matches=is_e2b_request, build=build)

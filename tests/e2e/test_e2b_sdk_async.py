@@ -1,0 +1,145 @@
+"""The unmodified E2B Python SDKs (async API) against cellbox, and the capabilities the sync
+file does not cover: watchers, signed URLs, pause/resume, interrupt on disconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import pytest_asyncio
+from e2b import AsyncSandbox as AsyncCoreSandbox
+from e2b import CommandExitException, FilesystemEventType, NotFoundException, SandboxException
+from e2b_code_interpreter import AsyncSandbox
+
+from tests.e2e.conftest import E2BServer
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
+
+
+@pytest_asyncio.fixture
+async def sbx(e2b_server: E2BServer) -> AsyncIterator[AsyncSandbox]:
+    sandbox = await AsyncSandbox.create(timeout=120)
+    try:
+        yield sandbox
+    finally:
+        await sandbox.kill()
+
+
+async def test_async_guide_flow(sbx: AsyncSandbox) -> None:
+    await sbx.files.write("script.py", "import sys\nprint('out')\nprint('err', file=sys.stderr)\n")
+    out: list[str] = []
+
+    async def on_stdout(line: str) -> None:  # async callbacks are accepted
+        out.append(line)
+
+    result = await sbx.commands.run("python script.py", on_stdout=on_stdout)
+    assert result.stdout == "out\n" and result.stderr == "err\n" and "".join(out) == "out\n"
+    with pytest.raises(CommandExitException) as info:
+        await sbx.commands.run("exit 7")
+    assert info.value.exit_code == 7
+
+
+async def test_async_run_code_state_callbacks_and_count(sbx: AsyncSandbox) -> None:
+    seen: list[str] = []
+
+    async def on_stdout(msg: object) -> None:
+        seen.append(getattr(msg, "line", ""))
+
+    first = await sbx.run_code("n = 1\nprint('a')", on_stdout=on_stdout)
+    second = await sbx.run_code("n += 1\nn")
+    assert seen == ["a\n"] and second.text == "2"
+    assert first.execution_count is not None and second.execution_count == first.execution_count + 1
+
+
+async def test_dataframe_result_and_plot(sbx: AsyncSandbox) -> None:
+    ex = await sbx.run_code("import pandas as pd\npd.DataFrame({'a': [1, 2]})")
+    assert ex.error is None
+    main = ex.results[0]
+    assert main.is_main_result and main.html and "<table" in main.html
+    plot = await sbx.run_code("import matplotlib.pyplot as plt\nplt.bar(['x', 'y'], [1, 2])\nplt.show()")
+    png = next(r.png for r in plot.results if r.png)
+    assert base64.b64decode(png)[:4] == b"\x89PNG"
+
+
+async def test_interrupt_on_client_disconnect(sbx: AsyncSandbox) -> None:
+    from e2b import TimeoutException
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutException):
+        await sbx.run_code("import time\nfor i in range(300): time.sleep(0.1)", timeout=1)
+    # the kernel was interrupted when the client left: the next run is not queued behind it
+    ex = await sbx.run_code("'free'", timeout=15)
+    assert ex.text == "free" and time.monotonic() - started < 15
+
+
+async def test_async_watch_dir(sbx: AsyncSandbox) -> None:
+    await sbx.files.make_dir("watched")
+    events: list[object] = []
+    got = asyncio.Event()
+
+    def on_event(event: object) -> None:
+        events.append(event)
+        got.set()
+
+    handle = await sbx.files.watch_dir("watched", on_event=on_event)
+    try:
+        await sbx.files.write("watched/new.txt", "x")
+        async with asyncio.timeout(15):
+            await got.wait()
+    finally:
+        await handle.stop()
+    names = {getattr(e, "name", None) for e in events}
+    assert "new.txt" in names
+    assert any(getattr(e, "type", None) in (FilesystemEventType.CREATE, FilesystemEventType.WRITE) for e in events)
+
+
+async def test_signed_download_and_upload_urls(sbx: AsyncSandbox) -> None:
+    await sbx.files.write("shared.txt", "signed content")
+    url = sbx.download_url("shared.txt")
+    assert "signature=" in url
+    async with httpx.AsyncClient() as http:
+        r = await http.get(url)
+        assert r.status_code == 200 and r.content == b"signed content"
+        tampered = url.replace("shared.txt", "other.txt")
+        assert (await http.get(tampered)).status_code == 401
+        up = sbx.upload_url("uploaded.txt")
+        r = await http.post(up, files={"file": ("uploaded.txt", b"via signed url")})
+        assert r.status_code == 200, r.text
+    assert await sbx.files.read("uploaded.txt") == "via signed url"
+    expired = sbx.download_url("shared.txt", use_signature_expiration=1)
+    await asyncio.sleep(2.1)  # the expiry is in whole seconds: wait past it
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(expired)).status_code == 401
+
+
+async def test_pause_and_resume_by_connect(e2b_server: E2BServer) -> None:
+    sandbox = await AsyncCoreSandbox.create(timeout=60)
+    try:
+        await sandbox.files.write("kept.txt", "still here")
+        try:
+            paused = await sandbox.pause()
+        except SandboxException as exc:  # isolation "none" has no freezer: a clear refusal
+            assert "pause needs isolation" in str(exc)
+            pytest.skip(f"this runtime cannot pause: {exc}")
+        assert paused is True
+        assert (await sandbox.get_info()).state.value == "paused"
+        assert await sandbox.pause() is False  # already paused
+        resumed = await AsyncCoreSandbox.connect(sandbox.sandbox_id)
+        assert (await resumed.get_info()).state.value == "running"
+        assert await resumed.files.read("kept.txt") == "still here"
+    finally:
+        await sandbox.kill()
+
+
+async def test_root_user_is_refused_clearly(sbx: AsyncSandbox) -> None:
+    with pytest.raises(SandboxException, match="not available"):
+        await sbx.commands.run("whoami", user="root")
+
+
+async def test_unknown_sandbox_is_not_found(e2b_server: E2BServer) -> None:
+    with pytest.raises(NotFoundException):
+        await AsyncCoreSandbox.connect("sb_0000000000000000")
