@@ -54,6 +54,9 @@ log = logging.getLogger("cellbox.context")
 _CRASH_WINDOW = 60.0
 _CRASHES_BEFORE_BACKOFF = 3
 _MAX_BACKOFF = 30.0
+# Seconds of iopub silence after an execute_reply before its status idle counts as dropped: the
+# kernel's PUB socket drops messages past ZMQ's high-water mark when the service falls behind.
+IDLE_AFTER_REPLY = 2.0
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
@@ -189,11 +192,17 @@ class ExecutionRunner:
         else:
             route = self.session.execute(code, allow_stdin=allow_stdin)
         got_idle = got_reply = False
+        quiet_until: float | None = None  # once the reply is in: when iopub silence means a lost idle
         try:
             while not (got_idle and got_reply):
                 try:
-                    item = await route.get(deadline)
+                    item = await route.get(deadline if quiet_until is None else min(deadline, quiet_until))
                 except TimeoutError:
+                    if quiet_until is not None and loop.time() >= quiet_until:
+                        # The reply came and iopub went quiet without the idle: the kernel's PUB
+                        # socket dropped it (ZMQ drops at its high-water mark when we fall behind).
+                        log.warning("execution %s: no status idle after its reply (iopub dropped)", route.msg_id)
+                        break
                     if timed_out:  # the interrupt did not take: the kernel must go
                         out.needs_restart = out.state_lost = True
                         out.reason = (
@@ -219,9 +228,12 @@ class ExecutionRunner:
                 if channel == "shell":
                     if msg["msg_type"] == "execute_reply":
                         got_reply = True
+                        quiet_until = loop.time() + IDLE_AFTER_REPLY
                         for ev in self._on_reply(msg["content"]):
                             yield ev
                 elif channel == "iopub":
+                    if got_reply:  # still catching up: more of this execution's output arrives
+                        quiet_until = loop.time() + IDLE_AFTER_REPLY
                     if msg["msg_type"] == "status":
                         got_idle |= msg["content"].get("execution_state") == "idle"
                     else:
