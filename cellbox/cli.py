@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 NO_KEY_WARNING = "no API key: bound to {host} only, anyone on this host can use it"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """cellbox: a self-hosted code interpreter (Jupyter kernels in sandboxes)."""

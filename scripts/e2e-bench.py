@@ -19,9 +19,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cellbox.interpreter.config import Settings  # noqa: E402
-from cellbox.keys import new_key  # noqa: E402
-from tests.e2e.conftest import ServerThread  # noqa: E402
+from cellbox.interpreter.config import Settings
+from cellbox.keys import new_key
+from tests.e2e.conftest import ServerThread
 
 
 def bench(
@@ -62,8 +62,9 @@ def main() -> None:
     server.start()
     try:
         os.environ.update(E2B_API_URL=server.url, E2B_SANDBOX_URL=server.url, E2B_API_KEY=key)
-        import cellbox.client as cellbox_sdk
         from e2b_code_interpreter import Sandbox as E2BSandbox
+
+        import cellbox.client as cellbox_sdk
 
         ours = bench(
             lambda: cellbox_sdk.Sandbox.create(base_url=server.url, api_key=key),
@@ -74,8 +75,12 @@ def main() -> None:
         )
         e2b = bench(E2BSandbox.create, lambda s: s.run_code("1+1"), lambda s: s.kill(), args.rounds, args.calls)
         for name, (first, trip) in (("cellbox SDK", ours), ("E2B SDK", e2b)):
-            print(f"{name:12} create -> first 1+1: {first * 1000:8.1f} ms p50   1+1 round trip: {trip * 1000:6.2f} ms p50")
-        print(f"E2B / cellbox: create -> first {e2b[0] / ours[0]:.2f}x, round trip {e2b[1] / ours[1]:.2f}x (goal <= 1.2x)")
+            print(
+                f"{name:12} create -> first 1+1: {first * 1000:8.1f} ms p50   1+1 round trip: {trip * 1000:6.2f} ms p50"
+            )
+        print(
+            f"E2B / cellbox: create -> first {e2b[0] / ours[0]:.2f}x, round trip {e2b[1] / ours[1]:.2f}x (goal <= 1.2x)"
+        )
     finally:
         server.stop()
 

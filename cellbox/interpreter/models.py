@@ -157,9 +157,7 @@ Event = Annotated[
 ]
 
 _EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
-EVENT_TYPES = frozenset(
-    get_args(cls.model_fields["type"].annotation)[0] for cls in get_args(get_args(Event)[0])
-)
+EVENT_TYPES = frozenset(get_args(cls.model_fields["type"].annotation)[0] for cls in get_args(get_args(Event)[0]))
 
 
 def parse_event(obj: dict[str, Any] | str | bytes) -> Event | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cellbox.interpreter.config import Settings
+from tests.integration.helpers import host_templates
 
 pytestmark = pytest.mark.asyncio
 DEADLINE = 60.0
@@ -34,7 +34,7 @@ async def service(data_dir: Path, port: int) -> AsyncIterator[subprocess.Popen[b
     """``cellbox serve`` in its own process (so it can be killed), ready when /healthz answers."""
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("CELLBOX_")},
-        "CELLBOX_TEMPLATES_DIR": str(Settings().resolved_templates_dir()),
+        "CELLBOX_TEMPLATES_DIR": str(host_templates()),
         "CELLBOX_RUN_DIR": str(data_dir / "run"),
     }
     argv = [sys.executable, "-m", "cellbox.cli", "serve", "--isolation", "none", "--host", "127.0.0.1"]

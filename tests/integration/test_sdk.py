@@ -175,8 +175,16 @@ async def test_cli_lifecycle_commands(server: RunningServer, isolation: str) -> 
 
         async def cli(*args: str) -> tuple[int, str]:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "cellbox.cli", "sandbox", *args, sbx.sandbox_id, "--url", server.url,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                sys.executable,
+                "-m",
+                "cellbox.cli",
+                "sandbox",
+                *args,
+                sbx.sandbox_id,
+                "--url",
+                server.url,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
             )
             out, _ = await proc.communicate()
             return proc.returncode or 0, out.decode()
@@ -194,8 +202,17 @@ async def test_cli_lifecycle_commands(server: RunningServer, isolation: str) -> 
 
 async def _cli_timeout(server: RunningServer, sandbox_id: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cellbox.cli", "sandbox", "timeout", sandbox_id, "120", "--url", server.url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "cellbox.cli",
+        "sandbox",
+        "timeout",
+        sandbox_id,
+        "120",
+        "--url",
+        server.url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await proc.communicate()
     return proc.returncode or 0, out.decode()
