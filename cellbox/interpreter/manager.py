@@ -16,6 +16,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import cellbox
 from cellbox.aio import TaskSet, cancel_and_wait
@@ -25,6 +26,7 @@ from cellbox.interpreter.errors import (
     ArtifactNotFound,
     Conflict,
     InvalidRequest,
+    RuntimeUnavailable,
     SandboxLimitReached,
     SandboxNotFound,
     ServiceAtCapacity,
@@ -38,6 +40,10 @@ from cellbox.interpreter.templates import TemplateRegistry
 from cellbox.runtimes.base import Runtime
 from cellbox.runtimes.specs import TemplateInfo
 
+if TYPE_CHECKING:
+    from cellbox.egress.log import EgressLog
+    from cellbox.egress.service import Egress
+
 log = logging.getLogger("cellbox.manager")
 
 # What a client told to come back later (the host is full) should wait, in seconds.
@@ -48,12 +54,64 @@ def new_sandbox_id() -> str:
     return f"sb_{secrets.token_hex(8)}"
 
 
+def open_egress(settings: Settings) -> Egress:
+    """The service's one :class:`~cellbox.egress.service.Egress` from settings: the operator's
+    policy (the host's own addresses refused), the host's trust and package-index configuration,
+    the proxy limits and the package cache. Called by :meth:`SandboxManager.open`."""
+    import ipaddress
+
+    from cellbox.egress.cache import PackageCache
+    from cellbox.egress.hosttrust import read_host_config
+    from cellbox.egress.policy import OperatorPolicy
+    from cellbox.egress.proxy import ProxyLimits
+    from cellbox.egress.service import Egress, host_addresses
+
+    own = host_addresses()
+    try:
+        own.append(str(ipaddress.ip_address(settings.host)))
+    except ValueError:
+        pass  # a host name: its addresses are the interfaces' already
+    try:
+        operator = OperatorPolicy.build(
+            allow=settings.egress_allow,
+            deny=settings.egress_deny,
+            permit=settings.egress_permit,
+            own_addresses=own,
+            ports=settings.egress_ports or None,
+            enabled=settings.egress_enabled,
+        )
+    except ValueError as exc:
+        raise RuntimeUnavailable(f"invalid egress settings: {exc}") from exc
+    host = read_host_config()
+    cache = None
+    if settings.egress_enabled and settings.package_cache:
+        index = settings.package_cache_index_url or host.pip.index_url or "https://pypi.org/simple/"
+        cache = PackageCache(
+            settings.resolved_package_cache_dir(),
+            index,
+            max_bytes=settings.package_cache_max_mb << 20,
+            ca_bundle=host.ca_bundle,
+        )
+    limits = ProxyLimits(max_connections=settings.egress_max_connections, idle_timeout=settings.egress_idle_timeout)
+    return Egress(operator, host=host, limits=limits, cache=cache, log_size=settings.egress_log_size)
+
+
 class SandboxManager:
     """Creates, finds and removes sandboxes. Start with :meth:`start` (or :meth:`open`)."""
 
-    def __init__(self, settings: Settings, runtime: Runtime, store: StateStore, artifacts: BlobStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        runtime: Runtime,
+        store: StateStore,
+        artifacts: BlobStore,
+        egress: Egress | None = None,
+    ) -> None:
         self.settings = settings
         self.runtime = runtime
+        # The service's egress (network specs, proxies, decision logs); None: the runtime alone
+        # decides what a network spec gets (a test's fake runtime).
+        self.egress = egress
         self.store = store
         self.artifacts = artifacts
         self.templates = TemplateRegistry(settings.resolved_templates_dir())
@@ -80,18 +138,28 @@ class SandboxManager:
 
     @classmethod
     async def open(cls, settings: Settings, runtime: Runtime | None = None) -> SandboxManager:
-        """Build the stores and the runtime from settings and start. Used by the API's lifespan."""
+        """Build the stores, the egress and the runtime from settings and start. Used by the
+        API's lifespan. A ``runtime`` given is used as it is (with no egress of the manager's)."""
+        egress = None
         if runtime is None:
             from cellbox.runtimes import load_runtime
 
-            runtime = load_runtime(settings)
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            egress = open_egress(settings)
+            try:
+                runtime = load_runtime(settings, egress=egress)
+            except BaseException:
+                await egress.aclose()
+                raise
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = await open_from_settings(settings)
-        manager = cls(settings, runtime, store, ArtifactStore(settings.data_dir / "artifacts"))
+        manager = cls(settings, runtime, store, ArtifactStore(settings.data_dir / "artifacts"), egress)
         try:
             await manager.start()
         except BaseException:
             await store.close()
+            if egress is not None:
+                await egress.aclose()
             raise
         return manager
 
@@ -117,6 +185,8 @@ class SandboxManager:
         await asyncio.gather(*self._saves.values(), return_exceptions=True)
         await self.tasks.wait()
         await self.runtime.shutdown()
+        if self.egress is not None:
+            await self.egress.aclose()
         await self.store.close()
 
     # -- creating -------------------------------------------------------------------------
@@ -142,6 +212,8 @@ class SandboxManager:
         if timeout > s.max_sandbox_timeout:
             raise InvalidRequest(f"timeout may be at most {s.max_sandbox_timeout:g} s", field="timeout")
         self._check_limits(req.limits)
+        if self.egress is not None:
+            self.egress.parse(req.network)  # InvalidRequest naming the entry, before anything starts
         template = self.templates.get(req.template)
         # Reserve the key's slot before the first await: concurrent creates must see it.
         if self._owned_count(owner) >= s.max_sandboxes_per_key:
@@ -212,6 +284,9 @@ class SandboxManager:
             limits=limits,
             isolation=self.runtime.isolation,
             runtime=self.runtime.name,
+            network=req.network,
+            allow_public_traffic=req.allow_public_traffic,
+            traffic_token=secrets.token_urlsafe(24),
         )
         sandbox = Sandbox(info, "", self.settings, self.runtime, self.store, self.artifacts, self._save)
         self._creating += 1
@@ -235,6 +310,7 @@ class SandboxManager:
         sandbox.owner = owner
         info = sandbox.info_base
         info.created_at, info.end_at, info.metadata = now, now + timeout, dict(req.metadata)
+        info.allow_public_traffic = req.allow_public_traffic
         sandbox.transition(SandboxState.RUNNING)
         if req.envs:
             info.envs = dict(req.envs)
@@ -385,6 +461,9 @@ class SandboxManager:
 
     async def _purge(self, older_than: float) -> None:
         purged = await self.store.purge_sandboxes(older_than)
+        if self.egress is not None:
+            for sid in purged:
+                self.egress.forget(sid)
         if purged:
             referenced = await self.store.referenced_artifacts()
             removed = await self.artifacts.delete_unreferenced(referenced)
@@ -404,6 +483,14 @@ class SandboxManager:
         """A sandbox's artifacts, also after it ended."""
         await self.info(owner, sandbox_id)  # ownership
         return [ArtifactInfo(url="", **row) for row in await self.store.list_artifacts(sandbox_id)]
+
+    # -- egress -----------------------------------------------------------------------------
+
+    async def egress_log(self, owner: str, sandbox_id: str) -> EgressLog | None:
+        """The sandbox's egress decisions (also after it ended, until it is purged); None when
+        it never had egress. SandboxNotFound for others' sandboxes."""
+        await self.info(owner, sandbox_id)  # ownership
+        return self.egress.log(sandbox_id) if self.egress is not None else None
 
     # -- the service ------------------------------------------------------------------------
 

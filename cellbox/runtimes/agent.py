@@ -27,6 +27,11 @@ listing or delete never stalls the output of the sandbox's processes.
 When the service's connection closes, the agent kills every process it started and exits:
 a sandbox never outlives the service that runs it.
 
+Egress: with ``--egress-socket PATH --egress-port N`` the agent loads the egress bridge
+(``--egress-bridge``, default ``/opt/cellbox/bridge.py``: ``cellbox/egress/bridge.py``, bound
+read-only) and relays ``127.0.0.1:N`` of the sandbox's network namespace to the service's proxy
+on ``PATH``, before it reports ready.
+
 Usage: ``python agent.py --socket PATH`` (prints nothing; the socket appearing is readiness:
 it is bound and listening under another name first, then renamed into place).
 """
@@ -39,6 +44,7 @@ import base64
 import contextlib
 import ctypes
 import errno
+import importlib.util
 import json
 import logging
 import os
@@ -56,6 +62,8 @@ log = logging.getLogger("cellbox.agent")
 #: The user's home inside the sandbox (``cellbox.runtimes.isolation.layout.SANDBOX_HOME``; this
 #: file is stdlib-only, so it has its own copy).
 SANDBOX_HOME = "/home/user"
+#: Where the runtime binds ``cellbox/egress/bridge.py`` (isolation "bwrap").
+SANDBOX_BRIDGE = "/opt/cellbox/bridge.py"
 _CHUNK = 65536
 # Requests carry file data as base64: lines far above asyncio's 64 KiB default.
 _LINE_LIMIT = 8 << 20
@@ -501,15 +509,41 @@ def listening_socket(path: str) -> socket.socket:
     return sock
 
 
-async def main(socket_path: str, home: str, jail: bool) -> None:
+def load_bridge(path: str) -> Any:
+    """The egress bridge module from its file (it is not on this agent's ``sys.path``)."""
+    spec = importlib.util.spec_from_file_location("cellbox_bridge", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load the egress bridge from {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def main(
+    socket_path: str,
+    home: str,
+    jail: bool,
+    egress_socket: str | None = None,
+    egress_port: int = 3128,
+    egress_bridge: str = SANDBOX_BRIDGE,
+) -> None:
     agent = Agent(home, jail)
-    server = await asyncio.start_unix_server(agent.serve, sock=listening_socket(socket_path), limit=_LINE_LIMIT)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        loop.add_signal_handler(sig, agent.done.set)
-    async with server:
-        await agent.done.wait()
-    agent.kill_all()
+    bridge = None
+    if egress_socket:
+        # Before the agent's socket appears: a sandbox is ready only with its egress in place.
+        bridge = load_bridge(egress_bridge).Bridge(egress_socket, "127.0.0.1", egress_port)
+        await bridge.start()
+    try:
+        server = await asyncio.start_unix_server(agent.serve, sock=listening_socket(socket_path), limit=_LINE_LIMIT)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.done.set)
+        async with server:
+            await agent.done.wait()
+        agent.kill_all()
+    finally:
+        if bridge is not None:
+            await bridge.close()
 
 
 if __name__ == "__main__":
@@ -517,8 +551,11 @@ if __name__ == "__main__":
     parser.add_argument("--socket", required=True)
     parser.add_argument("--home", default=SANDBOX_HOME)
     parser.add_argument("--jail", action="store_true")
+    parser.add_argument("--egress-socket", help="the service's egress proxy socket (inside the sandbox)")
+    parser.add_argument("--egress-port", type=int, default=3128, help="where the bridge listens on 127.0.0.1")
+    parser.add_argument("--egress-bridge", default=SANDBOX_BRIDGE, help="the bridge module's file")
     args = parser.parse_args()
     logging.basicConfig(stream=sys.stderr, format="agent %(levelname)s %(message)s")  # into agent.log
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    asyncio.run(main(args.socket, args.home, args.jail))
+    asyncio.run(main(args.socket, args.home, args.jail, args.egress_socket, args.egress_port, args.egress_bridge))
     sys.exit(0)

@@ -35,6 +35,7 @@ from cellbox.runtimes.context import BackendConfig, ContextRunner, env_code
 from cellbox.runtimes.specs import SANDBOX_HOME, KernelProcess, KernelSpec, SandboxHandle, TemplateInfo
 
 if TYPE_CHECKING:
+    from cellbox.egress.service import Egress
     from cellbox.runtimes import RuntimeSettings
 
 log = logging.getLogger("cellbox.backend")
@@ -386,8 +387,9 @@ class LocalBackendRuntime:
         await self.provisioner.destroy_sandbox(self._handle(backend))
 
 
-def local_runtime(settings: RuntimeSettings) -> LocalBackendRuntime:
-    """The ``local`` entry of :data:`cellbox.runtimes.RUNTIMES`: settings in, Runtime out."""
+def local_runtime(settings: RuntimeSettings, *, egress: Egress | None = None) -> LocalBackendRuntime:
+    """The ``local`` entry of :data:`cellbox.runtimes.RUNTIMES`: settings (and the service's
+    egress) in, Runtime out."""
     from cellbox.runtimes import local_config
     from cellbox.runtimes.local import LocalRuntime
 
@@ -397,4 +399,4 @@ def local_runtime(settings: RuntimeSettings) -> LocalBackendRuntime:
         max_output_bytes=settings.max_output_bytes,
         max_contexts_per_sandbox=settings.max_contexts_per_sandbox,
     )
-    return LocalBackendRuntime(LocalRuntime(local_config(settings)), config)
+    return LocalBackendRuntime(LocalRuntime(local_config(settings), egress=egress), config)
