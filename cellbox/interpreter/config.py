@@ -157,7 +157,9 @@ class Settings(BaseSettings):
     package_cache: bool = Field(
         True, description="Serve pip through the service's pull-through package cache (shared by sandboxes)."
     )
-    package_cache_dir: Path | None = Field(None, description="Where the package cache lives; default: DATA_DIR/pip-cache.")
+    package_cache_dir: Path | None = Field(
+        None, description="Where the package cache lives; default: DATA_DIR/pip-cache."
+    )
     package_cache_max_mb: int = Field(10240, ge=1, description="Largest size of the package cache on disk, MiB.")
     package_cache_index_url: str | None = Field(
         None,

@@ -255,7 +255,8 @@ class SandboxCreate(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     allow_public_traffic: bool = Field(
-        default=False, description="Serve the sandbox's ports (/v1/sandboxes/{id}/ports/{port}/...) without credentials."
+        default=False,
+        description="Serve the sandbox's ports (/v1/sandboxes/{id}/ports/{port}/...) without credentials.",
     )
 
 

@@ -127,9 +127,7 @@ async def test_allow_wins_over_deny_and_the_floor_refuses_the_host_loopback(
     client: httpx.AsyncClient, net_server: RunningServer
 ) -> None:
     async with Upstream(ALLOWED_IP) as allowed, Upstream(DENIED_IP) as denied, Upstream("127.0.0.1") as host_lo:
-        sid = await create(
-            client, network={"internet": True, "allow_out": [ALLOWED_IP], "deny_out": ["127.0.0.0/8"]}
-        )
+        sid = await create(client, network={"internet": True, "allow_out": [ALLOWED_IP], "deny_out": ["127.0.0.0/8"]})
         service_port = net_server.settings.port
         urls = {
             "allowed": f"http://{ALLOWED_IP}:{allowed.port}/x",
@@ -170,9 +168,7 @@ async def test_allow_wins_over_deny_and_the_floor_refuses_the_host_loopback(
 async def test_an_allow_list_alone_reaches_only_its_entries(client: httpx.AsyncClient) -> None:
     async with Upstream(ALLOWED_IP) as allowed, Upstream(DENIED_IP) as denied:
         sid = await create(client, network={"allow_out": [f"{ALLOWED_IP}/32"]})
-        got = await fetch(
-            client, sid, f"http://{ALLOWED_IP}:{allowed.port}/", f"http://{DENIED_IP}:{denied.port}/"
-        )
+        got = await fetch(client, sid, f"http://{ALLOWED_IP}:{allowed.port}/", f"http://{DENIED_IP}:{denied.port}/")
         assert got[f"http://{ALLOWED_IP}:{allowed.port}/"][0] == 200
         assert got[f"http://{DENIED_IP}:{denied.port}/"][0] in (403, 502)
         assert denied.accepted == 0
@@ -213,7 +209,10 @@ async def test_pip_install_from_the_real_index_then_import(
         sid = await create(client, network={"internet": True})
         start = time.monotonic()
         events = await run_cmd(
-            client, sid, f"python3 -m pip install --no-deps --target /home/user/pkgs {REAL_INDEX_ONLY}", timeout=DEADLINE
+            client,
+            sid,
+            f"python3 -m pip install --no-deps --target /home/user/pkgs {REAL_INDEX_ONLY}",
+            timeout=DEADLINE,
         )
         timings.append(time.monotonic() - start)
         assert events[-1]["exit_code"] == 0, stdout(events)

@@ -167,11 +167,9 @@ class BwrapIsolation:
         egress_args = sandbox.egress_args(f"{SANDBOX_RUN}/{EGRESS_DIR}/egress.sock")
         if egress_args:
             egress_args += ["--egress-bridge", SANDBOX_BRIDGE]
+        argv = [str(template.python), *AGENT_PYTHON_FLAGS, SANDBOX_AGENT, "--socket", socket, "--home", SANDBOX_HOME]
         cmd = build_bwrap_argv(
-            [
-                str(template.python), *AGENT_PYTHON_FLAGS, SANDBOX_AGENT, "--socket", socket, "--home", SANDBOX_HOME,
-                *egress_args,
-            ],  # fmt: skip
+            argv + egress_args,
             home=sandbox.home,
             run_dir=sandbox.run,
             etc_dir=sandbox.dir / "etc",
