@@ -11,6 +11,7 @@ what is live. The work inside a sandbox goes through the objects a
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import secrets
 import time
@@ -30,6 +31,7 @@ from cellbox.interpreter.errors import (
     SandboxLimitReached,
     SandboxNotFound,
     ServiceAtCapacity,
+    Unauthorized,
 )
 from cellbox.interpreter.models import ArtifactInfo, Health, Limits, SandboxCreate, SandboxInfo, SandboxState
 from cellbox.interpreter.pool import WarmPool
@@ -363,6 +365,34 @@ class SandboxManager:
     async def live(self, owner: str, sandbox_id: str) -> Sandbox:
         """:meth:`get`, and the sandbox must be running (not paused, not ended)."""
         sb = await self.get(owner, sandbox_id)
+        sb.require_running()
+        return sb
+
+    async def traffic(self, sandbox_id: str, owner: str | None, token: str | None) -> Sandbox:
+        """The running sandbox whose ports a caller may open: its owner (``owner``: the caller's
+        authenticated owner id, None without a key), anyone with its traffic token, or anyone at
+        all when it was created with ``allow_public_traffic``. SandboxNotFound for an unknown
+        sandbox or another owner's key; Unauthorized without a valid credential;
+        SandboxNotRunning when paused or ended."""
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is None or not sb.owner:
+            if owner is not None:
+                (await self.get(owner, sandbox_id)).require_running()  # 404, or "not running"
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        expected = sb.info_base.traffic_token
+        if owner is not None and sb.owner == owner:
+            pass
+        elif token and expected and hmac.compare_digest(token.encode(), expected.encode()):
+            pass
+        elif sb.info_base.allow_public_traffic:
+            pass
+        elif owner is not None and not token:
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        else:
+            raise Unauthorized(
+                "this sandbox's ports need its owner's API key or its traffic token "
+                "(header X-Cellbox-Traffic-Token or query cellbox_token)"
+            )
         sb.require_running()
         return sb
 

@@ -13,6 +13,10 @@ or ``{"id": N, "ok": false, "error": {"code", "message"}}``. Unsolicited events:
 ``{"event": "output", "pid", "stream": "stdout"|"stderr", "data": <base64>}`` (all output of
 a process is sent before its exit event).
 
+Port connections: a *new* connection whose first line is ``{"op": "open_port", "port": N}``
+is relayed, after a one-line answer, as raw bytes to ``127.0.0.1:N`` inside the sandbox
+(``relay_port``); any number of them besides the one control client.
+
 Ops: ``ping``; ``spawn`` (argv, env, cwd, log, pipes, tag) -> pid; ``signal`` (pid, signum,
 group); ``stdin`` (pid, data base64); ``close_stdin`` (pid); files: ``stat``,
 ``listdir`` (path, depth), ``mkdir`` (path, parents), ``move`` (src, dst), ``remove``,
@@ -71,6 +75,9 @@ _LINE_LIMIT = 8 << 20
 _MAX_READ = 4 << 20
 #: The most entries one ``listdir`` returns (the answer says ``truncated``).
 _MAX_LISTING = 10_000
+#: Relayed port connections at once, and how long connecting to a port may take.
+_MAX_PORT_CONNECTIONS = 256
+_PORT_CONNECT_TIMEOUT = 10.0
 
 
 _IN_MODIFY, _IN_ATTRIB, _IN_CLOSE_WRITE = 0x2, 0x4, 0x8
@@ -187,6 +194,7 @@ class Agent:
         self.write_lock = asyncio.Lock()
         self.done = asyncio.Event()
         self.inotify: Inotify | None = None
+        self.port_connections = 0
         # asyncio holds tasks weakly: every task the agent starts is kept here until it ends.
         self.tasks: set[asyncio.Task[Any]] = set()
 
@@ -211,22 +219,79 @@ class Agent:
             await self.writer.drain()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.writer is not None:  # one client only
+        first = await reader.readline()
+        try:
+            req = json.loads(first) if first else None
+        except ValueError:
+            req = None
+        if isinstance(req, dict) and req.get("op") == "open_port":
+            await self.relay_port(req, reader, writer)  # a connection of its own, raw bytes after one line
+            return
+        if self.writer is not None:  # one control client only
             writer.close()
             return
         self.writer = writer
         try:
             while True:
+                if isinstance(req, dict):
+                    self.spawn(self.handle(req), f"request-{req.get('op')}")
                 line = await reader.readline()
                 if not line:
                     break
                 try:
                     req = json.loads(line)
                 except ValueError:
-                    continue
-                self.spawn(self.handle(req), f"request-{req.get('op')}")
+                    req = None
         finally:
             self.done.set()
+
+    # -- ports ---------------------------------------------------------------------------
+
+    async def relay_port(self, req: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """``{"op": "open_port", "port": N}`` as the first line of a new connection: connect to
+        ``127.0.0.1:N`` (then ``[::1]:N``) in the sandbox's network namespace, answer one line
+        (``{"ok": true}`` or an error), then copy bytes both ways until both sides are done.
+
+        A connection per relayed TCP connection, not frames on the control connection: no
+        base64, no head-of-line blocking behind file transfers or command output, and each
+        stream has the kernel's own flow control."""
+        try:
+            port = int(req.get("port", 0))
+            if not 0 < port < 65536:
+                raise ValueError(f"port must be 1..65535, got {port}")
+            if self.port_connections >= _MAX_PORT_CONNECTIONS:
+                raise OSError(errno.EMFILE, f"at most {_MAX_PORT_CONNECTIONS} port connections at once")
+            up_reader, up_writer = await self._connect_local(port)
+        except Exception as exc:
+            code = "refused" if isinstance(exc, ConnectionRefusedError) else _error_code(exc)
+            error = {"code": code, "message": f"{type(exc).__name__}: {exc}"}
+            with contextlib.suppress(OSError):
+                writer.write(json.dumps({"ok": False, "error": error}).encode() + b"\n")
+                await writer.drain()
+            writer.close()
+            return
+        self.port_connections += 1
+        try:
+            writer.write(b'{"ok":true}\n')
+            await writer.drain()
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        except OSError:
+            pass
+        finally:
+            self.port_connections -= 1
+            up_writer.close()
+            writer.close()
+
+    @staticmethod
+    async def _connect_local(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        error: OSError | None = None
+        for host in ("127.0.0.1", "::1"):
+            try:
+                return await asyncio.wait_for(asyncio.open_connection(host, port), _PORT_CONNECT_TIMEOUT)
+            except OSError as exc:  # TimeoutError included
+                error = error or exc
+        assert error is not None
+        raise error
 
     async def handle(self, req: dict[str, Any]) -> None:
         rid = req.get("id")
@@ -495,6 +560,18 @@ class Agent:
                 os.killpg(pid, signal.SIGKILL)
 
 
+async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    """Copy until EOF, then half-close ``dst`` (the other direction may still be talking)."""
+    try:
+        while data := await src.read(_CHUNK):
+            dst.write(data)
+            await dst.drain()
+        if dst.can_write_eof():
+            dst.write_eof()
+    except OSError:
+        dst.transport.abort()
+
+
 def listening_socket(path: str) -> socket.socket:
     """A unix socket that is listening by the time ``path`` exists: bound and listening under
     ``path~``, then renamed, so the service may connect as soon as it sees the file."""
@@ -504,7 +581,7 @@ def listening_socket(path: str) -> socket.socket:
             os.unlink(stale)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(staging)
-    sock.listen(8)
+    sock.listen(128)  # the control client, and every relayed port connection
     os.rename(staging, path)
     return sock
 

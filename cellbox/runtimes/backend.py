@@ -70,6 +70,8 @@ class AgentLike(Protocol):
 
     async def unwatch(self, wid: int) -> None: ...
 
+    async def open_port(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
+
 
 class Provisioner(Protocol):
     """What the backend needs of the local runtime that provisioned its sandbox."""
@@ -298,6 +300,13 @@ class LocalSandboxBackend:
 
     async def close_stdin(self, pid: int) -> None:
         await (await self.agent()).close_stdin(pid)
+
+    # -- ports ------------------------------------------------------------------------------
+
+    async def open_port(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if not 0 < port < 65536:
+            raise InvalidRequest(f"port must be 1..65535, got {port}", field="port")
+        return await (await self.agent()).open_port(port)
 
     # -- teardown ---------------------------------------------------------------------------
 
