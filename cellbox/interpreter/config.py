@@ -165,6 +165,11 @@ class Settings(BaseSettings):
         None,
         description="The index the package cache fetches from; default: the host's pip index-url, else PyPI's.",
     )
+    ports_domain: str | None = Field(
+        None,
+        description="Also serve sandbox ports by host name: {port}-{sandbox_id}.PORTS_DOMAIN (a wildcard DNS "
+        "record pointing at this service), as E2B's get_host; always at /v1/sandboxes/{id}/ports/{port}/.",
+    )
     log_level: str = Field("info", description="Log level of the service.")
     log_code: bool = Field(False, description="Log submitted code at DEBUG level (never at INFO).")
 

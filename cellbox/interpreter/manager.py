@@ -289,6 +289,7 @@ class SandboxManager:
             network=req.network,
             allow_public_traffic=req.allow_public_traffic,
             traffic_token=secrets.token_urlsafe(24),
+            ports_domain=self.settings.ports_domain,
         )
         sandbox = Sandbox(info, "", self.settings, self.runtime, self.store, self.artifacts, self._save)
         self._creating += 1

@@ -309,6 +309,9 @@ class SandboxInfo(BaseModel):
         description="Opens the sandbox's ports without the API key (header X-Cellbox-Traffic-Token or query "
         "cellbox_token).",
     )
+    ports_domain: str | None = Field(
+        default=None, description="Ports are also served at {port}-{id}.{ports_domain} (when the service has one)."
+    )
 
 
 class SandboxList(BaseModel):

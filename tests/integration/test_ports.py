@@ -231,3 +231,34 @@ async def test_who_may_open_a_port(client: httpx.AsyncClient, server: RunningSer
         # public traffic opens the ports only: the sandbox itself still needs the key
         r = await anonymous.get(f"/v1/sandboxes/{public['id']}")
         assert r.status_code == 401
+
+
+@pytest.mark.asyncio
+async def test_sdk_port_url_get_host_and_the_ports_domain(short_tmp: Path, isolation: str) -> None:
+    from cellbox.client import AsyncSandbox
+
+    settings = isolation_settings(short_tmp, isolation, api_keys=[KEY], ports_domain="ports.test")
+    async with run_server(settings) as srv:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=DEADLINE, headers=AUTH) as client:
+            sbx = await AsyncSandbox.create(base_url=srv.url, api_key=KEY, allow_public_traffic=True)
+            try:
+                port = free_port()
+                await sbx.files.write("app.py", APP)
+                await start_in_sandbox(client, sbx.sandbox_id, f"python3 app.py {port}")
+                assert sbx.get_host(port) == f"{port}-{sbx.sandbox_id}.ports.test"
+                assert sbx.port_url(port, "/echo") == f"http://{port}-{sbx.sandbox_id}.ports.test/echo"
+                # by host name (a wildcard DNS record would point at the service; here: the Host header)
+                async with httpx.AsyncClient(base_url=srv.url, timeout=DEADLINE) as anonymous:
+                    r = await anonymous.get("/echo?x=1", headers={"Host": sbx.get_host(port)})
+                    assert r.status_code == 200, r.text
+                    assert r.json()["uri"] == "/echo?x=1"
+                sbx._ports_domain = None  # a service without a ports domain: path-based
+                host = srv.url.removeprefix("http://")
+                assert sbx.get_host(port) == f"{host}/v1/sandboxes/{sbx.sandbox_id}/ports/{port}"
+                r = await client.get(sbx.port_url(port, "echo"))
+                assert r.status_code == 200 and r.json()["uri"] == "/echo"
+                page = await sbx.get_egress_log()
+                assert page.summary.sandbox_id == sbx.sandbox_id and page.records == []
+            finally:
+                await sbx.kill()
+                await sbx.close()

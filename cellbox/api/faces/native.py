@@ -6,6 +6,8 @@ artifact URLs are ``{base}/v1/artifacts/{id}`` (``cellbox.api.urls``).
 
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -77,6 +79,28 @@ class BodyLimit:
             await error_response(too_large)(scope, receive, send)
 
 
+_PORT_HOST = re.compile(r"^(\d{1,5})-(sb_[0-9a-f]+)\.(.+?)(?::\d+)?$")
+
+
+class PortHosts:
+    """``{port}-{sandbox_id}.{ports_domain}`` is ``/v1/sandboxes/{sandbox_id}/ports/{port}``:
+    requests for such a host are rewritten to that path (E2B's ``get_host`` style)."""
+
+    def __init__(self, app: ASGIApp, domain: str) -> None:
+        self.app = app
+        self.domain = domain.lower().strip(".")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), "")
+            match = _PORT_HOST.match(host.lower())
+            if match is not None and match.group(3) == self.domain:
+                prefix = f"/v1/sandboxes/{match.group(2)}/ports/{match.group(1)}"
+                raw = scope.get("raw_path") or scope["path"].encode()
+                scope = dict(scope, path=prefix + scope["path"], raw_path=prefix.encode() + raw)
+        await self.app(scope, receive, send)
+
+
 def build(services: Services) -> ASGIApp:
     settings = services.settings
     app = FastAPI(
@@ -100,6 +124,8 @@ def build(services: Services) -> ASGIApp:
         return services.manager.health()
 
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, upload_limit=settings.max_upload_bytes)
+    if settings.ports_domain:
+        return PortHosts(app, settings.ports_domain)
     return app
 
 
