@@ -228,3 +228,60 @@ async def test_pip_install_from_the_real_index_then_import(
     stats = egress.cache.stats()
     assert stats["misses"] >= 1 and stats["hits"] >= 1, stats  # the second sandbox's wheel came from disk
     print(f"pip install {REAL_INDEX_ONLY}: first {timings[0]:.2f} s, second (cached) {timings[1]:.2f} s")
+
+
+@pytest.mark.asyncio
+async def test_socks5_and_connect_go_through_the_same_rules(client: httpx.AsyncClient) -> None:
+    """curl (in the sandbox, from the host's /usr) over SOCKS5 (``ALL_PROXY``'s scheme) and over an
+    HTTP CONNECT tunnel: both decided by the proxy, both logged."""
+    async with Upstream(ALLOWED_IP) as allowed, Upstream(DENIED_IP) as denied:
+        sid = await create(client, network={"allow_out": [ALLOWED_IP]})
+        curl = "curl -sS --max-time 20 -o /dev/null -w '%{http_code}\\n'"
+        cmd = (
+            f"{curl} -x socks5h://127.0.0.1:3128 http://{ALLOWED_IP}:{allowed.port}/s; "
+            f"{curl} -p -x http://127.0.0.1:3128 http://{ALLOWED_IP}:{allowed.port}/c; "
+            f"{curl} -x socks5h://127.0.0.1:3128 http://{DENIED_IP}:{denied.port}/s; "
+            f"{curl} -p -x http://127.0.0.1:3128 http://{DENIED_IP}:{denied.port}/c; true"
+        )
+        out = stdout(await run_cmd(client, sid, cmd)).split()
+        assert out[:2] == ["200", "200"], out
+        assert allowed.accepted == 2 and denied.accepted == 0
+        records = (await client.get(f"/v1/sandboxes/{sid}/egress")).json()["records"]
+        decided = sorted((r["protocol"], r["host"], r["allowed"]) for r in records)
+        assert decided == [
+            ("connect", ALLOWED_IP, True),
+            ("connect", DENIED_IP, False),
+            ("socks5", ALLOWED_IP, True),
+            ("socks5", DENIED_IP, False),
+        ], records
+
+
+@pytest.mark.asyncio
+async def test_an_allowed_name_that_resolves_to_the_host_loopback_is_refused(client: httpx.AsyncClient) -> None:
+    """``localhost`` is allowed by name, but it resolves to loopback, which the operator did not
+    permit (127.0.0.2 and .3 only): refused on the address, like a rebinding name."""
+    async with Upstream("127.0.0.1") as host_lo:
+        sid = await create(client, network={"allow_out": ["localhost"]})
+        got = await fetch(client, sid, f"http://localhost:{host_lo.port}/")
+        assert got[f"http://localhost:{host_lo.port}/"][0] in (403, 502)
+        assert host_lo.accepted == 0
+        (record,) = (await client.get(f"/v1/sandboxes/{sid}/egress")).json()["records"]
+        assert not record["allowed"] and record["address"] in ("127.0.0.1", "::1"), record
+
+
+@pytest.mark.asyncio
+async def test_isolation_none_gets_the_host_trust_but_no_proxy(short_tmp: Path) -> None:
+    """Without isolation a sandbox shares the service's network: nothing can be enforced, so it
+    gets no proxy, only the CA bundle and the host's package-index settings."""
+    async with run_server(isolation_settings(short_tmp, "none")) as srv:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=DEADLINE) as c:
+            sid = await create(c, network={"internet": True})
+            env = stdout(await run_cmd(c, sid, "env"))
+    from cellbox.egress.hosttrust import read_host_config
+
+    host = read_host_config()
+    if host.ca_bundle:
+        assert f"SSL_CERT_FILE={host.ca_bundle}" in env, env
+    if host.pip.extra_index_urls:  # this machine: file:///opt/pypi/simple ...
+        assert f"PIP_EXTRA_INDEX_URL={host.pip.extra_index_urls[0]}" in env, env
+    assert "HTTP_PROXY=" not in env and "PIP_RETRIES=" not in env
