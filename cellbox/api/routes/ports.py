@@ -112,12 +112,6 @@ async def port_root(sandbox_id: str, port: int, request: Request) -> Response:
     return RedirectResponse(url.replace(path=url.path + "/"), status_code=status.HTTP_307_TEMPORARY_REDIRECT)
 
 
-@router.api_route(
-    "/{sandbox_id}/ports/{port}/{path:path}",
-    methods=METHODS,
-    response_class=Response,
-    responses={502: {"description": "Nothing is listening on that port in the sandbox."}},
-)
 async def port_http(sandbox_id: str, port: int, path: str, request: Request) -> Response:
     """Relay one HTTP request to the server listening on ``port`` inside the sandbox."""
     sandbox = await _sandbox_for(request, sandbox_id)
@@ -130,6 +124,18 @@ async def port_http(sandbox_id: str, port: int, path: str, request: Request) -> 
     except BaseException:
         await stream.close()
         raise
+
+
+for _method in METHODS:  # one route per method: OpenAPI wants an operation id of its own for each
+    router.add_api_route(
+        "/{sandbox_id}/ports/{port}/{path:path}",
+        port_http,
+        methods=[_method],
+        operation_id=f"port_{_method.lower()}",
+        response_class=Response,
+        responses={502: {"description": "Nothing is listening on that port in the sandbox."}},
+        summary=f"{_method} on a port of the sandbox",
+    )
 
 
 async def _relay_http(request: Request, stream: PortStream, sandbox_id: str, path: str) -> Response:
