@@ -33,6 +33,8 @@ class BodyLimit:
     def limit_for(self, scope: Scope) -> int:
         if scope["method"] in ("PUT", "POST") and scope["path"].endswith("/files"):
             return self.upload_limit
+        if "/ports/" in scope["path"]:  # a body for the app in the sandbox, streamed through
+            return self.upload_limit
         return self.json_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
