@@ -72,9 +72,11 @@ async def main(package: str, runs: int, permit: list[str], download: bool) -> No
                 cached = [await install(client, package, download) for _ in range(runs)]
                 egress = srv.manager.egress
                 stats = egress.cache.stats() if egress is not None and egress.cache is not None else {}
-        print(f"pip {'download' if download else 'install'} {package}: first {first[0]:.2f} s; cached median {statistics.median(cached):.2f} s "
-              f"({', '.join(f'{t:.2f}' for t in cached)}); speed-up {first[0] / statistics.median(cached):.1f}x; "
-              f"cache {stats}")  # fmt: skip
+        verb = "download" if download else "install"
+        median = statistics.median(cached)
+        runs_text = ", ".join(f"{t:.2f}" for t in cached)
+        print(f"pip {verb} {package}: first {first[0]:.2f} s; cached median {median:.2f} s ({runs_text});")
+        print(f"speed-up {first[0] / median:.1f}x; cache {stats}")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

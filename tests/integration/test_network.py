@@ -285,3 +285,47 @@ async def test_isolation_none_gets_the_host_trust_but_no_proxy(short_tmp: Path) 
     if host.pip.extra_index_urls:  # this machine: file:///opt/pypi/simple ...
         assert f"PIP_EXTRA_INDEX_URL={host.pip.extra_index_urls[0]}" in env, env
     assert "HTTP_PROXY=" not in env and "PIP_RETRIES=" not in env
+
+
+# Opens N idle connections to the sandbox's proxy port and holds them.
+FLOOD = r"""
+import socket, sys, time
+held = []
+for _ in range(int(sys.argv[1])):
+    s = socket.create_connection(("127.0.0.1", 3128))
+    held.append(s)
+print("flooding", flush=True)
+time.sleep(60)
+"""
+
+
+async def wait_for_output(client: httpx.AsyncClient, sid: str, pid: int, text: str) -> None:
+    out = ""
+    async with client.stream("GET", f"/v1/sandboxes/{sid}/commands/{pid}", params={"follow": "true"}) as stream:
+        async for line in stream.aiter_lines():
+            event = json.loads(line)
+            out += event.get("text", "")
+            if text in out:
+                return
+            assert event["type"] != "exit", out
+    raise AssertionError(out)
+
+
+@pytest.mark.asyncio
+async def test_a_connection_flood_is_capped_per_sandbox(client: httpx.AsyncClient) -> None:
+    async with Upstream(ALLOWED_IP) as upstream:
+        network = {"allow_out": [ALLOWED_IP]}
+        flooder, neighbour = await create(client, network=network), await create(client, network=network)
+        await client.put(f"/v1/sandboxes/{flooder}/files", params={"path": "/home/user/flood.py"}, content=FLOOD)
+        r = await client.post(
+            f"/v1/sandboxes/{flooder}/commands", json={"cmd": "python3 flood.py 100", "background": True}
+        )
+        pid = r.json()["pid"]
+        await wait_for_output(client, flooder, pid, "flooding")
+        url = f"http://{ALLOWED_IP}:{upstream.port}/"
+        assert (await fetch(client, neighbour, url))[url][0] == 200  # the neighbour is not starved
+        assert (await fetch(client, flooder, url))[url][0] == 0  # the flooder's own next connection is cut
+        await client.delete(f"/v1/sandboxes/{flooder}/commands/{pid}")
+        summary = (await client.get(f"/v1/sandboxes/{flooder}/egress")).json()
+        capped = [r for r in summary["records"] if "connection cap" in r["reason"]]
+        assert len(capped) >= 100 - 64, summary["summary"]
