@@ -111,3 +111,38 @@ async def test_port_hosts_rewrite_only_their_domain() -> None:
     assert seen[0]["path"] == "/v1/sandboxes/sb_0123456789abcdef/ports/8001/a/b"
     assert seen[0]["raw_path"] == b"/v1/sandboxes/sb_0123456789abcdef/ports/8001/a/b"
     assert [s["path"] for s in seen[1:]] == ["/a/b", "/a/b"]
+
+
+def test_sdk_egress_log_ports_and_public_traffic() -> None:
+    import json
+
+    import httpx
+
+    from cellbox.client import Sandbox
+    from tests.unit.test_client import INFO, FakeService
+
+    service = FakeService()
+    page = {
+        "summary": {"sandbox_id": "sbx1", "allowed": 1, "denied": 0, "next": 1},
+        "records": [{"seq": 0, "time": 1.0, "protocol": "connect", "host": "pypi.org", "port": 443,
+                     "allowed": True, "reason": "allowed by internet"}],
+    }  # fmt: skip
+    service.route("GET", "/v1/sandboxes/sbx1/egress", body=page)
+    service.route("POST", "/v1/sandboxes", status=201, body={**INFO, "ports_domain": "ports.example"})
+    sbx = Sandbox.create(
+        network={"internet": True},
+        allow_public_traffic=True,
+        base_url="http://cb:8080",
+        transport=httpx.MockTransport(service),
+    )
+    body = json.loads(service.requests[0].content)
+    assert body["allow_public_traffic"] is True and body["network"]["internet"] is True
+    log = sbx.get_egress_log(after=-1, limit=5)
+    assert log.records[0].host == "pypi.org" and log.summary.allowed == 1
+    assert service.requests[-1].url.params["limit"] == "5"
+    assert sbx.get_host(3000) == "3000-sbx1.ports.example"
+    assert sbx.port_url(3000, "/x") == "http://3000-sbx1.ports.example/x"
+    sbx._ports_domain = None
+    assert sbx.get_host(3000) == "cb:8080/v1/sandboxes/sbx1/ports/3000"
+    assert sbx.port_url(3000) == "http://cb:8080/v1/sandboxes/sbx1/ports/3000/"
+    sbx.close()
