@@ -132,6 +132,9 @@ def exposure_warning(settings: Settings) -> str | None:
 )
 @click.option("--package-cache-max-mb", type=int, help="Largest size of the package cache, MiB [default: 10240].")
 @click.option("--package-cache-index-url", help="Index the cache fetches from [default: the host's pip index, PyPI].")
+@click.option(
+    "--ports-domain", help="Also serve sandbox ports at {port}-{sandbox_id}.DOMAIN (a wildcard DNS name for this host)."
+)
 def serve(
     host: str | None,
     port: int | None,
@@ -152,6 +155,7 @@ def serve(
     package_cache_dir: Path | None,
     package_cache_max_mb: int | None,
     package_cache_index_url: str | None,
+    ports_domain: str | None,
 ) -> None:
     """Run the cellbox service. Options not given come from CELLBOX_* env vars, then defaults."""
     keys = list(api_keys) if api_keys else None
@@ -175,6 +179,7 @@ def serve(
         package_cache_dir=package_cache_dir,
         package_cache_max_mb=package_cache_max_mb,
         package_cache_index_url=package_cache_index_url,
+        ports_domain=ports_domain,
     )
     warning = exposure_warning(settings)
     try:
