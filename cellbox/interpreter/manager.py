@@ -303,6 +303,10 @@ class SandboxManager:
             except BaseException:
                 await self._destroy(sandbox)
                 raise
+        except BaseException:
+            if self.egress is not None:
+                self.egress.forget(info.id)  # a sandbox that never was: no record, no log
+            raise
         finally:
             self._creating -= 1
         return sandbox
