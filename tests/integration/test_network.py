@@ -66,8 +66,11 @@ def index_addresses() -> list[str]:
     """Where this machine's index (pypi.org and its file host) resolves: the operator permits it."""
     out: set[str] = set()
     for name in ("pypi.org", "files.pythonhosted.org"):
-        for info in socket.getaddrinfo(name, 443, type=socket.SOCK_STREAM):
-            out.add(str(info[4][0]))
+        try:
+            infos = socket.getaddrinfo(name, 443, type=socket.SOCK_STREAM)
+        except OSError:
+            continue  # no index here: the test that needs it skips
+        out.update(str(info[4][0]) for info in infos)
     return sorted(out)
 
 
@@ -204,6 +207,8 @@ async def test_pip_install_from_the_real_index_then_import(
 ) -> None:
     """The E2B persistent-context flow: pip install in the sandbox, then code that imports it.
     (The template's venv is read-only: the package goes to a directory in the home.)"""
+    if not index_addresses():
+        pytest.skip("this machine's package index does not resolve")
     timings = []
     for _attempt in range(2):  # the second sandbox is served from the package cache
         sid = await create(client, network={"internet": True})
