@@ -334,3 +334,20 @@ async def test_a_connection_flood_is_capped_per_sandbox(client: httpx.AsyncClien
         summary = (await client.get(f"/v1/sandboxes/{flooder}/egress")).json()
         capped = [r for r in summary["records"] if "connection cap" in r["reason"]]
         assert len(capped) >= 100 - 64, summary["summary"]
+
+
+@pytest.mark.asyncio
+async def test_the_hosts_local_indexes_serve_a_sandbox_without_egress(client: httpx.AsyncClient) -> None:
+    """The host's file:// indexes and find-links are bound read-only into every sandbox: a
+    package they hold installs with no network at all (and nothing reaches the proxy)."""
+    from cellbox.egress.hosttrust import read_host_config
+
+    pip = read_host_config().pip
+    local = [u for u in (*pip.extra_index_urls, *pip.find_links) if "://" not in u or u.startswith("file:")]
+    if not local:
+        pytest.skip("this host's pip has no local index")
+    sid = await create(client)
+    events = await run_cmd(client, sid, "python3 -m pip download --no-deps -d /tmp/d six && ls /tmp/d")
+    assert events[-1]["exit_code"] == 0, stdout(events)
+    assert "six-" in stdout(events)
+    assert (await client.get(f"/v1/sandboxes/{sid}/egress")).json()["records"] == []
