@@ -100,6 +100,41 @@ def exposure_warning(settings: Settings) -> str | None:
     "--pool-size", type=int, help="Ready sandboxes kept per pooled template [default: 0; env CELLBOX_POOL_SIZE]."
 )
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug", "trace"]))
+@click.option(
+    "--egress/--no-egress",
+    "egress_enabled",
+    default=None,
+    help="Whether sandboxes may ask for outbound network [default: on; env CELLBOX_EGRESS_ENABLED].",
+)
+@click.option(
+    "--egress-allow",
+    multiple=True,
+    metavar="ENTRY",
+    help="Service-wide allow list entry (domain, *.wildcard, IP, CIDR; repeatable): sandboxes reach only these.",
+)
+@click.option("--egress-deny", multiple=True, metavar="ENTRY", help="Service-wide deny entry (repeatable).")
+@click.option(
+    "--egress-permit",
+    multiple=True,
+    metavar="CIDR",
+    help="Let sandboxes reach a range below the floor after all: a CIDR, or loopback/private/link-local "
+    "(repeatable; e.g. the address an inspecting proxy answers from).",
+)
+@click.option("--egress-port", "egress_ports", multiple=True, type=int, help="Allowed destination port (repeatable).")
+@click.option("--egress-max-connections", type=int, help="Open egress connections per sandbox [default: 64].")
+@click.option("--egress-idle-timeout", type=float, help="Seconds a silent egress connection lives [default: 300].")
+@click.option("--egress-log-size", type=int, help="Egress decisions kept per sandbox [default: 1000].")
+@click.option(
+    "--package-cache/--no-package-cache", default=None, help="Serve pip through the shared cache [default: on]."
+)
+@click.option(
+    "--package-cache-dir", type=click.Path(file_okay=False, path_type=Path), help="[default: DATA_DIR/pip-cache]"
+)
+@click.option("--package-cache-max-mb", type=int, help="Largest size of the package cache, MiB [default: 10240].")
+@click.option("--package-cache-index-url", help="Index the cache fetches from [default: the host's pip index, PyPI].")
+@click.option(
+    "--ports-domain", help="Also serve sandbox ports at {port}-{sandbox_id}.DOMAIN (a wildcard DNS name for this host)."
+)
 def serve(
     host: str | None,
     port: int | None,
@@ -108,6 +143,19 @@ def serve(
     isolation: str | None,
     pool_size: int | None,
     log_level: str | None,
+    egress_enabled: bool | None,
+    egress_allow: tuple[str, ...],
+    egress_deny: tuple[str, ...],
+    egress_permit: tuple[str, ...],
+    egress_ports: tuple[int, ...],
+    egress_max_connections: int | None,
+    egress_idle_timeout: float | None,
+    egress_log_size: int | None,
+    package_cache: bool | None,
+    package_cache_dir: Path | None,
+    package_cache_max_mb: int | None,
+    package_cache_index_url: str | None,
+    ports_domain: str | None,
 ) -> None:
     """Run the cellbox service. Options not given come from CELLBOX_* env vars, then defaults."""
     keys = list(api_keys) if api_keys else None
@@ -119,6 +167,19 @@ def serve(
         isolation=isolation,
         pool_size=pool_size,
         log_level=log_level,
+        egress_enabled=egress_enabled,
+        egress_allow=list(egress_allow) or None,
+        egress_deny=list(egress_deny) or None,
+        egress_permit=list(egress_permit) or None,
+        egress_ports=list(egress_ports) or None,
+        egress_max_connections=egress_max_connections,
+        egress_idle_timeout=egress_idle_timeout,
+        egress_log_size=egress_log_size,
+        package_cache=package_cache,
+        package_cache_dir=package_cache_dir,
+        package_cache_max_mb=package_cache_max_mb,
+        package_cache_index_url=package_cache_index_url,
+        ports_domain=ports_domain,
     )
     warning = exposure_warning(settings)
     try:

@@ -158,10 +158,11 @@ class AsyncSandbox(SandboxBase[httpx.AsyncClient]):
         metadata: Mapping[str, str] | None = None,
         limits: models.Limits | Mapping[str, Any] | None = None,
         network: models.NetworkSpec | Mapping[str, Any] | None = None,
+        allow_public_traffic: bool = False,
         **options: Unpack[Options],
     ) -> _Opening:
         """Start a sandbox: ``sbx = await AsyncSandbox.create()`` or ``async with AsyncSandbox.create() as sbx``."""
-        call = cls._create_call(template, timeout, envs, metadata, limits, network)
+        call = cls._create_call(template, timeout, envs, metadata, limits, network, allow_public_traffic)
         return _Opening(cls._open(options, call))
 
     @classmethod
@@ -190,7 +191,9 @@ class AsyncSandbox(SandboxBase[httpx.AsyncClient]):
         except BaseException:
             await http.aclose()
             raise
-        return cls(info.id, http=http, config=config)
+        sandbox = cls(info.id, http=http, config=config)
+        sandbox._ports_domain = info.ports_domain
+        return sandbox
 
     async def get_info(self, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> models.SandboxInfo:
         """Async :meth:`Sandbox.get_info`."""
@@ -217,6 +220,12 @@ class AsyncSandbox(SandboxBase[httpx.AsyncClient]):
     async def is_running(self, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> bool:
         """Async :meth:`Sandbox.is_running`."""
         return await _send(self._http, self._is_running_call(request_timeout))
+
+    async def get_egress_log(
+        self, after: int = -1, limit: int = 1000, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT
+    ) -> models.EgressLogPage:
+        """Async :meth:`Sandbox.get_egress_log`."""
+        return await _send(self._http, self._egress_call(after, limit, request_timeout))
 
     async def close(self) -> None:
         """Async :meth:`Sandbox.close`."""

@@ -280,6 +280,7 @@ class SandboxBase(Generic[HttpT]):
         self._sandbox_id = sandbox_id
         self._http: HttpT = http
         self._config = config
+        self._ports_domain: str | None = None  # the service's, from the sandbox's info
 
     @property
     def sandbox_id(self) -> str:
@@ -297,6 +298,26 @@ class SandboxBase(Generic[HttpT]):
     def _path(self, *parts: str) -> str:
         return "/v1/sandboxes/" + "/".join(quote(p, safe="") for p in (self._sandbox_id, *parts))
 
+    # -- ports --------------------------------------------------------------------------------
+
+    def get_host(self, port: int) -> str:
+        """Where a server listening on ``port`` inside the sandbox is reached, without the scheme
+        (E2B's ``get_host``): ``{port}-{id}.{domain}`` when the service has a ports domain, else
+        the service's host and the port's path (``127.0.0.1:8080/v1/sandboxes/{id}/ports/{port}``),
+        so ``f"http://{sbx.get_host(port)}"`` works either way."""
+        if self._ports_domain:
+            return f"{port}-{self._sandbox_id}.{self._ports_domain}"
+        url = httpx.URL(self._config.base_url)
+        authority = url.netloc.decode()
+        return f"{authority}{url.path.rstrip('/')}{self._path('ports', str(port))}"
+
+    def port_url(self, port: int, path: str = "") -> str:
+        """The URL of ``path`` on the server listening on ``port`` inside the sandbox. It needs the
+        API key (as a header), the sandbox's ``traffic_token`` (``X-Cellbox-Traffic-Token``, or
+        ``?cellbox_token=``), or a sandbox created with ``allow_public_traffic=True``."""
+        scheme = httpx.URL(self._config.base_url).scheme
+        return f"{scheme}://{self.get_host(port)}/{path.lstrip('/')}"
+
     # -- sandboxes ----------------------------------------------------------------------------
 
     @staticmethod
@@ -307,6 +328,7 @@ class SandboxBase(Generic[HttpT]):
         metadata: Mapping[str, str] | None,
         limits: models.Limits | Mapping[str, Any] | None,
         network: models.NetworkSpec | Mapping[str, Any] | None,
+        allow_public_traffic: bool = False,
     ) -> Call[models.SandboxInfo]:
         body = validated(
             models.SandboxCreate,
@@ -316,6 +338,7 @@ class SandboxBase(Generic[HttpT]):
             metadata=dict(metadata or {}),
             limits=limits or models.Limits(),
             network=network or models.NetworkSpec(),
+            allow_public_traffic=allow_public_traffic,
         )
         return Call("POST", "/v1/sandboxes", _model(models.SandboxInfo), json=body)
 
@@ -359,6 +382,10 @@ class SandboxBase(Generic[HttpT]):
             return bool(parse_info(response).state is models.SandboxState.RUNNING)
 
         return Call("GET", self._path(), _false_if_missing(parse), timeout=request_timeout)
+
+    def _egress_call(self, after: int, limit: int, request_timeout: RequestTimeout) -> Call[models.EgressLogPage]:
+        params = [("after", str(after)), ("limit", str(limit))]
+        return Call("GET", self._path("egress"), _model(models.EgressLogPage), params=params, timeout=request_timeout)
 
     # -- contexts -----------------------------------------------------------------------------
 

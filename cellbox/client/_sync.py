@@ -118,17 +118,21 @@ class Sandbox(SandboxBase[httpx.Client]):
         metadata: Mapping[str, str] | None = None,
         limits: models.Limits | Mapping[str, Any] | None = None,
         network: models.NetworkSpec | Mapping[str, Any] | None = None,
+        allow_public_traffic: bool = False,
         **options: Unpack[Options],
     ) -> Sandbox:
         """Start a sandbox and return once its default python context is ready.
 
         ``timeout`` is the sandbox's lifetime in seconds (server default when ``None``);
-        ``limits`` and ``network`` take :class:`Limits` / :class:`NetworkSpec` or their dicts.
+        ``limits`` and ``network`` take :class:`Limits` / :class:`NetworkSpec` or their dicts
+        (``network={"internet": True}``, ``{"allow_out": ["pypi.org"]}``, ...);
+        ``allow_public_traffic`` serves the sandbox's ports (:meth:`port_url`) without credentials.
         ``options`` say how to reach the service: ``base_url``, ``api_key``,
         ``request_timeout``, ``transport`` (see :class:`~._base.ConnectionOptions`).
         Raises ``TemplateNotFound``, ``SandboxLimitReached``, ``ServiceAtCapacity``, ...
         """
-        return cls._open(options, cls._create_call(template, timeout, envs, metadata, limits, network))
+        call = cls._create_call(template, timeout, envs, metadata, limits, network, allow_public_traffic)
+        return cls._open(options, call)
 
     @classmethod
     def connect(cls, sandbox_id: str, **options: Unpack[Options]) -> Sandbox:
@@ -155,7 +159,9 @@ class Sandbox(SandboxBase[httpx.Client]):
         except BaseException:
             http.close()
             raise
-        return cls(info.id, http=http, config=config)
+        sandbox = cls(info.id, http=http, config=config)
+        sandbox._ports_domain = info.ports_domain
+        return sandbox
 
     def get_info(self, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> models.SandboxInfo:
         """The sandbox's current state, limits, contexts and expiry (``end_at``)."""
@@ -183,6 +189,13 @@ class Sandbox(SandboxBase[httpx.Client]):
     def is_running(self, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> bool:
         """Whether the sandbox exists and is in the ``running`` state."""
         return _send(self._http, self._is_running_call(request_timeout))
+
+    def get_egress_log(
+        self, after: int = -1, limit: int = 1000, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT
+    ) -> models.EgressLogPage:
+        """The sandbox's egress decisions with ``seq > after`` (what it tried to reach, allowed or
+        refused and why, bytes), and the totals."""
+        return _send(self._http, self._egress_call(after, limit, request_timeout))
 
     def close(self) -> None:
         """Release the HTTP connections; the sandbox itself keeps running. Idempotent."""

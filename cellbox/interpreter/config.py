@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -125,10 +125,55 @@ class Settings(BaseSettings):
         24 * 3600.0, description="Seconds a killed sandbox's executions and artifacts are kept."
     )
     reap_interval: float = Field(5.0, description="Seconds between sweeps for expired sandboxes.")
+    egress_enabled: bool = Field(
+        True,
+        description="Whether sandboxes may ask for outbound network (network.internet / allow_out); false: every "
+        "such create is a 422. Egress goes through the service's proxy (HTTP CONNECT, HTTP, SOCKS5) only.",
+    )
+    egress_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Service-wide allow list (domains, *.wildcards, IPs, CIDRs): when set, sandboxes reach only "
+        "these, and a sandbox asking for more gets a 422 naming the entry.",
+    )
+    egress_deny: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Service-wide deny list (same entries): no sandbox reaches these."
+    )
+    egress_permit: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Ranges below the floor (loopback, private, link-local, documentation, ...) that sandboxes "
+        "may reach after all: CIDRs or 'loopback' / 'private' / 'link-local'. Keep it narrow (a private mirror, "
+        "the address an inspecting proxy answers from).",
+    )
+    egress_ports: list[int] | None = Field(
+        None, description="Destination ports sandboxes may connect to (empty/unset: any)."
+    )
+    egress_max_connections: int = Field(64, ge=1, description="Open egress connections one sandbox may have.")
+    egress_idle_timeout: float = Field(
+        300.0, gt=0, description="Seconds an egress connection may stay silent both ways before it is closed."
+    )
+    egress_log_size: int = Field(
+        1000, ge=1, description="Egress decisions kept per sandbox (GET /v1/sandboxes/{id}/egress)."
+    )
+    package_cache: bool = Field(
+        True, description="Serve pip through the service's pull-through package cache (shared by sandboxes)."
+    )
+    package_cache_dir: Path | None = Field(
+        None, description="Where the package cache lives; default: DATA_DIR/pip-cache."
+    )
+    package_cache_max_mb: int = Field(10240, ge=1, description="Largest size of the package cache on disk, MiB.")
+    package_cache_index_url: str | None = Field(
+        None,
+        description="The index the package cache fetches from; default: the host's pip index-url, else PyPI's.",
+    )
+    ports_domain: str | None = Field(
+        None,
+        description="Also serve sandbox ports by host name: {port}-{sandbox_id}.PORTS_DOMAIN (a wildcard DNS "
+        "record pointing at this service), as E2B's get_host; always at /v1/sandboxes/{id}/ports/{port}/.",
+    )
     log_level: str = Field("info", description="Log level of the service.")
     log_code: bool = Field(False, description="Log submitted code at DEBUG level (never at INFO).")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "egress_allow", "egress_deny", "egress_permit", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         """``a,b`` or ``["a", "b"]`` from the environment; a list as it is."""
@@ -139,12 +184,25 @@ class Settings(BaseSettings):
             return [k.strip() for k in text.split(",") if k.strip()]
         return value
 
+    @model_validator(mode="after")
+    def _check_egress_policy(self) -> Settings:
+        """A bad egress entry is a startup error naming it, not a surprise at the first create."""
+        from cellbox.egress.policy import OperatorPolicy
+
+        OperatorPolicy.build(
+            allow=self.egress_allow, deny=self.egress_deny, permit=self.egress_permit, ports=self.egress_ports or None
+        )  # raises ValueError naming the entry
+        return self
+
     def resolved_run_dir(self) -> Path:
         if self.run_dir is not None:
             return self.run_dir
         if os.geteuid() == 0:
             return Path("/run/cellbox")
         return Path(f"/tmp/cellbox-{os.geteuid()}")
+
+    def resolved_package_cache_dir(self) -> Path:
+        return self.package_cache_dir or self.data_dir / "pip-cache"
 
     def resolved_templates_dir(self) -> Path:
         return self.templates_dir or self.data_dir / "templates"

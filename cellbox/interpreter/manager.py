@@ -11,6 +11,7 @@ what is live. The work inside a sandbox goes through the objects a
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import secrets
@@ -18,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cellbox
 from cellbox.aio import TaskSet, cancel_and_wait
@@ -32,6 +34,7 @@ from cellbox.interpreter.errors import (
     SandboxNotFound,
     ServiceAtCapacity,
     TemplateNotFound,
+    Unauthorized,
 )
 from cellbox.interpreter.models import ArtifactInfo, Health, Limits, SandboxCreate, SandboxInfo, SandboxState
 from cellbox.interpreter.pool import WarmPool
@@ -41,6 +44,10 @@ from cellbox.interpreter.store import StateStore, open_from_settings
 from cellbox.interpreter.templates import TemplateRegistry
 from cellbox.runtimes.base import Runtime
 from cellbox.runtimes.specs import TemplateInfo
+
+if TYPE_CHECKING:
+    from cellbox.egress.log import EgressLog
+    from cellbox.egress.service import Egress
 
 log = logging.getLogger("cellbox.manager")
 
@@ -52,12 +59,64 @@ def new_sandbox_id() -> str:
     return f"sb_{secrets.token_hex(8)}"
 
 
+def open_egress(settings: Settings) -> Egress:
+    """The service's one :class:`~cellbox.egress.service.Egress` from settings: the operator's
+    policy (the host's own addresses refused), the host's trust and package-index configuration,
+    the proxy limits and the package cache. Called by :meth:`SandboxManager.open`."""
+    import ipaddress
+
+    from cellbox.egress.cache import PackageCache
+    from cellbox.egress.hosttrust import read_host_config
+    from cellbox.egress.policy import OperatorPolicy
+    from cellbox.egress.proxy import ProxyLimits
+    from cellbox.egress.service import Egress, host_addresses
+
+    own = host_addresses()
+    try:
+        own.append(str(ipaddress.ip_address(settings.host)))
+    except ValueError:
+        pass  # a host name: its addresses are the interfaces' already
+    try:
+        operator = OperatorPolicy.build(
+            allow=settings.egress_allow,
+            deny=settings.egress_deny,
+            permit=settings.egress_permit,
+            own_addresses=own,
+            ports=settings.egress_ports or None,
+            enabled=settings.egress_enabled,
+        )
+    except ValueError as exc:
+        raise RuntimeUnavailable(f"invalid egress settings: {exc}") from exc
+    host = read_host_config()
+    cache = None
+    if settings.egress_enabled and settings.package_cache:
+        index = settings.package_cache_index_url or host.pip.index_url or "https://pypi.org/simple/"
+        cache = PackageCache(
+            settings.resolved_package_cache_dir(),
+            index,
+            max_bytes=settings.package_cache_max_mb << 20,
+            ca_bundle=host.ca_bundle,
+        )
+    limits = ProxyLimits(max_connections=settings.egress_max_connections, idle_timeout=settings.egress_idle_timeout)
+    return Egress(operator, host=host, limits=limits, cache=cache, log_size=settings.egress_log_size)
+
+
 class SandboxManager:
     """Creates, finds and removes sandboxes. Start with :meth:`start` (or :meth:`open`)."""
 
-    def __init__(self, settings: Settings, runtime: Runtime, store: StateStore, artifacts: BlobStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        runtime: Runtime,
+        store: StateStore,
+        artifacts: BlobStore,
+        egress: Egress | None = None,
+    ) -> None:
         self.settings = settings
         self.runtime = runtime
+        # The service's egress (network specs, proxies, decision logs); None: the runtime alone
+        # decides what a network spec gets (a test's fake runtime).
+        self.egress = egress
         self.store = store
         self.artifacts = artifacts
         self.templates = TemplateRegistry(settings.resolved_templates_dir())
@@ -84,18 +143,28 @@ class SandboxManager:
 
     @classmethod
     async def open(cls, settings: Settings, runtime: Runtime | None = None) -> SandboxManager:
-        """Build the stores and the runtime from settings and start. Used by the API's lifespan."""
+        """Build the stores, the egress and the runtime from settings and start. Used by the
+        API's lifespan. A ``runtime`` given is used as it is (with no egress of the manager's)."""
+        egress = None
         if runtime is None:
             from cellbox.runtimes import load_runtime
 
-            runtime = load_runtime(settings)
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            egress = open_egress(settings)
+            try:
+                runtime = load_runtime(settings, egress=egress)
+            except BaseException:
+                await egress.aclose()
+                raise
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = await open_from_settings(settings)
-        manager = cls(settings, runtime, store, ArtifactStore(settings.data_dir / "artifacts"))
+        manager = cls(settings, runtime, store, ArtifactStore(settings.data_dir / "artifacts"), egress)
         try:
             await manager.start()
         except BaseException:
             await store.close()
+            if egress is not None:
+                await egress.aclose()
             raise
         return manager
 
@@ -154,6 +223,8 @@ class SandboxManager:
         await asyncio.gather(*self._saves.values(), return_exceptions=True)
         await self.tasks.wait()
         await self.runtime.shutdown()
+        if self.egress is not None:
+            await self.egress.aclose()
         await self.store.close()
 
     # -- creating -------------------------------------------------------------------------
@@ -179,6 +250,8 @@ class SandboxManager:
         if timeout > s.max_sandbox_timeout:
             raise InvalidRequest(f"timeout may be at most {s.max_sandbox_timeout:g} s", field="timeout")
         self._check_limits(req.limits)
+        if self.egress is not None:
+            self.egress.parse(req.network)  # InvalidRequest naming the entry, before anything starts
         template = self.templates.get(req.template)
         # Reserve the key's slot before the first await: concurrent creates must see it.
         if self._owned_count(owner) >= s.max_sandboxes_per_key:
@@ -249,6 +322,10 @@ class SandboxManager:
             limits=limits,
             isolation=self.runtime.isolation,
             runtime=self.runtime.name,
+            network=req.network,
+            allow_public_traffic=req.allow_public_traffic,
+            traffic_token=secrets.token_urlsafe(24),
+            ports_domain=self.settings.ports_domain,
         )
         sandbox = Sandbox(info, "", self.settings, self.runtime, self.store, self.artifacts, self._save)
         self._creating += 1
@@ -262,6 +339,10 @@ class SandboxManager:
             except BaseException:
                 await self._destroy(sandbox)
                 raise
+        except BaseException:
+            if self.egress is not None:
+                self.egress.forget(info.id)  # a sandbox that never was: no record, no log
+            raise
         finally:
             self._creating -= 1
         return sandbox
@@ -272,6 +353,7 @@ class SandboxManager:
         sandbox.owner = owner
         info = sandbox.info_base
         info.created_at, info.end_at, info.metadata = now, now + timeout, dict(req.metadata)
+        info.allow_public_traffic = req.allow_public_traffic
         sandbox.transition(SandboxState.RUNNING)
         if req.envs:
             info.envs = dict(req.envs)
@@ -324,6 +406,34 @@ class SandboxManager:
     async def live(self, owner: str, sandbox_id: str) -> Sandbox:
         """:meth:`get`, and the sandbox must be running (not paused, not ended)."""
         sb = await self.get(owner, sandbox_id)
+        sb.require_running()
+        return sb
+
+    async def traffic(self, sandbox_id: str, owner: str | None, token: str | None) -> Sandbox:
+        """The running sandbox whose ports a caller may open: its owner (``owner``: the caller's
+        authenticated owner id, None without a key), anyone with its traffic token, or anyone at
+        all when it was created with ``allow_public_traffic``. SandboxNotFound for an unknown
+        sandbox or another owner's key; Unauthorized without a valid credential;
+        SandboxNotRunning when paused or ended."""
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is None or not sb.owner:
+            if owner is not None:
+                (await self.get(owner, sandbox_id)).require_running()  # 404, or "not running"
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        expected = sb.info_base.traffic_token
+        if owner is not None and sb.owner == owner:
+            pass
+        elif token and expected and hmac.compare_digest(token.encode(), expected.encode()):
+            pass
+        elif sb.info_base.allow_public_traffic:
+            pass
+        elif owner is not None and not token:
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        else:
+            raise Unauthorized(
+                "this sandbox's ports need its owner's API key or its traffic token "
+                "(header X-Cellbox-Traffic-Token or query cellbox_token)"
+            )
         sb.require_running()
         return sb
 
@@ -422,6 +532,9 @@ class SandboxManager:
 
     async def _purge(self, older_than: float) -> None:
         purged = await self.store.purge_sandboxes(older_than)
+        if self.egress is not None:
+            for sid in purged:
+                self.egress.forget(sid)
         if purged:
             referenced = await self.store.referenced_artifacts()
             removed = await self.artifacts.delete_unreferenced(referenced)
@@ -441,6 +554,14 @@ class SandboxManager:
         """A sandbox's artifacts, also after it ended."""
         await self.info(owner, sandbox_id)  # ownership
         return [ArtifactInfo(url="", **row) for row in await self.store.list_artifacts(sandbox_id)]
+
+    # -- egress -----------------------------------------------------------------------------
+
+    async def egress_log(self, owner: str, sandbox_id: str) -> EgressLog | None:
+        """The sandbox's egress decisions (also after it ended, until it is purged); None when
+        it never had egress. SandboxNotFound for others' sandboxes."""
+        await self.info(owner, sandbox_id)  # ownership
+        return self.egress.log(sandbox_id) if self.egress is not None else None
 
     # -- the service ------------------------------------------------------------------------
 

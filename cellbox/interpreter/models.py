@@ -228,9 +228,17 @@ class Limits(BaseModel):
 
 
 class NetworkSpec(BaseModel):
+    """What a sandbox may reach outside itself (``cellbox.egress.policy`` has the semantics).
+
+    Entries are domains (``pypi.org``), wildcards (``*.pythonhosted.org``), IP addresses or
+    CIDRs (``0.0.0.0/0``: everything). An allow that matches wins over a deny that matches;
+    otherwise a deny refuses; otherwise ``internet`` decides. The service's policy bounds it."""
+
     model_config = ConfigDict(extra="forbid")
 
     internet: bool = False
+    allow_out: list[str] = Field(default_factory=list, description="Destinations allowed even without internet.")
+    deny_out: list[str] = Field(default_factory=list, description="Destinations refused unless allowed.")
 
 
 class SandboxCreate(BaseModel):
@@ -244,6 +252,10 @@ class SandboxCreate(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict)
     limits: Limits = Field(default_factory=Limits)
     network: NetworkSpec = Field(default_factory=NetworkSpec)
+    allow_public_traffic: bool = Field(
+        default=False,
+        description="Serve the sandbox's ports (/v1/sandboxes/{id}/ports/{port}/...) without credentials.",
+    )
 
 
 class ContextInfo(BaseModel):
@@ -288,6 +300,16 @@ class SandboxInfo(BaseModel):
     runtime: str = "local"
     usage: SandboxUsage | None = None
     last_kernel_exit: KernelExit | None = None
+    network: NetworkSpec = Field(default_factory=NetworkSpec)
+    allow_public_traffic: bool = False
+    traffic_token: str | None = Field(
+        default=None,
+        description="Opens the sandbox's ports without the API key (header X-Cellbox-Traffic-Token or query "
+        "cellbox_token).",
+    )
+    ports_domain: str | None = Field(
+        default=None, description="Ports are also served at {port}-{id}.{ports_domain} (when the service has one)."
+    )
 
 
 class SandboxList(BaseModel):
@@ -534,3 +556,41 @@ class Health(BaseModel):
     runtime: str
     sandboxes: int
     pool: dict[str, int] = Field(default_factory=dict, description="Ready sandboxes in the warm pool, per template.")
+
+
+# -- egress --------------------------------------------------------------------------------------
+
+
+class EgressRecordInfo(BaseModel):
+    """One connection a sandbox asked its egress proxy for, and what was decided."""
+
+    seq: int
+    time: float
+    protocol: str = Field(description="connect, http, socks5, or unknown (a handshake that never finished).")
+    host: str = Field(description="What the sandbox asked for: a name or an address.")
+    port: int
+    allowed: bool
+    reason: str
+    address: str | None = Field(default=None, description="The resolved address the decision was made on.")
+    rule: str | None = Field(default=None, description="The allow/deny entry that decided, if any.")
+    error: str | None = Field(default=None, description="Allowed, but the upstream could not be reached.")
+    server_name: str | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    closed_at: float | None = None
+
+
+class EgressSummary(BaseModel):
+    sandbox_id: str
+    allowed: int = 0
+    denied: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    next: int = Field(default=0, description="The seq the next record will have (pass after=next-1 to poll).")
+
+
+class EgressLogPage(BaseModel):
+    """``GET /v1/sandboxes/{id}/egress``: the totals and the records with ``seq > after``."""
+
+    summary: EgressSummary
+    records: list[EgressRecordInfo] = Field(default_factory=list)

@@ -24,6 +24,7 @@ from cellbox.interpreter.errors import Conflict, ContextNotFound, SandboxNotRunn
 from cellbox.interpreter.executions import Executions, new_context_id
 from cellbox.interpreter.files import Files
 from cellbox.interpreter.models import ArtifactInfo, ContextInfo, SandboxInfo, SandboxState
+from cellbox.interpreter.ports import Ports
 from cellbox.interpreter.store import StateStore
 from cellbox.runtimes.base import Runtime, SandboxBackend
 
@@ -144,6 +145,7 @@ class Sandbox:
         self.commands = Commands(self)
         self.files = Files(self)
         self.artifacts = Artifacts(self)
+        self.ports = Ports(self)
 
     @property
     def state(self) -> SandboxState:

@@ -10,6 +10,7 @@ from cellbox.interpreter.errors import RuntimeUnavailable
 from cellbox.runtimes.specs import LocalConfig
 
 if TYPE_CHECKING:
+    from cellbox.egress.service import Egress
     from cellbox.runtimes.base import Runtime
 
 __all__ = ["RUNTIMES", "RuntimeSettings", "load_runtime", "local_config"]
@@ -81,9 +82,10 @@ def local_config(settings: RuntimeSettings) -> LocalConfig:
     )
 
 
-def load_runtime(settings: RuntimeSettings) -> Runtime:
+def load_runtime(settings: RuntimeSettings, *, egress: Egress | None = None) -> Runtime:
     """Instantiate the runtime ``settings.runtime`` names; RuntimeUnavailable if unknown or
-    its optional dependencies are missing."""
+    its optional dependencies are missing. ``egress`` (the service's, made by the manager) gives
+    sandboxes that ask for it outbound network; without it, any is refused."""
     target = RUNTIMES.get(settings.runtime)
     if target is None:
         raise RuntimeUnavailable(f"unknown runtime {settings.runtime!r}; known: {', '.join(sorted(RUNTIMES))}")
@@ -94,5 +96,5 @@ def load_runtime(settings: RuntimeSettings) -> Runtime:
         raise RuntimeUnavailable(
             f"runtime {settings.runtime!r} needs {exc.name}: pip install 'cellbox[{settings.runtime}]'"
         ) from exc
-    runtime: Runtime = getattr(module, factory)(settings)
+    runtime: Runtime = getattr(module, factory)(settings, egress=egress)
     return runtime

@@ -13,6 +13,10 @@ or ``{"id": N, "ok": false, "error": {"code", "message"}}``. Unsolicited events:
 ``{"event": "output", "pid", "stream": "stdout"|"stderr", "data": <base64>}`` (all output of
 a process is sent before its exit event).
 
+Port connections: a *new* connection whose first line is ``{"op": "open_port", "port": N}``
+is relayed, after a one-line answer, as raw bytes to ``127.0.0.1:N`` inside the sandbox
+(``relay_port``); any number of them besides the one control client.
+
 Ops: ``ping``; ``spawn`` (argv, env, cwd, log, pipes, tag) -> pid; ``signal`` (pid, signum,
 group); ``stdin`` (pid, data base64); ``close_stdin`` (pid); files: ``stat``,
 ``listdir`` (path, depth), ``mkdir`` (path, parents), ``move`` (src, dst), ``remove``,
@@ -27,6 +31,11 @@ listing or delete never stalls the output of the sandbox's processes.
 When the service's connection closes, the agent kills every process it started and exits:
 a sandbox never outlives the service that runs it.
 
+Egress: with ``--egress-socket PATH --egress-port N`` the agent loads the egress bridge
+(``--egress-bridge``, default ``/opt/cellbox/bridge.py``: ``cellbox/egress/bridge.py``, bound
+read-only) and relays ``127.0.0.1:N`` of the sandbox's network namespace to the service's proxy
+on ``PATH``, before it reports ready.
+
 Usage: ``python agent.py --socket PATH`` (prints nothing; the socket appearing is readiness:
 it is bound and listening under another name first, then renamed into place).
 """
@@ -39,6 +48,7 @@ import base64
 import contextlib
 import ctypes
 import errno
+import importlib.util
 import json
 import logging
 import os
@@ -56,6 +66,8 @@ log = logging.getLogger("cellbox.agent")
 #: The user's home inside the sandbox (``cellbox.runtimes.isolation.layout.SANDBOX_HOME``; this
 #: file is stdlib-only, so it has its own copy).
 SANDBOX_HOME = "/home/user"
+#: Where the runtime binds ``cellbox/egress/bridge.py`` (isolation "bwrap").
+SANDBOX_BRIDGE = "/opt/cellbox/bridge.py"
 _CHUNK = 65536
 # Requests carry file data as base64: lines far above asyncio's 64 KiB default.
 _LINE_LIMIT = 8 << 20
@@ -63,6 +75,9 @@ _LINE_LIMIT = 8 << 20
 _MAX_READ = 4 << 20
 #: The most entries one ``listdir`` returns (the answer says ``truncated``).
 _MAX_LISTING = 10_000
+#: Relayed port connections at once, and how long connecting to a port may take.
+_MAX_PORT_CONNECTIONS = 256
+_PORT_CONNECT_TIMEOUT = 10.0
 
 
 _IN_MODIFY, _IN_ATTRIB, _IN_CLOSE_WRITE = 0x2, 0x4, 0x8
@@ -179,6 +194,7 @@ class Agent:
         self.write_lock = asyncio.Lock()
         self.done = asyncio.Event()
         self.inotify: Inotify | None = None
+        self.port_connections = 0
         # asyncio holds tasks weakly: every task the agent starts is kept here until it ends.
         self.tasks: set[asyncio.Task[Any]] = set()
 
@@ -203,22 +219,79 @@ class Agent:
             await self.writer.drain()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.writer is not None:  # one client only
+        first = await reader.readline()
+        try:
+            req = json.loads(first) if first else None
+        except ValueError:
+            req = None
+        if isinstance(req, dict) and req.get("op") == "open_port":
+            await self.relay_port(req, reader, writer)  # a connection of its own, raw bytes after one line
+            return
+        if self.writer is not None:  # one control client only
             writer.close()
             return
         self.writer = writer
         try:
             while True:
+                if isinstance(req, dict):
+                    self.spawn(self.handle(req), f"request-{req.get('op')}")
                 line = await reader.readline()
                 if not line:
                     break
                 try:
                     req = json.loads(line)
                 except ValueError:
-                    continue
-                self.spawn(self.handle(req), f"request-{req.get('op')}")
+                    req = None
         finally:
             self.done.set()
+
+    # -- ports ---------------------------------------------------------------------------
+
+    async def relay_port(self, req: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """``{"op": "open_port", "port": N}`` as the first line of a new connection: connect to
+        ``127.0.0.1:N`` (then ``[::1]:N``) in the sandbox's network namespace, answer one line
+        (``{"ok": true}`` or an error), then copy bytes both ways until both sides are done.
+
+        A connection per relayed TCP connection, not frames on the control connection: no
+        base64, no head-of-line blocking behind file transfers or command output, and each
+        stream has the kernel's own flow control."""
+        try:
+            port = int(req.get("port", 0))
+            if not 0 < port < 65536:
+                raise ValueError(f"port must be 1..65535, got {port}")
+            if self.port_connections >= _MAX_PORT_CONNECTIONS:
+                raise OSError(errno.EMFILE, f"at most {_MAX_PORT_CONNECTIONS} port connections at once")
+            up_reader, up_writer = await self._connect_local(port)
+        except Exception as exc:
+            code = "refused" if isinstance(exc, ConnectionRefusedError) else _error_code(exc)
+            error = {"code": code, "message": f"{type(exc).__name__}: {exc}"}
+            with contextlib.suppress(OSError):
+                writer.write(json.dumps({"ok": False, "error": error}).encode() + b"\n")
+                await writer.drain()
+            writer.close()
+            return
+        self.port_connections += 1
+        try:
+            writer.write(b'{"ok":true}\n')
+            await writer.drain()
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        except OSError:
+            pass
+        finally:
+            self.port_connections -= 1
+            up_writer.close()
+            writer.close()
+
+    @staticmethod
+    async def _connect_local(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        error: OSError | None = None
+        for host in ("127.0.0.1", "::1"):
+            try:
+                return await asyncio.wait_for(asyncio.open_connection(host, port), _PORT_CONNECT_TIMEOUT)
+            except OSError as exc:  # TimeoutError included
+                error = error or exc
+        assert error is not None
+        raise error
 
     async def handle(self, req: dict[str, Any]) -> None:
         rid = req.get("id")
@@ -487,6 +560,18 @@ class Agent:
                 os.killpg(pid, signal.SIGKILL)
 
 
+async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    """Copy until EOF, then half-close ``dst`` (the other direction may still be talking)."""
+    try:
+        while data := await src.read(_CHUNK):
+            dst.write(data)
+            await dst.drain()
+        if dst.can_write_eof():
+            dst.write_eof()
+    except OSError:
+        dst.transport.abort()
+
+
 def listening_socket(path: str) -> socket.socket:
     """A unix socket that is listening by the time ``path`` exists: bound and listening under
     ``path~``, then renamed, so the service may connect as soon as it sees the file."""
@@ -496,20 +581,46 @@ def listening_socket(path: str) -> socket.socket:
             os.unlink(stale)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(staging)
-    sock.listen(8)
+    sock.listen(128)  # the control client, and every relayed port connection
     os.rename(staging, path)
     return sock
 
 
-async def main(socket_path: str, home: str, jail: bool) -> None:
+def load_bridge(path: str) -> Any:
+    """The egress bridge module from its file (it is not on this agent's ``sys.path``)."""
+    spec = importlib.util.spec_from_file_location("cellbox_bridge", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load the egress bridge from {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def main(
+    socket_path: str,
+    home: str,
+    jail: bool,
+    egress_socket: str | None = None,
+    egress_port: int = 3128,
+    egress_bridge: str = SANDBOX_BRIDGE,
+) -> None:
     agent = Agent(home, jail)
-    server = await asyncio.start_unix_server(agent.serve, sock=listening_socket(socket_path), limit=_LINE_LIMIT)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        loop.add_signal_handler(sig, agent.done.set)
-    async with server:
-        await agent.done.wait()
-    agent.kill_all()
+    bridge = None
+    if egress_socket:
+        # Before the agent's socket appears: a sandbox is ready only with its egress in place.
+        bridge = load_bridge(egress_bridge).Bridge(egress_socket, "127.0.0.1", egress_port)
+        await bridge.start()
+    try:
+        server = await asyncio.start_unix_server(agent.serve, sock=listening_socket(socket_path), limit=_LINE_LIMIT)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.done.set)
+        async with server:
+            await agent.done.wait()
+        agent.kill_all()
+    finally:
+        if bridge is not None:
+            await bridge.close()
 
 
 if __name__ == "__main__":
@@ -517,8 +628,11 @@ if __name__ == "__main__":
     parser.add_argument("--socket", required=True)
     parser.add_argument("--home", default=SANDBOX_HOME)
     parser.add_argument("--jail", action="store_true")
+    parser.add_argument("--egress-socket", help="the service's egress proxy socket (inside the sandbox)")
+    parser.add_argument("--egress-port", type=int, default=3128, help="where the bridge listens on 127.0.0.1")
+    parser.add_argument("--egress-bridge", default=SANDBOX_BRIDGE, help="the bridge module's file")
     args = parser.parse_args()
     logging.basicConfig(stream=sys.stderr, format="agent %(levelname)s %(message)s")  # into agent.log
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    asyncio.run(main(args.socket, args.home, args.jail))
+    asyncio.run(main(args.socket, args.home, args.jail, args.egress_socket, args.egress_port, args.egress_bridge))
     sys.exit(0)

@@ -13,6 +13,7 @@ from typing import Any
 from cellbox.aio import cancel_and_wait
 from cellbox.interpreter import errors
 from cellbox.interpreter.errors import InterpreterError, KernelDied
+from cellbox.runtimes.base import PortNotListening
 
 log = logging.getLogger("cellbox.agent")
 
@@ -21,6 +22,8 @@ _LINE_LIMIT = 8 << 20
 #: Filesystem events buffered per watch; a watcher that falls this far behind loses events
 #: (the agent keeps sending; the reader never blocks on one slow watcher).
 WATCH_QUEUE_SIZE = 10_000
+# The agent answers a port connection once it connected (or gave up: its own timeout is 10 s).
+_PORT_ANSWER_TIMEOUT = 20.0
 
 
 _AGENT_ERRORS: dict[str, type[InterpreterError]] = {
@@ -57,7 +60,8 @@ class ProcessHandle:
 class AgentClient:
     """One connection to one sandbox's agent. Create with :meth:`connect`."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, socket_path: str = "") -> None:
+        self.socket_path = socket_path
         self._reader = reader
         self._writer = writer
         self._ids = itertools.count(1)
@@ -74,7 +78,7 @@ class AgentClient:
     @classmethod
     async def connect(cls, socket_path: str) -> AgentClient:
         reader, writer = await asyncio.open_unix_connection(socket_path, limit=_LINE_LIMIT)
-        client = cls(reader, writer)
+        client = cls(reader, writer, socket_path)
         await client.request("ping")
         return client
 
@@ -141,6 +145,32 @@ class AgentClient:
         if not self.closed.is_set():
             with contextlib.suppress(InterpreterError):
                 await self.request("unwatch", watch=wid)
+
+    async def open_port(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A byte stream to ``127.0.0.1:port`` inside the sandbox, over a new connection to the
+        agent (see ``Agent.relay_port``). PortNotListening when nothing accepts there; the
+        caller closes the writer."""
+        if self.closed.is_set():
+            raise AgentGone("the sandbox's agent is gone")
+        try:
+            reader, writer = await asyncio.open_unix_connection(self.socket_path)
+        except OSError as exc:
+            raise AgentGone(f"the sandbox's agent is not reachable: {exc}") from exc
+        try:
+            writer.write(json.dumps({"op": "open_port", "port": port}).encode() + b"\n")
+            await writer.drain()
+            answer = json.loads(await asyncio.wait_for(reader.readline(), _PORT_ANSWER_TIMEOUT) or b"{}")
+        except (OSError, ValueError) as exc:
+            writer.close()
+            raise AgentGone(f"the sandbox's agent did not answer: {exc}") from exc
+        if not answer.get("ok"):
+            writer.close()
+            err = answer.get("error") or {}
+            if err.get("code") == "refused" or not err:
+                raise PortNotListening(f"nothing is listening on port {port} in the sandbox", port=port)
+            cls = _AGENT_ERRORS.get(str(err.get("code")), InterpreterError)
+            raise cls(_user_message(str(err.get("message", "agent error"))))
+        return reader, writer
 
     async def close(self) -> None:
         """Close the connection (the agent then kills what it started and exits). Idempotent."""

@@ -35,6 +35,7 @@ from cellbox.runtimes.context import BackendConfig, ContextRunner, env_code
 from cellbox.runtimes.specs import SANDBOX_HOME, KernelProcess, KernelSpec, SandboxHandle, TemplateInfo
 
 if TYPE_CHECKING:
+    from cellbox.egress.service import Egress
     from cellbox.runtimes import RuntimeSettings
 
 log = logging.getLogger("cellbox.backend")
@@ -70,6 +71,8 @@ class AgentLike(Protocol):
     async def watch(self, path: str, recursive: bool) -> tuple[int, asyncio.Queue[dict[str, Any] | None]]: ...
 
     async def unwatch(self, wid: int) -> None: ...
+
+    async def open_port(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
 
 
 class Provisioner(Protocol):
@@ -307,6 +310,13 @@ class LocalSandboxBackend:
     async def close_stdin(self, pid: int) -> None:
         await (await self.agent()).close_stdin(pid)
 
+    # -- ports ------------------------------------------------------------------------------
+
+    async def open_port(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if not 0 < port < 65536:
+            raise InvalidRequest(f"port must be 1..65535, got {port}", field="port")
+        return await (await self.agent()).open_port(port)
+
     # -- teardown ---------------------------------------------------------------------------
 
     def busy(self) -> bool:
@@ -395,8 +405,9 @@ class LocalBackendRuntime:
         await self.provisioner.destroy_sandbox(self._handle(backend))
 
 
-def local_runtime(settings: RuntimeSettings) -> LocalBackendRuntime:
-    """The ``local`` entry of :data:`cellbox.runtimes.RUNTIMES`: settings in, Runtime out."""
+def local_runtime(settings: RuntimeSettings, *, egress: Egress | None = None) -> LocalBackendRuntime:
+    """The ``local`` entry of :data:`cellbox.runtimes.RUNTIMES`: settings (and the service's
+    egress) in, Runtime out."""
     from cellbox.runtimes import local_config
     from cellbox.runtimes.local import LocalRuntime
 
@@ -406,4 +417,4 @@ def local_runtime(settings: RuntimeSettings) -> LocalBackendRuntime:
         max_output_bytes=settings.max_output_bytes,
         max_contexts_per_sandbox=settings.max_contexts_per_sandbox,
     )
-    return LocalBackendRuntime(LocalRuntime(local_config(settings)), config)
+    return LocalBackendRuntime(LocalRuntime(local_config(settings), egress=egress), config)

@@ -22,9 +22,11 @@ Implementations are picked by name (:data:`cellbox.runtimes.RUNTIMES`) and impor
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
+from cellbox.interpreter.errors import InterpreterError
 from cellbox.interpreter.messages import KernelMessage
 from cellbox.interpreter.models import (
     ContextInfo,
@@ -41,6 +43,7 @@ from cellbox.runtimes.specs import KernelSpec, TemplateInfo
 
 __all__ = [
     "FileSystem",
+    "PortNotListening",
     "KernelSpec",
     "Process",
     "Runtime",
@@ -48,6 +51,13 @@ __all__ = [
     "TemplateInfo",
     "Watch",
 ]
+
+
+class PortNotListening(InterpreterError):
+    """:meth:`SandboxBackend.open_port`: nothing accepts connections on that port inside the
+    sandbox (the ports route answers 502 with this message)."""
+
+    code = "port_not_listening"
 
 
 class Process(Protocol):
@@ -197,6 +207,15 @@ class SandboxBackend(Protocol):
     async def write_stdin(self, pid: int, data: bytes) -> None: ...
 
     async def close_stdin(self, pid: int) -> None: ...
+
+    # -- ports ------------------------------------------------------------------------------
+
+    async def open_port(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A TCP connection to ``127.0.0.1:port`` *inside* the sandbox (its own network
+        namespace; nothing listens on the host for it), as a stream pair the caller owns and
+        closes. Called by the core's ``sbx.ports`` for every relayed HTTP request or WebSocket.
+        PortNotListening when nothing accepts there; InvalidRequest for a port outside 1..65535."""
+        ...
 
     # -- teardown ---------------------------------------------------------------------------
 

@@ -16,6 +16,13 @@ How a sandbox is confined is a composed strategy (:class:`Isolation`), picked by
   own session (so a group signal such as ``kill -9 -1`` never reaches the service), with its
   own home under the data dir and a clean, allowlisted environment; ``--jail`` keeps its file
   operations in the home. Trusted code only.
+
+Network: a sandbox has only its own loopback. One that asks for egress (``network.internet``,
+``allow_out``) gets a proxy of the service's :class:`~cellbox.egress.service.Egress` on a unix
+socket in ``<run>/egress/`` (root's), which the agent bridges to ``127.0.0.1:3128`` inside the
+sandbox's network namespace; every process gets the proxy variables, the host's CA bundle and
+package-index settings (``sbx.trust``). With isolation ``"none"`` the sandbox shares the
+service's network: it gets only the CA and index settings, and nothing is enforced.
 """
 
 from __future__ import annotations
@@ -31,9 +38,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from cellbox.aio import TaskSet, poll_until
+from cellbox.egress import bridge as bridge_module
 from cellbox.interpreter.errors import Conflict, InterpreterError, InvalidRequest, KernelStartFailed, RuntimeUnavailable
 from cellbox.interpreter.models import KernelExit, Limits, NetworkSpec, SandboxUsage
 from cellbox.runtimes import agent as agent_module
@@ -48,6 +56,10 @@ from cellbox.runtimes.isolation.ipc import (
 )
 from cellbox.runtimes.isolation.layout import MAX_SOCKET_PATH, SANDBOX_HOME
 from cellbox.runtimes.specs import KernelProcess, KernelSpec, LocalConfig, TemplateInfo, signal_name
+
+if TYPE_CHECKING:
+    from cellbox.egress.policy import SandboxPolicy
+    from cellbox.egress.service import Egress, SandboxEgress
 
 __all__ = [
     "ENV_ALLOWLIST",
@@ -83,6 +95,9 @@ AGENT_DIR = "agent"  # its socket directory, next to the kernels' in the sandbox
 AGENT_SOCKET = "a.sock"
 # The agent binds "a.sock~" and renames it into place once it listens (see agent.py).
 AGENT_SOCKET_NAMES = (AGENT_SOCKET, AGENT_SOCKET + "~")
+# The egress bridge (stdlib-only, loaded by the agent) and the proxy's socket directory.
+BRIDGE_SOURCE = Path(bridge_module.__file__)
+EGRESS_DIR = "egress"
 
 # The longest path the runtime puts below its run dir: /<sandbox id>/<dir>/<socket>, with room
 # for the core's ids (sb_ + 16 hex digits) and kernel names (8 characters, "-", the restart).
@@ -138,10 +153,15 @@ def agent_gone_exit() -> KernelExit:
 
 
 def base_env(
-    template: TemplateInfo, home: str, envs: dict[str, str], kernel: dict[str, str] | None = None
+    template: TemplateInfo,
+    home: str,
+    envs: dict[str, str],
+    kernel: dict[str, str] | None = None,
+    trust: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """The environment of a sandbox process: allowlist + template + ``kernel`` + ``envs``.
-    An empty value removes the variable."""
+    """The environment of a sandbox process: allowlist + ``trust`` (the egress proxy, CA and
+    package-index variables) + template + ``kernel`` + ``envs``. An empty value removes the
+    variable."""
     env = {k: os.environ[k] for k in ENV_ALLOWLIST if k in os.environ}
     bindir = str(template.python.parent)
     env.update(
@@ -156,6 +176,7 @@ def base_env(
             "TERM": "xterm-256color",
         }
     )
+    env.update(trust or {})
     env.update(template.env)
     env.update(kernel or {})
     env.update(envs)
@@ -268,6 +289,16 @@ class LocalSandbox:
     agent: AgentClient | None = None
     agent_proc: asyncio.subprocess.Process | None = None
     agent_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # the sandbox's egress (its proxy, when it has one) and the variables every process gets
+    egress: SandboxEgress | None = None
+    trust_env: dict[str, str] = field(default_factory=dict)
+
+    def egress_args(self, socket_in_sandbox: str) -> list[str]:
+        """The agent's bridge options when the sandbox has a proxy, else none."""
+        egress = self.egress
+        if egress is None or egress.proxy is None or egress.bridge_port is None:
+            return []
+        return ["--egress-socket", socket_in_sandbox, "--egress-port", str(egress.bridge_port)]
 
 
 # -- isolation strategies --------------------------------------------------------------------
@@ -488,8 +519,9 @@ class LocalRuntime:
 
     name = "local"
 
-    def __init__(self, config: LocalConfig) -> None:
+    def __init__(self, config: LocalConfig, egress: Egress | None = None) -> None:
         self.config = config
+        self.egress = egress
         self.strategy: Isolation = load_isolation(config)
         self.isolation: str = self.strategy.name
 
@@ -511,9 +543,13 @@ class LocalRuntime:
     async def create_sandbox(
         self, sandbox_id: str, template: TemplateInfo, limits: Limits, envs: dict[str, str], network: NetworkSpec
     ) -> LocalSandbox:
-        """Provision a sandbox and start its agent; no kernel yet. InvalidRequest for a
-        network this runtime cannot give (today: any outbound network)."""
-        if network.internet:
+        """Provision a sandbox (with its egress, see the module docstring) and start its agent;
+        no kernel yet. InvalidRequest for a network spec beyond the service's policy, or any
+        outbound network when the runtime was made without an Egress."""
+        policy = None
+        if self.egress is not None:
+            policy = self.egress.parse(network)
+        elif network.internet or network.allow_out:
             raise InvalidRequest(
                 "outbound network is not available: sandboxes only have their own loopback", field="network"
             )
@@ -530,16 +566,48 @@ class LocalRuntime:
         )
         try:
             await self.strategy.prepare(sandbox)
+            if self.egress is not None and policy is not None:
+                await self._open_egress(sandbox, self.egress, policy)
             await self.agent(sandbox)
         except BaseException:
             await self.destroy_sandbox(sandbox)
             raise
         return sandbox
 
+    async def _open_egress(self, sandbox: LocalSandbox, egress: Egress, policy: SandboxPolicy) -> None:
+        if self.strategy.name == "none":
+            # The sandbox shares the service's network: a proxy would enforce nothing (a process
+            # may just ignore it). It gets the CA bundle and the host's package indexes only.
+            from cellbox.egress.hosttrust import sandbox_trust
+
+            trust = sandbox_trust(egress.host, None)
+            if policy.wants_egress:
+                trust.env.pop("PIP_RETRIES", None)
+                log.warning(
+                    "sandbox %s: isolation 'none': its network policy is not enforced (it uses the host's network "
+                    "directly)",
+                    sandbox.sandbox_id,
+                )
+            sandbox.trust_env = trust.env
+            return
+        egress_dir = sandbox.run / EGRESS_DIR
+
+        def make() -> None:
+            # root's and not writable by the sandbox: it cannot replace the proxy's socket.
+            egress_dir.mkdir(mode=0o755, exist_ok=True)
+            os.chmod(egress_dir, 0o755)
+
+        await asyncio.to_thread(make)
+        sandbox.egress = await egress.open(sandbox.sandbox_id, policy, egress_dir)
+        sandbox.trust_env = dict(sandbox.egress.trust.env)
+
     async def destroy_sandbox(self, handle: LocalSandbox) -> None:
-        """Stop the agent (it kills what it started), then everything left; free the uid,
-        cgroup and home. Idempotent."""
+        """Stop the agent (it kills what it started), then everything left; close its egress
+        proxy; free the uid, cgroup and home. Idempotent."""
         await self._stop_agent(handle)
+        if self.egress is not None:
+            await self.egress.close(handle.sandbox_id)
+            handle.egress = None
         await self.strategy.teardown(handle)
         await asyncio.to_thread(shutil.rmtree, handle.run, True)
         await asyncio.to_thread(shutil.rmtree, handle.dir, True)
@@ -558,8 +626,9 @@ class LocalRuntime:
         return self.strategy.home_in_sandbox(handle)
 
     def process_env(self, handle: LocalSandbox, envs: dict[str, str]) -> dict[str, str]:
-        """The environment of a command in the sandbox: allowlist + template + sandbox + ``envs``."""
-        return base_env(handle.template, self.home_in_sandbox(handle), {**handle.envs, **envs})
+        """The environment of a command in the sandbox: allowlist + trust + template + sandbox +
+        ``envs``."""
+        return base_env(handle.template, self.home_in_sandbox(handle), {**handle.envs, **envs}, trust=handle.trust_env)
 
     # -- the agent -------------------------------------------------------------------------
 
@@ -627,7 +696,7 @@ class LocalRuntime:
         workdir = _sandbox_cwd(handle.home, cwd)
         host_dir, sandbox_dir = self.strategy.socket_dir(handle, name, KERNEL_SOCKETS)
         conn = write_ipc_connection(host_dir, sandbox_path=sandbox_dir)
-        env = base_env(handle.template, self.home_in_sandbox(handle), handle.envs, spec.env)
+        env = base_env(handle.template, self.home_in_sandbox(handle), handle.envs, spec.env, trust=handle.trust_env)
         argv = kernel_argv(handle.template, spec, conn.sandbox_file)
         describe = self.strategy.exit_describer(handle)
         proc = await agent.spawn(argv, env, workdir, log=f"{sandbox_dir}/kernel.log", tag=f"kernel:{name}")

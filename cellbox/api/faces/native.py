@@ -6,6 +6,8 @@ artifact URLs are ``{base}/v1/artifacts/{id}`` (``cellbox.api.urls``).
 
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -13,7 +15,7 @@ import cellbox
 from cellbox.api import errors
 from cellbox.api.errors import error_response
 from cellbox.api.faces import Face, Services
-from cellbox.api.routes import artifacts, commands, executions, files, sandboxes
+from cellbox.api.routes import artifacts, commands, egress, executions, files, ports, sandboxes
 from cellbox.interpreter.errors import RequestTooLarge
 from cellbox.interpreter.models import Health
 
@@ -30,6 +32,8 @@ class BodyLimit:
 
     def limit_for(self, scope: Scope) -> int:
         if scope["method"] in ("PUT", "POST") and scope["path"].endswith("/files"):
+            return self.upload_limit
+        if "/ports/" in scope["path"]:  # a body for the app in the sandbox, streamed through
             return self.upload_limit
         return self.json_limit
 
@@ -77,6 +81,28 @@ class BodyLimit:
             await error_response(too_large)(scope, receive, send)
 
 
+_PORT_HOST = re.compile(r"^(\d{1,5})-(sb_[0-9a-f]+)\.(.+?)(?::\d+)?$")
+
+
+class PortHosts:
+    """``{port}-{sandbox_id}.{ports_domain}`` is ``/v1/sandboxes/{sandbox_id}/ports/{port}``:
+    requests for such a host are rewritten to that path (E2B's ``get_host`` style)."""
+
+    def __init__(self, app: ASGIApp, domain: str) -> None:
+        self.app = app
+        self.domain = domain.lower().strip(".")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), "")
+            match = _PORT_HOST.match(host.lower())
+            if match is not None and match.group(3) == self.domain:
+                prefix = f"/v1/sandboxes/{match.group(2)}/ports/{match.group(1)}"
+                raw = scope.get("raw_path") or scope["path"].encode()
+                scope = dict(scope, path=prefix + scope["path"], raw_path=prefix.encode() + raw)
+        await self.app(scope, receive, send)
+
+
 def build(services: Services) -> ASGIApp:
     settings = services.settings
     app = FastAPI(
@@ -92,12 +118,16 @@ def build(services: Services) -> ASGIApp:
     app.include_router(artifacts.router)
     app.include_router(commands.router)
     app.include_router(files.router)
+    app.include_router(egress.router)
+    app.include_router(ports.router)
 
     @app.get("/healthz", response_model=Health, tags=["service"])
     async def healthz(request: Request) -> Health:
         return services.manager.health()
 
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, upload_limit=settings.max_upload_bytes)
+    if settings.ports_domain:
+        return PortHosts(app, settings.ports_domain)
     return app
 
 

@@ -33,6 +33,8 @@ from cellbox.runtimes.isolation.uids import UidPool
 from cellbox.runtimes.local import (
     AGENT_PYTHON_FLAGS,
     AGENT_SOURCE,
+    BRIDGE_SOURCE,
+    EGRESS_DIR,
     LocalSandbox,
     agent_gone_exit,
     describe_exit,
@@ -40,12 +42,14 @@ from cellbox.runtimes.local import (
 )
 from cellbox.runtimes.specs import LocalConfig
 
-__all__ = ["SANDBOX_AGENT", "BwrapIsolation"]
+__all__ = ["SANDBOX_AGENT", "SANDBOX_BRIDGE", "BwrapIsolation"]
 
 log = logging.getLogger("cellbox.runtime.local")
 
 #: Where the agent is bound (read-only) inside every sandbox.
 SANDBOX_AGENT = "/opt/cellbox/agent.py"
+#: Where the egress bridge the agent loads is bound (read-only) inside every sandbox.
+SANDBOX_BRIDGE = "/opt/cellbox/bridge.py"
 
 
 def _allow_traverse(path: Path) -> None:
@@ -76,6 +80,7 @@ class BwrapIsolation:
         self.tree: CgroupTree | None = None  # from startup on
         self.bpf: Path | None = None
         self.agent_file: Path | None = None
+        self.bridge_file: Path | None = None
 
     def _started(self) -> tuple[CgroupTree, Path, Path]:
         if self.tree is None or self.bpf is None or self.agent_file is None:
@@ -112,6 +117,9 @@ class BwrapIsolation:
         self.agent_file = config.run_dir / "agent.py"
         shutil.copyfile(AGENT_SOURCE, self.agent_file)
         os.chmod(self.agent_file, 0o644)
+        self.bridge_file = config.run_dir / "bridge.py"
+        shutil.copyfile(BRIDGE_SOURCE, self.bridge_file)
+        os.chmod(self.bridge_file, 0o644)
 
     async def prepare(self, sandbox: LocalSandbox) -> None:
         tree, _, _ = self._started()
@@ -155,8 +163,13 @@ class BwrapIsolation:
         if template.env_dir is not None:
             # the template dir holds the startup (exec) files next to the venv
             binds.append((template.env_dir.parent, str(template.env_dir.parent)))
+        binds += await asyncio.to_thread(self._egress_binds, sandbox)
+        egress_args = sandbox.egress_args(f"{SANDBOX_RUN}/{EGRESS_DIR}/egress.sock")
+        if egress_args:
+            egress_args += ["--egress-bridge", SANDBOX_BRIDGE]
+        argv = [str(template.python), *AGENT_PYTHON_FLAGS, SANDBOX_AGENT, "--socket", socket, "--home", SANDBOX_HOME]
         cmd = build_bwrap_argv(
-            [str(template.python), *AGENT_PYTHON_FLAGS, SANDBOX_AGENT, "--socket", socket, "--home", SANDBOX_HOME],
+            argv + egress_args,
             home=sandbox.home,
             run_dir=sandbox.run,
             etc_dir=sandbox.dir / "etc",
@@ -181,6 +194,26 @@ class BwrapIsolation:
                 start_new_session=True,
                 preexec_fn=preexec,
             )
+
+    def _egress_binds(self, sandbox: LocalSandbox) -> list[tuple[Path, str]]:
+        """What the sandbox's egress needs bound read-only: the bridge, the host's CA bundle and
+        local package indexes (each at its own path), and the generated files (apt's proxy
+        snippet), written under the sandbox's dir. Blocking."""
+        egress = sandbox.egress
+        if egress is None:
+            return []
+        binds = [(b.source, b.target) for b in egress.trust.binds]
+        if egress.proxy is not None and self.bridge_file is not None:
+            binds.append((self.bridge_file, SANDBOX_BRIDGE))
+        if egress.trust.files:
+            files_dir = sandbox.dir / "trust"
+            files_dir.mkdir(mode=0o755, exist_ok=True)
+            for index, (target, text) in enumerate(sorted(egress.trust.files.items())):
+                path = files_dir / f"{index}-{Path(target).name}"
+                path.write_text(text)
+                os.chmod(path, 0o644)
+                binds.append((path, target))
+        return binds
 
     def exit_describer(self, sandbox: LocalSandbox) -> Callable[[int | None, str], KernelExit]:
         cgroup, limits = self._cgroup(sandbox), sandbox.resolved
