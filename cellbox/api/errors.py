@@ -32,6 +32,7 @@ STATUS_TABLE: list[tuple[type[e.InterpreterError], int, int]] = [
     (e.KernelError, status.HTTP_503_SERVICE_UNAVAILABLE, status.WS_1011_INTERNAL_ERROR),
     (e.RuntimeUnavailable, status.HTTP_503_SERVICE_UNAVAILABLE, status.WS_1011_INTERNAL_ERROR),
     (e.TemplateBuildFailed, status.HTTP_500_INTERNAL_SERVER_ERROR, status.WS_1011_INTERNAL_ERROR),
+    (e.BadGateway, status.HTTP_502_BAD_GATEWAY, status.WS_1011_INTERNAL_ERROR),
     (e.InterpreterError, status.HTTP_500_INTERNAL_SERVER_ERROR, status.WS_1011_INTERNAL_ERROR),
 ]
 

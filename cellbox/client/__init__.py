@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from cellbox.interpreter.errors import (
     ArtifactNotFound,
+    BadGateway,
     CapacityError,
     Conflict,
     ContextNotFound,
@@ -38,6 +39,7 @@ from cellbox.interpreter.errors import (
     NoSpace,
     NotFound,
     PermissionDenied,
+    PortNotListening,
     RequestTooLarge,
     RuntimeUnavailable,
     SandboxLimitReached,
@@ -84,6 +86,7 @@ __all__ = [
     "AsyncCommands",
     "AsyncFilesystem",
     "AsyncSandbox",
+    "BadGateway",
     "CapacityError",
     "CommandExitError",
     "CommandHandle",
@@ -116,6 +119,7 @@ __all__ = [
     "NoSpace",
     "NotFound",
     "PermissionDenied",
+    "PortNotListening",
     "RequestTooLarge",
     "Result",
     "RunOptions",

@@ -30,6 +30,8 @@ the core in-process or talks to a server.
     - KernelStartFailed            "kernel_start_failed"
   + RuntimeUnavailable             "runtime_unavailable"
   + TemplateBuildFailed            "template_build_failed"
+  + BadGateway                     "bad_gateway"           a server in a sandbox answered badly (502)
+    - PortNotListening             "port_not_listening"    nothing listens on that sandbox port
 """
 
 from __future__ import annotations
@@ -191,6 +193,18 @@ class TemplateBuildFailed(InterpreterError):
     """Building a template failed; ``details["output"]`` has the end of the build log."""
 
     code = "template_build_failed"
+
+
+class BadGateway(InterpreterError):
+    """A server inside a sandbox (reached through its ports) gave no valid answer."""
+
+    code = "bad_gateway"
+
+
+class PortNotListening(BadGateway):
+    """Nothing accepts connections on that port inside the sandbox."""
+
+    code = "port_not_listening"
 
 
 def _all_subclasses(cls: type[InterpreterError]) -> list[type[InterpreterError]]:

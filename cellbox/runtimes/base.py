@@ -26,7 +26,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
-from cellbox.interpreter.errors import InterpreterError
+from cellbox.interpreter.errors import PortNotListening
 from cellbox.interpreter.messages import KernelMessage
 from cellbox.interpreter.models import (
     ContextInfo,
@@ -51,13 +51,6 @@ __all__ = [
     "TemplateInfo",
     "Watch",
 ]
-
-
-class PortNotListening(InterpreterError):
-    """:meth:`SandboxBackend.open_port`: nothing accepts connections on that port inside the
-    sandbox (the ports route answers 502 with this message)."""
-
-    code = "port_not_listening"
 
 
 class Process(Protocol):

@@ -67,6 +67,9 @@ def test_which_requests_are_the_faces() -> None:
     assert is_e2b_request(_scope("/files", query="path=a&signature=v1_x"))
     assert not is_e2b_request(_scope("/v1/sandboxes"))
     assert not is_e2b_request(_scope("/files"))
-    assert is_e2b_request(_scope("/", {"host": "3000-sb_0123456789abcdef.cellbox.test"}))
+    assert is_e2b_request(_scope("/", {"host": "49983-sb_0123456789abcdef.cellbox.test"}))
+    # A user's own server on another port is the native face's port relay, not this face's.
+    assert not is_e2b_request(_scope("/", {"host": "3000-sb_0123456789abcdef.cellbox.test"}))
+    assert not is_e2b_request(_scope("/", {"e2b-sandbox-id": "sb_1", "e2b-sandbox-port": "3000"}))
     assert not is_e2b_request(_scope("/sandboxesque"))
     assert not is_e2b_request({"type": "websocket", "path": "/v2/sandboxes", "headers": []})

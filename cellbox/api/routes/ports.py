@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import h11
 from fastapi import APIRouter, Request, WebSocket
-from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from starlette import status
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketDisconnect
@@ -37,13 +37,12 @@ from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
 from cellbox.api.deps import authenticate, key_from_headers
-from cellbox.api.errors import status_for
+from cellbox.api.errors import error_response, status_for
 from cellbox.api.faces import Services
 from cellbox.interpreter.config import Settings
-from cellbox.interpreter.errors import InterpreterError
+from cellbox.interpreter.errors import BadGateway, InterpreterError
 from cellbox.interpreter.ports import PortStream
 from cellbox.interpreter.sandbox import Sandbox
-from cellbox.runtimes.base import PortNotListening
 
 log = logging.getLogger("cellbox.api.ports")
 
@@ -60,10 +59,6 @@ _HOP = {
 }  # fmt: skip
 _CREDENTIALS = {b"authorization", b"x-api-key", TOKEN_HEADER.encode()}
 _WS_OWN = {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions", b"sec-websocket-protocol"}
-
-
-def _port_not_listening(exc: PortNotListening) -> JSONResponse:
-    return JSONResponse(exc.to_payload(), status_code=status.HTTP_502_BAD_GATEWAY)
 
 
 async def _sandbox_for(request: HTTPConnection, sandbox_id: str) -> Sandbox:
@@ -115,10 +110,7 @@ async def port_root(sandbox_id: str, port: int, request: Request) -> Response:
 async def port_http(sandbox_id: str, port: int, path: str, request: Request) -> Response:
     """Relay one HTTP request to the server listening on ``port`` inside the sandbox."""
     sandbox = await _sandbox_for(request, sandbox_id)
-    try:
-        stream = await sandbox.ports.open(port)
-    except PortNotListening as exc:
-        return _port_not_listening(exc)
+    stream = await sandbox.ports.open(port)  # PortNotListening: the error table's 502
     try:
         return await _relay_http(request, stream, sandbox_id, path)
     except BaseException:
@@ -166,11 +158,11 @@ async def _relay_http(request: Request, stream: PortStream, sandbox_id: str, pat
     except (h11.RemoteProtocolError, OSError) as exc:
         await stream.close()
         message = f"the server on port {stream.port} in the sandbox gave no valid HTTP response: {exc}"
-        return JSONResponse({"error": {"code": "bad_gateway", "message": message}}, status_code=502)
+        return error_response(BadGateway(message))
     if not isinstance(event, h11.Response):
         await stream.close()
         message = f"the server on port {stream.port} in the sandbox closed the connection without a response"
-        return JSONResponse({"error": {"code": "bad_gateway", "message": message}}, status_code=502)
+        return error_response(BadGateway(message))
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -202,8 +194,6 @@ async def port_websocket(websocket: WebSocket, sandbox_id: str, port: int, path:
         stream = await sandbox.ports.open(port)
     except InterpreterError as exc:
         _, code = status_for(exc)
-        if isinstance(exc, PortNotListening):
-            code = status.WS_1011_INTERNAL_ERROR
         await websocket.close(code=code, reason=exc.message[:120])
         return
     try:

@@ -4,7 +4,7 @@ It answers three kinds of request, told apart the way E2B's own front door does:
 
 * with ``E2b-Sandbox-Id`` + ``E2b-Sandbox-Port`` (or the host ``{port}-{id}.{domain}``):
   port 49983 is envd (:mod:`.envd`), port 49999 the code-interpreter server
-  (:mod:`.jupyter`), any other port a sandbox port (not offered yet: E2B's "port is not open");
+  (:mod:`.jupyter`); any other port is left to the native face's port relay;
 * a signed ``/files`` URL (``download_url``/``upload_url``: no headers at all): envd;
 * everything else: the control plane (:mod:`.control`).
 
@@ -81,8 +81,11 @@ def is_e2b_request(scope: Scope, domain: str | None = None) -> bool:
     if scope["type"] != "http":
         return False
     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
-    if sandbox_target(headers, domain) is not None:
-        return True
+    target = sandbox_target(headers, domain)
+    if target is not None:
+        # envd and the code-interpreter server are this face's; any other port is the user's
+        # own server, which the native face's port relay serves (``{port}-{id}.{domain}``).
+        return target[1] in (ENVD_PORT, JUPYTER_PORT)
     path: str = scope.get("path", "")
     if path == "/files" and "signature=" in scope.get("query_string", b"").decode("latin-1"):
         return True
@@ -120,9 +123,7 @@ class E2BFace:
             app = self.envd
         elif target[1] == JUPYTER_PORT:
             app = self.jupyter
-        else:
-            # E2B's proxy answers this for a port nothing listens on; cellbox does not relay
-            # sandbox ports yet, so that is the honest answer.
+        else:  # not claimed by matches(): reached only when this app is called directly
             body = {"code": 502, "message": f"The sandbox is running but port {target[1]} is not open"}
             await JSONResponse(body, status_code=502)(scope, receive, send)
             return
