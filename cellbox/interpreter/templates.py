@@ -144,6 +144,7 @@ def build_template(
         (staging / "template.json").write_text(json.dumps(doc, indent=2))
         target = root / name
         relocate_venv(staging / "venv", staging / "venv", target / "venv")
+        add_user_packages_path(staging / "venv")
         old = root / f".{name}.old"
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -154,6 +155,21 @@ def build_template(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+# Put ~/.local/lib/pythonX.Y/site-packages (where a sandbox's `pip install` goes: the template
+# is read-only) first on sys.path of the template's interpreter, when the directory exists. One
+# line: a .pth line that starts with "import" is executed at start-up.
+_USER_PACKAGES_PTH = (
+    "import os, sys; _p = os.path.expanduser('~/.local/lib/python%d.%d/site-packages' % sys.version_info[:2]); "
+    "os.path.isdir(_p) and _p not in sys.path and sys.path.insert(0, _p); del _p\n"
+)
+
+
+def add_user_packages_path(venv: Path) -> None:
+    """Let the template's Python see what a sandbox installed into its home (see above)."""
+    for site_packages in venv.glob("lib/python3*/site-packages"):
+        (site_packages / "_cellbox_user_packages.pth").write_text(_USER_PACKAGES_PTH)
 
 
 def relocate_venv(venv: Path, built_at: Path, final: Path) -> None:

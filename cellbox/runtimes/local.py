@@ -199,6 +199,32 @@ def write_profile(home: Path, template: TemplateInfo, uid: int | None = None) ->
         os.chown(profile, uid, uid)
 
 
+def write_user_pip_config(home: Path, template: TemplateInfo, uid: int) -> None:
+    """Isolated sandboxes: the template's environment is read-only, so ``pip install`` goes to
+    the home's ``~/.local/lib/pythonX.Y/site-packages`` (the template's interpreter puts it first
+    on sys.path, see ``templates.add_user_packages_path``) through a user pip.conf. Blocking."""
+    if template.env_dir is None:
+        return
+    versions = sorted(p.name for p in (template.env_dir / "lib").glob("python3*"))
+    if not versions:
+        return
+    rel = Path(".local") / "lib" / versions[-1] / "site-packages"
+    made = [
+        home / p for p in (".local", ".local/lib", f".local/lib/{versions[-1]}", str(rel), ".config", ".config/pip")
+    ]
+    for d in made:
+        d.mkdir(exist_ok=True)
+    conf = home / ".config" / "pip" / "pip.conf"
+    if not conf.exists():
+        conf.write_text(
+            f"# Written by cellbox: the template is read-only; installs go to your home.\n"
+            f"[install]\ntarget = {SANDBOX_HOME}/{rel}\n"
+        )
+        made.append(conf)
+    for path in made:
+        os.chown(path, uid, uid)
+
+
 def kernel_argv(template: TemplateInfo, spec: KernelSpec, connection_file: str) -> list[str]:
     argv = [
         a.replace("{python}", str(template.python)).replace("{connection_file}", connection_file) for a in spec.argv

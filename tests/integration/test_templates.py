@@ -45,6 +45,14 @@ async def test_build_list_and_use(tiny_templates: Path, short_tmp: Path, isolati
         # The venv was built elsewhere and renamed into place: its scripts must still run.
         pip = await run_cmd(c, sid, "pip --version")
         assert pip[-1]["exit_code"] == 0 and "pip " in stdout(pip), pip
+        if isolation == "bwrap":
+            # The template is read-only inside: a plain `pip install` goes to the home, and the
+            # running kernel imports it (six comes from this host's local package index).
+            installed = await run_cmd(c, sid, "pip install -q six && python -c 'import six; print(six.__file__)'")
+            assert installed[-1]["exit_code"] == 0, installed
+            assert "/home/user/.local/" in stdout(installed), installed
+            where = await execute(c, sid, "import six; six.__file__")
+            assert "/home/user/.local/" in (main_text(where) or ""), where
         bash = await c.post(f"/v1/sandboxes/{sid}/contexts", json={"language": "bash"})
         assert bash.status_code == 422 and bash.json()["error"]["known"] == ["python"]
         unknown = await c.post("/v1/sandboxes", json={"template": "nope"})

@@ -39,6 +39,7 @@ from cellbox.runtimes.local import (
     agent_gone_exit,
     describe_exit,
     write_profile,
+    write_user_pip_config,
 )
 from cellbox.runtimes.specs import LocalConfig
 
@@ -130,6 +131,7 @@ class BwrapIsolation:
         sandbox.disk = await DiskHome.create(sandbox.dir / "home", size_bytes=limits.disk_mb << 20, uid=uid)
         sandbox.home = sandbox.disk.path
         await asyncio.to_thread(write_profile, sandbox.home, sandbox.template, uid)
+        await asyncio.to_thread(write_user_pip_config, sandbox.home, sandbox.template, uid)
         await asyncio.to_thread(write_etc_files, sandbox.dir / "etc")
 
     @staticmethod
