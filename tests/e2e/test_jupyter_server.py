@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 
 from tests.e2e.jupyter import JUPYTER, drive_like_jupyterlab, jupyter_server, kernel_socket, result_text
-from tests.integration.conftest import execute, make_settings
+from tests.integration.helpers import execute, make_settings
 from tests.integration.server import RunningServer, run_server
 
 pytestmark = [

@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 
 from tests.e2e.jupyter import JUPYTER, JUPYTER_VENV, ROOT, jupyter_server
-from tests.integration.conftest import make_settings
+from tests.integration.helpers import make_settings
 from tests.integration.server import RunningServer, run_server
 
 nbformat = pytest.importorskip("nbformat", reason="nbformat comes with the server extra")

@@ -9,13 +9,8 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from tests.integration import helpers
 from tests.integration.helpers import bwrap_problem, isolation_settings
 from tests.integration.server import RunningServer, run_server
-
-# Transitional: tests/e2e/test_jupyter_server.py and test_jupyterlab_browser.py still import these
-# two from here. Import them from tests.integration.helpers; drop this line once those two do.
-execute, make_settings = helpers.execute, helpers.make_settings
 
 
 @pytest.fixture(params=["none", "bwrap"])

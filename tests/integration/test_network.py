@@ -19,10 +19,17 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from tests.integration.conftest import BWRAP_PROBLEM, execute, isolation_settings, main_text, run_cmd, stdout
+from tests.integration.helpers import bwrap_problem, execute, isolation_settings, main_text, run_cmd, stdout
 from tests.integration.server import RunningServer, run_server
 
-pytestmark = pytest.mark.skipif(BWRAP_PROBLEM is not None, reason=f"bwrap isolation unavailable: {BWRAP_PROBLEM}")
+
+@pytest.fixture(autouse=True)
+def _needs_bwrap() -> None:
+    """Egress is enforced only by an isolated sandbox's own network namespace."""
+    problem = bwrap_problem()
+    if problem is not None:
+        pytest.skip(f"bwrap isolation unavailable: {problem}")
+
 
 KEY, OTHER_KEY = "key-one", "key-two"
 AUTH = {"Authorization": f"Bearer {KEY}"}

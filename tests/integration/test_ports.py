@@ -16,7 +16,7 @@ import pytest_asyncio
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
-from tests.integration.conftest import isolation_settings
+from tests.integration.helpers import isolation_settings
 from tests.integration.server import RunningServer, run_server
 
 KEY, OTHER_KEY = "key-one", "key-two"
