@@ -47,6 +47,12 @@ def test_create_body_as_the_sdk_sends_it() -> None:
     assert m.to_create(m.NewSandbox.model_validate({"templateID": "mine"})).template == "mine"
 
 
+def test_allow_and_deny_lists_map_onto_cellbox_egress() -> None:
+    body = {"templateID": "base", "network": {"allowOut": ["pypi.org"], "denyOut": ["0.0.0.0/0"]}}
+    network = m.to_create(m.NewSandbox.model_validate(body)).network
+    assert network.allow_out == ["pypi.org"] and network.deny_out == ["0.0.0.0/0"]
+
+
 @pytest.mark.parametrize(
     "extra",
     [
@@ -54,7 +60,8 @@ def test_create_body_as_the_sdk_sends_it() -> None:
         {"autoResume": {"enabled": True}},
         {"mcp": {"x": {}}},
         {"volumeMounts": [{"name": "v", "path": "/v"}]},
-        {"network": {"allowOut": ["1.1.1.1"]}},
+        {"network": {"maskRequestHost": "x"}},
+        {"network": {"allowOut": "1.1.1.1"}},
     ],
 )
 def test_what_cannot_be_honoured_is_refused(extra: dict[str, object]) -> None:

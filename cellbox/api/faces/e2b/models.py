@@ -110,14 +110,21 @@ def cellbox_template(template_id: str) -> str:
 def _network(body: NewSandbox) -> NetworkSpec:
     internet = bool(body.allow_internet_access)
     net = body.network or {}
-    unsupported = sorted(k for k, v in net.items() if v not in (None, [], {}) and k != "allowPublicTraffic")
+    mapped = {"allowOut", "denyOut", "allowPublicTraffic"}
+    unsupported = sorted(k for k, v in net.items() if v not in (None, [], {}) and k not in mapped)
     if unsupported:
         raise InvalidRequest(
             f"network options {', '.join(unsupported)} are not supported by cellbox's E2B face; "
-            "use allow_internet_access",
+            "use allow_internet_access, allowOut and denyOut",
             field="network",
         )
-    return NetworkSpec(internet=internet)
+    lists = {}
+    for key, field in (("allowOut", "allow_out"), ("denyOut", "deny_out")):
+        value = net.get(key) or []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidRequest(f"network.{key} is a list of domains, addresses or CIDRs", field="network")
+        lists[field] = value
+    return NetworkSpec(internet=internet, **lists)
 
 
 def to_create(body: NewSandbox, max_timeout: float | None = None) -> SandboxCreate:
