@@ -351,7 +351,7 @@ def test_list_by_state(e2b_server: E2BServer) -> None:
         sandbox.kill()
 
 
-def test_internet_access_is_mapped_or_refused_clearly(e2b_server: E2BServer) -> None:
+def test_internet_access_and_network_lists_are_mapped(e2b_server: E2BServer) -> None:
     from e2b import SandboxException
 
     offline = CoreSandbox.create(allow_internet_access=False)
@@ -362,8 +362,12 @@ def test_internet_access_is_mapped_or_refused_clearly(e2b_server: E2BServer) -> 
         assert "network" in str(exc)
     else:
         online.kill()
-    with pytest.raises(SandboxException, match="allowOut"):
+    # Allow and deny lists map onto cellbox's egress policy: an entry the operator does not permit
+    # (a private address) is refused naming it; a public name is taken.
+    with pytest.raises(SandboxException, match=r"10\.0\.0\.1"):
         CoreSandbox.create(network={"allow_out": ["10.0.0.1"]})
+    listed = CoreSandbox.create(network={"allow_out": ["pypi.org"], "deny_out": ["0.0.0.0/0"]})
+    listed.kill()
 
 
 CHART = {
