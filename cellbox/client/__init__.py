@@ -64,6 +64,8 @@ from cellbox.interpreter.models import (
 from ._async import AsyncCommandHandle, AsyncCommands, AsyncFilesystem, AsyncSandbox
 from ._base import USE_CLIENT_DEFAULT, ConnectionOptions, RunOptions, UseClientDefault, WriteEntry
 from ._models import (
+    CellEnd,
+    CellStart,
     CommandExitError,
     CommandIncomplete,
     CommandResult,
@@ -72,6 +74,7 @@ from ._models import (
     ExecutionError,
     ExecutionIncomplete,
     Logs,
+    NotebookRun,
     Result,
 )
 from ._sync import CommandHandle, Commands, Filesystem, Sandbox
@@ -85,6 +88,8 @@ __all__ = [
     "AsyncFilesystem",
     "AsyncSandbox",
     "CapacityError",
+    "CellEnd",
+    "CellStart",
     "CommandExitError",
     "CommandHandle",
     "CommandIncomplete",
@@ -115,6 +120,7 @@ __all__ = [
     "NetworkSpec",
     "NoSpace",
     "NotFound",
+    "NotebookRun",
     "PermissionDenied",
     "RequestTooLarge",
     "Result",
