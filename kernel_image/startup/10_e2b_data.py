@@ -8,6 +8,7 @@
 
 
 def _cellbox_register_e2b_formats():
+    import enum
     import math
     import sys
 
@@ -20,7 +21,13 @@ def _cellbox_register_e2b_formats():
         return
 
     def _json_value(value):
-        # JSON has no NaN/inf (jupyter_client refuses them) and no timestamps.
+        # JSON has no NaN/inf (jupyter_client refuses them), no timestamps, no numpy scalars.
+        if isinstance(value, enum.Enum):
+            value = value.value
+        if isinstance(value, dict):
+            return {str(k): _json_value(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [_json_value(v) for v in value]
         if isinstance(value, float) and not math.isfinite(value):
             return None
         if value is None or isinstance(value, (bool, int, float, str)):
@@ -37,7 +44,8 @@ def _cellbox_register_e2b_formats():
             from e2b_charts import chart_figure_to_chart
 
             chart = chart_figure_to_chart(figure)
-            return chart.model_dump(mode="json") if chart is not None else None
+            # model_dump(mode="json") fails on the numpy ticks of a date axis
+            return _json_value(chart.model_dump()) if chart is not None else None
         except Exception:
             return None
 

@@ -133,3 +133,15 @@ async def test_the_exported_notebook_keeps_the_chart_and_stays_valid(http: httpx
     nbformat.validate(nb)
     (output,) = [o for o in nb.cells[0].outputs if "e2b/chart" in o.get("data", {})]
     assert json.loads(output.data["e2b/chart"])["type"] == "bar"
+
+
+async def test_a_date_axis_chart_is_plain_json(http: httpx.AsyncClient, sid: str) -> None:
+    code = (
+        "import pandas as pd, matplotlib.pyplot as plt\n"
+        "df = pd.DataFrame({'a': [1, 2, 3]}, index=pd.to_datetime(['2026-01', '2026-02', '2026-03']))\n"
+        "df.plot(marker='o')\nplt.show()"
+    )
+    (result,) = results(await execute(http, sid, code))
+    chart = result["data"]["e2b/chart"]  # numpy ticks and dates made JSON, not dropped
+    assert chart["type"] == "line" and [e["label"] for e in chart["elements"]] == ["a"]
+    assert [p[1] for p in chart["elements"][0]["points"]] == [1.0, 2.0, 3.0]
