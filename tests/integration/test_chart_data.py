@@ -1,6 +1,6 @@
 """Chart data computed kernel-side (kernel_image/startup/10_e2b_data.py): a figure's result
 carries ``e2b/chart`` (e2b-charts' extraction) and a DataFrame's ``e2b/data``, and they equal
-what was plotted. Real server, real kernels of the template.
+what was plotted; ipywidgets are there too. Real server, real kernels of the template.
 
 The template is the host's default one, or ``$CBX_TEST_TEMPLATES_DIR`` (a templates dir built
 apart, e.g. ``cellbox template build kernel_image --name default --data-dir /tmp/x`` and
@@ -145,3 +145,9 @@ async def test_a_date_axis_chart_is_plain_json(http: httpx.AsyncClient, sid: str
     chart = result["data"]["e2b/chart"]  # numpy ticks and dates made JSON, not dropped
     assert chart["type"] == "line" and [e["label"] for e in chart["elements"]] == ["a"]
     assert [p[1] for p in chart["elements"][0]["points"]] == [1.0, 2.0, 3.0]
+
+
+async def test_ipywidgets_display_as_widget_views(http: httpx.AsyncClient, sid: str) -> None:
+    (result,) = results(await execute(http, sid, "import ipywidgets\nipywidgets.IntSlider(value=3)"))
+    view = result["data"]["application/vnd.jupyter.widget-view+json"]
+    assert view["model_id"]
