@@ -552,10 +552,6 @@ def template_list(data_dir: Path | None) -> None:
         click.echo(f"{name}\t{info.python}\t{','.join(sorted(info.kernels))}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 @main.group()
 def keys() -> None:
     """API keys (``e2b_`` + hex: the E2B SDKs and cellbox's own take the same key)."""
@@ -597,8 +593,10 @@ class _CellProgress:
             )
             self._bar.__enter__()
         self._current = cell
-        self._bar.update(cell.position - 1 - self._done, current_item=cell)
-        self._done = cell.position - 1
+        steps, self._done = cell.position - 1 - self._done, cell.position - 1
+        self._bar.update(steps, current_item=cell)
+        if steps == 0:  # update() draws only when it advances: show the new cell's label now
+            self._bar.render_progress()
 
     def end(self, cell: CellEnd) -> None:
         if self._bar is None:
@@ -701,3 +699,7 @@ def notebook_export(url: str, api_key: str | None, sandbox_id: str, output: Path
     with _reported_errors(), _attached(sandbox_id, _connection(url, api_key)) as sbx:
         nb = sbx.export_notebook(context)
     _write_notebook(nb, output)
+
+
+if __name__ == "__main__":  # last: ``python -m cellbox.cli`` must see every command
+    main()
