@@ -195,3 +195,16 @@ def test_cli_export(service: FakeService, tmp_path: Path) -> None:
     assert dict(service.sent("GET", EXPORT)[0].url.params) == {"context": "ctx2"}
     assert json.loads(invoke(service, "notebook", "export", "sbx1").stdout) == NB
     assert service.sent("DELETE", "/v1/sandboxes/sbx1") == []  # export leaves the sandbox running
+
+
+def test_python_m_cellbox_cli_has_every_command() -> None:
+    # the __main__ guard must come after the last command, or `python -m` misses the later ones
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[2]
+    for group in ["notebook", "keys"]:
+        done = subprocess.run(
+            [sys.executable, "-m", "cellbox.cli", group, "--help"], cwd=root, capture_output=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr.decode()
