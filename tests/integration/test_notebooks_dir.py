@@ -67,7 +67,9 @@ def _run_nbclient(path: Path, cwd: Path) -> None:
     import nbformat
 
     nb = nbformat.read(path, as_version=4)  # type: ignore[no-untyped-call]  # nbformat has no annotations
-    nbclient.NotebookClient(nb, timeout=int(TIMEOUT), resources={"metadata": {"path": str(cwd)}}).execute()
+    client = nbclient.NotebookClient(nb, timeout=int(TIMEOUT), resources={"metadata": {"path": str(cwd)}})
+    # a loop of our own, closed after (execute() would leave one open in this thread)
+    asyncio.run(client.async_execute())
 
 
 @pytest.mark.asyncio
