@@ -65,6 +65,11 @@ async def test_notebook_run_and_export_through_the_cli(short_tmp: Path) -> None:
         nbformat.validate(session)
         assert [c.source for c in session.cells] == CELLS[:3]
         assert session.cells[1].outputs[0].text == "42\n"
+        # and after the sandbox ended, while its history is kept
+        assert (await http.delete(f"/v1/sandboxes/{sid}")).status_code == 204
+        result = await cellbox(srv, "notebook", "export", sid)
+        assert result.exit_code == 0, result.output
+        assert [c.source for c in nbformat.reads(result.stdout, as_version=4).cells] == CELLS[:3]
 
         # a fresh sandbox (killed after), every cell run
         result = await cellbox(srv, "notebook", "run", str(source), "--continue-on-error", "--timeout", "60")
@@ -72,4 +77,4 @@ async def test_notebook_run_and_export_through_the_cli(short_tmp: Path) -> None:
         full = nbformat.reads(result.stdout, as_version=4)
         assert full.cells[4].outputs[0].text == "after\n"
         listed = (await http.get("/v1/sandboxes", params={"state": "running"})).json()["sandboxes"]
-        assert [s["id"] for s in listed] == [sid]
+        assert listed == []  # the sandbox the run made is gone
