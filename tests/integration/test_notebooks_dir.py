@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from cellbox.api.deps import ANONYMOUS
 from tests.integration.helpers import make_settings
 from tests.integration.server import run_server
 
@@ -92,7 +93,7 @@ async def test_notebook_runs_against_a_real_server(
             env.update({"CELLBOX_URL": srv.url, "PYTHONPATH": str(ROOT), "MPLBACKEND": "agg"})
             await _run_script(path, work, env)
         # what the notebooks leave behind: every sandbox they made is killed
-        running = [s for s in await srv.manager.list_sandboxes("anonymous") if s.state.value == "running"]
+        running = [s for s in await srv.manager.list_sandboxes(ANONYMOUS) if s.state.value == "running"]
         assert running == []
     if path.stem == "quickstart":
         assert (work / "squares.png").read_bytes().startswith(b"\x89PNG")
