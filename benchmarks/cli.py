@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         default="",
-        help="Comma list of peers (raw, kg, http, sdk, cellbox) and/or sections "
+        help="Comma list of peers (raw, kg, http, sdk, ws, cellbox) and/or sections "
         f"({', '.join(section_names)}). Default: everything.",
     )
     p.add_argument(

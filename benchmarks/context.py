@@ -20,9 +20,9 @@ from benchmarks.peers.cellbox import CellboxHttp, CellboxServer, pool_setting
 from benchmarks.peers.kernel_gateway import KernelGateway, ensure_venv
 from benchmarks.procs import unmount_under
 
-PEERS = ("raw", "kg", "http", "sdk")
-# "cellbox" in --only means both of its doors.
-PEER_ALIASES = {"cellbox": ("http", "sdk")}
+PEERS = ("raw", "kg", "http", "sdk", "ws")
+# "cellbox" in --only means all of its doors (ws: the executions websocket and the gateway face).
+PEER_ALIASES = {"cellbox": ("http", "sdk", "ws")}
 
 # cellbox servers a run may start, by variant: extra settings. "cold" is the service as
 # configured by default (isolation "bwrap" since it became the default); "warm" adds a warm

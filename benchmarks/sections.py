@@ -19,7 +19,7 @@ import psutil  # type: ignore[import-untyped]  # no stubs in the venv (types-psu
 
 from benchmarks.context import Bench, Section, log, peer
 from benchmarks.peers import Outcome, Skip, stdout_code
-from benchmarks.peers.cellbox import CellboxHttp, CellboxSdk, LeanHttp
+from benchmarks.peers.cellbox import CellboxHttp, CellboxSdk, CellboxWs, LeanHttp, gateway_channels_url
 from benchmarks.peers.kernel_gateway import GatewayKernel
 from benchmarks.peers.raw import RawKernel
 from benchmarks.procs import tree_memory
@@ -34,6 +34,8 @@ LABELS = {
     "http": "cellbox HTTP NDJSON (httpx)",
     "http_lean": "cellbox HTTP NDJSON (bare client)",
     "sdk": "cellbox SDK",
+    "ws": "cellbox WebSocket (/ws)",
+    "ws_gateway": "cellbox kernel-gateway face (ws)",
     "cold": "cellbox (cold)",
     "warm": "cellbox (warm pool)",
     "cellbox": "cellbox sandbox (bwrap)",
@@ -120,17 +122,32 @@ async def roundtrip(b: Bench, sec: Section) -> None:
                     gk = await gw.new_kernel()
                     cleanups.push(gk.close)
                     modes.append(Mode(key, _bind(gk.execute, "1+1")))
-        if b.want("http") or b.want("sdk"):
+        if b.want("http") or b.want("sdk") or b.want("ws"):
             async with peer(sec, "http"):
                 server = await b.cellbox()
                 http = b.http(server)
-                if b.want("http"):
-                    sid = (await http.create())["id"]
+                if b.want("http") or b.want("ws"):
+                    info = await http.create()
+                    sid = info["id"]
                     cleanups.push(lambda: http.delete(sid))
+                if b.want("http"):
                     modes.append(Mode("http", _bind(http.execute, sid, "1+1")))
                     lean = LeanHttp("127.0.0.1", server.port)
                     cleanups.push(lean.aclose)
                     modes.append(Mode("http_lean", _bind(lean.execute, sid, "1+1")))
+                if b.want("ws"):
+                    # the same sandbox's kernel, over one socket kept open for the section
+                    async with peer(sec, "ws"):
+                        ws = CellboxWs(server.base, sid)
+                        cleanups.push(ws.aclose)
+                        await ws.connect()
+                        modes.append(Mode("ws", _bind(ws.execute, "1+1")))
+                    async with peer(sec, "ws_gateway"):
+                        ctx = info["contexts"][0]["id"]
+                        gk = GatewayKernel(None, ctx, gateway_channels_url(server.base, sid, ctx))
+                        cleanups.push(gk.close)
+                        await gk.connect(30.0)
+                        modes.append(Mode("ws_gateway", _bind(gk.execute, "1+1")))
                 if b.want("sdk"):
                     async with peer(sec, "sdk"):
                         sdk = await asyncio.to_thread(CellboxSdk, server.base)
@@ -195,6 +212,12 @@ async def roundtrip(b: Bench, sec: Section) -> None:
             sec.notes.append(
                 "bare client = a few lines of asyncio HTTP/1.1 on one keep-alive connection: what the service "
                 "costs without httpx's own overhead (it shares the httpx mode's sandbox)"
+            )
+        if "ws" in samples:
+            sec.notes.append(
+                "WebSocket = one /v1/sandboxes/{id}/ws socket kept open, an execute frame per call, done at `end`; "
+                "gateway face = that sandbox's kernel over cellbox's Jupyter kernel-gateway channels (legacy JSON "
+                "frames), done at execute_reply and idle, as Kernel Gateway; both share the httpx mode's sandbox"
             )
         if "kg_nodelay" in samples:
             sec.notes.append(

@@ -37,6 +37,7 @@ TARGETS = [
     Target(("create.warm.p50_ms",), "<=", 50, "warm create -> first result p50 <= 50 ms", "ms"),
     Target(("roundtrip.http.ratio_p50",), "<=", 1.2, "HTTP 1+1 round trip <= 1.2x raw (p50, httpx)", "x"),
     Target(("roundtrip.http_lean.ratio_p50",), "<=", 1.2, "HTTP 1+1 round trip <= 1.2x raw (p50, bare client)", "x"),
+    Target(("roundtrip.ws.ratio_p50",), "<=", 1.1, "WebSocket 1+1 round trip <= 1.1x raw (p50, one open socket)", "x"),
     Target(("memory.cellbox.tree_rss_mib",), "<=", 60, "idle sandbox <= 60 MiB RSS", "MiB"),
     Target(("memory.cellbox.fit_24gib",), ">=", 200, ">= 200 sandboxes per 24 GiB", ""),
     Target(

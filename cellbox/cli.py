@@ -21,7 +21,16 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 import click
 import httpx
 
-from cellbox.client import CommandExitError, Execution, InterpreterError, Result, Sandbox
+from cellbox.client import (
+    CellEnd,
+    CellStart,
+    CommandExitError,
+    Execution,
+    InterpreterError,
+    NotebookRun,
+    Result,
+    Sandbox,
+)
 from cellbox.interpreter.media import extension_for
 
 if TYPE_CHECKING:
@@ -604,10 +613,6 @@ def template_list(data_dir: Path | None) -> None:
         click.echo(f"{name}\t{info.python}\t{','.join(sorted(info.kernels))}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 @main.group()
 def keys() -> None:
     """API keys (``e2b_`` + hex: the E2B SDKs and cellbox's own take the same key)."""
@@ -619,3 +624,143 @@ def keys_new() -> None:
     from cellbox.keys import new_key
 
     click.echo(new_key())
+
+
+# -- notebooks -----------------------------------------------------------------------------------
+
+
+@main.group()
+def notebook() -> None:
+    """Run a Jupyter notebook in a sandbox; export a sandbox's session as a notebook."""
+
+
+class _CellProgress:
+    """``notebook run``'s progress on stderr, from the ``cell_start`` lines' position/cells_total:
+    a bar on a terminal, one line per finished cell otherwise (logs, CI)."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+        self._lines = not sys.stderr.isatty()  # click draws no bar then
+        self._done = 0
+        self._current: CellStart | None = None
+
+    def start(self, cell: CellStart) -> None:
+        if self._bar is None:
+            self._bar = click.progressbar(
+                length=cell.cells_total,
+                label="running cells",
+                file=sys.stderr,
+                item_show_func=lambda _: self._label(),
+            )
+            self._bar.__enter__()
+        self._current = cell
+        steps, self._done = cell.position - 1 - self._done, cell.position - 1
+        self._bar.update(steps, current_item=cell)
+        if steps == 0:  # update() draws only when it advances: show the new cell's label now
+            self._bar.render_progress()
+
+    def end(self, cell: CellEnd) -> None:
+        if self._bar is None:
+            return
+        self._done += 1
+        self._bar.update(1, current_item=cell)
+        if self._lines:
+            total = self._current.cells_total if self._current else "?"
+            click.echo(f"cell {self._done}/{total} (index {cell.index}): {cell.status}", err=True)
+
+    def _label(self) -> str:
+        cell = self._current
+        return f"cell {cell.position}/{cell.cells_total} (index {cell.index})" if cell else ""
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+
+
+def _write_notebook(nb: dict[str, Any], output: Path | None) -> None:
+    import json
+
+    text = json.dumps(nb, indent=1, ensure_ascii=False) + "\n"  # nbformat's own layout
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+
+
+def _failure_line(run: NotebookRun) -> str:
+    cell = run.failed_cell
+    error = next((o for o in cell.outputs if o.get("output_type") == "error"), None) if cell else None
+    what = f"{error.get('ename')}: {error.get('evalue')}" if error else (cell.status if cell else "failed")
+    return f"cell {run.failed_index} failed: {what}"
+
+
+@notebook.command("run")
+@_client_options
+@click.argument("source", type=click.File("rb"))
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the executed notebook here "
+    "[default: stdout]."
+)  # fmt: skip
+@click.option("--sandbox", "sandbox_id", help="Run in this existing sandbox (left running) instead of a new one.")
+@click.option("--keep", is_flag=True, help="Leave the new sandbox running and print its id.")
+@click.option("--continue-on-error", is_flag=True, help="Run every cell even after one fails (exit status 0).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Each cell's time limit, seconds.")
+def notebook_run(
+    source: IO[bytes],
+    url: str,
+    api_key: str | None,
+    output: Path | None,
+    sandbox_id: str | None,
+    keep: bool,
+    continue_on_error: bool,
+    timeout: float | None,
+) -> None:
+    """Execute the notebook SOURCE (.ipynb, or - for stdin) cell by cell in a sandbox and write
+    the executed notebook (outputs, images, execution counts) to --output.
+
+    Progress goes to stderr. The executed notebook is written also when a cell failed. Exit
+    status: 1 when a cell failed and the run stopped there (unless --continue-on-error), or
+    when the service reports an error; 0 otherwise.
+    """
+    body = source.read()
+    connection = _connection(url, api_key)
+    progress = _CellProgress()
+    with _reported_errors():
+        sbx = Sandbox.connect(sandbox_id, **connection) if sandbox_id else Sandbox.create(**connection)
+        try:
+            result = sbx.run_notebook(
+                body,
+                stop_on_error=not continue_on_error,
+                timeout=timeout,
+                on_cell_start=progress.start,
+                on_cell_end=progress.end,
+            )
+        finally:
+            progress.close()
+            if sandbox_id is None and not keep:
+                sbx.kill()
+            sbx.close()
+    _write_notebook(result.notebook, output)
+    if keep and sandbox_id is None:
+        click.echo(f"sandbox {sbx.sandbox_id} kept", err=True)
+    if result.status != "ok":
+        click.echo(_failure_line(result), err=True)
+        if not continue_on_error:
+            sys.exit(1)
+
+
+@notebook.command("export")
+@_client_options
+@click.argument("sandbox_id")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write here [default: stdout].")
+@click.option("--context", help="The context whose executions to export [default: the sandbox's default one].")
+def notebook_export(url: str, api_key: str | None, sandbox_id: str, output: Path | None, context: str | None) -> None:
+    """Write the session of SANDBOX_ID as a Jupyter notebook (.ipynb): its executions in order,
+    with their outputs and images. Works after the sandbox ended, while its history is kept."""
+    with _reported_errors(), _attached(sandbox_id, _connection(url, api_key)) as sbx:
+        nb = sbx.export_notebook(context)
+    _write_notebook(nb, output)
+
+
+if __name__ == "__main__":  # last: ``python -m cellbox.cli`` must see every command
+    main()

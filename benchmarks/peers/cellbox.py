@@ -1,4 +1,5 @@
-"""cellbox itself: a ``cellbox serve`` subprocess, driven over HTTP NDJSON and through the SDK.
+"""cellbox itself: a ``cellbox serve`` subprocess, driven over HTTP NDJSON, its executions
+websocket, its kernel-gateway face, and through the SDK.
 
 The server is started the way a user starts it (``python -m cellbox.cli serve``) on 127.0.0.1
 and a free port, with its own data and run directories, and stopped by pid. The HTTP client
@@ -354,3 +355,57 @@ class LeanHttp:
         if self._writer is not None:
             self._writer.close()
             self._writer = self._reader = None
+
+
+class CellboxWs:
+    """``WS /v1/sandboxes/{id}/ws``: one socket kept open, one ``execute`` frame per call.
+
+    Like :class:`CellboxHttp` it reads frames with ``json`` only: a call is done at its ``end``.
+    """
+
+    def __init__(self, base: str, sandbox_id: str) -> None:
+        self.url = base.replace("http://", "ws://", 1) + f"/v1/sandboxes/{sandbox_id}/ws"
+        self.ws: Any = None
+        self._n = 0
+
+    async def connect(self, timeout: float = 30.0) -> None:
+        import websockets
+
+        self.ws = await websockets.connect(self.url, max_size=None, compression=None, open_timeout=timeout)
+
+    async def execute(self, code: str, timeout: float = 120.0) -> Outcome:
+        import asyncio
+
+        self._n += 1
+        frame = json.dumps({"type": "execute", "code": code, "timeout": timeout, "request_id": str(self._n)})
+        first = None
+        nbytes = 0
+        status = "no_end_event"
+        t0 = time.perf_counter()
+        await self.ws.send(frame)
+        async with asyncio.timeout(timeout + 30):
+            while True:
+                event = json.loads(await self.ws.recv())
+                etype = event.get("type")
+                if etype == "stdout":
+                    if first is None:
+                        first = time.perf_counter() - t0
+                    nbytes += len(event["text"])
+                elif etype == "end":
+                    status = event.get("status", "?")
+                    break
+                elif etype == "error" and "execution_id" not in event:  # the frame was refused
+                    status = f"refused: {event.get('code')}"
+                    break
+        return Outcome(time.perf_counter() - t0, status, first, nbytes)
+
+    async def aclose(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+            self.ws = None
+
+
+def gateway_channels_url(base: str, sandbox_id: str, context_id: str) -> str:
+    """The channels websocket of a sandbox's context on cellbox's kernel-gateway face."""
+    root = base.replace("http://", "ws://", 1)
+    return f"{root}/v1/sandboxes/{sandbox_id}/jupyter/api/kernels/{context_id}/channels"

@@ -215,16 +215,24 @@ class KernelGateway:
 
 
 class GatewayKernel:
-    """One gateway kernel and its channels websocket."""
+    """One gateway kernel and its channels websocket.
 
-    def __init__(self, gateway: KernelGateway, kernel_id: str) -> None:
+    Without a ``gateway`` (cellbox's own kernel-gateway face), ``channels_url`` says where the
+    kernel's channels are, and :meth:`close` only closes the socket.
+    """
+
+    def __init__(self, gateway: KernelGateway | None, kernel_id: str, channels_url: str | None = None) -> None:
         self.gateway = gateway
         self.kernel_id = kernel_id
         self.session = uuid.uuid4().hex
         self.ws: Any = None
+        if channels_url is None:
+            assert gateway is not None, "a channels URL, or the gateway it is on"
+            channels_url = f"ws://127.0.0.1:{gateway.port}/api/kernels/{kernel_id}/channels"
+        self.channels_url = channels_url
 
     async def connect(self, timeout: float) -> None:
-        url = f"ws://127.0.0.1:{self.gateway.port}/api/kernels/{self.kernel_id}/channels"
+        url = self.channels_url
         self.ws = await websockets.connect(url, max_size=None, compression=None, open_timeout=timeout)
         # Ready = a kernel_info_reply came back through the gateway.
         info = _msg("kernel_info_request", {}, self.session)
@@ -268,5 +276,7 @@ class GatewayKernel:
     async def close(self) -> None:
         if self.ws is not None:
             await self.ws.close()
+        if self.gateway is None:
+            return
         async with httpx.AsyncClient(base_url=self.gateway.base, timeout=30) as client:
             await client.delete(f"/api/kernels/{self.kernel_id}")

@@ -66,6 +66,8 @@ from cellbox.interpreter.models import (
 from ._async import AsyncCommandHandle, AsyncCommands, AsyncFilesystem, AsyncSandbox
 from ._base import USE_CLIENT_DEFAULT, ConnectionOptions, RunOptions, UseClientDefault, WriteEntry
 from ._models import (
+    CellEnd,
+    CellStart,
     CommandExitError,
     CommandIncomplete,
     CommandResult,
@@ -74,6 +76,7 @@ from ._models import (
     ExecutionError,
     ExecutionIncomplete,
     Logs,
+    NotebookRun,
     Result,
 )
 from ._sync import CommandHandle, Commands, Filesystem, Sandbox
@@ -88,6 +91,8 @@ __all__ = [
     "AsyncSandbox",
     "BadGateway",
     "CapacityError",
+    "CellEnd",
+    "CellStart",
     "CommandExitError",
     "CommandHandle",
     "CommandIncomplete",
@@ -118,6 +123,7 @@ __all__ = [
     "NetworkSpec",
     "NoSpace",
     "NotFound",
+    "NotebookRun",
     "PermissionDenied",
     "PortNotListening",
     "RequestTooLarge",

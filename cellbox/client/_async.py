@@ -38,13 +38,24 @@ from ._base import (
     ConnectionOptions,
     ContextLike,
     FilesBase,
+    NotebookLike,
     ReadFormat,
     RequestTimeout,
     RunOptions,
     SandboxBase,
     WriteData,
 )
-from ._models import Callback, Callbacks, CommandResult, Context, Execution, PendingCall, StreamBuilder
+from ._models import (
+    Callback,
+    Callbacks,
+    CommandResult,
+    Context,
+    Execution,
+    NotebookCallbacks,
+    NotebookRun,
+    PendingCall,
+    StreamBuilder,
+)
 
 T = TypeVar("T")
 Options = ConnectionOptions[httpx.AsyncBaseTransport]
@@ -328,6 +339,31 @@ class AsyncSandbox(SandboxBase[httpx.AsyncClient]):
     ) -> builtins.list[models.ArtifactInfo]:
         """Async :meth:`Sandbox.list_artifacts`."""
         return await _send(self._http, self._list_artifacts_call(request_timeout))
+
+    # -- notebooks ----------------------------------------------------------------------------
+
+    async def export_notebook(
+        self, context: ContextLike | None = None, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT
+    ) -> dict[str, Any]:
+        """Async :meth:`Sandbox.export_notebook`."""
+        return await _send(self._http, self._export_notebook_call(context, request_timeout))
+
+    async def run_notebook(
+        self,
+        notebook: NotebookLike,
+        *,
+        context: ContextLike | None = None,
+        stop_on_error: bool = True,
+        timeout: float | None = None,
+        on_cell_start: Callback | None = None,
+        on_cell_end: Callback | None = None,
+        on_event: Callback | None = None,
+    ) -> NotebookRun:
+        """Async :meth:`Sandbox.run_notebook`; callbacks may be coroutine functions."""
+        callbacks = NotebookCallbacks(on_cell_start, on_cell_end, on_event)
+        call, builder = self._run_notebook_call(notebook, context, stop_on_error, timeout, callbacks)
+        await _drive(self._http, call, builder)
+        return builder.finish()
 
 
 class AsyncFilesystem(FilesBase):

@@ -10,6 +10,7 @@ way httpx's ``Client`` and ``AsyncClient`` share ``BaseClient``.
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -30,6 +31,8 @@ from ._models import (
     Context,
     Execution,
     ExecutionBuilder,
+    NotebookCallbacks,
+    NotebookRunBuilder,
     WatchBuilder,
     execution_from_record,
     validated,
@@ -269,6 +272,32 @@ def _context_id(context: ContextLike) -> str:
     return context if isinstance(context, str) else context.id
 
 
+#: What ``run_notebook`` takes: the notebook as nbformat JSON, parsed (a dict, or nbformat's
+#: ``NotebookNode``) or as text or bytes (an ``.ipynb`` file's content).
+NotebookLike = Mapping[str, Any] | str | bytes
+
+
+def _notebook_body(notebook: NotebookLike) -> bytes:
+    if isinstance(notebook, bytes):
+        return notebook
+    if isinstance(notebook, str):
+        return notebook.encode()
+    if isinstance(notebook, Mapping):
+        return json.dumps(notebook).encode()
+    raise errors.InvalidRequest(
+        f"cannot run a {type(notebook).__name__}: pass the notebook as a dict, or its JSON as str or bytes",
+        field="notebook",
+    )
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any]:
+    raise_for_error(response)
+    value = response.json()
+    if not isinstance(value, dict):
+        raise errors.InterpreterError(f"expected a JSON object from {response.request.url.path}")
+    return value
+
+
 HttpT = TypeVar("HttpT", httpx.Client, httpx.AsyncClient)
 
 
@@ -468,6 +497,42 @@ class SandboxBase(Generic[HttpT]):
     def _list_artifacts_call(self, request_timeout: RequestTimeout) -> Call[list[models.ArtifactInfo]]:
         parse = _model(models.ArtifactList)
         return Call("GET", self._path("artifacts"), lambda r: parse(r).artifacts, timeout=request_timeout)
+
+    # -- notebooks ----------------------------------------------------------------------------
+
+    def _export_notebook_call(
+        self, context: ContextLike | None, request_timeout: RequestTimeout
+    ) -> Call[dict[str, Any]]:
+        params = [] if context is None else [("context", _context_id(context))]
+        return Call("GET", self._path("notebook"), _json_object, params=params, timeout=request_timeout)
+
+    def _run_notebook_call(
+        self,
+        notebook: NotebookLike,
+        context: ContextLike | None,
+        stop_on_error: bool,
+        timeout: float | None,
+        callbacks: NotebookCallbacks,
+    ) -> tuple[Call[None], NotebookRunBuilder]:
+        # The options go in the query, so the body is the notebook's own bytes, unparsed here.
+        params = [
+            ("stop_on_error", "true" if stop_on_error else "false"),
+            ("events", "true" if callbacks.on_event is not None else "false"),
+        ]
+        if context is not None:
+            params.append(("context", _context_id(context)))
+        if timeout is not None:
+            params.append(("timeout", str(timeout)))
+        # the server's timeout is per cell: a line (a cell's end) comes at least that often
+        call = Call(
+            "POST",
+            self._path("notebook", "run"),
+            _nothing,
+            params=params,
+            content=_notebook_body(notebook),
+            timeout=_stream_timeout(self._config, timeout),
+        )
+        return call, NotebookRunBuilder(callbacks)
 
 
 # -- files ----------------------------------------------------------------------------------------

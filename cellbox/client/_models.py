@@ -511,3 +511,134 @@ class CommandBuilder:
             result=self.result(),
             last_seq=self.last_seq,
         )
+
+
+# -- notebooks ------------------------------------------------------------------------------------
+
+
+@dataclass
+class CellStart:
+    """A cell of ``run_notebook`` was submitted: the ``position``-th of ``cells_total`` cells
+    that run, at ``index`` among the notebook's cells."""
+
+    index: int
+    position: int
+    cells_total: int
+    execution_id: str = ""
+
+
+@dataclass
+class CellEnd:
+    """A cell of ``run_notebook`` ended; ``outputs`` are its nbformat outputs (as written back)."""
+
+    index: int
+    status: str
+    execution_id: str = ""
+    execution_count: int | None = None
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class NotebookRun:
+    """What ``run_notebook`` returns: the executed notebook (nbformat v4 JSON, as a dict).
+
+    ``status`` is ``"ok"`` when every cell that ran ended ok (cells tagged ``raises-exception``
+    excepted), else ``"error"`` with ``failed_index``, the first failing cell's index. With
+    ``stop_on_error`` the run stopped there; the cells after it keep what the upload had.
+    """
+
+    status: str
+    notebook: dict[str, Any]
+    cells_run: int = 0
+    failed_index: int | None = None
+    cells: list[CellEnd] = field(default_factory=list)
+
+    @property
+    def failed_cell(self) -> CellEnd | None:
+        """The first failing cell's end, if a cell failed."""
+        return next((c for c in self.cells if c.index == self.failed_index), None)
+
+
+@dataclass(frozen=True)
+class NotebookCallbacks:
+    """The ``on_*`` callbacks of one ``run_notebook`` call."""
+
+    on_cell_start: Callback | None = None
+    on_cell_end: Callback | None = None
+    on_event: Callback | None = None
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) else None
+
+
+class NotebookRunBuilder:
+    """Turns the NDJSON lines of ``POST .../notebook/run`` into a :class:`NotebookRun`.
+
+    Called by both clients' ``run_notebook``; pure, like :class:`ExecutionBuilder`. The cells'
+    own execution events go to ``on_event`` (parsed, keepalives left out); a stream error line
+    (``{"type": "error", "code", ...}`` with no execution id) is raised as the error it names.
+    """
+
+    def __init__(self, callbacks: NotebookCallbacks | None = None) -> None:
+        self.callbacks = callbacks or NotebookCallbacks()
+        self.done = False
+        self.run: NotebookRun | None = None
+        self.cells: list[CellEnd] = []
+        self.current: CellStart | None = None
+
+    def feed(self, line: str | bytes) -> list[PendingCall]:
+        """Take one NDJSON line; return the callbacks to call now, in order."""
+        obj = _decode_line(line, json.loads)
+        if not isinstance(obj, dict):
+            return []
+        cb, kind = self.callbacks, obj.get("type")
+        if kind == "cell_start":
+            self.current = CellStart(
+                index=int(obj["index"]),
+                position=int(obj.get("position", 0)),
+                cells_total=int(obj.get("cells_total", 0)),
+                execution_id=str(obj.get("execution_id", "")),
+            )
+            return [(cb.on_cell_start, self.current)] if cb.on_cell_start else []
+        if kind == "cell_end":
+            end = CellEnd(
+                index=int(obj["index"]),
+                status=str(obj.get("status", "")),
+                execution_id=str(obj.get("execution_id", "")),
+                execution_count=_int_or_none(obj.get("execution_count")),
+                outputs=list(obj.get("outputs") or []),
+            )
+            self.cells.append(end)
+            return [(cb.on_cell_end, end)] if cb.on_cell_end else []
+        if kind == "notebook":
+            self.done = True
+            self.run = NotebookRun(
+                status=str(obj.get("status", "error")),
+                notebook=dict(obj.get("notebook") or {}),
+                cells_run=int(obj.get("cells_run", len(self.cells))),
+                failed_index=_int_or_none(obj.get("failed_index")),
+                cells=self.cells,
+            )
+            return []
+        if kind == "error" and "code" in obj and not obj.get("execution_id"):
+            raise errors.from_payload({"error": {"code": obj["code"], "message": obj.get("value", "")}})
+        if cb.on_event is None or kind == "keepalive":
+            return []
+        event = _decode_line(line, models.parse_event)
+        return [] if event is None else [(cb.on_event, event)]
+
+    def finish(self) -> NotebookRun:
+        """The run, once its last line arrived; else raise :meth:`incomplete`."""
+        if self.run is None:
+            raise self.incomplete()
+        return self.run
+
+    def incomplete(self, cause: BaseException | None = None) -> errors.InterpreterError:
+        """The error for a stream that stopped before the executed notebook arrived."""
+        why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+        where = f" during cell {self.current.index}" if self.current is not None else ""
+        return errors.InterpreterError(
+            f"the notebook run ended{where} before the executed notebook arrived{why}; "
+            f"{len(self.cells)} cell(s) had finished and their executions are in the sandbox's log"
+        )

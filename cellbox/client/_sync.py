@@ -28,13 +28,24 @@ from ._base import (
     ConnectionOptions,
     ContextLike,
     FilesBase,
+    NotebookLike,
     ReadFormat,
     RequestTimeout,
     RunOptions,
     SandboxBase,
     WriteData,
 )
-from ._models import Callback, Callbacks, CommandResult, Context, Execution, PendingCall, StreamBuilder
+from ._models import (
+    Callback,
+    Callbacks,
+    CommandResult,
+    Context,
+    Execution,
+    NotebookCallbacks,
+    NotebookRun,
+    PendingCall,
+    StreamBuilder,
+)
 
 T = TypeVar("T")
 Options = ConnectionOptions[httpx.BaseTransport]
@@ -312,6 +323,47 @@ class Sandbox(SandboxBase[httpx.Client]):
     ) -> builtins.list[models.ArtifactInfo]:
         """Every artifact the sandbox's executions produced."""
         return _send(self._http, self._list_artifacts_call(request_timeout))
+
+    # -- notebooks ----------------------------------------------------------------------------
+
+    def export_notebook(
+        self, context: ContextLike | None = None, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT
+    ) -> dict[str, Any]:
+        """The session as a Jupyter notebook (nbformat v4 JSON, as a dict; ``json.dump`` it to
+        an ``.ipynb``): the executions of ``context`` (default: the sandbox's default context)
+        in execution order, with their outputs, images embedded and execution counts. Works
+        after the sandbox ended, while its history is kept."""
+        return _send(self._http, self._export_notebook_call(context, request_timeout))
+
+    def run_notebook(
+        self,
+        notebook: NotebookLike,
+        *,
+        context: ContextLike | None = None,
+        stop_on_error: bool = True,
+        timeout: float | None = None,
+        on_cell_start: Callback | None = None,
+        on_cell_end: Callback | None = None,
+        on_event: Callback | None = None,
+    ) -> NotebookRun:
+        """Execute a notebook's code cells in order in the sandbox (as nbclient does: cells
+        tagged ``skip-execution`` are skipped, ``raises-exception`` ones may fail) and return
+        the executed notebook in a :class:`NotebookRun`.
+
+        ``notebook`` is nbformat JSON: a dict, or the ``.ipynb`` text or bytes. It runs in
+        ``context`` (default: the sandbox's python context), so its variables stay there.
+        ``stop_on_error`` ends the run at the first failing cell; either way a failure makes
+        ``status`` ``"error"`` (nothing is raised for it). ``timeout`` is each cell's limit in
+        seconds. ``on_cell_start`` gets a :class:`CellStart` (``position`` of ``cells_total``)
+        as each cell is submitted, ``on_cell_end`` a :class:`CellEnd`, ``on_event`` every
+        execution event of the cells (asking for them makes the server stream them).
+        Raises the error the service reports (``InvalidRequest`` for a body that is not a
+        notebook, ``SandboxNotRunning``, ...).
+        """
+        callbacks = NotebookCallbacks(on_cell_start, on_cell_end, on_event)
+        call, builder = self._run_notebook_call(notebook, context, stop_on_error, timeout, callbacks)
+        _drive(self._http, call, builder)
+        return builder.finish()
 
 
 class Filesystem(FilesBase):
