@@ -548,12 +548,20 @@ class ContextRunner:
             route: Route = self.session.open_route(msg_id)
             try:
                 self.session.send(message)
+                loop = asyncio.get_running_loop()
                 got_idle = got_reply = False
+                quiet_until: float | None = None  # as in ExecutionRunner: a dropped idle must not hold the FIFO
                 while not (got_idle and got_reply):
-                    item = await route.get()
+                    try:
+                        item = await route.get(quiet_until)
+                    except TimeoutError:
+                        log.warning("raw execution %s: no status idle after its reply (iopub dropped)", msg_id)
+                        return
                     if isinstance(item, Died):
                         return
                     channel, msg = item
+                    if got_reply or (channel == "shell" and msg["msg_type"] == "execute_reply"):
+                        quiet_until = loop.time() + IDLE_AFTER_REPLY
                     if channel == "shell" and msg["msg_type"] == "execute_reply":
                         got_reply = True
                         count = msg["content"].get("execution_count")
