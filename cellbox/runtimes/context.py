@@ -406,6 +406,7 @@ class ContextRunner:
             await asyncio.sleep(delay)
         self._ready.clear()
         self.state = ContextState.RESTARTING
+        self.session.announce("restarting")
         await self.session.stop()
         if counted:
             self.restarts += 1

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import signal
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -273,6 +275,36 @@ class KernelSession:
         self._subscribers.add(sub)
         return sub
 
+    def announce(self, execution_state: str) -> None:
+        """Tell the raw subscribers the kernel's state changed without a message of its own
+        (``restarting``, ``dead``), as jupyter_server does for its frontends."""
+        if not self._subscribers:
+            return
+        msg_id = uuid.uuid4().hex
+        header = {
+            "msg_id": msg_id,
+            "msg_type": "status",
+            "session": "cellbox",
+            "username": "cellbox",
+            "date": datetime.datetime.now(datetime.UTC).isoformat(),
+            "version": "5.3",
+        }
+        status = cast(
+            KernelMessage,
+            {
+                "channel": "iopub",
+                "header": header,
+                "parent_header": {},
+                "metadata": {},
+                "content": {"execution_state": execution_state},
+                "buffers": [],
+                "msg_id": msg_id,
+                "msg_type": "status",
+            },
+        )
+        for sub in list(self._subscribers):
+            sub.put(status)
+
     def close_subscriptions(self) -> None:
         for sub in list(self._subscribers):
             sub.close()
@@ -343,6 +375,7 @@ class KernelSession:
         self.died.set()
         self.execution_state = "dead"
         self._fail_routes(Died(exit_info))
+        self.announce("dead")
         for cb in self._on_death:
             try:
                 cb(exit_info)

@@ -165,3 +165,17 @@ async def test_a_frontends_cell_is_recorded_as_an_execution(
     assert [e.type for e in events] == ["start", "stdout", "result", "end"], events
     listed = (await client.get(f"/v1/sandboxes/{sandbox}/executions")).json()["executions"]
     assert any(x["id"] == info.id and x["code"].startswith("print('from lab')") for x in listed)
+
+
+async def test_a_restart_is_announced_to_subscribers(server: RunningServer, sandbox: str) -> None:
+    """Attached frontends learn of a restart they did not ask for (iopub status: restarting)."""
+    sbx = await server.manager.get("anonymous", sandbox)
+    assert sbx.backend is not None
+    cid = sbx.contexts.default_id
+    messages = sbx.backend.subscribe(cid)
+    await sbx.contexts.restart(cid)
+    async with asyncio.timeout(DEADLINE):
+        async for msg in messages:
+            if msg["header"]["msg_type"] == "status" and msg["content"]["execution_state"] == "restarting":
+                break
+    await messages.aclose()  # type: ignore[attr-defined]
