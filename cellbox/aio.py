@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 __all__ = ["TaskSet", "cancel_and_wait", "poll_until"]
@@ -97,12 +97,3 @@ class TaskSet:
         """Cancel every task and wait for them (see :func:`cancel_and_wait`)."""
         for task in list(self._tasks):
             await cancel_and_wait(task)
-
-
-async def gather_logged(*aws: Awaitable[Any], what: str) -> None:
-    """Await all of ``aws``; log (never raise) the failures. For teardown paths."""
-    for result in await asyncio.gather(*aws, return_exceptions=True):
-        if isinstance(result, Exception):
-            log.error("%s failed", what, exc_info=result)
-        elif isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-            raise result

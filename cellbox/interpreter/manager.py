@@ -36,7 +36,15 @@ from cellbox.interpreter.errors import (
     TemplateNotFound,
     Unauthorized,
 )
-from cellbox.interpreter.models import ArtifactInfo, Health, Limits, SandboxCreate, SandboxInfo, SandboxState
+from cellbox.interpreter.models import (
+    ArtifactInfo,
+    Health,
+    Limits,
+    NetworkSpec,
+    SandboxCreate,
+    SandboxInfo,
+    SandboxState,
+)
 from cellbox.interpreter.pool import WarmPool
 from cellbox.interpreter.reaper import Reaper
 from cellbox.interpreter.sandbox import Sandbox
@@ -267,7 +275,9 @@ class SandboxManager:
 
     async def _create_reserved(self, owner: str, req: SandboxCreate, template: TemplateInfo, timeout: float) -> Sandbox:
         pooled = None
-        if not req.limits.model_dump(exclude_none=True) and req.network == type(req.network)():
+        # Pooled sandboxes were built with the template's limits and no network: only a request
+        # for exactly that may take one.
+        if not req.limits.model_dump(exclude_none=True) and req.network == NetworkSpec():
             pooled = self.pool.take(template.name)
         if pooled is not None:
             sandbox = pooled
@@ -549,11 +559,6 @@ class SandboxManager:
             raise ArtifactNotFound(f"no artifact {artifact_id!r}")
         await self.artifacts.size(artifact_id)  # ArtifactNotFound before the response starts
         return ArtifactInfo(url="", **row), self.artifacts.open(artifact_id)
-
-    async def list_artifacts(self, owner: str, sandbox_id: str) -> list[ArtifactInfo]:
-        """A sandbox's artifacts, also after it ended."""
-        await self.info(owner, sandbox_id)  # ownership
-        return [ArtifactInfo(url="", **row) for row in await self.store.list_artifacts(sandbox_id)]
 
     # -- egress -----------------------------------------------------------------------------
 

@@ -233,10 +233,6 @@ class LocalSandboxBackend:
     async def contexts(self) -> list[ContextInfo]:
         return [r.info() for r in self.runners.values()]
 
-    def context_infos(self) -> list[ContextInfo]:
-        """The same, without a round trip (the sandbox's record, built in-process)."""
-        return [r.info() for r in self.runners.values()]
-
     async def context(self, context_id: str) -> ContextInfo:
         return self._runner(context_id).info()
 

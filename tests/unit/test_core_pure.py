@@ -65,14 +65,21 @@ async def test_execution_log_replays_and_follows(tmp_path: Path) -> None:
         log = ExecutionLog("ex_1", "sb_1", "ctx_1", "print(1)", store)
         await log.begin(StdoutEvent(text="first"))
 
-        async def follower() -> list[str]:
-            return [ev.type async for ev in log.follow(-1, keepalive=0.05)]
+        kinds: list[str] = []
+        got_keepalive = asyncio.Event()
+
+        async def follower() -> None:
+            async for ev in log.follow(-1, keepalive=0.05):
+                kinds.append(ev.type)
+                if ev.type == "keepalive":
+                    got_keepalive.set()
 
         task = asyncio.create_task(follower())
         log.append(StdoutEvent(text="second"))
-        await asyncio.sleep(0.12)  # quiet long enough for a keepalive to be due
+        async with asyncio.timeout(5):
+            await got_keepalive.wait()  # the log went quiet: a keepalive came, then the end
         await log.finish(EndEvent(status=EndStatus.OK))
-        kinds = await task
+        await task
         assert kinds[:2] == ["stdout", "stdout"] and kinds[-1] == "end" and "keepalive" in kinds
         stored = await store.get_events("ex_1")
         assert [e["seq"] for e in stored] == [0, 1, 2]
