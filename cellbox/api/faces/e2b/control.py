@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from typing import TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -15,6 +16,8 @@ from cellbox.api.faces.e2b.services import services
 from cellbox.interpreter.errors import Conflict, InvalidRequest, SandboxNotFound
 from cellbox.interpreter.models import SandboxInfo, SandboxState
 
+B = TypeVar("B", bound=BaseModel)
+
 __all__ = ["routes"]
 
 
@@ -22,6 +25,14 @@ def _validation(exc: ValidationError) -> InvalidRequest:
     first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid"}
     where = ".".join(str(p) for p in first.get("loc", ())) or "body"
     return InvalidRequest(f"invalid {where}: {first.get('msg', 'invalid')}", field=where)
+
+
+async def _body(request: Request, model: type[B]) -> B:
+    """The JSON body as ``model``; InvalidRequest naming the first bad field."""
+    try:
+        return model.model_validate(await read_json_object(request))
+    except ValidationError as exc:
+        raise _validation(exc) from None
 
 
 def _live(info: SandboxInfo) -> SandboxInfo:
@@ -34,10 +45,7 @@ def _live(info: SandboxInfo) -> SandboxInfo:
 async def create(request: Request) -> Response:
     svc = services(request)
     owner = svc.owner(request)
-    try:
-        body = m.NewSandbox.model_validate(await read_json_object(request))
-    except ValidationError as exc:
-        raise _validation(exc) from None
+    body = await _body(request, m.NewSandbox)
     info = await svc.manager.create(owner, m.to_create(body, svc.settings.max_sandbox_timeout))
     return JSONResponse(m.sandbox_response(info, svc.token(request, info.id), svc.defaults), status_code=201)
 
@@ -91,10 +99,7 @@ async def kill(request: Request) -> Response:
 async def set_timeout(request: Request) -> Response:
     svc = services(request)
     sid = request.path_params["sandbox_id"]
-    try:
-        body = m.TimeoutBody.model_validate(await read_json_object(request))
-    except ValidationError as exc:
-        raise _validation(exc) from None
+    body = await _body(request, m.TimeoutBody)
     owner = svc.owner(request)
     _live(await svc.manager.info(owner, sid))
     await svc.manager.set_timeout(owner, sid, min(float(body.timeout), svc.settings.max_sandbox_timeout))
@@ -104,10 +109,7 @@ async def set_timeout(request: Request) -> Response:
 async def connect(request: Request) -> Response:
     svc = services(request)
     sid = request.path_params["sandbox_id"]
-    try:
-        body = m.ConnectBody.model_validate(await read_json_object(request))
-    except ValidationError as exc:
-        raise _validation(exc) from None
+    body = await _body(request, m.ConnectBody)
     if body.memory is False:
         raise InvalidRequest("on_resume='reboot' is not supported: cellbox resumes with memory kept", field="memory")
     owner = svc.owner(request)
