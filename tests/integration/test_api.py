@@ -164,8 +164,12 @@ async def test_restart_keeps_acknowledged_executions_and_artifacts(short_tmp: Pa
 
 
 async def test_expiry_and_timeout_extension(client: httpx.AsyncClient) -> None:
-    short = (await client.post("/v1/sandboxes", json={"timeout": 60, "metadata": {"k": "v"}})).json()
-    keep = (await client.post("/v1/sandboxes", json={"timeout": 60})).json()
+    made = [
+        await client.post("/v1/sandboxes", json={"timeout": 60, "metadata": {"k": "v"}}),
+        await client.post("/v1/sandboxes", json={"timeout": 60}),
+    ]
+    assert [r.status_code for r in made] == [201, 201], [r.text for r in made]
+    short, keep = (r.json() for r in made)
     listed = (await client.get("/v1/sandboxes", params={"metadata": "k=v"})).json()["sandboxes"]
     assert [s["id"] for s in listed] == [short["id"]]
     r = await client.post(f"/v1/sandboxes/{keep['id']}/timeout", json={"timeout": 120})
