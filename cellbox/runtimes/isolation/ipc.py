@@ -111,12 +111,6 @@ def write_ipc_connection(
     host_file = ipc_dir / CONNECTION_FILE
     host_file.write_text(json.dumps(info, indent=1))
     os.chmod(host_file, 0o644)
-    # Owned like its directory (the sandbox uid): ipykernel may still rewrite the file in place
-    # after binding (seen under load: "Permission denied: .../kernel.json" killed the kernel once
-    # the directory was handed back). Harmless: the host never reads it back (it keeps
-    # ``host_info``), and the handed-back directory stops it being swapped for a link.
-    owner = os.stat(ipc_dir)
-    os.chown(host_file, owner.st_uid, owner.st_gid)
     host_info = {**info, "ip": str(ipc_dir / IPC_BASENAME)}
     return IpcConnection(f"{sandbox_path}/{CONNECTION_FILE}", host_info)
 
