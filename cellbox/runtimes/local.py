@@ -722,7 +722,11 @@ class LocalRuntime:
         workdir = _sandbox_cwd(handle.home, cwd)
         host_dir, sandbox_dir = self.strategy.socket_dir(handle, name, KERNEL_SOCKETS)
         conn = write_ipc_connection(host_dir, sandbox_path=sandbox_dir)
-        env = base_env(handle.template, self.home_in_sandbox(handle), handle.envs, spec.env, trust=handle.trust_env)
+        # ipykernel rewrites its connection file after binding whenever it finds something to
+        # "update"; the socket directory may be handed back to root by then, so the file is
+        # world-writable (see ``write_ipc_connection``) and ipykernel must accept that mode.
+        kernel_vars = {"JUPYTER_ALLOW_INSECURE_WRITES": "1", **spec.env}
+        env = base_env(handle.template, self.home_in_sandbox(handle), handle.envs, kernel_vars, trust=handle.trust_env)
         argv = kernel_argv(handle.template, spec, conn.sandbox_file)
         describe = self.strategy.exit_describer(handle)
         proc = await agent.spawn(argv, env, workdir, log=f"{sandbox_dir}/kernel.log", tag=f"kernel:{name}")

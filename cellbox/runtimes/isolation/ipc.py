@@ -93,11 +93,11 @@ def prepare_ipc_dir(ipc_dir: Path, uid: int, sockets: Sequence[str] = KERNEL_SOC
 def write_ipc_connection(
     ipc_dir: Path, *, key: str | None = None, kernel_name: str = "", sandbox_path: str = SANDBOX_RUN
 ) -> IpcConnection:
-    """Write :data:`CONNECTION_FILE` for the kernel (0644) and return both views.
+    """Write :data:`CONNECTION_FILE` for the kernel (root's, 0666) and return both views.
 
     ``transport: "ipc"``, ``ip`` ``<sandbox_path>/k``, ports 1..5 (sockets ``k-1`` … ``k-5``), a
-    random 256-bit HMAC key. The file holds exactly what ipykernel would write, so ipykernel
-    finds nothing to update and never tries to rewrite it. Called by ``start_kernel`` after
+    random 256-bit HMAC key. The file holds what ipykernel would write, but ipykernel may still
+    rewrite it (see below). Called by ``start_kernel`` after
     :func:`prepare_ipc_dir`. ``sandbox_path`` is where the sandbox sees ``ipc_dir``.
     """
     info: dict[str, Any] = {
@@ -110,7 +110,12 @@ def write_ipc_connection(
     }
     host_file = ipc_dir / CONNECTION_FILE
     host_file.write_text(json.dumps(info, indent=1))
-    os.chmod(host_file, 0o644)
+    # Root-owned but writable: ipykernel 7 sometimes rewrites the file in place after binding
+    # (jupyter_core's secure_write: unlink, which the handed-back directory refuses, then open
+    # for writing). Under load the hand-back came first and the kernel died with "Permission
+    # denied: kernel.json". Writing it is harmless: the host never reads it back (it keeps
+    # ``host_info``), and the sandbox still cannot chmod, replace or unlink it.
+    os.chmod(host_file, 0o666)
     host_info = {**info, "ip": str(ipc_dir / IPC_BASENAME)}
     return IpcConnection(f"{sandbox_path}/{CONNECTION_FILE}", host_info)
 
