@@ -112,7 +112,8 @@ async def test_a_reader_cancelled_mid_read_closes_the_file_after_the_read(blobs:
     chunks = blobs.open(aid)
     async with asyncio.timeout(30):
         assert await anext(chunks) == b"abcd"
-    assert opened.is_set()
+        # The reader may get the bytes before the writer's thread gets to set the event.
+        assert await asyncio.to_thread(opened.wait, 10)
     reading = asyncio.create_task(anext(chunks))
     for _ in range(3):
         await asyncio.sleep(0)  # the next read is now in its thread, waiting for data
