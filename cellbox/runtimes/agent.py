@@ -409,6 +409,8 @@ class Agent:
         return {"pid": os.getpid()}
 
     async def op_spawn(self, req: dict[str, Any]) -> dict[str, Any]:
+        if req.get("user") not in (None, "user"):  # one user here; sandboxes with root offer more
+            raise PermissionError(f"user {req['user']!r} is not available in this sandbox: only 'user'")
         pipes = bool(req.get("pipes"))
         log_path = req.get("log")
         out: Any = asyncio.subprocess.PIPE if pipes else asyncio.subprocess.DEVNULL
