@@ -358,3 +358,56 @@ async def test_the_hosts_local_indexes_serve_a_sandbox_without_egress(client: ht
     assert events[-1]["exit_code"] == 0, stdout(events)
     assert "six-" in stdout(events)
     assert (await client.get(f"/v1/sandboxes/{sid}/egress")).json()["records"] == []
+
+
+@pytest.mark.asyncio
+async def test_npm_install_in_two_sandboxes_the_second_from_the_cache(short_tmp: Path) -> None:
+    """npm inside real sandboxes, pointed at the service's npm cache (``npm_config_registry``),
+    which fills from a registry the test runs on 127.0.0.2 (permitted by the operator, allowed by
+    the sandbox): the second sandbox's install is served from the cache; the cache refuses a
+    tarball whose bytes do not match the packument's sha512 integrity."""
+    import shutil
+
+    from tests.integration.test_egress_npm import NpmRegistry
+
+    if shutil.which("npm") is None:
+        pytest.skip("npm is not installed")
+    async with NpmRegistry(ALLOWED_IP) as registry:
+        registry.add("tiny-pkg", "1.0.0")
+        registry.add("tiny-bad", "1.0.0")
+        settings = isolation_settings(
+            short_tmp,
+            "bwrap",
+            api_keys=[KEY],
+            egress_permit=[f"{ALLOWED_IP}/32"],
+            data_dir=short_tmp / "data",
+            package_cache_npm_registry=registry.url,
+        )
+        async with run_server(settings) as srv:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=DEADLINE, headers=AUTH) as c:
+                install = (
+                    "npm install --no-save --no-fund tiny-pkg && node -e \"console.log(require('tiny-pkg').name)\""
+                )
+                for _attempt in range(2):
+                    sid = await create(c, network={"allow_out": [ALLOWED_IP]})
+                    events = await run_cmd(c, sid, install, timeout=DEADLINE)
+                    assert events[-1]["exit_code"] == 0, stdout(events)
+                    assert stdout(events).strip().splitlines()[-1] == "tiny-pkg"
+                    hosts = {r["host"] for r in (await c.get(f"/v1/sandboxes/{sid}/egress")).json()["records"]}
+                    assert hosts == {"npm.cache.cellbox"}, hosts  # nothing went to the registry directly
+                egress = srv.manager.egress
+                assert egress is not None and egress.npm_cache is not None
+                stats = egress.npm_cache.stats()
+                assert stats["misses"] == 1 and stats["hits"] == 1, stats
+                assert registry.tarball_hits() == 1
+
+                registry.tamper = True
+                no_retry = {"npm_config_fetch_retries": "0"}  # npm would back off 10 s and more before failing
+                events = await run_cmd(
+                    c, sid, "npm install --no-save --no-fund tiny-bad", timeout=DEADLINE, envs=no_retry
+                )
+                assert events[-1]["exit_code"] != 0, stdout(events)
+                assert egress.npm_cache.stats()["files"] == 1  # the poisoned tarball was not kept
+                registry.tamper = False
+                events = await run_cmd(c, sid, "npm install --no-save --no-fund tiny-bad", timeout=DEADLINE)
+                assert events[-1]["exit_code"] == 0, stdout(events)
