@@ -37,7 +37,7 @@ import ssl
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -117,6 +117,8 @@ class _Page:
     name: str
     files: list[CachedFile]
     fetched: float
+    validators: dict[str, str] = field(default_factory=dict)  # upstream's ETag / Last-Modified
+    rendered: dict[str, bytes] = field(default_factory=dict)  # content type → the body served
 
 
 class _LinkParser(HTMLParser):
@@ -359,6 +361,8 @@ class PackageCache(VerifiedFiles):
         self._pages: OrderedDict[str, _Page] = OrderedDict()  # least recently fetched first
         self.max_pages = max_pages
         self._page_locks: dict[str, asyncio.Lock] = {}
+        self.page_fetches = 0  # project pages fetched or revalidated upstream
+        self.page_hits = 0  # project pages answered from memory
 
     # -- the local-site interface the proxy calls ----------------------------------------------
 
@@ -388,14 +392,27 @@ class PackageCache(VerifiedFiles):
         async with lock:  # one upstream fetch per project, however many sandboxes ask at once
             cached = self._pages.get(name)
             if cached is not None and time.monotonic() - cached.fetched < self.page_ttl:
+                self.page_hits += 1
                 return cached
             url = urljoin(self.index_url, f"{name}/")
-            response = await self.client.get(url, headers={"Accept": UPSTREAM_ACCEPT})
+            headers = {"Accept": UPSTREAM_ACCEPT}
+            if cached is not None:  # stale: revalidate (a 304 costs a round trip, not the page)
+                if "etag" in cached.validators:
+                    headers["If-None-Match"] = cached.validators["etag"]
+                if "last-modified" in cached.validators:
+                    headers["If-Modified-Since"] = cached.validators["last-modified"]
+            self.page_fetches += 1
+            response = await self.client.get(url, headers=headers)
+            if response.status_code == 304 and cached is not None:
+                cached.fetched = time.monotonic()
+                self._page_locks.pop(name, None)
+                return cached
             if response.status_code == 404:
                 return None
             response.raise_for_status()
             files = _parse_page(response.content, response.headers.get("content-type", ""), str(response.url))
-            page = _Page(name, files, time.monotonic())
+            validators = {k: response.headers[k] for k in ("etag", "last-modified") if k in response.headers}
+            page = _Page(name, files, time.monotonic(), validators)
             self._forget_page(name)
             self._pages[name] = page
             for file in files:
@@ -405,6 +422,9 @@ class PackageCache(VerifiedFiles):
                 self._forget_page(next(iter(self._pages)))
         self._page_locks.pop(name, None)
         return page
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "page_fetches": self.page_fetches, "page_hits": self.page_hits}
 
     def _forget_page(self, name: str) -> None:
         """Drop a page and the file keys it announced (files on disk stay: a later page for the
@@ -420,14 +440,23 @@ class PackageCache(VerifiedFiles):
             return LocalResponse.text(404, f"no project {project!r} upstream")
         if normalize_project(project) != project:
             return LocalResponse(301, [("Location", f"/simple/{page.name}/")], b"")
+        content_type = JSON_TYPE if JSON_TYPE in accept else HTML_TYPE
+        body = page.rendered.get(content_type)
+        if body is None:
+            # rendered once per page and format: a big page (numpy's: 1.4 MB) is not rebuilt
+            # for every sandbox that resolves it
+            body = page.rendered[content_type] = self._render(page, content_type)
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        return LocalResponse(200, headers, b"" if head else body)
 
+    def _render(self, page: _Page, content_type: str) -> bytes:
         def local_url(file: CachedFile) -> str:
             if file.sha256 and file.sha256.lower() in self._known:
                 return f"/files/{file.sha256.lower()}/{file.filename}#sha256={file.sha256.lower()}"
             return file.url + (f"#sha256={file.sha256}" if file.sha256 else "")
 
-        if JSON_TYPE in accept:
-            body = json.dumps(
+        if content_type == JSON_TYPE:
+            return json.dumps(
                 {
                     "meta": {"api-version": "1.0"},
                     "name": page.name,
@@ -448,23 +477,18 @@ class PackageCache(VerifiedFiles):
                     ],
                 }
             ).encode()
-            content_type = JSON_TYPE
-        else:
-            links = []
-            for f in page.files:
-                attrs = f'href="{html.escape(local_url(f))}"'
-                if f.requires_python:
-                    attrs += f' data-requires-python="{html.escape(f.requires_python)}"'
-                if f.yanked:
-                    attrs += f' data-yanked="{html.escape(f.yanked if isinstance(f.yanked, str) else "")}"'
-                if f.metadata_sha256 and self._offers(f):
-                    meta = f"sha256={f.metadata_sha256}"
-                    attrs += f' data-core-metadata="{meta}" data-dist-info-metadata="{meta}"'
-                links.append(f"<a {attrs}>{html.escape(f.filename)}</a><br/>")
-            body = ("<!DOCTYPE html><html><body>\n" + "\n".join(links) + "\n</body></html>\n").encode()
-            content_type = HTML_TYPE
-        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-        return LocalResponse(200, headers, b"" if head else body)
+        links = []
+        for f in page.files:
+            attrs = f'href="{html.escape(local_url(f))}"'
+            if f.requires_python:
+                attrs += f' data-requires-python="{html.escape(f.requires_python)}"'
+            if f.yanked:
+                attrs += f' data-yanked="{html.escape(f.yanked if isinstance(f.yanked, str) else "")}"'
+            if f.metadata_sha256 and self._offers(f):
+                meta = f"sha256={f.metadata_sha256}"
+                attrs += f' data-core-metadata="{meta}" data-dist-info-metadata="{meta}"'
+            links.append(f"<a {attrs}>{html.escape(f.filename)}</a><br/>")
+        return ("<!DOCTYPE html><html><body>\n" + "\n".join(links) + "\n</body></html>\n").encode()
 
     # -- files ---------------------------------------------------------------------------------
 
