@@ -16,7 +16,8 @@ pip inside the sandbox is given only the cache's index (the host's local file in
 find-links are cleared), so every byte comes through the proxy; ``--target`` because the
 template's venv is read-only. pip's log gives the split of each install into resolve + download
 (until "Installing collected packages") and install (unpacking, byte-compiling). Needs root
-(bwrap) and this machine's index.
+(bwrap) and this machine's index. ``--no-compile`` (pip's flag) shows what byte-compiling
+costs: most of the install phase for pandas + numpy.
 """
 
 from __future__ import annotations
@@ -78,12 +79,14 @@ async def run(client: httpx.AsyncClient, sid: str, cmd: str, env: dict[str, str]
     return exit_code, text
 
 
-async def install(client: httpx.AsyncClient, package: str, download: bool = False) -> Install:
+async def install(client: httpx.AsyncClient, package: str, download: bool = False, compile: bool = True) -> Install:
     r = await client.post("/v1/sandboxes", json={"network": {"internet": True}})
     r.raise_for_status()
     sid = r.json()["id"]
     try:
         verb = "download -d /tmp/dl" if download else "install --target /home/user/pkgs"
+        if not compile:
+            verb += " --no-compile"  # not PIP_NO_COMPILE: pip reads its "no-" variables inverted
         cmd = f"python3 -m pip {verb} -q --log /tmp/pip.log {package}"
         env = {"PIP_EXTRA_INDEX_URL": "", "PIP_FIND_LINKS": "", "PIP_NO_CACHE_DIR": "1"}
         start = time.monotonic()
@@ -148,7 +151,9 @@ class Throttle:
             server.close()
 
 
-async def one_run(package: str, permit: list[str], download: bool, throttle: Throttle | None) -> list[Install]:
+async def one_run(
+    package: str, permit: list[str], download: bool, throttle: Throttle | None, compile: bool
+) -> list[Install]:
     base = Path(tempfile.mkdtemp(prefix="cbxb", dir="/tmp"))
     base.chmod(0o711)
     try:
@@ -172,7 +177,7 @@ async def one_run(package: str, permit: list[str], download: bool, throttle: Thr
                     proxy=f"http://127.0.0.1:{throttle.port}", verify=verify, timeout=120, follow_redirects=True
                 )
             async with httpx.AsyncClient(base_url=srv.url, timeout=900) as client:
-                out = [await install(client, package, download) for _ in range(2)]
+                out = [await install(client, package, download, compile) for _ in range(2)]
             stats = cache.stats()
             print(f"  first {out[0].total:.2f} s, second {out[1].total:.2f} s; cache {stats}", flush=True)
             if stats["misses"] == 0 or stats["hits"] == 0:
@@ -186,7 +191,9 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} s (" + ", ".join(f"{v:.2f}" for v in values) + ")"
 
 
-async def main(package: str, runs: int, permit: list[str], download: bool, throttle_mbps: float, rtt_ms: float) -> None:
+async def main(
+    package: str, runs: int, permit: list[str], download: bool, throttle_mbps: float, rtt_ms: float, compile: bool
+) -> None:
     throttle = Throttle(throttle_mbps * 1e6, rtt_ms / 1000) if throttle_mbps > 0 else None
     async with contextlib.AsyncExitStack() as stack:
         if throttle is not None:
@@ -196,8 +203,9 @@ async def main(package: str, runs: int, permit: list[str], download: bool, throt
             if throttle
             else "this machine's upstream"
         )
-        print(f"pip {'download' if download else 'install'} {package}, {runs} runs, {link}", flush=True)
-        pairs = [await one_run(package, permit, download, throttle) for _ in range(runs)]
+        flags = "" if compile else " --no-compile"
+        print(f"pip {'download' if download else 'install'} {package}{flags}, {runs} runs, {link}", flush=True)
+        pairs = [await one_run(package, permit, download, throttle, compile) for _ in range(runs)]
     first, second = [p[0] for p in pairs], [p[1] for p in pairs]
     for name, rows in (("first (cache empty)", first), ("second (from cache)", second)):
         print(f"{name:>20}: total {_fmt([r.total for r in rows])}")
@@ -217,5 +225,8 @@ if __name__ == "__main__":
     parser.add_argument("--download", action="store_true", help="pip download instead (no install work)")
     parser.add_argument("--throttle-mbps", type=float, default=0.0, help="the cache's upstream at most this fast")
     parser.add_argument("--rtt-ms", type=float, default=0.0, help="with --throttle-mbps: a round trip per write up")
+    parser.add_argument("--no-compile", action="store_true", help="pip install --no-compile: no .pyc at install time")
     args = parser.parse_args()
-    asyncio.run(main(args.package, args.runs, args.permit, args.download, args.throttle_mbps, args.rtt_ms))
+    asyncio.run(
+        main(args.package, args.runs, args.permit, args.download, args.throttle_mbps, args.rtt_ms, not args.no_compile)
+    )
