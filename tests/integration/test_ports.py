@@ -43,21 +43,33 @@ class Echo(tornado.web.RequestHandler):
     get = post = put = patch = delete = _echo
 
 NEXT = asyncio.Event()
+GONE = asyncio.Event()
 
 class Events(tornado.web.RequestHandler):
     # server-sent events, each one only after the client asked for it (POST /next): a relay
-    # that buffered the response would never deliver the first
+    # that buffered the response would never deliver the first. ?forever: until the client goes.
     async def get(self):
         self.set_header("Content-Type", "text/event-stream")
-        for i in range(3):
+        i = 0
+        while i < 3 or self.get_argument("forever", None):
             self.write(f"data: event{i}\n\n")
             await self.flush()
             await NEXT.wait()
             NEXT.clear()
+            i += 1
+
+    def on_connection_close(self):
+        GONE.set()
 
 class Next(tornado.web.RequestHandler):
     def post(self):
         NEXT.set()
+
+class Gone(tornado.web.RequestHandler):
+    async def get(self):  # answers once an event stream's client went away
+        await GONE.wait()
+        GONE.clear()
+        self.write("gone")
 
 class Upload(tornado.web.RequestHandler):
     def post(self):
@@ -70,7 +82,8 @@ class WS(tornado.websocket.WebSocketHandler):
         self.write_message(message, binary=isinstance(message, bytes))
 
 async def main():
-    routes = [("/echo.*", Echo), ("/events", Events), ("/next", Next), ("/upload", Upload), ("/ws", WS)]
+    routes = [("/echo.*", Echo), ("/events", Events), ("/next", Next), ("/gone", Gone)]
+    routes += [("/upload", Upload), ("/ws", WS)]
     app = tornado.web.Application(routes)
     app.listen(int(sys.argv[1]), address="127.0.0.1")
     print("ready", flush=True)
@@ -289,6 +302,16 @@ async def test_server_sent_events_stream_as_they_happen(client: httpx.AsyncClien
                             r = await anonymous.post(f"{base}/next", headers=headers)
                             assert r.status_code == 200
             assert seen == ["event0", "event1", "event2"]
+
+        # a client that leaves an endless stream: the server inside sees its connection close
+        base, headers = f"/v1/sandboxes/{sid}/ports/{port}", AUTH
+        async with anonymous.stream("GET", f"{base}/events?forever=1", headers=headers) as stream:
+            async with asyncio.timeout(STEP):
+                async for line in stream.aiter_lines():
+                    if line.startswith("data: "):
+                        break
+        r = await anonymous.get(f"{base}/gone", headers=headers)  # a relay that kept it open: STEP
+        assert r.status_code == 200 and r.text == "gone"
 
 
 @pytest.mark.asyncio
