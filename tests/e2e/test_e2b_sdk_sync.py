@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from e2b import CommandExitException, NotFoundException, SandboxQuery
+from e2b import CommandExitException, NotFoundException, SandboxException, SandboxQuery
 from e2b import Sandbox as CoreSandbox
 from e2b_code_interpreter import Sandbox
 
@@ -292,6 +292,62 @@ def test_commands_cwd_envs_timeout(sbx: Sandbox) -> None:
     with pytest.raises(TimeoutException):
         sbx.commands.run("sleep 30", timeout=1)
     assert sbx.commands.run("echo stdin-closed; cat").stdout == "stdin-closed\n"
+
+
+# -- pty ------------------------------------------------------------------------------------
+
+
+class Terminal:
+    """A PTY handle's output as it arrives (the sync handle yields (stdout, stderr, pty))."""
+
+    def __init__(self, handle: object) -> None:
+        self.events = iter(handle)  # type: ignore[call-overload]
+        self.data = bytearray()
+
+    def until(self, marker: bytes, count: int = 1) -> None:
+        # Bounded by the handle's own timeout: the stream ends, and next() raises, after it.
+        while self.data.count(marker) < count:
+            _, _, chunk = next(self.events)
+            if chunk:
+                self.data.extend(chunk)
+
+
+def test_pty_create_input_resize_connect_kill(sbx: Sandbox) -> None:
+    from e2b import PtySize
+
+    handle = sbx.pty.create(PtySize(rows=30, cols=100), timeout=120)
+    term = Terminal(handle)
+    sbx.pty.send_stdin(handle.pid, b"echo hi\n")
+    term.until(b"hi\r\n", count=2)  # the echoed input ("echo hi"), then the output
+    sbx.pty.send_stdin(handle.pid, b"tty; stty size; echo $TERM\n")
+    term.until(b"30 100\r\n")
+    term.until(b"xterm-256color\r\n")
+    assert b"/dev/pts/" in term.data
+    sbx.pty.resize(handle.pid, PtySize(rows=50, cols=120))
+    sbx.pty.send_stdin(handle.pid, b"stty size\n")
+    term.until(b"50 120\r\n")
+    assert handle.pid in [p.pid for p in sbx.commands.list()]
+
+    again = Terminal(sbx.pty.connect(handle.pid, timeout=120))
+    sbx.pty.send_stdin(handle.pid, b"echo after-$((40+2))\n")
+    again.until(b"after-42\r\n")
+    assert b"30 100" not in again.data and b"50 120" not in again.data  # connect does not replay
+
+    assert sbx.pty.kill(handle.pid) is True
+    with pytest.raises(CommandExitException) as info:
+        handle.wait()
+    assert info.value.exit_code == -1 and "killed" in (info.value.error or "")
+    assert sbx.pty.kill(handle.pid) is False
+
+
+def test_commands_user(sbx: Sandbox) -> None:
+    from e2b import PtySize
+
+    assert sbx.commands.run("echo me", user="user").stdout == "me\n"
+    with pytest.raises(SandboxException, match="user 'root' is not available"):
+        sbx.commands.run("whoami", user="root")
+    with pytest.raises(SandboxException, match="user 'root' is not available"):
+        sbx.pty.create(PtySize(rows=24, cols=80), user="root")
 
 
 def test_watch_dir_polling(sbx: Sandbox) -> None:
