@@ -9,12 +9,13 @@ import json
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from e2b import CommandExitException, NotFoundException, SandboxException, SandboxQuery
 from e2b import Sandbox as CoreSandbox
 from e2b_code_interpreter import Sandbox
 
-from tests.e2e.conftest import E2BServer
+from tests.e2e.conftest import PORTS_DOMAIN, E2BServer
 
 pytestmark = pytest.mark.e2e
 
@@ -376,6 +377,65 @@ def test_more_mime_types_and_extra(sbx: Sandbox) -> None:
     assert ex.results[1].latex == "$x^2$"
     assert ex.results[2].javascript == "1 + 1"
     assert ex.results[3].extra == {"application/vnd.custom+json": {"k": "v"}} and ex.results[3].text == "custom"
+
+
+# A server in the sandbox that says what it got; it prints its port once it listens.
+ECHO_SERVER = """\
+import http.server
+class Echo(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = f"{self.path} token={self.headers.get('e2b-traffic-access-token')}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", 0), Echo)
+print("listening", server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def _serve(sandbox: CoreSandbox) -> int:
+    sandbox.files.write("echo_server.py", ECHO_SERVER)
+    handle = sandbox.commands.run("python3 echo_server.py", background=True)
+    out = ""
+    for stdout, _, _ in handle:  # output comes in chunks: up to the first full line
+        out += stdout or ""
+        if "\n" in out:
+            handle.disconnect()
+            assert out.startswith("listening "), out
+            return int(out.split()[1])
+    raise AssertionError(f"the server in the sandbox never listened: {out!r}")
+
+
+def test_get_host_and_the_traffic_token(e2b_server: E2BServer) -> None:
+    sandbox = CoreSandbox.create(timeout=120)  # private ports: cellbox's default
+    try:
+        token = sandbox.traffic_access_token
+        assert token
+        port = _serve(sandbox)
+        host = sandbox.get_host(port)
+        assert host == f"{port}-{sandbox.sandbox_id}.{PORTS_DOMAIN}"
+        with httpx.Client(base_url=e2b_server.url, timeout=30) as http:
+            ok = http.get("/hello?x=1", headers={"Host": host, "e2b-traffic-access-token": token})
+            assert ok.status_code == 200 and ok.text == "/hello?x=1 token=None"  # not passed on
+            assert http.get("/hello", headers={"Host": host}).status_code == 401
+            wrong = http.get("/hello", headers={"Host": host, "e2b-traffic-access-token": "not-it"})
+            assert wrong.status_code == 401
+    finally:
+        sandbox.kill()
+
+    public = CoreSandbox.create(timeout=120, network={"allow_public_traffic": True})
+    try:
+        assert public.traffic_access_token is None
+        port = _serve(public)
+        with httpx.Client(base_url=e2b_server.url, timeout=30) as http:
+            assert http.get("/open", headers={"Host": public.get_host(port)}).text == "/open token=None"
+        assert public.commands.run("echo still-works").stdout == "still-works\n"
+    finally:
+        public.kill()
 
 
 def test_sandbox_envs_reach_kernels_and_commands(e2b_server: E2BServer) -> None:
