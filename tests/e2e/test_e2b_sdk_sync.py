@@ -150,6 +150,22 @@ def test_list_pages_with_the_next_token(e2b_server: E2BServer) -> None:
             s.kill()
 
 
+def test_list_filters_on_every_metadata_pair_with_any_characters(e2b_server: E2BServer) -> None:
+    odd = "a b&c=d/é%+?"  # what a query string must carry quoted
+    first = CoreSandbox.create(metadata={"suite": "odd-meta", "v": odd})
+    second = CoreSandbox.create(metadata={"suite": "odd-meta", "v": "plain"})
+    try:
+        found = CoreSandbox.list(query=SandboxQuery(metadata={"suite": "odd-meta", "v": odd})).next_items()
+        assert [s.sandbox_id for s in found] == [first.sandbox_id] and found[0].metadata["v"] == odd
+        both = CoreSandbox.list(query=SandboxQuery(metadata={"suite": "odd-meta"}), order="desc", limit=1)
+        pages = [both.next_items(), both.next_items()]
+        assert [p[0].sandbox_id for p in pages] == [second.sandbox_id, first.sandbox_id]
+        assert not both.has_next
+    finally:
+        first.kill()
+        second.kill()
+
+
 def test_other_keys_do_not_see_each_others_sandboxes(e2b_server: E2BServer) -> None:
     mine = CoreSandbox.create(metadata={"suite": "owners"})
     try:
@@ -328,6 +344,9 @@ def test_pty_create_input_resize_connect_kill(sbx: Sandbox) -> None:
     sbx.pty.send_stdin(handle.pid, b"stty size\n")
     term.until(b"50 120\r\n")
     assert handle.pid in [p.pid for p in sbx.commands.list()]
+    if hasattr(sbx.pty, "stream_input"):  # newer SDKs: StreamInput with pty data
+        sbx.pty.stream_input(handle.pid, [b"echo str", b"eamed-$((1+1))\n"])
+        term.until(b"streamed-2\r\n")
 
     again = Terminal(sbx.pty.connect(handle.pid, timeout=120))
     sbx.pty.send_stdin(handle.pid, b"echo after-$((40+2))\n")
