@@ -140,9 +140,8 @@ class CommandLog(EventLog[CommandEvent]):
 
     def flush(self) -> None:
         """The end of the output: a character cut off at the end shows as U+FFFD."""
-        if not self.truncated:
-            for stream, decoder in self.decoders.items():
-                self.text(stream, decoder.decode(b"", final=True))
+        for stream, decoder in self.decoders.items():
+            self.text(stream, decoder.decode(b"", final=True))
 
     def terminal_output(self, data: bytes) -> None:
         if not data:
