@@ -111,8 +111,15 @@ class AgentClient:
         log: str | None = None,
         pipes: bool = False,
         tag: str = "",
+        user: str | None = None,
+        pty: tuple[int, int] | None = None,
     ) -> ProcessHandle:
-        resp = await self.request("spawn", argv=argv, env=env, cwd=cwd, log=log, pipes=pipes, tag=tag)
+        """Start a process (see the agent's ``spawn``); with ``pty`` (rows, cols) in a new
+        terminal, its output as stream ``"pty"``. ``user`` is sent only when given."""
+        extra: dict[str, Any] = {} if user is None else {"user": user}
+        if pty is not None:
+            extra["pty"] = {"rows": pty[0], "cols": pty[1]}
+        resp = await self.request("spawn", argv=argv, env=env, cwd=cwd, log=log, pipes=pipes, tag=tag, **extra)
         pid = int(resp["pid"])
         handle = ProcessHandle(pid)
         self._procs[pid] = handle
@@ -131,6 +138,9 @@ class AgentClient:
 
     async def close_stdin(self, pid: int) -> None:
         await self.request("close_stdin", pid=pid)
+
+    async def resize(self, pid: int, rows: int, cols: int) -> None:
+        await self.request("resize", pid=pid, rows=rows, cols=cols)
 
     async def watch(self, path: str, recursive: bool) -> tuple[int, asyncio.Queue[dict[str, Any] | None]]:
         """Start watching a directory: (watch id, queue of fs events; None when the agent goes)."""
