@@ -2,15 +2,16 @@
 // notebook whose kernel is a cellbox kernel, run its cells, check what the page shows, take a
 // screenshot.
 // Input (env): LAB_URL, LAB_TOKEN, NOTEBOOK (path in Lab's root), SCREENSHOT (png path),
-// PLAYWRIGHT_CORE (the module's directory), SCENARIO ("plot", the default, or "widgets").
+// PLAYWRIGHT_CORE (the module's directory), SCENARIO ("plot", the default, "widgets" or
+// "buffers"), UPLOAD_HEX (buffers: the bytes to upload, in hex).
 // Prints one JSON line: what the page showed.
 //
 // Scenarios (the notebooks are written by tests/e2e/test_jupyterlab_browser.py):
 // * plot: Run All Cells; a matplotlib PNG and the text "cellbox-ok" appear.
 // * widgets: cell 1 displays an IntSlider(5); the page edits its readout to 6 (browser → kernel
 //   comm_msg); cell 2 prints the kernel's s.value; cell 3 sets s.value = 7 (kernel → browser
-//   comm_msg) and the readout must follow; cell 4 (optional) displays a widget whose state has
-//   a binary buffer, and the page reports what became of it.
+//   comm_msg) and the readout must follow.
+// * buffers: see buffers() below.
 "use strict";
 const { chromium } = require(process.env.PLAYWRIGHT_CORE);
 
@@ -92,33 +93,45 @@ async function widgets(page, out) {
   out.after_kernel_set = await readout(page);
   out.steps.push("kernel-set");
 
-  const cells = await page.locator(".jp-Notebook .jp-CodeCell").count();
-  if (cells > 3) {
-    // a widget whose state carries a binary buffer (ipywidgets' Image sends its value as one)
-    const fourth = await runCell(page, 3);
-    out.binary = await fourth
-      .locator(".jp-OutputArea-output img.widget-image, .jp-OutputArea-output .widget-image")
-      .first()
-      .waitFor({ timeout: SHORT })
-      .then(
-        () => "rendered",
-        (err) => `not rendered: ${String(err).split("\n")[0]}`,
-      );
-    if (out.binary === "rendered") {
-      out.binary_img = await fourth.locator("img.widget-image").first().evaluate((el) => ({
-        src: el.getAttribute("src")?.slice(0, 22),
-        width: el.naturalWidth,
-      }));
-    }
-    out.status_after_binary = await page
-      .locator(".jp-StatusBar-TextItem, #jp-main-statusbar")
-      .first()
-      .textContent()
-      .catch(() => null);
-  }
 }
 
-const SCENARIOS = { plot, widgets };
+// Binary buffers both ways: cell 1 displays an ipywidgets Image (its PNG value travels as a
+// buffer of the comm message, kernel → browser); cell 2 displays a FileUpload, into which the
+// page puts a file (its bytes travel as a buffer, browser → kernel); cell 3 prints them.
+async function buffers(page, out) {
+  out.steps = [];
+  const first = await runCell(page, 0);
+  const img = first.locator(".jp-OutputArea-output img.widget-image");
+  await img.waitFor({ timeout: SHORT });
+  await page.waitForFunction(
+    () => (document.querySelector(".jp-OutputArea-output img.widget-image")?.naturalWidth ?? 0) > 0,
+    null,
+    { timeout: SHORT },
+  );
+  out.image = await img.evaluate((el) => ({ src: el.getAttribute("src")?.slice(0, 5), width: el.naturalWidth }));
+  out.steps.push("image");
+
+  const second = await runCell(page, 1);
+  // the widget's file input is not in the DOM: its button opens the chooser, playwright fills it
+  const button = second.locator("button.widget-upload");
+  await button.waitFor({ timeout: SHORT });
+  const [chooser] = await Promise.all([page.waitForEvent("filechooser", { timeout: SHORT }), button.click()]);
+  await chooser.setFiles({
+    name: "upload.bin",
+    mimeType: "application/octet-stream",
+    buffer: Buffer.from(process.env.UPLOAD_HEX, "hex"),
+  });
+  // the widget counts its files once it has read them and sent the update
+  await second.locator(".widget-upload:has-text('(1)')").waitFor({ timeout: SHORT });
+  out.steps.push("uploaded");
+
+  const third = await runCell(page, 2);
+  await third.locator(".jp-OutputArea-output:has-text('upload')").waitFor({ timeout: SHORT });
+  out.kernel_saw = (await third.locator(".jp-OutputArea-output").first().textContent())?.trim();
+  out.steps.push("kernel-read");
+}
+
+const SCENARIOS = { plot, widgets, buffers };
 
 async function main() {
   const scenario = SCENARIOS[process.env.SCENARIO || "plot"];
