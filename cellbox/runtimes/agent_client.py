@@ -111,8 +111,12 @@ class AgentClient:
         log: str | None = None,
         pipes: bool = False,
         tag: str = "",
+        user: str | None = None,
     ) -> ProcessHandle:
-        resp = await self.request("spawn", argv=argv, env=env, cwd=cwd, log=log, pipes=pipes, tag=tag)
+        """Start a process; ``user`` (``"root"`` or a name in the sandbox's passwd) only in a
+        rootfs sandbox, None for the sandbox's default user."""
+        extra = {} if user is None else {"user": user}
+        resp = await self.request("spawn", argv=argv, env=env, cwd=cwd, log=log, pipes=pipes, tag=tag, **extra)
         pid = int(resp["pid"])
         handle = ProcessHandle(pid)
         self._procs[pid] = handle
