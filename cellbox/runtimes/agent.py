@@ -1013,7 +1013,8 @@ def _sudo_request(request: dict[str, Any]) -> int:
             fds.append(opened[-1])
     payload = json.dumps(request).encode() + b"\n"
     sent = socket.send_fds(sock, [payload], fds)
-    sock.sendall(payload[sent:])
+    if sent < len(payload):
+        sock.sendall(payload[sent:])
     for fd in opened:
         os.close(fd)
 

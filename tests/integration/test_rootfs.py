@@ -115,7 +115,9 @@ async def test_root_writes_stay_in_the_sandbox(short_tmp: Path, template: Templa
             code, out = await sh(rt, a, "sudo dd if=/dev/zero of=/opt/big bs=1M count=100 status=none")
             assert code != 0 and "No space left on device" in out, out
             # the upper layer is on the sandbox's disk, owned by its own range
-            upper = a.dir / "disk" / "upper"
+            assert a.rootfs is not None
+            upper = a.rootfs.upper
+            assert upper.is_relative_to(a.dir / "disk")
             assert (upper / "opt" / "cbx-marker").stat().st_uid == a.root_uid
             # a neighbour sees none of it
             code, out = await sh(rt, b, "ls /usr/local/cbx-marker /opt/cbx-marker /etc/cbx-marker; dpkg -s cbxdemo")

@@ -199,16 +199,23 @@ class BwrapIsolation:
     def _layout_rootfs(sandbox: LocalSandbox, disk: Path) -> None:
         assert sandbox.template.rootfs is not None and sandbox.userns is not None
         assert sandbox.uid is not None and sandbox.root_uid is not None
+        # Host uids other than the sandbox's must reach nothing of it: the layers are in a
+        # directory only host root (the overlay's mounter) enters, the merged root below one
+        # only the sandbox's root owns (bwrap, as that root, binds it); the home is 0700.
         os.chmod(disk, 0o711)
-        home, upper, work = disk / "home", disk / "upper", disk / "work"
+        home, layers, mnt = disk / "home", disk / "layers", sandbox.dir / "mnt"
         home.mkdir(mode=0o700)
         os.chown(home, sandbox.uid, sandbox.root_uid + SANDBOX_GID)
+        layers.mkdir(mode=0o700)
+        upper, work = layers / "upper", layers / "work"
         upper.mkdir(mode=0o755)
         os.chown(upper, sandbox.root_uid, sandbox.root_uid)  # "/" is root's inside
         work.mkdir(mode=0o700)
+        mnt.mkdir(mode=0o700)
+        os.chown(mnt, sandbox.root_uid, sandbox.root_uid)
         sandbox.home = home
         sandbox.rootfs = RootfsMount.create(
-            sandbox.template.rootfs, sandbox.userns, upper=upper, work=work, merged=sandbox.dir / "root"
+            sandbox.template.rootfs, sandbox.userns, upper=upper, work=work, merged=mnt / "root"
         )
         write_profile(home, sandbox.template, sandbox.uid)
         write_etc_files(sandbox.dir / "etc")
