@@ -154,7 +154,8 @@ async def test_root_sees_no_host_processes_or_files(rt: LocalRuntime, sandbox: L
 
 @pytest.mark.asyncio
 async def test_setuid_binaries_written_by_root_give_nothing(rt: LocalRuntime, sandbox: LocalSandbox) -> None:
-    make = "cp /usr/bin/id /usr/local/bin/suid-id && chmod 4755 /usr/local/bin/suid-id && stat -c %a /usr/local/bin/suid-id"
+    suid = "/usr/local/bin/suid-id"
+    make = f"cp /usr/bin/id {suid} && chmod 4755 {suid} && stat -c %a {suid}"
     code, out = await sh(rt, sandbox, make, user="root")
     assert (code, out.strip()) == (0, "4755"), out
     code, out = await sh(rt, sandbox, "/usr/local/bin/suid-id -u; /usr/local/bin/suid-id -ru")
