@@ -20,6 +20,7 @@ from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.connect import KernelConnectionInfo
 
 from cellbox.interpreter.errors import InterpreterError
+from cellbox.runtimes.local import LocalRuntime
 from cellbox.runtimes.specs import TemplateInfo
 from tests.integration.helpers import bwrap_problem
 from tests.integration.test_isolation_helpers import execute, execute_json
@@ -229,3 +230,23 @@ async def test_root_needs_a_rootfs_template(short_tmp: Path, rootfs_dir: Path) -
                 await sh(rt, sb, "id -u", user="root")
         finally:
             await rt.destroy_sandbox(sb)
+
+
+@pytest.mark.asyncio
+async def test_startup_reaps_the_mounts_of_a_crashed_service(short_tmp: Path, template: TemplateInfo) -> None:
+    """A service that died with rootfs sandboxes running left their overlay and disk mounted:
+    the next start on the same data dir and cgroup prefix unmounts and removes them."""
+    async with rootfs_runtime(short_tmp, "reap") as rt:
+        sb = await new_sandbox(rt, "sb_rfr", template)
+        assert (await sh(rt, sb, "echo alive"))[1] == "alive\n"
+        homes = str(rt.config.homes)
+
+        def mounted() -> list[str]:
+            return [m for m in (line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines())
+                    if m.startswith(homes + "/")]  # fmt: skip
+
+        assert len(mounted()) == 2, mounted()  # the disk and the overlay
+        again = LocalRuntime(rt.config)
+        await again.startup()
+        assert mounted() == [] and not sb.dir.exists()
+        await rt.destroy_sandbox(sb)  # the first service's stale record: nothing left to free

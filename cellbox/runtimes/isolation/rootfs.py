@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import os
 import tempfile
 from dataclasses import dataclass
@@ -174,9 +175,11 @@ class RootfsMount:
         try:
             _umount(self.merged)
         except OSError as exc:
-            if exc.errno == 16:  # EBUSY
+            if exc.errno == errno.EBUSY:
                 with contextlib.suppress(OSError):
                     _umount(self.merged, lazy=True)
+            elif exc.errno not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more): done
+                raise
         with contextlib.suppress(OSError):
             self.merged.rmdir()
 
