@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     sandbox_uid_count: int = Field(
         10_000, ge=1, description="How many host uids sandboxes may use (isolation 'bwrap')."
     )
+    sandbox_range_first: int = Field(
+        1 << 30,
+        ge=65536,
+        description="First host uid of the uid ranges of rootfs sandboxes (65536 each: root inside is the first); "
+        "a second service on the host needs ranges of its own.",
+    )
+    sandbox_range_count: int = Field(1024, ge=1, description="How many uid ranges rootfs sandboxes may use.")
     cgroup_prefix: str = Field(
         "cellbox",
         description="Name of the cgroup under the service's own cgroup that holds the sandboxes' cgroups; "

@@ -49,6 +49,10 @@ class RuntimeSettings(Protocol):
     @property
     def sandbox_uid_count(self) -> int: ...
     @property
+    def sandbox_range_first(self) -> int: ...
+    @property
+    def sandbox_range_count(self) -> int: ...
+    @property
     def cgroup_prefix(self) -> str: ...
     @property
     def sandbox_tmp_mb(self) -> int: ...
@@ -77,6 +81,8 @@ def local_config(settings: RuntimeSettings) -> LocalConfig:
         default_fsize_mb=settings.default_fsize_mb,
         sandbox_uid_first=settings.sandbox_uid_first,
         sandbox_uid_count=settings.sandbox_uid_count,
+        sandbox_range_first=settings.sandbox_range_first,
+        sandbox_range_count=settings.sandbox_range_count,
         cgroup_prefix=settings.cgroup_prefix,
         sandbox_tmp_mb=settings.sandbox_tmp_mb,
     )

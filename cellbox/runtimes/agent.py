@@ -39,6 +39,18 @@ Egress: with ``--egress-socket PATH --egress-port N`` the agent loads the egress
 read-only) and relays ``127.0.0.1:N`` of the sandbox's network namespace to the service's proxy
 on ``PATH``, before it reports ready.
 
+Rootfs sandboxes (``--as-user UID:GID``): the agent runs as root of the sandbox's own user
+namespace, with a Docker-like set of capabilities (it drops every other one from its bounding
+set first). Every process it starts runs as that user unless the spawn says ``"user":
+"root"`` (or another name in the sandbox's passwd), and file operations run in threads whose
+file system ids are that user's, so they see and create files exactly as the user would. It
+adds the user to ``/etc/passwd`` and ``/etc/group`` when the image has no uid 1000. ``sudo``
+inside is this file (``agent.py sudo ARGS``, bound as ``/usr/local/bin/sudo``): it passes its
+argv, cwd, environment and its stdin/stdout/stderr (SCM_RIGHTS) to the agent over the abstract
+unix socket :data:`SUDO_SOCKET` (private to the sandbox's network namespace), which runs the
+command as root and answers its exit status (no_new_privs makes a setuid sudo inert). Without
+``--as-user`` (venv sandboxes, already running as ``user``) a spawn for any other user fails.
+
 Usage: ``python agent.py --socket PATH`` (prints nothing; the socket appearing is readiness:
 it is bound and listening under another name first, then renamed into place).
 """
@@ -48,6 +60,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import ctypes
 import errno
@@ -56,6 +69,7 @@ import importlib.util
 import json
 import logging
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -63,8 +77,10 @@ import stat
 import struct
 import sys
 import termios
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("cellbox.agent")
 
@@ -83,6 +99,18 @@ _MAX_LISTING = 10_000
 #: Relayed port connections at once, and how long connecting to a port may take.
 _MAX_PORT_CONNECTIONS = 256
 _PORT_CONNECT_TIMEOUT = 10.0
+#: The abstract unix socket ``sudo`` asks the agent on (rootfs sandboxes); each sandbox has its
+#: own network namespace, hence its own abstract socket names.
+SUDO_SOCKET = "\0cellbox-sudo"
+#: The capabilities root keeps in a rootfs sandbox (Docker's default set without NET_RAW):
+#: CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL, SETGID, SETUID, SETPCAP, NET_BIND_SERVICE,
+#: SYS_CHROOT, MKNOD, AUDIT_WRITE, SETFCAP.
+ROOT_CAPS = frozenset({0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 27, 29, 31})
+#: root's PATH (Debian's sudo secure_path).
+ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_PR_CAPBSET_DROP = 24
+_SYS_SETFSUID, _SYS_SETFSGID = 122, 123  # x86_64
+_FILE_THREADS = 4
 
 
 _IN_MODIFY, _IN_ATTRIB, _IN_CLOSE_WRITE = 0x2, 0x4, 0x8
@@ -283,9 +311,14 @@ def _error_code(exc: Exception) -> str:
 
 
 class Agent:
-    def __init__(self, home: str = SANDBOX_HOME, jail: bool = False) -> None:
+    def __init__(self, home: str = SANDBOX_HOME, jail: bool = False, as_user: tuple[int, int] | None = None) -> None:
         self.home = os.path.realpath(home)
         self.jail = jail
+        # rootfs sandboxes: the agent is root; processes and file operations are this user's
+        self.as_user = as_user
+        self.files = concurrent.futures.ThreadPoolExecutor(
+            _FILE_THREADS, "agent-files", initializer=_become_fs_user, initargs=(as_user,)
+        )
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.terminals: dict[int, Terminal] = {}  # pid -> terminal, for processes spawned with pty
         self.writer: asyncio.StreamWriter | None = None
@@ -409,8 +442,7 @@ class Agent:
         return {"pid": os.getpid()}
 
     async def op_spawn(self, req: dict[str, Any]) -> dict[str, Any]:
-        if req.get("user") not in (None, "user"):  # one user here; sandboxes with root offer more
-            raise PermissionError(f"user {req['user']!r} is not available in this sandbox: only 'user'")
+        ids = self.user_ids(req.get("user"))  # first: a refused user leaves nothing open
         pipes = bool(req.get("pipes"))
         log_path = req.get("log")
         out: Any = asyncio.subprocess.PIPE if pipes else asyncio.subprocess.DEVNULL
@@ -418,19 +450,27 @@ class Agent:
         if log_path and not pipes:
             logf = await asyncio.to_thread(open, log_path, "ab")
             out = logf
+        env = dict(req.get("env") or {})
+        if ids is None and self.as_user is not None:
+            env = root_env(env)
         cwd = self.resolve(req["cwd"]) if req.get("cwd") else self.home
-        os.makedirs(cwd, exist_ok=True)  # a missing working directory is made, as the sandbox user
+        # a missing working directory is made, as the user the process runs as
+        if ids is None:
+            await asyncio.to_thread(os.makedirs, cwd, exist_ok=True)
+        else:
+            await self.in_files(lambda: os.makedirs(cwd, exist_ok=True))
         term = Terminal(req["pty"]) if req.get("pty") else None  # the child's stdio, if asked for
         try:
             proc = await asyncio.create_subprocess_exec(
                 *req["argv"],
-                env=req.get("env") or {},
+                env=env,
                 cwd=cwd,
                 stdin=term.slave if term else asyncio.subprocess.PIPE if pipes else asyncio.subprocess.DEVNULL,
                 stdout=term.slave if term else out,
                 stderr=term.slave if term else out,
                 start_new_session=True,
                 preexec_fn=Terminal.take if term else None,
+                **_drop_kwargs(ids),
             )
         except BaseException:
             if term is not None:
@@ -447,6 +487,25 @@ class Agent:
         kernel = str(req.get("tag", "")).startswith("kernel:")
         self.spawn(self.watch(proc, pipes, kernel), f"process-{proc.pid}")
         return {"pid": proc.pid}
+
+    def user_ids(self, user: Any) -> tuple[int, int] | None:
+        """The (uid, gid) a process of ``user`` runs as; None: as the agent itself (root in a
+        rootfs sandbox). ValueError for a user this sandbox does not have."""
+        if self.as_user is None:
+            if user in (None, "", "user"):
+                return None  # the agent already runs as the sandbox's user
+            raise PermissionError(
+                f"user {user!r} is not available: only a sandbox from a rootfs template has root (this one has 'user')"
+            )
+        if user in (None, "", "user"):
+            return self.as_user
+        if user in ("root", 0, "0"):
+            return None
+        try:
+            entry = pwd.getpwuid(int(user)) if str(user).isdigit() else pwd.getpwnam(str(user))
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"no user {user!r} in this sandbox") from exc
+        return None if entry.pw_uid == 0 else (entry.pw_uid, entry.pw_gid)
 
     async def watch(self, proc: asyncio.subprocess.Process, pipes: bool, kernel: bool) -> None:
         if (term := self.terminals.get(proc.pid)) is not None:
@@ -561,11 +620,15 @@ class Agent:
             out["symlink_target"] = os.readlink(real)
         return out
 
+    async def in_files(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run a file operation in a worker thread with the user's file system ids."""
+        return await asyncio.get_running_loop().run_in_executor(self.files, fn, *args)
+
     async def op_stat(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"entry": self.entry(self.resolve(req["path"], follow_last=False))}
+        return await self.in_files(lambda: {"entry": self.entry(self.resolve(req["path"], follow_last=False))})
 
     async def op_listdir(self, req: dict[str, Any]) -> dict[str, Any]:
-        return await asyncio.to_thread(self._listdir, req)
+        return await self.in_files(self._listdir, req)
 
     def _listdir(self, req: dict[str, Any]) -> dict[str, Any]:
         root = self.resolve(req["path"])
@@ -588,7 +651,7 @@ class Agent:
         return {"entries": entries, "truncated": len(entries) >= limit}
 
     async def op_mkdir(self, req: dict[str, Any]) -> dict[str, Any]:
-        return await asyncio.to_thread(self._mkdir, req)
+        return await self.in_files(self._mkdir, req)
 
     def _mkdir(self, req: dict[str, Any]) -> dict[str, Any]:
         real = self.resolve(req["path"])
@@ -601,6 +664,9 @@ class Agent:
         return {"created": True, "entry": self.entry(real)}
 
     async def op_move(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await self.in_files(self._move, req)
+
+    def _move(self, req: dict[str, Any]) -> dict[str, Any]:
         src = self.resolve(req["src"], follow_last=False)
         dst = self.resolve(req["dst"], follow_last=False)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
@@ -608,7 +674,7 @@ class Agent:
         return {"entry": self.entry(dst)}
 
     async def op_remove(self, req: dict[str, Any]) -> dict[str, Any]:
-        return await asyncio.to_thread(self._remove, req)
+        return await self.in_files(self._remove, req)
 
     def _remove(self, req: dict[str, Any]) -> dict[str, Any]:
         real = self.resolve(req["path"], follow_last=False)
@@ -621,7 +687,7 @@ class Agent:
         return {}
 
     async def op_read(self, req: dict[str, Any]) -> dict[str, Any]:
-        return await asyncio.to_thread(self._read, req)
+        return await self.in_files(self._read, req)
 
     def _read(self, req: dict[str, Any]) -> dict[str, Any]:
         real = self.resolve(req["path"])
@@ -633,7 +699,7 @@ class Agent:
         return {"data": base64.b64encode(data).decode(), "eof": eof, "size": os.path.getsize(real)}
 
     async def op_write(self, req: dict[str, Any]) -> dict[str, Any]:
-        return await asyncio.to_thread(self._write, req)
+        return await self.in_files(self._write, req)
 
     def _write(self, req: dict[str, Any]) -> dict[str, Any]:
         real = self.resolve(req["path"])
@@ -655,7 +721,7 @@ class Agent:
 
     async def op_watch(self, req: dict[str, Any]) -> dict[str, Any]:
         recursive = bool(req.get("recursive"))
-        root, subdirs = await asyncio.to_thread(self._watch_dirs, req["path"], recursive)
+        root, subdirs = await self.in_files(self._watch_dirs, req["path"], recursive)
         if self.inotify is None:
             self.inotify = Inotify(self)
         return {"watch": self.inotify.watch(root, recursive, subdirs)}
@@ -681,6 +747,177 @@ class Agent:
         for pid in list(self.procs):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
+
+
+def _drop_kwargs(ids: tuple[int, int] | None) -> dict[str, Any]:
+    """``subprocess`` options that start a process as ``ids`` (no supplementary groups but its
+    own); none for None. The child loses every capability when it execs as a non-root uid."""
+    if ids is None:
+        return {}
+    return {"user": ids[0], "group": ids[1], "extra_groups": [ids[1]]}
+
+
+def root_env(env: dict[str, str]) -> dict[str, str]:
+    """A process's environment made root's: HOME, USER, LOGNAME and a PATH with the sbin
+    directories (the rest, proxy and CA settings included, is kept)."""
+    out = dict(env)
+    if out.get("HOME", SANDBOX_HOME) == SANDBOX_HOME:
+        out["HOME"] = "/root"
+    out["USER"] = out["LOGNAME"] = "root"
+    path = [p for p in out.get("PATH", "").split(":") if p]
+    out["PATH"] = ":".join(path + [p for p in ROOT_PATH.split(":") if p not in path])
+    return out
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _become_fs_user(ids: tuple[int, int] | None) -> None:
+    """Thread initializer of the file workers: with ``ids``, this thread's file system uid and
+    gid become the user's (per thread, unlike setuid), which also drops its file capabilities."""
+    if ids is None:
+        return
+    _libc.syscall(_SYS_SETFSGID, ids[1])
+    _libc.syscall(_SYS_SETFSUID, ids[0])
+    if _libc.syscall(_SYS_SETFSUID, -1) != ids[0]:  # setfsuid answers the previous id, never fails
+        raise OSError(errno.EPERM, "setfsuid did not take")
+
+
+def drop_bounding_set(keep: frozenset[int] = ROOT_CAPS) -> None:
+    """Drop every capability but ``keep`` from the bounding set (needs CAP_SETPCAP), so nothing
+    the sandbox runs can gain another one. bwrap, running as the namespace's root, leaves it full."""
+    try:
+        last = int(open("/proc/sys/kernel/cap_last_cap").read())
+    except OSError:
+        last = 40
+    for cap in range(last + 1):
+        if cap not in keep and _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            if err != errno.EINVAL:
+                raise OSError(err, f"PR_CAPBSET_DROP {cap}: {os.strerror(err)}")
+
+
+def ensure_user_entries(uid: int, gid: int, home: str = SANDBOX_HOME) -> None:
+    """Add ``user`` (uid/gid) to /etc/passwd and /etc/group unless the image has that uid
+    (rootfs sandboxes; the agent is root and the files are its overlay's)."""
+    with contextlib.suppress(FileNotFoundError):
+        with open("/etc/group") as f:
+            groups = f.read()
+        if not any(line.split(":")[2:3] == [str(gid)] for line in groups.splitlines()):
+            with open("/etc/group", "a") as f:
+                f.write(("" if groups.endswith("\n") or not groups else "\n") + f"user:x:{gid}:\n")
+    with contextlib.suppress(FileNotFoundError):
+        with open("/etc/passwd") as f:
+            users = f.read()
+        if not any(line.split(":")[2:3] == [str(uid)] for line in users.splitlines()):
+            with open("/etc/passwd", "a") as f:
+                f.write(
+                    ("" if users.endswith("\n") or not users else "\n") + f"user:x:{uid}:{gid}:user:{home}:/bin/bash\n"
+                )
+
+
+class SudoServer:
+    """Runs commands as root for ``sudo`` inside a rootfs sandbox (see the module docstring).
+
+    A request is one ``sendmsg``: a JSON line ``{"argv", "cwd", "env"}`` and three descriptors
+    (the caller's stdin, stdout, stderr). Then the client may send ``{"signal": N}`` lines
+    (forwarded to the command's process group); the agent answers ``{"returncode": N}`` when
+    the command ends, or ``{"error": "..."}``. A client that goes away takes its command along.
+    """
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.bind(SUDO_SOCKET)
+        self.sock.listen(64)
+        self.sock.setblocking(False)
+        self.procs: set[int] = set()
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self.sock)
+            self.agent.spawn(self.handle(conn), "sudo")
+
+    async def handle(self, conn: socket.socket) -> None:
+        proc = None
+        try:
+            try:
+                msg, fds = await asyncio.wait_for(asyncio.to_thread(_recv_request, conn), 10.0)
+            except (TimeoutError, OSError, ValueError) as exc:
+                await asyncio.to_thread(conn.sendall, json.dumps({"error": f"bad request: {exc}"}).encode() + b"\n")
+                return
+            try:
+                env = {str(k): str(v) for k, v in dict(msg.get("env") or {}).items()}
+                proc = await asyncio.create_subprocess_exec(
+                    *[str(a) for a in msg["argv"]],
+                    env=env,
+                    cwd=str(msg.get("cwd") or "/"),
+                    stdin=fds[0],
+                    stdout=fds[1],
+                    stderr=fds[2],
+                    start_new_session=True,
+                    **_drop_kwargs(self.agent.user_ids(msg.get("user") or "root")),
+                )
+            except (OSError, KeyError, TypeError, ValueError) as exc:
+                reply = {"error": f"{msg.get('argv', ['?'])[0]}: {exc.strerror if isinstance(exc, OSError) else exc}"}
+                conn.setblocking(True)
+                await asyncio.to_thread(conn.sendall, json.dumps(reply).encode() + b"\n")
+                return
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            self.procs.add(proc.pid)
+            conn.setblocking(False)
+            reader, writer = await asyncio.open_unix_connection(sock=conn)
+            signals = self.agent.spawn(self.relay_signals(reader, proc), "sudo-signals")
+            code = await proc.wait()
+            signals.cancel()
+            writer.write(json.dumps({"returncode": code}).encode() + b"\n")
+            with contextlib.suppress(OSError):
+                await writer.drain()
+            writer.close()
+        finally:
+            if proc is not None:
+                self.procs.discard(proc.pid)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            conn.close()
+
+    @staticmethod
+    async def relay_signals(reader: asyncio.StreamReader, proc: asyncio.subprocess.Process) -> None:
+        while line := await reader.readline():
+            with contextlib.suppress(ValueError, ProcessLookupError, PermissionError, TypeError, KeyError):
+                os.killpg(proc.pid, int(json.loads(line)["signal"]))
+        # the client went away (killed, or its pipe closed): so does the command
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def kill_all(self) -> None:
+        for pid in list(self.procs):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def _recv_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    conn.setblocking(True)
+    conn.settimeout(10.0)
+    data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 3)
+    try:
+        if len(fds) != 3:
+            raise ValueError(f"expected 3 descriptors, got {len(fds)}")
+        while not data.endswith(b"\n"):
+            if len(data) > _LINE_LIMIT or not (more := conn.recv(1 << 16)):
+                raise ValueError("the request ended early")
+            data += more
+        msg = json.loads(data)
+        if not isinstance(msg, dict) or not isinstance(msg.get("argv"), list) or not msg["argv"]:
+            raise ValueError("a request has a non-empty argv")
+    except ValueError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return msg, fds
 
 
 async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
@@ -726,8 +963,15 @@ async def main(
     egress_socket: str | None = None,
     egress_port: int = 3128,
     egress_bridge: str = SANDBOX_BRIDGE,
+    as_user: tuple[int, int] | None = None,
 ) -> None:
-    agent = Agent(home, jail)
+    agent = Agent(home, jail, as_user)
+    sudo = None
+    if as_user is not None:
+        drop_bounding_set()
+        await asyncio.to_thread(ensure_user_entries, *as_user)
+        sudo = SudoServer(agent)
+        agent.spawn(sudo.serve(), "sudo-server")
     bridge = None
     if egress_socket:
         # Before the agent's socket appears: a sandbox is ready only with its egress in place.
@@ -741,12 +985,184 @@ async def main(
         async with server:
             await agent.done.wait()
         agent.kill_all()
+        if sudo is not None:
+            sudo.kill_all()
     finally:
         if bridge is not None:
             await bridge.close()
 
 
-if __name__ == "__main__":
+_SUDO_KEEP = (
+    "TERM", "COLORTERM", "LANG", "LANGUAGE", "DISPLAY", "TZ", "PYTHONUNBUFFERED",
+    "http_proxy", "https_proxy", "no_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
+)  # fmt: skip
+_SUDO_USAGE = "usage: sudo [-EHinsS] [-u user] [VAR=value] [-i | -s | command [arg ...]]"
+
+
+def sudo_main(args: list[str]) -> int:
+    """``sudo`` in a rootfs sandbox: run a command as root (or ``-u user``) through the agent.
+
+    Options: ``-E``/``--preserve-env`` (keep the whole environment; default: a reset one that
+    keeps the terminal, locale, proxy and CA variables, with root's HOME and PATH), ``-u
+    USER``, ``-i`` (login shell), ``-s`` (shell), ``VAR=value`` before the command; ``-n``,
+    ``-H``, ``-S``, ``-k`` are accepted and ignored (no password is ever asked); ``-v``,
+    ``-K`` succeed; ``-l`` lists the one rule. Exits with the command's status (128 + N when
+    signal N ended it)."""
+    preserve = login = shell = False
+    target = "root"
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            i += 1
+            break
+        if a in ("-h", "--help"):
+            print(_SUDO_USAGE)
+            return 0
+        if a in ("-V", "--version"):
+            print("cellbox sudo: runs commands as root through the sandbox's agent")
+            return 0
+        if a.startswith("--preserve-env"):
+            preserve = True
+        elif a.startswith("--user="):
+            target = a.split("=", 1)[1]
+        elif a == "--user" and i + 1 < len(args):
+            i += 1
+            target = args[i]
+        elif a == "--login":
+            login = True
+        elif a == "--shell":
+            shell = True
+        elif a in ("--non-interactive", "--set-home", "--stdin", "--reset-timestamp"):
+            pass
+        elif a.startswith("-") and len(a) > 1 and not a.startswith("--"):
+            flags = a[1:]
+            for j, c in enumerate(flags):
+                if c in "ug":
+                    value = flags[j + 1 :]
+                    if not value:
+                        if i + 1 >= len(args):
+                            print(f"sudo: option requires an argument -- '{c}'\n{_SUDO_USAGE}", file=sys.stderr)
+                            return 1
+                        i += 1
+                        value = args[i]
+                    if c == "u":
+                        target = value[1:] if value.startswith("#") else value
+                    break
+                if c == "E":
+                    preserve = True
+                elif c == "i":
+                    login = True
+                elif c == "s":
+                    shell = True
+                elif c in "vKl":
+                    if c == "l":
+                        print("User may run the following commands on this sandbox:\n    (ALL : ALL) NOPASSWD: ALL")
+                    return 0
+                elif c not in "nHSkAbP":
+                    print(f"sudo: invalid option -- '{c}'\n{_SUDO_USAGE}", file=sys.stderr)
+                    return 1
+        else:
+            break
+        i += 1
+    cmd = args[i:]
+    env = (
+        dict(os.environ)
+        if preserve
+        else {k: v for k, v in os.environ.items() if k in _SUDO_KEEP or k.startswith(("LC_", "PIP_"))}
+    )
+    while cmd and "=" in cmd[0] and not cmd[0].startswith("="):
+        key, _, value = cmd.pop(0).partition("=")
+        env[key] = value
+    try:
+        entry = pwd.getpwuid(int(target)) if target.isdigit() else pwd.getpwnam(target)
+    except (KeyError, ValueError):
+        print(f"sudo: unknown user {target}", file=sys.stderr)
+        return 1
+    if login or shell:
+        sh = entry.pw_shell or "/bin/sh"
+        cmd = ([sh, "-l"] if login else [sh]) + (["-c", " ".join(cmd)] if cmd else [])
+    if not cmd:
+        print(_SUDO_USAGE, file=sys.stderr)
+        return 1
+    caller = pwd.getpwuid(os.getuid()).pw_name if _has_uid(os.getuid()) else str(os.getuid())
+    env.update({"SUDO_USER": caller, "SUDO_UID": str(os.getuid()), "SUDO_GID": str(os.getgid())})
+    env["SUDO_COMMAND"] = " ".join(cmd)[:4096]
+    if not preserve:
+        env.update({"HOME": entry.pw_dir, "USER": entry.pw_name, "LOGNAME": entry.pw_name, "SHELL": entry.pw_shell})
+        path = ROOT_PATH.split(":")
+        env["PATH"] = ":".join(path + [p for p in os.environ.get("PATH", "").split(":") if p and p not in path])
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        cwd = "/"
+    if os.geteuid() == entry.pw_uid == 0:  # already root: nothing to ask
+        try:
+            os.chdir(cwd)
+            os.execvpe(cmd[0], cmd, env)
+        except OSError as exc:
+            print(f"sudo: {cmd[0]}: {exc.strerror}", file=sys.stderr)
+            return 127 if isinstance(exc, FileNotFoundError) else 126
+    return _sudo_request({"argv": cmd, "cwd": cwd, "env": env, "user": entry.pw_name})
+
+
+def _has_uid(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
+def _sudo_request(request: dict[str, Any]) -> int:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(SUDO_SOCKET)
+    except OSError as exc:
+        print(
+            f"sudo: the sandbox's agent does not answer ({exc.strerror}); sudo needs a rootfs sandbox", file=sys.stderr
+        )
+        return 1
+    fds, opened = [], []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            fds.append(fd)
+        except OSError:
+            opened.append(os.open(os.devnull, os.O_RDWR))
+            fds.append(opened[-1])
+    payload = json.dumps(request).encode() + b"\n"
+    sent = socket.send_fds(sock, [payload], fds)
+    if sent < len(payload):
+        sock.sendall(payload[sent:])
+    for fd in opened:
+        os.close(fd)
+
+    def forward(signum: int, _frame: Any) -> None:
+        with contextlib.suppress(OSError):
+            sock.sendall(json.dumps({"signal": signum}).encode() + b"\n")
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, forward)
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            print("sudo: the sandbox's agent went away", file=sys.stderr)
+            return 1
+        data += chunk
+    reply = json.loads(data)
+    if "error" in reply:
+        print(f"sudo: {reply['error']}", file=sys.stderr)
+        return 1
+    code = int(reply["returncode"])
+    return 128 - code if code < 0 else code
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["sudo"]:
+    sys.exit(sudo_main(sys.argv[2:]))
+elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description="cellbox in-sandbox agent")
     parser.add_argument("--socket", required=True)
     parser.add_argument("--home", default=SANDBOX_HOME)
@@ -754,8 +1170,15 @@ if __name__ == "__main__":
     parser.add_argument("--egress-socket", help="the service's egress proxy socket (inside the sandbox)")
     parser.add_argument("--egress-port", type=int, default=3128, help="where the bridge listens on 127.0.0.1")
     parser.add_argument("--egress-bridge", default=SANDBOX_BRIDGE, help="the bridge module's file")
+    parser.add_argument("--as-user", help="UID:GID: the agent is root; processes run as this user by default")
     args = parser.parse_args()
+    as_user = tuple(int(x) for x in args.as_user.split(":")) if args.as_user else None
     logging.basicConfig(stream=sys.stderr, format="agent %(levelname)s %(message)s")  # into agent.log
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    asyncio.run(main(args.socket, args.home, args.jail, args.egress_socket, args.egress_port, args.egress_bridge))
+    asyncio.run(
+        main(
+            args.socket, args.home, args.jail, args.egress_socket, args.egress_port, args.egress_bridge,
+            as_user,  # type: ignore[arg-type]
+        )
+    )  # fmt: skip
     sys.exit(0)

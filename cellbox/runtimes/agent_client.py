@@ -115,7 +115,8 @@ class AgentClient:
         pty: tuple[int, int] | None = None,
     ) -> ProcessHandle:
         """Start a process (see the agent's ``spawn``); with ``pty`` (rows, cols) in a new
-        terminal, its output as stream ``"pty"``. ``user`` is sent only when given."""
+        terminal, its output as stream ``"pty"``. ``user`` (``"root"`` or a name in the
+        sandbox's passwd) only in a rootfs sandbox, None for the sandbox's default user."""
         extra: dict[str, Any] = {} if user is None else {"user": user}
         if pty is not None:
             extra["pty"] = {"rows": pty[0], "cols": pty[1]}

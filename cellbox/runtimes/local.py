@@ -60,6 +60,8 @@ from cellbox.runtimes.specs import KernelProcess, KernelSpec, LocalConfig, Templ
 if TYPE_CHECKING:
     from cellbox.egress.policy import SandboxPolicy
     from cellbox.egress.service import Egress, SandboxEgress
+    from cellbox.runtimes.isolation.rootfs import RootfsMount
+    from cellbox.runtimes.isolation.userns import UserNamespace
 
 __all__ = [
     "ENV_ALLOWLIST",
@@ -307,10 +309,15 @@ class LocalSandbox:
     dir: Path  # <data dir>/sandboxes/<id>: the home (and its image), /etc files
     home: Path  # the sandbox's /home/user, as a host path
     run: Path  # <run dir>/<id>: the agent's and the kernels' socket directories, agent.log
-    # isolation "bwrap": the sandbox's host uid, cgroup and disk-backed home
+    # isolation "bwrap": the sandbox's host uid (its ``user``'s), cgroup and disk-backed home
     uid: int | None = None
     cgroup: Cgroup | None = None
     disk: DiskHome | None = None
+    # rootfs templates: the host uid of root inside (the first of its range), its user
+    # namespace and its overlay root
+    root_uid: int | None = None
+    userns: UserNamespace | None = None
+    rootfs: RootfsMount | None = None
     # the agent (see LocalRuntime.agent)
     agent: AgentClient | None = None
     agent_proc: asyncio.subprocess.Process | None = None

@@ -41,6 +41,15 @@ class TemplateInfo:
     env: dict[str, str] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
     preload: list[str] = field(default_factory=list)  # modules a pooled kernel imports ahead of time
+    # A rootfs template (isolation "bwrap" only): the host path of its root file system, which
+    # then becomes the sandbox's root under a per-sandbox overlay; ``python`` is a path inside it
+    # and ``env_dir`` is None. ``workdir`` is the default working directory of kernels and
+    # commands inside (the image's WORKDIR; None: the home); ``user`` the image's USER, the
+    # default user of kernels and commands when it names a user other than root (None: ``user``,
+    # uid 1000).
+    rootfs: Path | None = None
+    workdir: str | None = None
+    user: str | None = None
 
 
 class KernelProcess(Protocol):
@@ -85,6 +94,11 @@ class LocalConfig:
     # isolation "bwrap" only
     sandbox_uid_first: int = 310_000
     sandbox_uid_count: int = 10_000
+    # rootfs templates: each sandbox gets a range of 65536 host uids (root inside is its first),
+    # ranges first, first + 65536, ... (count of them); must not overlap another service's
+    # ranges, the single-uid pool above or the host's /etc/subuid.
+    sandbox_range_first: int = 1 << 30
+    sandbox_range_count: int = 1024
     cgroup_prefix: str = "cellbox"
     sandbox_tmp_mb: int = 256
 

@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cellbox.runtimes.isolation.layout import SANDBOX_GID, SANDBOX_HOME, SANDBOX_RUN, SANDBOX_UID
 
-__all__ = ["HOST_ETC", "BwrapCommand", "build_bwrap_argv", "root_binds", "write_etc_files"]
+__all__ = [
+    "HOST_ETC",
+    "ROOT_CAPS",
+    "BwrapCommand",
+    "build_bwrap_argv",
+    "build_rootfs_bwrap_argv",
+    "resolve_in_root",
+    "root_binds",
+    "write_etc_files",
+]
 
 
 #: Host /etc entries bound read-only when present: the dynamic loader's cache, name-service
@@ -175,4 +185,104 @@ def build_bwrap_argv(
     o += ["--bind", str(home), SANDBOX_HOME]
     o += ["--bind", str(run_dir), SANDBOX_RUN]
     o += ["--remount-ro", "/", "--chdir", cwd]
+    return BwrapCommand(bwrap, tuple(o), tuple(command), seccomp)
+
+
+#: What root inside a rootfs sandbox may do: the capabilities a Docker container's root gets
+#: (without NET_RAW), each only over the sandbox's own user namespace and what it owns.
+ROOT_CAPS: tuple[str, ...] = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID", "CAP_SETUID",
+    "CAP_SETPCAP", "CAP_SETFCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_MKNOD", "CAP_AUDIT_WRITE",
+)  # fmt: skip
+
+
+def resolve_in_root(root: Path, path: str, *, max_links: int = 40) -> str:
+    """``path`` (absolute, inside the sandbox) with every symlink of ``root``'s tree followed
+    as if ``root`` were ``/`` (``..`` stops at it): where bwrap must mount, so that no link a
+    template or an earlier run of the sandbox left can point a mount (or a mountpoint bwrap
+    creates) at the host's own tree. Components that do not exist are kept as they are.
+    Blocking (lstat per component); call while no process of the sandbox runs."""
+    todo = [p for p in path.split("/") if p and p != "."]
+    out: list[str] = []
+    links = 0
+    while todo:
+        name = todo.pop(0)
+        if name == "..":
+            if out:
+                out.pop()
+            continue
+        try:
+            st = os.lstat(root.joinpath(*out, name))
+        except (FileNotFoundError, NotADirectoryError):
+            out.append(name)
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > max_links:
+                raise OSError(40, f"too many symlinks resolving {path} in the sandbox's root")  # ELOOP
+            target = os.readlink(root.joinpath(*out, name))
+            if target.startswith("/"):
+                out = []
+            todo = [p for p in target.split("/") if p and p != "."] + todo
+            continue
+        out.append(name)
+    return "/" + "/".join(out)
+
+
+def build_rootfs_bwrap_argv(
+    command: Sequence[str],
+    *,
+    root: Path,
+    home: Path,
+    run_dir: Path,
+    etc_dir: Path,
+    seccomp: Path | None,
+    env: Mapping[str, str],
+    cwd: str = SANDBOX_HOME,
+    tmp_size: int = 256 << 20,
+    shm_size: int = 64 << 20,
+    hostname: str = "sandbox",
+    extra_ro_binds: Sequence[tuple[Path, str]] = (),
+    caps: Sequence[str] = ROOT_CAPS,
+    bwrap: str = "bwrap",
+) -> BwrapCommand:
+    """The bwrap command of a rootfs sandbox: like :func:`build_bwrap_argv`, but bwrap runs as
+    root of the sandbox's own user namespace (entered by :func:`~.child.make_preexec` with
+    ``userns_fd``), so there is no ``--unshare-user`` (and hence no ``--disable-userns``: that
+    namespace's ``max_user_namespaces`` is 0 and the seccomp filter refuses ``unshare`` and
+    namespace flags of ``clone``). ``command`` runs as root inside with only ``caps``.
+
+    Filesystem: ``root`` (the sandbox's merged overlay, :class:`~.rootfs.RootfsMount`)
+    read-write as ``/``, then ``/proc``, a fresh ``/dev``, tmpfs ``/tmp`` and ``/dev/shm``,
+    ``etc_dir``'s ``hosts`` and ``hostname``, ``extra_ro_binds``, ``home`` at
+    :data:`SANDBOX_HOME` and ``run_dir`` at :data:`SANDBOX_RUN`. The rootfs's own ``/etc``
+    (passwd, group, ld.so.cache, ...) is used as it is. Every destination is resolved inside
+    ``root`` first (:func:`resolve_in_root`). Blocking (that resolution).
+    """
+    o: list[str] = [
+        "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--unshare-cgroup-try",
+        "--hostname", hostname,
+        "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+    ]  # fmt: skip
+    for cap in caps:
+        o += ["--cap-add", cap]
+    o += ["--clearenv"]
+    for key, value in env.items():
+        o += ["--setenv", key, value]
+
+    def dest(path: str) -> str:
+        return resolve_in_root(root, path)
+
+    o += ["--bind", str(root), "/"]
+    dev = dest("/dev")
+    o += ["--proc", dest("/proc"), "--dev", dev]
+    o += ["--perms", "1777", "--size", str(tmp_size), "--tmpfs", dest("/tmp")]
+    o += ["--perms", "1777", "--size", str(shm_size), "--tmpfs", f"{dev}/shm"]  # in bwrap's fresh /dev
+    for name in ("hosts", "hostname"):
+        o += ["--ro-bind", str(etc_dir / name), dest(f"/etc/{name}")]
+    for src, target in extra_ro_binds:
+        o += ["--ro-bind", str(src), dest(target)]
+    o += ["--bind", str(home), dest(SANDBOX_HOME)]
+    o += ["--bind", str(run_dir), dest(SANDBOX_RUN)]
+    o += ["--chdir", cwd]
     return BwrapCommand(bwrap, tuple(o), tuple(command), seccomp)

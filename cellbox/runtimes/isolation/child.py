@@ -1,4 +1,5 @@
-"""The child between fork and exec: rlimits, cgroup join and the drop to the sandbox uid.
+"""The child between fork and exec: rlimits, cgroup join and the drop to the sandbox uid (or,
+for rootfs sandboxes, the entry into the sandbox's user namespace as its root).
 
 :func:`make_preexec` is the ``preexec_fn`` that turns a forked child into a sandbox process
 right before it execs bwrap.
@@ -7,6 +8,7 @@ right before it execs bwrap.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import resource
 import signal
@@ -16,6 +18,9 @@ from dataclasses import dataclass
 from cellbox.runtimes.isolation.cgroups import Cgroup
 
 __all__ = ["Rlimits", "make_preexec"]
+
+_CLONE_NEWUSER = 0x10000000
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,9 @@ class Rlimits:
         return out
 
 
-def make_preexec(cgroup: Cgroup | None, uid: int, rlimits: Rlimits, *, gid: int | None = None) -> Callable[[], None]:
+def make_preexec(
+    cgroup: Cgroup | None, uid: int, rlimits: Rlimits, *, gid: int | None = None, userns_fd: int | None = None
+) -> Callable[[], None]:
     """The ``preexec_fn`` that turns the forked child into a sandbox process before it execs bwrap.
 
     In the child, as root: write its pid to every ``cgroup.procs`` of ``cgroup`` (so
@@ -54,6 +61,13 @@ def make_preexec(cgroup: Cgroup | None, uid: int, rlimits: Rlimits, *, gid: int 
     from the service, e.g. from Ray workers, would otherwise make kernels deaf to interrupts),
     then ``setgroups([])``, ``setresgid``, ``setresuid`` to the sandbox's host uid. Any failure
     raises, and the spawn fails with ``SubprocessError``.
+
+    With ``userns_fd`` (rootfs sandboxes: a :class:`~.userns.UserNamespace`'s descriptor;
+    ``uid``/``gid`` are then ids *inside* it, normally 0) the child first enters that user
+    namespace (``setns``: host root may, the child is single-threaded), where it holds every
+    capability, sets the namespace's ``max_user_namespaces`` to 0 (no process of the sandbox
+    can make a nested user namespace, on top of the seccomp filter) and then switches ids
+    inside it: bwrap then runs as the sandbox's root, never as host root.
 
     Use with ``asyncio.create_subprocess_exec(..., preexec_fn=...)`` (or ``Popen``). Caveat:
     CPython warns that ``preexec_fn`` is unsafe when the parent has other threads holding locks
@@ -82,6 +96,15 @@ def make_preexec(cgroup: Cgroup | None, uid: int, rlimits: Rlimits, *, gid: int 
         for signum in reset:
             with contextlib.suppress(ValueError, OSError):
                 signal.signal(signum, signal.SIG_DFL)
+        if userns_fd is not None:
+            if _libc.setns(userns_fd, _CLONE_NEWUSER) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns: {os.strerror(err)}")
+            fd = os.open(b"/proc/sys/user/max_user_namespaces", os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
         os.setgroups([])
         os.setresgid(target_gid, target_gid, target_gid)
         os.setresuid(uid, uid, uid)

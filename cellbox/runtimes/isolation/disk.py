@@ -18,10 +18,11 @@ __all__ = ["DiskHome", "loop_available"]
 
 
 def _mountpoints_under(root: Path, itself: bool = True) -> list[Path]:
-    """Mountpoints at (with ``itself``) or below ``root``, deepest first."""
+    """Mountpoints at (with ``itself``) or below ``root``, deepest first, and the later mounted
+    first among equals (an overlay before the disk its upper layer is on)."""
     root_s = str(root.resolve())
     found = []
-    for line in mountinfo_lines():
+    for line in reversed(mountinfo_lines()):
         mp = unescape_mount_path(line.split()[4])
         if (itself and mp == root_s) or mp.startswith(root_s.rstrip("/") + "/"):
             found.append(Path(mp))

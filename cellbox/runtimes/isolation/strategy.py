@@ -6,6 +6,30 @@ files, and one unprivileged bubblewrap process (:func:`~.bwrap.build_bwrap_argv`
 through :func:`~.child.make_preexec` with the seccomp filter; the agent is that process's
 command, the sandbox's init. The agent's and the kernels' socket directories are handed back
 to root once bound (:mod:`~.ipc`).
+
+A template with a ``rootfs`` gets a different root (see :mod:`~.rootfs`): a range of 65536
+host uids (:class:`~.uids.UidRangePool`) and a user namespace mapping it
+(:class:`~.userns.UserNamespace`), the template's rootfs idmapped and read-only under an
+overlay whose upper layer is on the sandbox's disk (next to the home), and bwrap entered as
+root of that namespace, with the agent as root inside and everything else as ``user``.
+
+Threat model of rootfs sandboxes (what root inside is, and is not):
+
+* Root inside is uid ``base`` on the host, a uid no host file or process has; it holds a
+  Docker-like capability set (:data:`~.bwrap.ROOT_CAPS`) over its own user namespace only.
+  Nothing it does is checked against host root's rights: files of the host and of other
+  sandboxes are owned by ids unmapped in its namespace, so DAC_OVERRIDE/FOWNER/CHOWN do not
+  apply to them; it sees only its own pid, net, ipc, uts, cgroup and mount namespaces.
+* Same seccomp filter as every sandbox (no mount API, unshare, setns, ptrace, bpf, modules,
+  keyrings, io_uring, ...), no_new_privs (setuid/file caps inert), a bounding set cut to those
+  capabilities, ``max_user_namespaces`` 0 in its namespace, the sandbox's cgroup and rlimits.
+* Its writes land in its own overlay upper on its own quota'd disk; the template (lower) is a
+  read-only idmapped mount, never written; each sandbox has its own uid range, so one
+  sandbox's root is an unprivileged stranger to another's files.
+* Not defended: kernel bugs reachable from a user namespace with those capabilities (a larger
+  surface than a venv sandbox's, which has none), and a malicious template (it is trusted
+  as what the sandbox runs, but never followed by the host: mount destinations are resolved
+  inside the root).
 """
 
 from __future__ import annotations
@@ -21,16 +45,19 @@ from typing import IO
 
 from cellbox.interpreter.errors import RuntimeUnavailable
 from cellbox.interpreter.models import KernelExit, SandboxUsage
-from cellbox.runtimes.isolation.bwrap import build_bwrap_argv, write_etc_files
+from cellbox.runtimes.isolation.bwrap import build_bwrap_argv, build_rootfs_bwrap_argv, write_etc_files
 from cellbox.runtimes.isolation.cgroups import Cgroup, CgroupTree, death_reason
 from cellbox.runtimes.isolation.child import Rlimits, make_preexec
 from cellbox.runtimes.isolation.disk import DiskHome
 from cellbox.runtimes.isolation.hostcheck import check_host
 from cellbox.runtimes.isolation.ipc import hand_back_ipc_dir, prepare_ipc_dir
-from cellbox.runtimes.isolation.layout import SANDBOX_HOME, SANDBOX_RUN
+from cellbox.runtimes.isolation.layout import SANDBOX_GID, SANDBOX_HOME, SANDBOX_RUN, SANDBOX_UID
+from cellbox.runtimes.isolation.rootfs import RootfsMount, check_idmap_support
 from cellbox.runtimes.isolation.seccomp import seccomp_bpf
-from cellbox.runtimes.isolation.uids import UidPool
+from cellbox.runtimes.isolation.uids import RANGE_SIZE, UidPool, UidRangePool
+from cellbox.runtimes.isolation.userns import UserNamespace
 from cellbox.runtimes.local import (
+    AGENT_DIR,
     AGENT_PYTHON_FLAGS,
     AGENT_SOURCE,
     BRIDGE_SOURCE,
@@ -51,6 +78,17 @@ log = logging.getLogger("cellbox.runtime.local")
 SANDBOX_AGENT = "/opt/cellbox/agent.py"
 #: Where the egress bridge the agent loads is bound (read-only) inside every sandbox.
 SANDBOX_BRIDGE = "/opt/cellbox/bridge.py"
+#: Where ``sudo`` (the agent in its sudo role) is bound in rootfs sandboxes: first on every
+#: user's PATH, and not the package's own /usr/bin/sudo (which apt may replace).
+SANDBOX_SUDO = "/usr/local/bin/sudo"
+
+
+def sudo_script(python: str) -> str:
+    """The ``sudo`` of a rootfs sandbox: the agent file, run by the template's Python."""
+    return (
+        "#!/bin/sh\n# cellbox: sudo asks the sandbox's agent (no_new_privs makes setuid inert)\n"
+        f'exec {python} -I {SANDBOX_AGENT} sudo "$@"\n'
+    )
 
 
 def _allow_traverse(path: Path) -> None:
@@ -78,6 +116,11 @@ class BwrapIsolation:
     def __init__(self, config: LocalConfig) -> None:
         self.config = config
         self.uids = UidPool(config.sandbox_uid_first, config.sandbox_uid_count)
+        self.ranges = UidRangePool(config.sandbox_range_first, config.sandbox_range_count)
+        if self.ranges.overlaps(config.sandbox_uid_first, config.sandbox_uid_count):
+            raise RuntimeUnavailable("sandbox_range_first/count overlap sandbox_uid_first/count: pick disjoint uids")
+        # why rootfs templates cannot run here (None: they can); probed at startup
+        self.rootfs_problem: str | None = "startup() was not called"
         self.tree: CgroupTree | None = None  # from startup on
         self.bpf: Path | None = None
         self.agent_file: Path | None = None
@@ -114,6 +157,9 @@ class BwrapIsolation:
             await asyncio.to_thread(shutil.rmtree, config.homes / sid, True)
             await asyncio.to_thread(shutil.rmtree, config.run_dir / sid, True)
         self.bpf = seccomp_bpf(config.run_dir)
+        self.rootfs_problem = await asyncio.to_thread(check_idmap_support, config.homes)
+        if self.rootfs_problem is not None:
+            log.warning("isolation: rootfs templates cannot run on this host: %s", self.rootfs_problem)
         # The agent is bound into every sandbox from a root-owned copy the sandbox uids can reach.
         self.agent_file = config.run_dir / "agent.py"
         shutil.copyfile(AGENT_SOURCE, self.agent_file)
@@ -124,6 +170,9 @@ class BwrapIsolation:
 
     async def prepare(self, sandbox: LocalSandbox) -> None:
         tree, _, _ = self._started()
+        if sandbox.template.rootfs is not None:
+            await self._prepare_rootfs(sandbox, tree)
+            return
         # acquire() scans /proc: off the loop, like every other blocking step here.
         uid = sandbox.uid = await asyncio.to_thread(self.uids.acquire, sandbox.sandbox_id)
         sandbox.cgroup = await asyncio.to_thread(self._make_dirs_and_cgroup, sandbox, tree)
@@ -133,6 +182,46 @@ class BwrapIsolation:
         await asyncio.to_thread(write_profile, sandbox.home, sandbox.template, uid)
         await asyncio.to_thread(write_user_pip_config, sandbox.home, sandbox.template, uid)
         await asyncio.to_thread(write_etc_files, sandbox.dir / "etc")
+
+    async def _prepare_rootfs(self, sandbox: LocalSandbox, tree: CgroupTree) -> None:
+        if self.rootfs_problem is not None:
+            raise RuntimeUnavailable(f"rootfs templates cannot run on this host: {self.rootfs_problem}")
+        base = sandbox.root_uid = await asyncio.to_thread(self.ranges.acquire, sandbox.sandbox_id)
+        sandbox.uid = base + SANDBOX_UID
+        sandbox.userns = await asyncio.to_thread(UserNamespace.create, base, RANGE_SIZE)
+        sandbox.cgroup = await asyncio.to_thread(self._make_dirs_and_cgroup, sandbox, tree)
+        limits = sandbox.resolved
+        # one disk (one quota) for the home and the overlay's upper layer
+        sandbox.disk = await DiskHome.create(sandbox.dir / "disk", size_bytes=limits.disk_mb << 20, uid=0)
+        await asyncio.to_thread(self._layout_rootfs, sandbox, sandbox.disk.path)
+
+    @staticmethod
+    def _layout_rootfs(sandbox: LocalSandbox, disk: Path) -> None:
+        assert sandbox.template.rootfs is not None and sandbox.userns is not None
+        assert sandbox.uid is not None and sandbox.root_uid is not None
+        # Host uids other than the sandbox's must reach nothing of it: the layers are in a
+        # directory only host root (the overlay's mounter) enters, the merged root below one
+        # only the sandbox's root owns (bwrap, as that root, binds it); the home is 0700.
+        os.chmod(disk, 0o711)
+        home, layers, mnt = disk / "home", disk / "layers", sandbox.dir / "mnt"
+        home.mkdir(mode=0o700)
+        os.chown(home, sandbox.uid, sandbox.root_uid + SANDBOX_GID)
+        layers.mkdir(mode=0o700)
+        upper, work = layers / "upper", layers / "work"
+        upper.mkdir(mode=0o755)
+        os.chown(upper, sandbox.root_uid, sandbox.root_uid)  # "/" is root's inside
+        work.mkdir(mode=0o700)
+        mnt.mkdir(mode=0o700)
+        os.chown(mnt, sandbox.root_uid, sandbox.root_uid)
+        sandbox.home = home
+        sandbox.rootfs = RootfsMount.create(
+            sandbox.template.rootfs, sandbox.userns, upper=upper, work=work, merged=mnt / "root"
+        )
+        write_profile(home, sandbox.template, sandbox.uid)
+        write_etc_files(sandbox.dir / "etc")
+        shim = sandbox.dir / "sudo"
+        shim.write_text(sudo_script(str(sandbox.template.python)))
+        os.chmod(shim, 0o755)
 
     @staticmethod
     def _make_dirs_and_cgroup(sandbox: LocalSandbox, tree: CgroupTree) -> Cgroup:
@@ -150,16 +239,24 @@ class BwrapIsolation:
         return SANDBOX_HOME
 
     def socket_dir(self, sandbox: LocalSandbox, name: str, sockets: Sequence[str]) -> tuple[Path, str]:
-        host = prepare_ipc_dir(sandbox.run / name, self._uid(sandbox), sockets)
+        host = prepare_ipc_dir(sandbox.run / name, self._socket_uid(sandbox, name), sockets)
         return host, f"{SANDBOX_RUN}/{name}"
 
     def secure_socket_dir(self, sandbox: LocalSandbox, host_dir: Path, sockets: Sequence[str]) -> None:
-        hand_back_ipc_dir(host_dir, self._uid(sandbox), sockets)
+        hand_back_ipc_dir(host_dir, self._socket_uid(sandbox, host_dir.name), sockets)
+
+    def _socket_uid(self, sandbox: LocalSandbox, name: str) -> int:
+        """Who binds the sockets of directory ``name``: the agent is root in a rootfs sandbox."""
+        if name == AGENT_DIR and sandbox.root_uid is not None:
+            return sandbox.root_uid
+        return self._uid(sandbox)
 
     async def spawn_agent(
         self, sandbox: LocalSandbox, socket: str, env: dict[str, str], log: IO[bytes]
     ) -> asyncio.subprocess.Process:
         _, bpf, agent_file = self._started()
+        if sandbox.rootfs is not None:
+            return await self._spawn_rootfs_agent(sandbox, socket, env, log)
         template, limits = sandbox.template, sandbox.resolved
         binds: list[tuple[Path, str]] = [(agent_file, SANDBOX_AGENT)]
         if template.env_dir is not None:
@@ -184,6 +281,47 @@ class BwrapIsolation:
         )
         rlimits = Rlimits(nofile=limits.nofile, fsize_bytes=limits.fsize_mb << 20)
         preexec = make_preexec(sandbox.cgroup, self._uid(sandbox), rlimits)
+        with cmd.open() as (argv, fds):
+            return await asyncio.create_subprocess_exec(
+                *argv,
+                pass_fds=fds,
+                cwd="/",
+                env={},
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                preexec_fn=preexec,
+            )
+
+    async def _spawn_rootfs_agent(
+        self, sandbox: LocalSandbox, socket: str, env: dict[str, str], log: IO[bytes]
+    ) -> asyncio.subprocess.Process:
+        _, bpf, agent_file = self._started()
+        template, limits, rootfs, userns = sandbox.template, sandbox.resolved, sandbox.rootfs, sandbox.userns
+        assert rootfs is not None and userns is not None
+        binds: list[tuple[Path, str]] = [(agent_file, SANDBOX_AGENT), (sandbox.dir / "sudo", SANDBOX_SUDO)]
+        binds += await asyncio.to_thread(self._egress_binds, sandbox)
+        egress_args = sandbox.egress_args(f"{SANDBOX_RUN}/{EGRESS_DIR}/egress.sock")
+        if egress_args:
+            egress_args += ["--egress-bridge", SANDBOX_BRIDGE]
+        argv = [str(template.python), *AGENT_PYTHON_FLAGS, SANDBOX_AGENT, "--socket", socket, "--home", SANDBOX_HOME]
+        argv += ["--as-user", f"{SANDBOX_UID}:{SANDBOX_GID}"]
+        cmd = await asyncio.to_thread(
+            build_rootfs_bwrap_argv,
+            argv + egress_args,
+            root=rootfs.merged,
+            home=sandbox.home,
+            run_dir=sandbox.run,
+            etc_dir=sandbox.dir / "etc",
+            seccomp=bpf,
+            env=env,
+            cwd=SANDBOX_HOME,
+            tmp_size=self.config.sandbox_tmp_mb << 20,
+            extra_ro_binds=binds,
+        )
+        rlimits = Rlimits(nofile=limits.nofile, fsize_bytes=limits.fsize_mb << 20)
+        preexec = make_preexec(sandbox.cgroup, 0, rlimits, userns_fd=userns.fd)
         with cmd.open() as (argv, fds):
             return await asyncio.create_subprocess_exec(
                 *argv,
@@ -265,9 +403,16 @@ class BwrapIsolation:
         if cgroup is not None:
             await cgroup.kill_all()
             await cgroup.remove()
+        if sandbox.rootfs is not None:
+            await sandbox.rootfs.destroy()
+            sandbox.rootfs = None
         if sandbox.disk is not None:
             await sandbox.disk.destroy()
+        if sandbox.userns is not None:
+            sandbox.userns.close()
+            sandbox.userns = None
         self.uids.release(sandbox.sandbox_id)
+        self.ranges.release(sandbox.sandbox_id)
 
     async def shutdown(self) -> None:
         if self.tree is not None:  # the prefix itself, once every sandbox is gone

@@ -1,0 +1,252 @@
+"""Rootfs sandboxes on the real runtime: the template's rootfs under a per-sandbox overlay,
+``user`` by default, root and sudo inside, writes on the sandbox's own disk only.
+
+Real bwrap, kernels, cgroups and mounts (root only); the test rootfs is built once with
+mmdebstrap (``tests/security/rootfs_image.py``), and every test skips with the reason when it
+cannot be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import cast
+
+import pytest
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.connect import KernelConnectionInfo
+
+from cellbox.interpreter.errors import InterpreterError
+from cellbox.runtimes.local import LocalRuntime
+from cellbox.runtimes.specs import TemplateInfo
+from tests.integration.helpers import bwrap_problem
+from tests.integration.test_isolation_helpers import execute, execute_json
+from tests.security.rootfs_image import (
+    cached_rootfs_dir,
+    new_sandbox,
+    rootfs_problem,
+    rootfs_runtime,
+    rootfs_template,
+    sh,
+    tree_digest,
+)
+
+
+@pytest.fixture(scope="session")
+def rootfs_dir() -> Path:
+    if problem := bwrap_problem() or rootfs_problem():
+        pytest.skip(f"rootfs sandboxes cannot be tested here: {problem}")
+    return cached_rootfs_dir()
+
+
+@pytest.fixture
+def template(rootfs_dir: Path) -> TemplateInfo:
+    return rootfs_template(directory=rootfs_dir)
+
+
+@pytest.mark.asyncio
+async def test_user_by_default_root_and_sudo(short_tmp: Path, template: TemplateInfo) -> None:
+    async with rootfs_runtime(short_tmp) as rt:
+        sb = await new_sandbox(rt, "sb_rf1", template)
+        try:
+            code, out = await sh(rt, sb, "id; pwd; echo $HOME")
+            assert code == 0 and out.splitlines() == [
+                "uid=1000(user) gid=1000(user) groups=1000(user)",
+                "/home/user",
+                "/home/user",
+            ], out
+            code, out = await sh(rt, sb, "whoami; id -u; echo $HOME", user="root")
+            assert code == 0 and out.split() == ["root", "0", "/root"], out
+            # sudo, its usual forms, and the caller's stdin/stdout/exit status
+            script = (
+                "sudo id -u; sudo -u root id -un; sudo sh -c 'echo $(id -u) in $PWD'; "
+                "echo piped | sudo cat; sudo -E sh -c 'echo $HOME'; sudo sh -c 'echo $HOME'; "
+                "sudo VAR=x sh -c 'echo $VAR'; sudo sh -c 'exit 7'; echo status=$?; sudo -n true && echo n-ok"
+            )
+            code, out = await sh(rt, sb, f"cd /tmp && {script}")
+            assert code == 0, out
+            assert out.splitlines() == [
+                "0", "root", "0 in /tmp", "piped", "/home/user", "/root", "x", "status=7", "n-ok",
+            ], out  # fmt: skip
+            code, out = await sh(rt, sb, "sudo no-such-command")
+            assert code != 0 and "no-such-command" in out, out
+            # the image's own setuid sudo is inert (no_new_privs), ours comes first on PATH
+            code, out = await sh(rt, sb, "command -v sudo; /usr/bin/sudo true")
+            assert out.splitlines()[0] == "/usr/local/bin/sudo" and code != 0, out
+            # the user is in the image's passwd/group now (it had no uid 1000)
+            code, out = await sh(rt, sb, "getent passwd user; getent group user")
+            assert "user:x:1000:1000:user:/home/user:/bin/bash" in out and "user:x:1000:" in out, out
+        finally:
+            await rt.destroy_sandbox(sb)
+
+
+@pytest.mark.asyncio
+async def test_root_writes_stay_in_the_sandbox(short_tmp: Path, template: TemplateInfo, rootfs_dir: Path) -> None:
+    """apt's world (dpkg -i), /usr/local, /opt, /var, /etc: writable by root, counted on the
+    sandbox's disk (ENOSPC past it), invisible to a neighbour and gone in the next sandbox; the
+    template's tree is unchanged."""
+    before = await asyncio.to_thread(tree_digest, rootfs_dir / "rootfs")
+    async with rootfs_runtime(short_tmp) as rt:
+        a = await new_sandbox(rt, "sb_rfa", template, disk_mb=64)
+        b = await new_sandbox(rt, "sb_rfb", template, disk_mb=64)
+        try:
+            assert a.root_uid != b.root_uid
+            # a package, built and installed with the image's dpkg
+            deb = (
+                "set -e; mkdir -p /tmp/p/DEBIAN /tmp/p/usr/share/cbxdemo; echo hello > /tmp/p/usr/share/cbxdemo/f; "
+                "printf 'Package: cbxdemo\\nVersion: 1.0\\nArchitecture: all\\nMaintainer: t <t@t>\\n"
+                "Description: demo\\n' > /tmp/p/DEBIAN/control; dpkg-deb --build /tmp/p /tmp/cbxdemo.deb >/dev/null; "
+                "sudo dpkg -i /tmp/cbxdemo.deb >/dev/null; dpkg -s cbxdemo | grep Status; cat /usr/share/cbxdemo/f"
+            )
+            code, out = await sh(rt, a, deb)
+            assert code == 0 and "Status: install ok installed" in out and "hello" in out, out
+            writes = "for d in /usr/local /opt /var /etc /usr/bin; do echo x > $d/cbx-marker || exit 1; done; echo ok"
+            code, out = await sh(rt, a, writes, user="root")
+            assert (code, out.strip()) == (0, "ok"), out
+            code, out = await sh(rt, a, "echo x > /etc/cbx-user-marker")  # the user cannot
+            assert code != 0 and "Permission denied" in out, out
+            used_before = (await rt.usage(a)).disk_used_bytes or 0  # type: ignore[union-attr]
+            code, out = await sh(rt, a, "sudo dd if=/dev/zero of=/var/big bs=1M count=20 status=none; echo $?")
+            assert out.strip() == "0", out
+            used_after = (await rt.usage(a)).disk_used_bytes or 0  # type: ignore[union-attr]
+            assert used_after - used_before >= 19 << 20, (used_before, used_after)
+            code, out = await sh(rt, a, "sudo dd if=/dev/zero of=/opt/big bs=1M count=100 status=none")
+            assert code != 0 and "No space left on device" in out, out
+            # the upper layer is on the sandbox's disk, owned by its own range
+            assert a.rootfs is not None
+            upper = a.rootfs.upper
+            assert upper.is_relative_to(a.dir / "disk")
+            assert (upper / "opt" / "cbx-marker").stat().st_uid == a.root_uid
+            # a neighbour sees none of it
+            code, out = await sh(rt, b, "ls /usr/local/cbx-marker /opt/cbx-marker /etc/cbx-marker; dpkg -s cbxdemo")
+            assert code != 0 and out.count("No such file") == 3 and "not installed" in out, out
+        finally:
+            await rt.destroy_sandbox(a)
+            await rt.destroy_sandbox(b)
+        assert not a.dir.exists()
+        c = await new_sandbox(rt, "sb_rfc", template)
+        try:
+            code, out = await sh(rt, c, "ls /opt/cbx-marker /var/big; dpkg -s cbxdemo", user="root")
+            assert code != 0 and out.count("No such file") == 2 and "not installed" in out, out
+        finally:
+            await rt.destroy_sandbox(c)
+    assert await asyncio.to_thread(tree_digest, rootfs_dir / "rootfs") == before
+
+
+@pytest.mark.asyncio
+async def test_files_api_has_user_semantics(short_tmp: Path, template: TemplateInfo) -> None:
+    async with rootfs_runtime(short_tmp) as rt:
+        sb = await new_sandbox(rt, "sb_rff", template)
+        try:
+            agent = await rt.agent(sb)
+            await agent.request("write", path="/home/user/new/f.txt", data="aGk=", truncate=True)
+            await agent.request("mkdir", path="/tmp/made")
+            code, out = await sh(rt, sb, "stat -c '%u:%g' /home/user/new /home/user/new/f.txt /tmp/made")
+            assert out.split() == ["1000:1000"] * 3, out
+            with pytest.raises(InterpreterError, match="ermission"):
+                await agent.request("write", path="/etc/cbx-files", data="aGk=", truncate=True)
+            with pytest.raises(InterpreterError, match="ermission"):
+                await agent.request("read", path="/etc/shadow")
+            # commands as root may still do what root does
+            code, out = await sh(rt, sb, "head -c 5 /etc/shadow", user="root")
+            assert code == 0 and out == "root:", out
+        finally:
+            await rt.destroy_sandbox(sb)
+
+
+@pytest.mark.asyncio
+async def test_python_kernel_runs_in_the_rootfs(short_tmp: Path, template: TemplateInfo) -> None:
+    async with rootfs_runtime(short_tmp) as rt:
+        sb = await new_sandbox(rt, "sb_rfk", template)
+        client: AsyncKernelClient | None = None
+        try:
+            kernel = await rt.start_kernel(sb, template.kernels["python"], "k1-1", None)
+            client = AsyncKernelClient()
+            client.load_connection_info(cast(KernelConnectionInfo, kernel.connection_info))
+            client.start_channels(hb=False)
+            assert (await execute(client, "1+1"))["result"] == "2"
+            await execute(client, "x = 41")
+            assert (await execute(client, "x + 1"))["result"] == "42"
+            code = "import json, os, sys\nprint(json.dumps([os.getuid(), os.getcwd(), sys.executable]))"
+            info = await execute_json(client, code)
+            assert info == [1000, "/home/user", "/opt/cellbox/venv/bin/python"], info
+            assert (short_tmp / "data").exists()
+            await kernel.kill()
+        finally:
+            if client is not None:
+                client.stop_channels()
+            await rt.destroy_sandbox(sb)
+
+
+@pytest.mark.asyncio
+async def test_running_sandbox_keeps_its_rootfs_when_the_template_is_replaced(
+    short_tmp: Path, rootfs_dir: Path
+) -> None:
+    """A rebuild renames a new tree into place; a running sandbox keeps the tree it started on."""
+    templates = short_tmp / "templates"
+    templates.mkdir()
+    current = templates / "t"
+    subprocess.run(["cp", "-al", str(rootfs_dir), str(current)], check=True)
+    async with rootfs_runtime(short_tmp) as rt:
+        old = await new_sandbox(rt, "sb_rfo", rootfs_template(directory=current))
+        try:
+            fresh = templates / ".t-new"
+            subprocess.run(["cp", "-al", str(rootfs_dir), str(fresh)], check=True)
+            (fresh / "rootfs" / "cbx-new-build").write_text("new\n")
+            os.rename(current, templates / ".t-old")
+            os.rename(fresh, current)
+            new = await new_sandbox(rt, "sb_rfn", rootfs_template(directory=current))
+            try:
+                code, out = await sh(rt, old, "cat /cbx-new-build")
+                assert code != 0 and "No such file" in out, out
+                code, out = await sh(rt, new, "cat /cbx-new-build")
+                assert (code, out) == (0, "new\n"), out
+            finally:
+                await rt.destroy_sandbox(new)
+        finally:
+            await rt.destroy_sandbox(old)
+    shutil.rmtree(templates)
+
+
+@pytest.mark.asyncio
+async def test_root_needs_a_rootfs_template(short_tmp: Path, rootfs_dir: Path) -> None:
+    """A venv sandbox has no root: asking for it is a clear error, the default user works."""
+    from cellbox.interpreter.templates import TemplateRegistry
+    from tests.integration.helpers import host_templates
+
+    try:
+        venv = TemplateRegistry(host_templates()).get("default")
+    except Exception as exc:
+        pytest.skip(f"no default template: {exc}")
+    async with rootfs_runtime(short_tmp) as rt:
+        sb = await new_sandbox(rt, "sb_rfv", venv)
+        try:
+            code, out = await sh(rt, sb, "id -u")
+            assert (code, out.strip()) == (0, "1000")
+            with pytest.raises(InterpreterError, match="rootfs template"):
+                await sh(rt, sb, "id -u", user="root")
+        finally:
+            await rt.destroy_sandbox(sb)
+
+
+@pytest.mark.asyncio
+async def test_startup_reaps_the_mounts_of_a_crashed_service(short_tmp: Path, template: TemplateInfo) -> None:
+    """A service that died with rootfs sandboxes running left their overlay and disk mounted:
+    the next start on the same data dir and cgroup prefix unmounts and removes them."""
+    async with rootfs_runtime(short_tmp, "reap") as rt:
+        sb = await new_sandbox(rt, "sb_rfr", template)
+        assert (await sh(rt, sb, "echo alive"))[1] == "alive\n"
+        homes = str(rt.config.homes)
+
+        def mounted() -> list[str]:
+            return [m for m in (line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines())
+                    if m.startswith(homes + "/")]  # fmt: skip
+
+        assert len(mounted()) == 2, mounted()  # the disk and the overlay
+        again = LocalRuntime(rt.config)
+        await again.startup()
+        assert mounted() == [] and not sb.dir.exists()
+        await rt.destroy_sandbox(sb)  # the first service's stale record: nothing left to free
