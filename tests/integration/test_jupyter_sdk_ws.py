@@ -151,3 +151,41 @@ async def test_async_calls_share_one_socket(srv: RunningServer) -> None:
             await sbx.run_code("1", context="ctx_nope")
         sbx._socket._ws.transport.abort()  # the socket breaks under the object
         assert (await sbx.run_code("2 + 2")).text == "4"
+
+
+class _GiveUp(Exception):
+    pass
+
+
+@pytest.mark.parametrize("websocket", [True, False], ids=["ws", "http"])
+async def test_a_call_that_goes_away_interrupts_when_asked(srv: RunningServer, websocket: bool) -> None:
+    # interrupt_on_disconnect: a caller that stops reading (here its callback raises) gets its
+    # execution interrupted, over the socket as over HTTP
+    def scenario() -> tuple[str, str | None]:
+        with Sandbox.create(base_url=srv.url, websocket=websocket) as sbx:
+            seen: list[str] = []
+
+            def give_up(text: str) -> None:
+                raise _GiveUp(text)
+
+            def note_id(event: Any) -> None:
+                if event.execution_id and not seen:
+                    seen.append(event.execution_id)
+
+            with pytest.raises(_GiveUp):
+                sbx.run_code(
+                    "import time\nprint('started', flush=True)\ntime.sleep(30)",
+                    on_stdout=give_up,
+                    on_event=note_id,
+                    interrupt_on_disconnect=True,
+                )
+            ended = None
+            for event in sbx.stream_execution(seen[0]):  # replayed, then live until its end
+                if event.type == "end":
+                    ended = event
+            assert ended is not None
+            after = sbx.run_code("'usable'").text
+            return str(ended.status.value), after
+
+    status, after = await asyncio.to_thread(scenario)
+    assert status == "interrupted" and after == "'usable'"
