@@ -20,6 +20,8 @@ do not depend on the transport.
 * ``input()`` in the code: ``on_input(prompt)`` answers it (an ``input`` frame; over HTTP a
   ``POST .../executions/{id}/input``). Without ``on_input`` the execution gets no stdin and
   ``input()`` raises at once, on either transport.
+* The socket closes with the sandbox object (``close()``, the ``with`` block, or when it is
+  garbage collected).
 * Timeouts as over HTTP: the connect (and handshake) within ``request_timeout``; with an
   execution ``timeout``, a server silent for ``timeout + STREAM_READ_GRACE`` seconds breaks
   the call (the server sends keepalives while an execution is quiet).
@@ -34,6 +36,7 @@ import json
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -131,6 +134,18 @@ def _wire(raw: str | bytes) -> dict[str, Any] | None:
     return wire if isinstance(wire, dict) else None
 
 
+def _close_quietly(ws: Any) -> None:
+    try:
+        ws.close()
+    except Exception:  # closing a broken socket: nothing more to learn
+        pass
+
+
+def _abort_soon(loop: asyncio.AbstractEventLoop, ws: Any) -> None:
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(ws.transport.abort)
+
+
 # -- the blocking client ----------------------------------------------------------------------------
 
 
@@ -213,6 +228,8 @@ class ExecutionSocket:
             return None
         # small frames both ways: Nagle would hold a frame for the peer's delayed ACK
         ws.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # the socket's reader thread keeps it alive: a Sandbox dropped unclosed still closes it
+        weakref.finalize(self, _close_quietly, ws)
         self._ws = ws
         return ws
 
@@ -244,10 +261,7 @@ class ExecutionSocket:
     def _drop(self) -> None:
         ws, self._ws = self._ws, None
         if ws is not None:
-            try:
-                ws.close()
-            except Exception:  # closing a broken socket: nothing more to learn
-                pass
+            _close_quietly(ws)
 
     def close(self) -> None:
         self._drop()
@@ -349,6 +363,8 @@ class AsyncExecutionSocket:
                 self._retry_at = time.monotonic() + RETRY_AFTER
                 return None
             self._reader = asyncio.create_task(self._read_frames(self._ws), name="cellbox-ws-reader")
+            # the reader task keeps the socket alive: an AsyncSandbox dropped unclosed still ends it
+            weakref.finalize(self, _abort_soon, loop, self._ws)
             return self._ws
 
     async def _read_frames(self, ws: Any) -> None:

@@ -189,3 +189,22 @@ async def test_a_call_that_goes_away_interrupts_when_asked(srv: RunningServer, w
 
     status, after = await asyncio.to_thread(scenario)
     assert status == "interrupted" and after == "'usable'"
+
+
+async def test_a_sandbox_object_dropped_unclosed_closes_its_socket(srv: RunningServer) -> None:
+    import gc
+
+    def scenario() -> bool:
+        sbx = Sandbox.create(base_url=srv.url)
+        sbx.run_code("1")
+        ws = sbx._socket._ws
+        sid = sbx.sandbox_id
+        sbx._http.close()  # httpx's pool warns when dropped unclosed; the socket is the question here
+        del sbx
+        gc.collect()
+        closed = ws.protocol.state.name == "CLOSED"
+        with Sandbox.connect(sid, base_url=srv.url):
+            pass  # the with block kills it and closes this object
+        return bool(closed)
+
+    assert await asyncio.to_thread(scenario)
