@@ -208,3 +208,23 @@ async def test_a_sandbox_object_dropped_unclosed_closes_its_socket(srv: RunningS
         return bool(closed)
 
     assert await asyncio.to_thread(scenario)
+
+
+async def test_async_calls_follow_their_executions_across_a_broken_socket(srv: RunningServer) -> None:
+    async with await AsyncSandbox.create(base_url=srv.url) as sbx:
+        other = await sbx.create_code_context()
+        await sbx.run_code("import time")
+        await sbx.run_code("import time", context=other)
+        code = "print('before', flush=True)\ntime.sleep(0.5)\nprint('after')\n{!r}"
+
+        async def cut(text: str) -> None:
+            if text == "before\n" and sbx._socket._ws is not None:
+                sbx._socket._ws.transport.abort()  # both calls' socket breaks mid-execution
+
+        one, two = await asyncio.gather(
+            sbx.run_code(code.format("one"), on_stdout=cut),
+            sbx.run_code(code.format("two"), context=other),
+        )
+        for ex, text in ((one, "'one'"), (two, "'two'")):
+            assert ex.logs.stdout == ["before\n", "after\n"] and ex.text == text, _summary(ex)
+            assert [e.type for e in ex.events].count("start") == 1
