@@ -121,7 +121,7 @@ def write_chart(path: Path, sections: list[Section], title: str) -> None:
             ax.axhline(target, color="red", linestyle="--", linewidth=1, label=f"target {target:.3g}")
         ax.legend(fontsize=7)
 
-    rt_keys = ["raw", "kg", "kg_nodelay", "http", "http_lean", "sdk"]
+    rt_keys = ["raw", "kg", "kg_nodelay", "http", "http_lean", "sdk", "sdk_http"]
     rt_names = {
         "raw": "raw",
         "kg": "Kernel GW",
@@ -129,6 +129,7 @@ def write_chart(path: Path, sections: list[Section], title: str) -> None:
         "http": "cellbox httpx",
         "http_lean": "cellbox bare",
         "sdk": "cellbox SDK",
+        "sdk_http": "SDK over HTTP",
     }
     bars(
         axes[0][0],

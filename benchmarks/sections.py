@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import time
 from collections import Counter
@@ -19,7 +20,14 @@ import psutil  # type: ignore[import-untyped]  # no stubs in the venv (types-psu
 
 from benchmarks.context import Bench, Section, log, peer
 from benchmarks.peers import Outcome, Skip, stdout_code
-from benchmarks.peers.cellbox import CellboxHttp, CellboxSdk, CellboxWs, LeanHttp, gateway_channels_url
+from benchmarks.peers.cellbox import (
+    CellboxAsyncSdk,
+    CellboxHttp,
+    CellboxSdk,
+    CellboxWs,
+    LeanHttp,
+    gateway_channels_url,
+)
 from benchmarks.peers.kernel_gateway import GatewayKernel
 from benchmarks.peers.raw import RawKernel
 from benchmarks.procs import tree_memory
@@ -34,6 +42,9 @@ LABELS = {
     "http": "cellbox HTTP NDJSON (httpx)",
     "http_lean": "cellbox HTTP NDJSON (bare client)",
     "sdk": "cellbox SDK",
+    "sdk_http": "cellbox SDK, HTTP only",
+    "sdk_async": "cellbox async SDK",
+    "sdk_async_http": "cellbox async SDK, HTTP only",
     "ws": "cellbox WebSocket (/ws)",
     "ws_gateway": "cellbox kernel-gateway face (ws)",
     "cold": "cellbox (cold)",
@@ -149,10 +160,17 @@ async def roundtrip(b: Bench, sec: Section) -> None:
                         await gk.connect(30.0)
                         modes.append(Mode("ws_gateway", _bind(gk.execute, "1+1")))
                 if b.want("sdk"):
-                    async with peer(sec, "sdk"):
-                        sdk = await asyncio.to_thread(CellboxSdk, server.base)
-                        cleanups.push(lambda: asyncio.to_thread(sdk.close))
-                        modes.append(Mode("sdk", _sync_once(sdk, "1+1")))
+                    # run_code over its websocket (the default) and over HTTP NDJSON, same run
+                    for key, websocket in (("sdk", True), ("sdk_http", False)):
+                        async with peer(sec, key):
+                            sdk = await asyncio.to_thread(CellboxSdk, server.base, websocket=websocket)
+                            cleanups.push(functools.partial(asyncio.to_thread, sdk.close))
+                            modes.append(Mode(key, _sync_once(sdk, "1+1")))
+                    for key, websocket in (("sdk_async", True), ("sdk_async_http", False)):
+                        async with peer(sec, key):
+                            asdk = await CellboxAsyncSdk.create(server.base, websocket=websocket)
+                            cleanups.push(asdk.close)
+                            modes.append(Mode(key, _bind(asdk.run, "1+1")))
         if not modes:
             return
         log(f"roundtrip: {', '.join(m.key for m in modes)}: {plan.rounds} rounds x {plan.rt_iters} calls")

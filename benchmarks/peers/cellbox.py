@@ -251,14 +251,20 @@ class CellboxHttp:
 
 
 class CellboxSdk:
-    """One sandbox made and driven through ``cellbox.client.Sandbox`` (the sync SDK)."""
+    """One sandbox made and driven through ``cellbox.client.Sandbox`` (the sync SDK);
+    ``websocket=False`` keeps ``run_code`` on HTTP NDJSON (default: its websocket)."""
 
-    def __init__(self, base: str, api_key: str | None = None) -> None:
+    def __init__(self, base: str, api_key: str | None = None, *, websocket: bool = True) -> None:
         try:
             from cellbox.client import Sandbox
         except Exception as exc:
             raise Skip(f"cannot import cellbox.client.Sandbox ({type(exc).__name__}: {exc})") from None
-        self.sandbox = Sandbox.create(timeout=SANDBOX_TIMEOUT, base_url=base, api_key=api_key)
+        try:
+            self.sandbox = Sandbox.create(timeout=SANDBOX_TIMEOUT, base_url=base, api_key=api_key, websocket=websocket)
+        except TypeError:  # an SDK without the websocket option: HTTP only
+            if websocket:
+                raise Skip("this SDK has no websocket transport") from None
+            self.sandbox = Sandbox.create(timeout=SANDBOX_TIMEOUT, base_url=base, api_key=api_key)
 
     def run(self, code: str) -> Outcome:
         t0 = time.perf_counter()
@@ -270,6 +276,40 @@ class CellboxSdk:
             self.sandbox.kill()
         finally:
             self.sandbox.close()
+
+
+class CellboxAsyncSdk:
+    """The same through ``cellbox.client.AsyncSandbox`` (agents' client)."""
+
+    def __init__(self, sandbox: Any) -> None:
+        self.sandbox = sandbox
+
+    @classmethod
+    async def create(cls, base: str, api_key: str | None = None, *, websocket: bool = True) -> CellboxAsyncSdk:
+        try:
+            from cellbox.client import AsyncSandbox
+        except Exception as exc:
+            raise Skip(f"cannot import cellbox.client.AsyncSandbox ({type(exc).__name__}: {exc})") from None
+        try:
+            sbx = await AsyncSandbox.create(
+                timeout=SANDBOX_TIMEOUT, base_url=base, api_key=api_key, websocket=websocket
+            )
+        except TypeError:
+            if websocket:
+                raise Skip("this SDK has no websocket transport") from None
+            sbx = await AsyncSandbox.create(timeout=SANDBOX_TIMEOUT, base_url=base, api_key=api_key)
+        return cls(sbx)
+
+    async def run(self, code: str) -> Outcome:
+        t0 = time.perf_counter()
+        execution = await self.sandbox.run_code(code)
+        return Outcome(time.perf_counter() - t0, execution.status or "no_end_event")
+
+    async def close(self) -> None:
+        try:
+            await self.sandbox.kill()
+        finally:
+            await self.sandbox.close()
 
 
 class LeanHttp:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import (
     AsyncGenerator,
@@ -58,6 +59,7 @@ from ._models import (
     PendingCall,
     StreamBuilder,
 )
+from ._ws import AsyncExecutionSocket, InputCallback, answering_inputs, input_call
 
 T = TypeVar("T")
 Options = ConnectionOptions[httpx.AsyncBaseTransport]
@@ -157,6 +159,7 @@ class AsyncSandbox(SandboxBase[httpx.AsyncClient]):
     def __init__(self, sandbox_id: str, *, http: httpx.AsyncClient, config: ConnectionConfig) -> None:
         """Wrap a client the object then owns; use ``create`` or ``connect`` instead."""
         super().__init__(sandbox_id, http=http, config=config)
+        self._socket = AsyncExecutionSocket(config, self._path())
         self.files = AsyncFilesystem(self)
         self.commands = AsyncCommands(self)
         self.pty = AsyncPty(self.commands)
@@ -243,6 +246,7 @@ class AsyncSandbox(SandboxBase[httpx.AsyncClient]):
 
     async def close(self) -> None:
         """Async :meth:`Sandbox.close`."""
+        await self._socket.close()
         await self._http.aclose()
 
     async def __aenter__(self) -> AsyncSandbox:
@@ -273,12 +277,20 @@ class AsyncSandbox(SandboxBase[httpx.AsyncClient]):
         timeout: float | None = None,
         inline: bool = False,
         interrupt_on_disconnect: bool = False,
+        on_input: InputCallback | None = None,
     ) -> Execution:
         """Async :meth:`Sandbox.run_code`; a callback's awaitable result is awaited before the next one runs."""
         callbacks = Callbacks(on_stdout, on_stderr, on_result, on_error, on_event)
         call, builder = self._execute_call(
             code, context, language, envs, timeout, inline, interrupt_on_disconnect, callbacks
         )
+        if await self._socket.run(call.json, builder, on_input):
+            return builder.finish()
+        if on_input is not None:
+            call = dataclasses.replace(call, json={**call.json, "allow_stdin": True})
+            builder.callbacks = answering_inputs(
+                builder.callbacks, on_input, lambda eid, value: _send(self._http, input_call(self, eid, value))
+            )
         await _drive(self._http, call, builder)
         return builder.finish()
 

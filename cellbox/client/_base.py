@@ -83,12 +83,15 @@ class ConnectionOptions(TypedDict, Generic[TransportT], total=False):
     * ``request_timeout``: seconds a non-streaming call may take, and the connect timeout of
       streams (default 60; ``None``: no limit). Methods take a per-call ``request_timeout``.
     * ``transport``: an httpx transport to use instead of the network (tests, custom proxies).
+    * ``websocket``: ``run_code`` over the sandbox's executions websocket when it can (default
+      True; it is faster: ``cellbox.client._ws``); False: always HTTP NDJSON.
     """
 
     base_url: str | None
     api_key: str | None
     request_timeout: float | None
     transport: TransportT | None
+    websocket: bool
 
 
 _NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
@@ -102,6 +105,7 @@ class ConnectionConfig:
     api_key: str | None = field(repr=False)
     request_timeout: float | None
     transport: Any = None
+    websocket: bool = True
 
     @classmethod
     def resolve(cls, options: ConnectionOptions[Any]) -> ConnectionConfig:
@@ -110,7 +114,7 @@ class ConnectionConfig:
         key = options.get("api_key")
         key = key if key is not None else os.environ.get("CELLBOX_API_KEY") or None
         timeout = options.get("request_timeout", DEFAULT_REQUEST_TIMEOUT)
-        return cls(url.rstrip("/"), key, timeout, options.get("transport"))
+        return cls(url.rstrip("/"), key, timeout, options.get("transport"), options.get("websocket", True))
 
     def client_options(self, transport_cls: Callable[..., Any]) -> dict[str, Any]:
         """Keyword arguments for ``httpx.Client`` / ``httpx.AsyncClient``; ``transport_cls`` is

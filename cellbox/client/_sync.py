@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Literal, TypeVar, Unpack, overload
@@ -49,6 +50,7 @@ from ._models import (
     PendingCall,
     StreamBuilder,
 )
+from ._ws import ExecutionSocket, InputCallback, answering_inputs, input_call
 
 T = TypeVar("T")
 Options = ConnectionOptions[httpx.BaseTransport]
@@ -118,6 +120,7 @@ class Sandbox(SandboxBase[httpx.Client]):
     def __init__(self, sandbox_id: str, *, http: httpx.Client, config: ConnectionConfig) -> None:
         """Wrap a client the object then owns; use ``create`` or ``connect`` instead."""
         super().__init__(sandbox_id, http=http, config=config)
+        self._socket = ExecutionSocket(config, self._path())
         self.files = Filesystem(self)
         self.commands = Commands(self)
         self.pty = Pty(self.commands)
@@ -213,7 +216,8 @@ class Sandbox(SandboxBase[httpx.Client]):
         return _send(self._http, self._egress_call(after, limit, request_timeout))
 
     def close(self) -> None:
-        """Release the HTTP connections; the sandbox itself keeps running. Idempotent."""
+        """Release the HTTP connections and the websocket; the sandbox itself keeps running. Idempotent."""
+        self._socket.close()
         self._http.close()
 
     def __enter__(self) -> Sandbox:
@@ -244,6 +248,7 @@ class Sandbox(SandboxBase[httpx.Client]):
         timeout: float | None = None,
         inline: bool = False,
         interrupt_on_disconnect: bool = False,
+        on_input: InputCallback | None = None,
     ) -> Execution:
         """Run ``code`` in a context and return everything it produced.
 
@@ -253,7 +258,9 @@ class Sandbox(SandboxBase[httpx.Client]):
         :class:`ExecutionError`, ``on_event`` every event (keepalives too), in arrival order,
         ``on_event`` first. ``timeout`` (seconds) is the execution's limit on the server; the
         status is then ``timeout``. ``inline`` keeps images base64 in ``Result.data``.
-        ``interrupt_on_disconnect`` interrupts the kernel if this call goes away.
+        ``interrupt_on_disconnect`` interrupts the kernel if this call goes away. ``input()`` in
+        the code gets ``on_input(prompt)`` (``on_input=input`` asks the terminal); without it,
+        ``input()`` raises. Runs over the sandbox's websocket when it can, else HTTP (``_ws``).
 
         An error in the code is not raised: it is in ``Execution.error`` (status ``error``).
         Raises the error the service reports (``SandboxNotRunning``, ``ContextNotFound``, ...)
@@ -263,6 +270,13 @@ class Sandbox(SandboxBase[httpx.Client]):
         call, builder = self._execute_call(
             code, context, language, envs, timeout, inline, interrupt_on_disconnect, callbacks
         )
+        if self._socket.run(call.json, builder, on_input):
+            return builder.finish()
+        if on_input is not None:
+            call = dataclasses.replace(call, json={**call.json, "allow_stdin": True})
+            builder.callbacks = answering_inputs(
+                builder.callbacks, on_input, lambda eid, value: _send(self._http, input_call(self, eid, value))
+            )
         _drive(self._http, call, builder)
         return builder.finish()
 

@@ -278,9 +278,7 @@ class LocalSandboxBackend:
     def execute_message(
         self, context_id: str, execution_id: str, message: KernelMessage
     ) -> AsyncIterator[Event | RunningEvent]:
-        content = message.get("content") or {}
-        request = ExecuteRequest(code=str(content.get("code", "")), allow_stdin=bool(content.get("allow_stdin")))
-        return self._runner(context_id).execute(execution_id, request, FRONTEND_TIMEOUT, message)
+        return self._runner(context_id).execute_message(execution_id, message, FRONTEND_TIMEOUT)
 
     async def send_input(self, context_id: str, execution_id: str, value: str) -> None:
         self._runner(context_id).send_input(execution_id, value)

@@ -180,17 +180,15 @@ class ExecutionRunner:
         self.saw_error = False
         self.outcome = Outcome()
 
-    async def run(self, code: str, allow_stdin: bool, message: KernelMessage | None = None) -> AsyncIterator[Event]:
-        """Run ``code``, or send a frontend's own execute_request ``message`` (its replies keep
-        reaching the frontend through the raw subscription)."""
+    async def run(self, send: Callable[[], Route]) -> AsyncIterator[Event]:
+        """Send the execute request with ``send`` (ours for code, or a frontend's own message,
+        whose replies keep reaching the frontend through the raw subscription) and map what
+        comes back on its route."""
         out = self.outcome
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         timed_out = False
-        if message is not None:
-            route = self.session.execute_message(message)
-        else:
-            route = self.session.execute(code, allow_stdin=allow_stdin)
+        route = send()
         got_idle = got_reply = False
         quiet_until: float | None = None  # once the reply is in: when iopub silence means a lost idle
         try:
@@ -454,10 +452,22 @@ class ContextRunner:
     def _set_pending_input(self, waiting: bool) -> None:
         self.pending_input = waiting
 
-    async def execute(
-        self, execution_id: str, req: ExecuteRequest, timeout: float, message: KernelMessage | None = None
+    def execute(self, execution_id: str, req: ExecuteRequest, timeout: float) -> AsyncIterator[Event | RunningEvent]:
+        """Run ``req`` to its ``end`` (never raises: every failure becomes an event)."""
+        return self._execute(
+            execution_id, timeout, req.envs, lambda: self.session.execute(req.code, allow_stdin=req.allow_stdin)
+        )
+
+    def execute_message(
+        self, execution_id: str, message: KernelMessage, timeout: float
     ) -> AsyncIterator[Event | RunningEvent]:
-        """Run one execution to its ``end`` (never raises: every failure becomes an event)."""
+        """Like :meth:`execute` for a frontend's own ``execute_request``, sent as it is (the core
+        recorded it as the execution's request already)."""
+        return self._execute(execution_id, timeout, {}, lambda: self.session.execute_message(message))
+
+    async def _execute(
+        self, execution_id: str, timeout: float, envs: dict[str, str], send: Callable[[], Route]
+    ) -> AsyncIterator[Event | RunningEvent]:
         config = self.backend.config
         loop = asyncio.get_running_loop()
         end = EndEvent(status=EndStatus.OK)
@@ -467,7 +477,7 @@ class ContextRunner:
                 self.current = execution_id
                 self._interrupt_requested = False
                 try:
-                    async for ev in self._run_locked(req, timeout, end, config, message):
+                    async for ev in self._run_locked(send, envs, timeout, end, config):
                         yield ev
                 finally:
                     self.current = None
@@ -482,11 +492,11 @@ class ContextRunner:
 
     async def _run_locked(
         self,
-        req: ExecuteRequest,
+        send: Callable[[], Route],
+        envs: dict[str, str],
         timeout: float,
         end: EndEvent,
         config: BackendConfig,
-        message: KernelMessage | None = None,
     ) -> AsyncIterator[Event | RunningEvent]:
         await self._wait_restart_done()
         if self.state == ContextState.DEAD:
@@ -496,8 +506,8 @@ class ContextRunner:
             return
         yield RunningEvent()
         self.state = ContextState.BUSY
-        hidden = env_code(self.language, req.envs)
-        if req.envs and hidden is None:
+        hidden = env_code(self.language, envs)
+        if envs and hidden is None:
             yield ErrorEvent(name="InvalidRequest", value=f"envs are not supported for {self.language}")
             end.status = EndStatus.ERROR
             return
@@ -511,7 +521,7 @@ class ContextRunner:
             interrupted=lambda: self._interrupt_requested,
             on_input=self._set_pending_input,
         )
-        async for ev in runner.run(req.code, req.allow_stdin, message):
+        async for ev in runner.run(send):
             yield ev
         outcome = runner.outcome
         end.status, end.reason, end.state_lost = outcome.status, outcome.reason, outcome.state_lost

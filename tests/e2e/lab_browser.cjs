@@ -92,7 +92,6 @@ async function widgets(page, out) {
   );
   out.after_kernel_set = await readout(page);
   out.steps.push("kernel-set");
-
 }
 
 // Binary buffers both ways: cell 1 displays an ipywidgets Image (its PNG value travels as a

@@ -24,17 +24,18 @@ class RunningServer:
 
 
 @contextlib.asynccontextmanager
-async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
-    """Open a SandboxManager, serve it with uvicorn on a free loopback port, and close both on
-    exit. The listening socket is bound before uvicorn starts, so no readiness wait is needed:
-    connections queue in the backlog until uvicorn accepts them."""
+async def run_server(settings: Settings, faces: list[str] | None = None) -> AsyncIterator[RunningServer]:
+    """Open a SandboxManager, serve it with uvicorn on a free loopback port (every face, or
+    those named in ``faces``), and close both on exit. The listening socket is bound before
+    uvicorn starts, so no readiness wait is needed: connections queue in the backlog until
+    uvicorn accepts them."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     port = int(sock.getsockname()[1])
     settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
     manager = await SandboxManager.open(settings)
-    app = create_app(settings, manager=manager)
+    app = create_app(settings, manager=manager, faces=faces)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
     task = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
     try:

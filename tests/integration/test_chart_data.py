@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -151,3 +152,64 @@ async def test_ipywidgets_display_as_widget_views(http: httpx.AsyncClient, sid: 
     (result,) = results(await execute(http, sid, "import ipywidgets\nipywidgets.IntSlider(value=3)"))
     view = result["data"]["application/vnd.jupyter.widget-view+json"]
     assert view["model_id"]
+
+
+POINTS = {"xs": [1.0, 2.0, 3.5], "ys": [4.0, 1.5, 6.0]}
+SLICES = {"a": 1.0, "b": 2.0, "c": 3.0}
+BOXES = {"A": [1.0, 2.0, 3.0, 4.0, 5.0], "B": [2.0, 3.0, 4.0, 5.0, 9.0, 30.0]}
+
+
+async def test_scatter_and_pie_charts_are_the_data_plotted(http: httpx.AsyncClient, sid: str) -> None:
+    scatter = (
+        f"import matplotlib.pyplot as plt\np = {POINTS!r}\nfig, ax = plt.subplots()\n"
+        "ax.scatter(p['xs'], p['ys'], label='dots')\nax.set_title('Spread')\nplt.show()"
+    )
+    (result,) = results(await execute(http, sid, scatter))
+    chart = result["data"]["e2b/chart"]
+    assert (chart["type"], chart["title"]) == ("scatter", "Spread")
+    assert [(e["label"], [tuple(p) for p in e["points"]]) for e in chart["elements"]] == [
+        ("dots", list(zip(POINTS["xs"], POINTS["ys"], strict=True)))
+    ]
+    pie = (
+        f"import matplotlib.pyplot as plt\ns = {SLICES!r}\nfig, ax = plt.subplots()\n"
+        "ax.pie(list(s.values()), labels=list(s))\nplt.show()"
+    )
+    (result,) = results(await execute(http, sid, pie))
+    chart = result["data"]["e2b/chart"]
+    total = sum(SLICES.values())
+    assert chart["type"] == "pie"
+    assert {e["label"]: e["angle"] for e in chart["elements"]} == {k: 360 * v / total for k, v in SLICES.items()}
+
+
+async def test_a_box_and_whisker_chart_has_the_datas_quartiles(http: httpx.AsyncClient, sid: str) -> None:
+    # e2b-charts reads a box plot from its box patches: patch_artist=True (else the boxes are
+    # lines and the chart is a line chart, as E2B's own)
+    code = (
+        f"import matplotlib.pyplot as plt\nb = {BOXES!r}\nfig, ax = plt.subplots()\n"
+        "ax.boxplot(list(b.values()), tick_labels=list(b), patch_artist=True)\nplt.show()"
+    )
+    (result,) = results(await execute(http, sid, code))
+    chart = result["data"]["e2b/chart"]
+    assert chart["type"] == "box_and_whisker"
+    for element in chart["elements"]:
+        data = sorted(BOXES[element["label"]])
+        q1, median, q3 = statistics.quantiles(data, n=4, method="inclusive")  # numpy's (matplotlib's) way
+        reach = 1.5 * (q3 - q1)
+        inside = [v for v in data if q1 - reach <= v <= q3 + reach]
+        assert (element["first_quartile"], element["median"], element["third_quartile"]) == (q1, median, q3)
+        assert (element["min"], element["max"]) == (min(inside), max(inside))
+        assert element["outliers"] == [v for v in data if v not in inside]
+
+
+async def test_a_figure_of_several_axes_is_a_superchart(http: httpx.AsyncClient, sid: str) -> None:
+    code = (
+        f"import matplotlib.pyplot as plt\nbars = {BARS!r}\nfig, (left, right) = plt.subplots(1, 2)\n"
+        "left.plot([1, 2, 3], [3, 1, 2], label='trend')\nright.bar(list(bars), list(bars.values()))\n"
+        "fig.suptitle('Overview')\nplt.show()"
+    )
+    (result,) = results(await execute(http, sid, code))
+    chart = result["data"]["e2b/chart"]
+    assert (chart["type"], chart["title"]) == ("superchart", "Overview")
+    line, bar = chart["elements"]
+    assert line["type"] == "line" and [tuple(p) for p in line["elements"][0]["points"]] == [(1, 3), (2, 1), (3, 2)]
+    assert bar["type"] == "bar" and {e["label"]: e["value"] for e in bar["elements"]} == BARS

@@ -565,3 +565,44 @@ async def test_faces_keep_keys_apart(short_tmp: Path) -> None:
             # alice's kernel is untouched
             assert (await alice.get(f"/api/kernels/{kid}")).status_code == 200
             await alice.delete(f"/api/kernels/{kid}")
+
+
+async def test_each_part_of_the_face_renders_errors_in_its_shape(short_tmp: Path) -> None:
+    # the gateway routes answer as Jupyter servers do ({"message", "reason"}), the native API's
+    # notebook routes as the native face ({"error": {...}}), whichever route or error it is
+    async with run_server(isolation_settings(short_tmp, "none", api_keys=[KEY])) as srv:
+        kid = "00000000-0000-0000-0000-000000000000"
+        gateway_routes = [
+            ("GET", "/api/kernelspecs"),
+            ("GET", "/api/kernelspecs/python3"),
+            ("GET", "/api/kernels"),
+            ("POST", "/api/kernels"),
+            ("GET", f"/api/kernels/{kid}"),
+            ("DELETE", f"/api/kernels/{kid}"),
+            ("POST", f"/api/kernels/{kid}/interrupt"),
+            ("POST", f"/api/kernels/{kid}/restart"),
+            ("GET", "/v1/sandboxes/sb_x/jupyter/api/kernels"),
+        ]
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as anon:
+            for method, path in gateway_routes:
+                r = await anon.request(method, path)
+                assert r.status_code == 401, (method, path, r.text)
+                assert r.json() == {"message": r.json()["message"], "reason": "Unauthorized", "code": "unauthorized"}
+            for method, path in [("GET", "/v1/sandboxes/sb_x/notebook"), ("POST", "/v1/sandboxes/sb_x/notebook/run")]:
+                r = await anon.request(method, path)
+                assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", (method, path, r.text)
+                assert r.headers["WWW-Authenticate"] == "Bearer"
+        async with httpx.AsyncClient(base_url=srv.url, headers={"Authorization": f"token {KEY}"}) as gw:
+            r = await gw.get("/kernelspecs/python3/logo-64x64.png")
+            assert r.status_code == 404 and r.json()["reason"] == "Not Found", r.text
+            r = await gw.post("/api/kernels", content=b"{not json")
+            assert r.status_code == 422 and r.json()["code"] == "invalid_request", r.text
+            # no such route or method under the face's paths: the same shapes, not plain text
+            r = await gw.get("/api/nope")
+            assert r.status_code == 404 and r.json()["reason"] == "Not Found", r.text
+            r = await gw.put("/api/kernels")
+            assert r.status_code == 405 and "message" in r.json(), r.text
+            r = await gw.post("/v1/sandboxes/sb_nope/notebook/run", content=b"{}")
+            assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", r.text
+            r = await gw.get("/v1/sandboxes/sb_nope/notebook")
+            assert r.status_code == 404 and r.json()["error"]["code"] == "sandbox_not_found", r.text

@@ -166,7 +166,15 @@ def test_only_the_ray_runtime_imports_ray() -> None:
     assert importers_of("ray") <= {"runtimes/ray.py"}
 
 
-SDK_MAY_USE = {"httpx", "pydantic", "cellbox.client", "cellbox.interpreter.models", "cellbox.interpreter.errors"}
+SDK_MAY_USE = {
+    "httpx",
+    "pydantic",
+    "cellbox.client",
+    "cellbox.interpreter.models",
+    "cellbox.interpreter.errors",
+    # optional, imported where used (client/_ws.py): without it run_code stays on HTTP
+    "websockets",
+}
 
 
 def test_the_sdk_imports_only_httpx_pydantic_and_the_shared_models() -> None:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import re
 
-from starlette.applications import Starlette
+from fastapi import FastAPI
 from starlette.routing import BaseRoute, Route, WebSocketRoute
-from starlette.types import ASGIApp, Scope
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cellbox.api import errors
+from cellbox.api.errors import Renderer, error_response
 from cellbox.api.faces import Face, Services
-from cellbox.api.faces.jupyter.gateway import Gateway
+from cellbox.api.faces.jupyter.gateway import Gateway, render_error
 from cellbox.api.faces.jupyter.notebooks import Notebooks
 from cellbox.api.faces.jupyter.ws import execution_socket
 
@@ -27,6 +29,7 @@ _SANDBOX = r"/v1/sandboxes/[^/]+"
 _CLAIMS = re.compile(
     rf"^(/api(/.*)?|/kernelspecs/.*|{_SANDBOX}/jupyter(/.*)?|{_SANDBOX}/ws|{_SANDBOX}/notebook(/run)?)$"
 )
+_NATIVE = re.compile(rf"^({_SANDBOX}/ws|{_SANDBOX}/notebook(/run)?)$")
 
 
 def matches(scope: Scope) -> bool:
@@ -51,19 +54,39 @@ def _gateway_routes(gateway: Gateway, prefix: str) -> list[BaseRoute]:
     ]
 
 
+def _sub_app(routes: list[BaseRoute], render: Renderer, services: Services) -> FastAPI:
+    """One body shape for its errors: ``render`` gets every error of its routes (the face's
+    handlers, installed once: cellbox.api.errors.install)."""
+    app = FastAPI(routes=routes, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.settings = services.settings
+    app.state.services = services
+    errors.install(app, render)
+    return app
+
+
 def build(services: Services) -> ASGIApp:
     gateway = Gateway(lambda: services.manager, services.settings)
     notebooks = Notebooks(lambda: services.manager)
-    routes: list[BaseRoute] = [
-        *_gateway_routes(gateway, ""),
-        *_gateway_routes(gateway, "/v1/sandboxes/{sandbox_id:str}/jupyter"),
-        WebSocketRoute("/v1/sandboxes/{sandbox_id:str}/ws", execution_socket),
-        Route("/v1/sandboxes/{sandbox_id:str}/notebook", notebooks.export, methods=["GET"]),
-        Route("/v1/sandboxes/{sandbox_id:str}/notebook/run", notebooks.run, methods=["POST"]),
-    ]
-    app = Starlette(routes=routes)
-    app.state.settings = services.settings
-    app.state.services = services
+    # the kernel-gateway routes answer in Jupyter's error shape ({"message", "reason"})...
+    jupyter = _sub_app(
+        [*_gateway_routes(gateway, ""), *_gateway_routes(gateway, "/v1/sandboxes/{sandbox_id:str}/jupyter")],
+        render_error,
+        services,
+    )
+    # ...the native API's websocket and notebook routes in the native one ({"error": {...}})
+    native = _sub_app(
+        [
+            WebSocketRoute("/v1/sandboxes/{sandbox_id:str}/ws", execution_socket),
+            Route("/v1/sandboxes/{sandbox_id:str}/notebook", notebooks.export, methods=["GET"]),
+            Route("/v1/sandboxes/{sandbox_id:str}/notebook/run", notebooks.run, methods=["POST"]),
+        ],
+        error_response,
+        services,
+    )
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await (native if _NATIVE.match(scope.get("path", "")) else jupyter)(scope, receive, send)
+
     return app
 
 

@@ -88,7 +88,7 @@ from cellbox.runtimes.base import SandboxBackend
 
 log = logging.getLogger("cellbox.api.gateway")
 
-__all__ = ["GATEWAY_META", "Gateway", "kernel_model"]
+__all__ = ["GATEWAY_META", "Gateway", "kernel_model", "render_error"]
 
 # sandbox metadata of the sandboxes this face creates: DELETE of their kernels destroys them
 GATEWAY_META = "jupyter.gateway"
@@ -133,8 +133,9 @@ def kernel_model(ctx: ContextInfo, last_activity: float, connections: int, sandb
     return model
 
 
-def _error(exc: e.InterpreterError) -> JSONResponse:
-    """Errors as Jupyter servers render them (``{"message", "reason"}``), plus cellbox's code."""
+def render_error(exc: e.InterpreterError) -> JSONResponse:
+    """Errors as Jupyter servers render them (``{"message", "reason"}``), plus cellbox's code:
+    the face's renderer (``cellbox.api.errors.install``), for every gateway route."""
     http_status, _ = status_for(exc)
     reason = {401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 409: "Conflict"}.get(http_status, "Error")
     return JSONResponse({"message": exc.message, "reason": reason, "code": exc.code}, status_code=http_status)
@@ -319,79 +320,67 @@ class Gateway:
         return "default"
 
     async def kernelspecs(self, request: Request) -> Response:
-        try:
-            owner = owner_of(request)
-            scope_id = request.path_params.get("sandbox_id")
-            specs = self._kernelspecs(await self._template_for(owner, scope_id))
-            # jupyter_server with KERNEL_USERNAME set asks for one spec as
-            # /api/kernelspecs?user=NAME/SPEC (the query joined before the path; reference §1.2)
-            user = request.query_params.get("user", "")
-            if "/" in user:
-                name = user.rsplit("/", 1)[1]
-                if name not in specs["kernelspecs"]:
-                    raise e.NotFound(f"Kernel spec {name} not found")
-                return JSONResponse(specs["kernelspecs"][name])
-            return JSONResponse(specs)
-        except e.InterpreterError as exc:
-            return _error(exc)
+        owner = owner_of(request)
+        scope_id = request.path_params.get("sandbox_id")
+        specs = self._kernelspecs(await self._template_for(owner, scope_id))
+        # jupyter_server with KERNEL_USERNAME set asks for one spec as
+        # /api/kernelspecs?user=NAME/SPEC (the query joined before the path; reference §1.2)
+        user = request.query_params.get("user", "")
+        if "/" in user:
+            name = user.rsplit("/", 1)[1]
+            if name not in specs["kernelspecs"]:
+                raise e.NotFound(f"Kernel spec {name} not found")
+            return JSONResponse(specs["kernelspecs"][name])
+        return JSONResponse(specs)
 
     async def kernelspec(self, request: Request) -> Response:
-        try:
-            owner = owner_of(request)
-            scope_id = request.path_params.get("sandbox_id")
-            specs = self._kernelspecs(await self._template_for(owner, scope_id))["kernelspecs"]
-            name = request.path_params["name"]
-            if name not in specs:
-                raise e.NotFound(f"Kernel spec {name} not found")
-            return JSONResponse(specs[name])
-        except e.InterpreterError as exc:
-            return _error(exc)
+        owner = owner_of(request)
+        scope_id = request.path_params.get("sandbox_id")
+        specs = self._kernelspecs(await self._template_for(owner, scope_id))["kernelspecs"]
+        name = request.path_params["name"]
+        if name not in specs:
+            raise e.NotFound(f"Kernel spec {name} not found")
+        return JSONResponse(specs[name])
 
     async def kernelspec_resource(self, request: Request) -> Response:
-        return _error(e.NotFound("no kernelspec resources here"))
+        raise e.NotFound("no kernelspec resources here")
 
     async def list_kernels(self, request: Request) -> Response:
-        try:
-            owner = owner_of(request)
-            scope_id = request.path_params.get("sandbox_id")
-            out = []
-            for info in await self._sandboxes(owner, scope_id):
-                if info.state != SandboxState.RUNNING:
-                    continue
-                for ctx in info.contexts:
-                    k = self._seen(ctx.id, owner, info.id, info.created_at)
-                    out.append(kernel_model(ctx, k.last_activity, len(k.sockets), info.id))
-            if scope_id is None:
-                self._forget_others(owner, {model["id"] for model in out})
-            return JSONResponse(out)
-        except e.InterpreterError as exc:
-            return _error(exc)
+        owner = owner_of(request)
+        scope_id = request.path_params.get("sandbox_id")
+        out = []
+        for info in await self._sandboxes(owner, scope_id):
+            if info.state != SandboxState.RUNNING:
+                continue
+            for ctx in info.contexts:
+                k = self._seen(ctx.id, owner, info.id, info.created_at)
+                out.append(kernel_model(ctx, k.last_activity, len(k.sockets), info.id))
+        if scope_id is None:
+            self._forget_others(owner, {model["id"] for model in out})
+        return JSONResponse(out)
 
     async def start_kernel(self, request: Request) -> Response:
+        owner = owner_of(request)
+        scope_id = request.path_params.get("sandbox_id")
         try:
-            owner = owner_of(request)
-            scope_id = request.path_params.get("sandbox_id")
-            try:
-                body = await request.json() if await request.body() else {}
-            except ValueError:
-                raise e.InvalidRequest("the body must be JSON") from None
-            if not isinstance(body, dict):
-                raise e.InvalidRequest("the body must be a JSON object")
-            adopt = body.get("kernel_id")
-            if isinstance(adopt, str) and adopt:
-                sbx, ctx = await self.find(owner, adopt, scope_id)
-                return JSONResponse(self.model(ctx, sbx), status_code=201)
-            language = language_of(str(body.get("name") or "python3"))
-            raw_env = body.get("env")
-            env: dict[str, Any] = raw_env if isinstance(raw_env, dict) else {}
-            if scope_id is not None:
-                sbx = await self.manager.get(owner, scope_id)
-                ctx = await self._context_of(sbx, language)
-            else:
-                sbx, ctx = await self._new_sandbox(owner, language, env)
+            body = await request.json() if await request.body() else {}
+        except ValueError:
+            raise e.InvalidRequest("the body must be JSON") from None
+        if not isinstance(body, dict):
+            raise e.InvalidRequest("the body must be a JSON object")
+        adopt = body.get("kernel_id")
+        if isinstance(adopt, str) and adopt:
+            sbx, ctx = await self.find(owner, adopt, scope_id)
             return JSONResponse(self.model(ctx, sbx), status_code=201)
-        except e.InterpreterError as exc:
-            return _error(exc)
+        language = language_of(str(body.get("name") or "python3"))
+        raw_env = body.get("env")
+        env: dict[str, Any] = raw_env if isinstance(raw_env, dict) else {}
+        if scope_id is not None:
+            sbx = await self.manager.get(owner, scope_id)
+            ctx = await self._context_of(sbx, language)
+        else:
+            sbx, ctx = await self._new_sandbox(owner, language, env)
+        return JSONResponse(self.model(ctx, sbx), status_code=201)
 
     async def _context_of(self, sbx: Sandbox, language: str) -> ContextInfo:
         for ctx in await sbx.contexts.list():
@@ -434,50 +423,38 @@ class Gateway:
         return bool(sbx.info_base.metadata.get(GATEWAY_META) == "kernel")
 
     async def get_kernel(self, request: Request) -> Response:
-        try:
-            owner = owner_of(request)
-            sbx, ctx = await self.find(owner, request.path_params["kernel_id"], request.path_params.get("sandbox_id"))
-            return JSONResponse(self.model(ctx, sbx))
-        except e.InterpreterError as exc:
-            return _error(exc)
+        owner = owner_of(request)
+        sbx, ctx = await self.find(owner, request.path_params["kernel_id"], request.path_params.get("sandbox_id"))
+        return JSONResponse(self.model(ctx, sbx))
 
     async def delete_kernel(self, request: Request) -> Response:
-        try:
-            owner = owner_of(request)
-            kid = request.path_params["kernel_id"]
-            scope_id = request.path_params.get("sandbox_id")
-            sbx, _ = await self.find(owner, kid, scope_id)
-            await self._close_sockets(kid)
-            if scope_id is None and self._made_here(sbx):
-                await self.manager.delete(owner, sbx.id)
-                self.kernels.pop(kid, None)
-            else:
-                log.info("detached from kernel %s of sandbox %s (not created by the gateway)", kid, sbx.id)
-            return Response(status_code=204)
-        except e.InterpreterError as exc:
-            return _error(exc)
+        owner = owner_of(request)
+        kid = request.path_params["kernel_id"]
+        scope_id = request.path_params.get("sandbox_id")
+        sbx, _ = await self.find(owner, kid, scope_id)
+        await self._close_sockets(kid)
+        if scope_id is None and self._made_here(sbx):
+            await self.manager.delete(owner, sbx.id)
+            self.kernels.pop(kid, None)
+        else:
+            log.info("detached from kernel %s of sandbox %s (not created by the gateway)", kid, sbx.id)
+        return Response(status_code=204)
 
     async def interrupt_kernel(self, request: Request) -> Response:
-        try:
-            owner = owner_of(request)
-            kid = request.path_params["kernel_id"]
-            sbx, _ = await self.find(owner, kid, request.path_params.get("sandbox_id"))
-            await sbx.contexts.interrupt(kid)
-            self._touch(kid)
-            return Response(status_code=204)
-        except e.InterpreterError as exc:
-            return _error(exc)
+        owner = owner_of(request)
+        kid = request.path_params["kernel_id"]
+        sbx, _ = await self.find(owner, kid, request.path_params.get("sandbox_id"))
+        await sbx.contexts.interrupt(kid)
+        self._touch(kid)
+        return Response(status_code=204)
 
     async def restart_kernel(self, request: Request) -> Response:
-        try:
-            owner = owner_of(request)
-            kid = request.path_params["kernel_id"]
-            sbx, _ = await self.find(owner, kid, request.path_params.get("sandbox_id"))
-            ctx = await sbx.contexts.restart(kid)
-            self._touch(kid)
-            return JSONResponse(self.model(ctx, sbx))
-        except e.InterpreterError as exc:
-            return _error(exc)
+        owner = owner_of(request)
+        kid = request.path_params["kernel_id"]
+        sbx, _ = await self.find(owner, kid, request.path_params.get("sandbox_id"))
+        ctx = await sbx.contexts.restart(kid)
+        self._touch(kid)
+        return JSONResponse(self.model(ctx, sbx))
 
     # -- activity -----------------------------------------------------------------------------
 

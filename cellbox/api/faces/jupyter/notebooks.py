@@ -9,8 +9,9 @@
   ``cell_end``, ... and last ``{"type": "notebook", "status", "notebook"}``: the executed
   notebook. With ``stop_on_error`` (the default) the run stops after the first failing cell.
 
-Errors before streaming are the native face's ``{"error": {...}}`` bodies; an error during the
-stream is one ``{"type": "error", "name": code, "value": message}`` line, then the stream ends.
+Errors before streaming are the native face's ``{"error": {...}}`` bodies (its renderer is
+installed on these routes); an error during the stream is one ``{"type": "error", "name":
+code, "value": message}`` line, then the stream ends.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from cellbox.api.errors import error_response
 from cellbox.api.faces.jupyter.common import owner_of
 from cellbox.api.streaming import NDJSONStream
 from cellbox.api.urls import base_url, with_artifact_urls
@@ -103,24 +103,21 @@ class Notebooks:
             return "python"
 
     async def export(self, request: Request) -> Response:
-        try:
-            owner = owner_of(request)
-            sid = request.path_params["sandbox_id"]
-            nbk = _notebook_module()
-            sbx = await self.manager.get(owner, sid)
-            infos = await sbx.executions.list()
-            context_id = await self._context(sbx, request.query_params.get("context"), infos)
-            records: list[ExecutionRecord] = [
-                await sbx.executions.record(info.id) for info in infos if info.context_id == context_id
-            ]
-            nb = await nbk.export_notebook(
-                records,
-                self._fetcher(owner),
-                language=await self._language(sbx, context_id),
-                metadata={"sandbox_id": sid, "context_id": context_id or ""},
-            )
-        except e.InterpreterError as exc:
-            return error_response(exc)
+        owner = owner_of(request)
+        sid = request.path_params["sandbox_id"]
+        nbk = _notebook_module()
+        sbx = await self.manager.get(owner, sid)
+        infos = await sbx.executions.list()
+        context_id = await self._context(sbx, request.query_params.get("context"), infos)
+        records: list[ExecutionRecord] = [
+            await sbx.executions.record(info.id) for info in infos if info.context_id == context_id
+        ]
+        nb = await nbk.export_notebook(
+            records,
+            self._fetcher(owner),
+            language=await self._language(sbx, context_id),
+            metadata={"sandbox_id": sid, "context_id": context_id or ""},
+        )
         return Response(
             nbk.write_notebook(nb),
             media_type=IPYNB,
@@ -128,35 +125,32 @@ class Notebooks:
         )
 
     async def run(self, request: Request) -> Response:
+        owner = owner_of(request)
+        sid = request.path_params["sandbox_id"]
+        query = request.query_params
         try:
-            owner = owner_of(request)
-            sid = request.path_params["sandbox_id"]
-            query = request.query_params
-            try:
-                body = json.loads(await request.body())
-            except ValueError:
-                raise e.InvalidRequest("the body must be a notebook (JSON)") from None
-            options: dict[str, Any] = {}
-            if isinstance(body, dict) and "notebook" in body and "cells" not in body:
-                options, body = body, body["notebook"]
-            if not isinstance(body, dict):
-                raise e.InvalidRequest("the body must be a notebook (JSON object)")
-            nbk = _notebook_module()
-            nb = nbk.read_notebook(body)
-            stop_on_error = _flag(query.get("stop_on_error"), bool(options.get("stop_on_error", True)))
-            events = _flag(query.get("events"), bool(options.get("events", True)))
-            context = query.get("context") or options.get("context")
-            raw_timeout = query.get("timeout") or options.get("timeout")
-            try:
-                timeout = float(raw_timeout) if raw_timeout is not None else None
-            except (TypeError, ValueError):
-                raise e.InvalidRequest(f"timeout must be seconds, got {raw_timeout!r}") from None
-            sbx = await self.manager.get(owner, sid)
-            sbx.require_running()
-            context_id = await sbx.contexts.resolve(context, None)
-            language = (await sbx.contexts.get(context_id)).language
-        except e.InterpreterError as exc:
-            return error_response(exc)
+            body = json.loads(await request.body())
+        except ValueError:
+            raise e.InvalidRequest("the body must be a notebook (JSON)") from None
+        options: dict[str, Any] = {}
+        if isinstance(body, dict) and "notebook" in body and "cells" not in body:
+            options, body = body, body["notebook"]
+        if not isinstance(body, dict):
+            raise e.InvalidRequest("the body must be a notebook (JSON object)")
+        nbk = _notebook_module()
+        nb = nbk.read_notebook(body)
+        stop_on_error = _flag(query.get("stop_on_error"), bool(options.get("stop_on_error", True)))
+        events = _flag(query.get("events"), bool(options.get("events", True)))
+        context = query.get("context") or options.get("context")
+        raw_timeout = query.get("timeout") or options.get("timeout")
+        try:
+            timeout = float(raw_timeout) if raw_timeout is not None else None
+        except (TypeError, ValueError):
+            raise e.InvalidRequest(f"timeout must be seconds, got {raw_timeout!r}") from None
+        sbx = await self.manager.get(owner, sid)
+        sbx.require_running()
+        context_id = await sbx.contexts.resolve(context, None)
+        language = (await sbx.contexts.get(context_id)).language
 
         async def execute(code: str) -> tuple[str, AsyncIterator[Event]]:
             info = await sbx.executions.start(ExecuteRequest(code=code, context=context_id, timeout=timeout))

@@ -3,7 +3,7 @@
 Client → server, one JSON object per text frame (:data:`ClientFrame`)::
 
     {"type": "execute", "code": "...", "context"?, "language"?, "envs"?, "timeout"?,
-     "inline"?, "request_id"?}
+     "inline"?, "interrupt_on_disconnect"?, "allow_stdin"?: true, "request_id"?}
     {"type": "input", "execution_id": "...", "value": "..."}
     {"type": "interrupt", "execution_id": "..."}
     {"type": "follow", "execution_id": "...", "after"?: -1}   replay, then live (after a reconnect)
@@ -14,7 +14,8 @@ Server → client: the execution events of the NDJSON stream, one schema
 the frame it answers (when that frame had one). An ``execute`` starts with the ``start`` event
 (it names the execution id) and ends with exactly one ``end``. Executions on different
 contexts run side by side on one socket; ``input()`` in a cell sends ``input_request`` and
-waits for an ``input`` frame (executions here get ``allow_stdin``).
+waits for an ``input`` frame (executions here get ``allow_stdin`` unless the frame says
+``"allow_stdin": false``: then ``input()`` raises, as over HTTP).
 
 A frame the server cannot act on gets an ``error`` event with no ``execution_id``
 (``name`` = the error code, ``value`` = the message, ``code`` too) and the socket stays open.
@@ -66,6 +67,7 @@ class ExecuteFrame(_Frame):
     timeout: float | None = Field(default=None, gt=0)
     inline: bool = False
     interrupt_on_disconnect: bool = False
+    allow_stdin: bool = True  # False: input() raises at once, as over HTTP without allow_stdin
 
 
 class InputFrame(_Frame):
@@ -212,7 +214,7 @@ class _Session:
                         timeout=frame.timeout,
                         inline=frame.inline,
                         interrupt_on_disconnect=frame.interrupt_on_disconnect,
-                        allow_stdin=True,
+                        allow_stdin=frame.allow_stdin,
                     )
                 )
                 execution_id = info.id
