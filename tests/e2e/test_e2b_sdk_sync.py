@@ -443,6 +443,13 @@ def test_get_host_and_the_traffic_token(e2b_server: E2BServer) -> None:
             assert http.get("/hello", headers={"Host": host}).status_code == 401
             wrong = http.get("/hello", headers={"Host": host, "e2b-traffic-access-token": "not-it"})
             assert wrong.status_code == 401
+            routed = {"E2b-Sandbox-Id": sandbox.sandbox_id, "E2b-Sandbox-Port": str(port)}  # E2B's headers
+            by_headers = http.get("/hdr", headers={**routed, "e2b-traffic-access-token": token})
+            assert by_headers.status_code == 200 and by_headers.text == "/hdr token=None"
+            # the code-interpreter port takes the traffic token alone (as older SDKs send it)
+            jupyter = {"E2b-Sandbox-Id": sandbox.sandbox_id, "E2b-Sandbox-Port": "49999"}
+            assert http.get("/contexts", headers={**jupyter, "e2b-traffic-access-token": token}).status_code == 200
+            assert http.get("/contexts", headers={**jupyter, "e2b-traffic-access-token": "not-it"}).status_code == 401
     finally:
         sandbox.kill()
 

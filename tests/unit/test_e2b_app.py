@@ -75,3 +75,21 @@ async def test_host_routing_reaches_the_sandbox_surfaces(client: httpx.AsyncClie
     assert r.status_code == 401 and r.json()["code"] == "unauthenticated"  # envd's RPC answered
     r = await client.post("/execute", json={"code": "1"}, headers={"Host": "49999-sb_0123456789abcdef.cellbox.test"})
     assert r.status_code == 401 and r.headers["content-type"].startswith("text/plain")
+
+
+def test_a_user_port_is_claimed_only_with_the_e2b_traffic_token() -> None:
+    from cellbox.api.faces.e2b.app import _user_port_scope, is_e2b_request
+
+    def scope(kind: str, **headers: str) -> dict[str, object]:
+        raw = [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
+        return {"type": kind, "path": "/a", "raw_path": b"/a", "query_string": b"", "headers": raw}
+
+    host = {"host": "8080-sb_0123456789abcdef.cellbox.test"}
+    assert not is_e2b_request(scope("http", **host))  # the native face's port relay has it
+    with_token = scope("http", **host, e2b_traffic_access_token="tok")
+    assert is_e2b_request(with_token) and is_e2b_request(scope("websocket", **host, e2b_traffic_access_token="t"))
+    assert not is_e2b_request(scope("websocket", host="49983-sb_0123456789abcdef.cellbox.test"))
+    native = _user_port_scope(with_token, "sb_0123456789abcdef", 8080)
+    assert native["path"] == "/v1/sandboxes/sb_0123456789abcdef/ports/8080/a"
+    headers = dict(native["headers"])  # type: ignore[call-overload]
+    assert headers[b"x-cellbox-traffic-token"] == b"tok" and b"e2b-traffic-access-token" not in headers
