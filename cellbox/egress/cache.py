@@ -233,6 +233,10 @@ class VerifiedFiles:
         if self._own_client:
             await self.client.aclose()
 
+    def claims(self, method: str, target: str) -> bool:
+        """Every request to a cache's own name is the cache's (the proxy's LocalSite)."""
+        return True
+
     def _digest_of(self, path: Path) -> str:
         digest = hashlib.new(self.algorithm)
         with path.open("rb") as handle:

@@ -164,3 +164,11 @@ def test_npm_cache_replaces_the_registry_when_the_sandbox_has_egress(tmp_path: P
     offline = sandbox_trust(config, None, npm_cache_url=url)
     assert offline.env["npm_config_registry"] == "https://npm.example/"
     assert "npm_config_audit" not in offline.env
+
+
+def test_apt_repositories_are_read_from_both_source_formats(tmp_path: Path) -> None:
+    host_tree(tmp_path)
+    assert read_host_config(tmp_path, env={}, home=HOME).apt.uris == (
+        "http://deb.mirror.example/debian",
+        "http://old.example/",
+    )
