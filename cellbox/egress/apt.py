@@ -59,7 +59,7 @@ _DECOMPRESS: dict[str, Callable[[bytes], bytes]] = {
     ".bz2": bz2.decompress,
     "": _plain,
 }
-_MAX_ENTRIES = 2_000_000  # paths learned from indexes, at most (Debian main: ~65 000 packages)
+_MAX_ENTRIES = 500_000  # paths learned, at most: a sandbox picks the suites (Debian main: ~65 000 packages)
 
 
 def apt_mirrors(uris: Iterable[str]) -> list[str]:
