@@ -119,6 +119,13 @@ class _Page:
     fetched: float
     validators: dict[str, str] = field(default_factory=dict)  # upstream's ETag / Last-Modified
     rendered: dict[str, bytes] = field(default_factory=dict)  # content type → the body served
+    size: int = 0  # the upstream page's bytes
+
+    @property
+    def weight(self) -> int:
+        """Roughly what the page holds in memory (its upstream bytes stand in for the parsed
+        files), for the bound on all pages."""
+        return self.size + sum(len(body) for body in self.rendered.values())
 
 
 class _LinkParser(HTMLParser):
@@ -232,6 +239,10 @@ class VerifiedFiles:
     async def close(self) -> None:
         if self._own_client:
             await self.client.aclose()
+
+    def claims(self, method: str, target: str) -> bool:
+        """Every request to a cache's own name is the cache's (the proxy's LocalSite)."""
+        return True
 
     def _digest_of(self, path: Path) -> str:
         digest = hashlib.new(self.algorithm)
@@ -354,12 +365,14 @@ class PackageCache(VerifiedFiles):
         timeout: float = 60.0,
         ca_bundle: str | None = None,
         max_pages: int = 2000,
+        max_page_bytes: int = 128 * 1024**2,
     ) -> None:
         super().__init__(directory, max_bytes=max_bytes, client=client, timeout=timeout, ca_bundle=ca_bundle)
         self.index_url = index_url.rstrip("/") + "/"
         self.page_ttl = page_ttl
         self._pages: OrderedDict[str, _Page] = OrderedDict()  # least recently fetched first
         self.max_pages = max_pages
+        self.max_page_bytes = max_page_bytes
         self._page_locks: dict[str, asyncio.Lock] = {}
         self.page_fetches = 0  # project pages fetched or revalidated upstream
         self.page_hits = 0  # project pages answered from memory
@@ -412,13 +425,17 @@ class PackageCache(VerifiedFiles):
             response.raise_for_status()
             files = _parse_page(response.content, response.headers.get("content-type", ""), str(response.url))
             validators = {k: response.headers[k] for k in ("etag", "last-modified") if k in response.headers}
-            page = _Page(name, files, time.monotonic(), validators)
+            page = _Page(name, files, time.monotonic(), validators, size=len(response.content))
             self._forget_page(name)
             self._pages[name] = page
             for file in files:
                 if file.sha256 and _SHA256.match(file.sha256.lower()):
                     self._known[file.sha256.lower()] = file
-            while len(self._pages) > self.max_pages:
+            # Bounded in count and in bytes: a sandbox asking for many big projects' pages
+            # (numpy's is 1.4 MB) must not grow the service without end.
+            while len(self._pages) > 1 and (
+                len(self._pages) > self.max_pages or sum(p.weight for p in self._pages.values()) > self.max_page_bytes
+            ):
                 self._forget_page(next(iter(self._pages)))
         self._page_locks.pop(name, None)
         return page

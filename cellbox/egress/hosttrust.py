@@ -85,6 +85,7 @@ class NpmConfig:
 class AptConfig:
     sources: tuple[str, ...] = ()  # sources.list and sources.list.d entries (host paths, unprefixed)
     keyrings: tuple[str, ...] = ()  # keyrings the sources name (Signed-By) and trusted.gpg.d
+    uris: tuple[str, ...] = ()  # the repositories the sources name (``deb`` lines, ``URIs:`` fields)
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,7 @@ _SIGNED_BY_LIST = re.compile(r"signed-by=([^\s\]]+)")
 def _read_apt(root: Path) -> AptConfig:
     sources: list[str] = []
     keyrings: list[str] = []
+    uris: list[str] = []
     base = root / "etc/apt"
     if (base / "sources.list").is_file():
         sources.append("/etc/apt/sources.list")
@@ -214,6 +216,19 @@ def _read_apt(root: Path) -> AptConfig:
             text = (root / source.lstrip("/")).read_text()
         except (OSError, UnicodeDecodeError):
             continue
+        for line in text.splitlines():
+            words = line.split("#", 1)[0].split()
+            if source.endswith(".sources"):
+                if words and words[0].lower() == "uris:":
+                    uris.extend(w for w in words[1:] if w not in uris)
+            elif len(words) >= 2 and words[0] == "deb":
+                rest = words[1:]
+                if rest[0].startswith("["):  # [options] may span several words
+                    while rest and not rest[0].endswith("]"):
+                        rest = rest[1:]
+                    rest = rest[1:]
+                if rest and rest[0] not in uris:
+                    uris.append(rest[0])
         found = _SIGNED_BY_LIST.findall(text)
         found += [m.group(1).strip() for m in re.finditer(r"(?im)^signed-by:\s*(/\S+)\s*$", text)]
         for keyring in found:
@@ -224,7 +239,7 @@ def _read_apt(root: Path) -> AptConfig:
         for entry in sorted(trusted.iterdir()):
             if entry.is_file() and entry.suffix in (".gpg", ".asc"):
                 keyrings.append(f"/etc/apt/trusted.gpg.d/{entry.name}")
-    return AptConfig(tuple(sources), tuple(keyrings))
+    return AptConfig(tuple(sources), tuple(keyrings), tuple(uris))
 
 
 def read_host_config(

@@ -95,7 +95,7 @@ class NpmCache(VerifiedFiles):
         client: httpx.AsyncClient | None = None,
         timeout: float = 60.0,
         ca_bundle: str | None = None,
-        max_page_bytes: int = 256 * 1024**2,
+        max_page_bytes: int = 128 * 1024**2,
     ) -> None:
         super().__init__(directory, max_bytes=max_bytes, client=client, timeout=timeout, ca_bundle=ca_bundle)
         self.registry_url = registry_url.rstrip("/") + "/"

@@ -163,8 +163,15 @@ class LocalResponse:
 
 
 class LocalSite(Protocol):
-    """A service-side site a sandbox reaches by name through its proxy, whatever its egress
-    policy (the package cache, :mod:`cellbox.egress.cache`). Plain HTTP only."""
+    """A service-side site a sandbox reaches by name through its proxy (the package caches,
+    :mod:`cellbox.egress.cache`). Plain HTTP only. Keyed ``host`` or ``host:port`` in
+    ``local_sites``; a name under ``.cellbox`` is only ever such a site, another name (an apt
+    mirror the cache fronts) is a site for the requests it :meth:`claims` and ordinary egress
+    for everything else (CONNECT included)."""
+
+    def claims(self, method: str, target: str) -> bool:
+        """Whether this site answers the request (else the proxy forwards it by the policy)."""
+        ...
 
     async def respond(self, method: str, target: str, headers: list[tuple[str, str]]) -> LocalResponse:
         """Answer one request; ``target`` is in origin form (``/simple/numpy/``)."""
@@ -222,6 +229,10 @@ class EgressProxy:
         self._handlers: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._resolving = asyncio.Semaphore(self.limits.max_resolving)
+
+    def _site(self, host: str, port: int) -> LocalSite | None:
+        host = host.lower().rstrip(".")
+        return self.local_sites.get(f"{host}:{port}") or (self.local_sites.get(host) if port == 80 else None)
 
     @property
     def active(self) -> int:
@@ -337,7 +348,7 @@ class EgressProxy:
             await self._local(target, writer)
             return
         name = target.host.lower().rstrip(".")
-        if name in self.local_sites or name == RESERVED_DOMAIN or name.endswith("." + RESERVED_DOMAIN):
+        if name == RESERVED_DOMAIN or name.endswith("." + RESERVED_DOMAIN):
             if name in self.local_sites:
                 reason = f"{target.host} is served by cellbox over plain http:// only"
             else:
@@ -348,7 +359,8 @@ class EgressProxy:
         await self._forward(target, reader, writer)
 
     async def _local(self, target: _Target, writer: asyncio.StreamWriter) -> None:
-        site = self.local_sites[target.host]
+        site = self._site(target.host, target.port)
+        assert site is not None
         record = self.log.decision("http", target.host, target.port, True, "served by cellbox")
         down = 0
         try:
@@ -600,8 +612,14 @@ class EgressProxy:
             host, port = _split_host_port(uri)
             return _Target("connect", host, port)
         url = urlsplit(uri)
-        if url.scheme.lower() == "http" and url.hostname in self.local_sites:
-            return _Target("local", url.hostname, url.port or 80, method=method, path=url.path or "/", headers=headers)
+        if url.scheme.lower() == "http" and url.hostname:
+            try:
+                site_port = url.port or 80
+            except ValueError:
+                site_port = 0
+            site = self._site(url.hostname, site_port)
+            if site is not None and site.claims(method, url.path or "/"):
+                return _Target("local", url.hostname, site_port, method=method, path=url.path or "/", headers=headers)
         if url.scheme.lower() != "http" or not url.hostname:
             if url.scheme.lower() == "https":
                 raise _Refused(400, "https:// URLs go through CONNECT")

@@ -20,10 +20,12 @@ import ipaddress
 import logging
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cellbox.egress.apt import AptCache
 from cellbox.egress.bridge import DEFAULT_PORT
 from cellbox.egress.cache import CACHE_HOST, CACHE_INDEX_URL, PackageCache, sandbox_may_use
 from cellbox.egress.hosttrust import HostConfig, SandboxTrust, read_host_config, sandbox_trust
@@ -91,6 +93,7 @@ class Egress:
         limits: ProxyLimits | None = None,
         cache: PackageCache | None = None,
         npm_cache: NpmCache | None = None,
+        apt_caches: Sequence[AptCache] = (),
         resolver: Resolver | None = None,
         log_size: int = 1000,
         bridge_port: int = DEFAULT_PORT,
@@ -100,6 +103,7 @@ class Egress:
         self.limits = limits or ProxyLimits()
         self.cache = cache
         self.npm_cache = npm_cache
+        self.apt_caches = list(apt_caches)
         self._own_resolver = resolver is None
         self.resolver: Resolver = resolver if resolver is not None else ThreadedResolver()
         self.logs = EgressLogBook(log_size)
@@ -131,6 +135,9 @@ class Egress:
             sites[CACHE_HOST] = self.cache
         if self.npm_cache is not None and sandbox_may_use(policy, self.npm_cache.registry_url):
             sites[NPM_CACHE_HOST] = self.npm_cache
+        for apt in self.apt_caches:  # apt asks the mirror itself, in the clear, through the proxy
+            if sandbox_may_use(policy, apt.mirror_url):
+                sites[apt.site_key] = apt
         cached, npm_cached = CACHE_HOST in sites, NPM_CACHE_HOST in sites
         proxy = EgressProxy(
             policy,
@@ -175,7 +182,7 @@ class Egress:
         """Close every proxy, the cache and the resolver (at shutdown)."""
         for sandbox_id in list(self._open):
             await self.close(sandbox_id)
-        for cache in (self.cache, self.npm_cache):
+        for cache in (self.cache, self.npm_cache, *self.apt_caches):
             if cache is not None:
                 await cache.close()
         if self._own_resolver and isinstance(self.resolver, ThreadedResolver):

@@ -162,10 +162,12 @@ class Settings(BaseSettings):
         1000, ge=1, description="Egress decisions kept per sandbox (GET /v1/sandboxes/{id}/egress)."
     )
     package_cache: bool = Field(
-        True, description="Serve pip and npm through the service's pull-through package cache (shared by sandboxes)."
+        True,
+        description="Serve pip, npm and apt (plain-http mirrors) through the service's pull-through package "
+        "caches (shared by sandboxes).",
     )
     package_cache_dir: Path | None = Field(
-        None, description="Where the package cache lives; default: DATA_DIR/pip-cache."
+        None, description="Where the package cache lives (npm's in npm/, apt's in apt/); default: DATA_DIR/pip-cache."
     )
     package_cache_max_mb: int = Field(10240, ge=1, description="Largest size of the package cache on disk, MiB.")
     package_cache_index_url: str | None = Field(

@@ -73,6 +73,7 @@ def open_egress(settings: Settings) -> Egress:
     the proxy limits and the package cache. Called by :meth:`SandboxManager.open`."""
     import ipaddress
 
+    from cellbox.egress.apt import AptCache, apt_caches
     from cellbox.egress.cache import PackageCache
     from cellbox.egress.hosttrust import read_host_config
     from cellbox.egress.npm import NpmCache
@@ -98,6 +99,7 @@ def open_egress(settings: Settings) -> Egress:
         raise RuntimeUnavailable(f"invalid egress settings: {exc}") from exc
     host = read_host_config()
     cache = npm_cache = None
+    apt: list[AptCache] = []
     if settings.egress_enabled and settings.package_cache:
         index = settings.package_cache_index_url or host.pip.index_url or "https://pypi.org/simple/"
         cache = PackageCache(
@@ -113,9 +115,18 @@ def open_egress(settings: Settings) -> Egress:
             max_bytes=settings.package_cache_max_mb << 20,
             ca_bundle=host.ca_bundle,
         )
+        apt = apt_caches(
+            settings.resolved_package_cache_dir() / "apt", host, max_bytes=settings.package_cache_max_mb << 20
+        )
     limits = ProxyLimits(max_connections=settings.egress_max_connections, idle_timeout=settings.egress_idle_timeout)
     return Egress(
-        operator, host=host, limits=limits, cache=cache, npm_cache=npm_cache, log_size=settings.egress_log_size
+        operator,
+        host=host,
+        limits=limits,
+        cache=cache,
+        npm_cache=npm_cache,
+        apt_caches=apt,
+        log_size=settings.egress_log_size,
     )
 
 

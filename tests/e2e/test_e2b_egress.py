@@ -1,7 +1,8 @@
 """The E2B guide's persistent-context flow through the unmodified E2B Python SDK, with egress:
 ``Sandbox.create`` (``allow_internet_access``, or ``network`` allow/deny lists), then
 ``commands.run("pip install ...")``, then ``run_code`` that imports what was installed, in
-the same kernel as later cells.
+the same kernel as later cells; and a server started in the sandbox reached at
+``sbx.get_host(port)``.
 
 Real isolated sandboxes (bwrap, as root) on a server of this module's own, whose operator policy
 lets sandboxes reach nothing but this machine's configured package index. Runs wherever that
@@ -41,6 +42,7 @@ pytestmark = pytest.mark.e2e
 # Small, pure Python, and on none of this machine's local indexes: installing it proves egress.
 PACKAGE, MODULE = "pyjokes", "pyjokes"
 FILES_HOSTS = {"pypi.org": "files.pythonhosted.org"}  # where an index keeps its files, if elsewhere
+PORTS_DOMAIN = "ports.test"  # the SDK's E2B_DOMAIN and cellbox's --ports-domain: get_host's names
 
 
 def configured_index() -> str:
@@ -52,8 +54,6 @@ def index_problem(index: str) -> str | None:
     """Why the index cannot be used from this host, or None: it must answer a project page."""
     if os.environ.get("CELLBOX_EGRESS_REAL_INDEX") == "0":
         return "CELLBOX_EGRESS_REAL_INDEX=0"
-    if os.geteuid() != 0 or shutil.which("bwrap") is None:
-        return "egress is enforced only in isolated sandboxes: needs root and bwrap"
     ca = read_host_config().ca_bundle
     verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if ca else True
     try:
@@ -61,6 +61,20 @@ def index_problem(index: str) -> str | None:
     except httpx.HTTPError as exc:
         return f"the configured index {index} is not reachable: {exc}"
     return None if r.status_code == 200 else f"the configured index {index} answered {r.status_code}"
+
+
+def _addresses(name: str) -> list[tuple[object, ...]]:
+    try:
+        return list(socket.getaddrinfo(name, 443, type=socket.SOCK_STREAM))
+    except OSError:
+        return []  # no index here: the tests that need it skip
+
+
+@pytest.fixture(scope="module")
+def index_reachable(egress_server: EgressServer) -> None:
+    problem = index_problem(configured_index())
+    if problem is not None:
+        pytest.skip(problem)
 
 
 class _Server(ServerThread):
@@ -92,10 +106,9 @@ class EgressServer:
 
 @pytest.fixture(scope="module")
 def egress_server() -> Iterator[EgressServer]:
+    if os.geteuid() != 0 or shutil.which("bwrap") is None:
+        pytest.skip("egress is enforced only in isolated sandboxes: needs root and bwrap")
     index = configured_index()
-    problem = index_problem(index)
-    if problem is not None:
-        pytest.skip(problem)
     host = urlsplit(index).hostname or ""
     hosts = [host, *([FILES_HOSTS[host]] if host in FILES_HOSTS else [])]
     # The index may answer from an address below the floor (here: an inspecting proxy in a
@@ -104,7 +117,7 @@ def egress_server() -> Iterator[EgressServer]:
         {
             info[4][0]
             for name in hosts
-            for info in socket.getaddrinfo(name, 443, type=socket.SOCK_STREAM)
+            for info in _addresses(name)
             if forbidden_reason(ipaddress.ip_address(info[4][0]))
         }
     )
@@ -120,12 +133,14 @@ def egress_server() -> Iterator[EgressServer]:
         api_keys=[key],
         egress_allow=hosts,  # whatever a sandbox asks, it reaches the index and nothing else
         egress_permit=[f"{address}/32" for address in special],
+        ports_domain=PORTS_DOMAIN,
     )
     server = _Server(settings)
     server.start()
     saved = {k: os.environ.get(k) for k in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY", "E2B_DOMAIN")}
-    os.environ.update({"E2B_API_URL": server.url, "E2B_SANDBOX_URL": server.url, "E2B_API_KEY": key})
-    os.environ.pop("E2B_DOMAIN", None)
+    os.environ.update(
+        {"E2B_API_URL": server.url, "E2B_SANDBOX_URL": server.url, "E2B_API_KEY": key, "E2B_DOMAIN": PORTS_DOMAIN}
+    )
     try:
         yield EgressServer(server.url, key, hosts, server)
     finally:
@@ -158,7 +173,7 @@ def guide_flow(sbx: Sandbox) -> None:
     assert later.error is None and later.text == MODULE  # E2B's text of a str is the str
 
 
-def test_pip_install_then_import_with_internet_access(egress_server: EgressServer) -> None:
+def test_pip_install_then_import_with_internet_access(egress_server: EgressServer, index_reachable: None) -> None:
     sbx = Sandbox.create(timeout=600, allow_internet_access=True)
     try:
         guide_flow(sbx)
@@ -169,7 +184,9 @@ def test_pip_install_then_import_with_internet_access(egress_server: EgressServe
         sbx.kill()
 
 
-def test_pip_install_with_network_allow_list_and_a_cached_second_sandbox(egress_server: EgressServer) -> None:
+def test_pip_install_with_network_allow_list_and_a_cached_second_sandbox(
+    egress_server: EgressServer, index_reachable: None
+) -> None:
     """E2B's ``network`` lists (deny everything, allow the index): the same flow, and a second
     sandbox installing the same package is served by the cache."""
     network = {"allow_out": egress_server.index_hosts, "deny_out": ["0.0.0.0/0"]}
@@ -190,3 +207,32 @@ def test_pip_install_with_network_allow_list_and_a_cached_second_sandbox(egress_
         assert egress_hosts(egress_server, offline.sandbox_id) == set()
     finally:
         offline.kill()
+
+
+def test_get_host_reaches_a_server_started_in_the_sandbox(egress_server: EgressServer) -> None:
+    """The guide's web-app preview: a server started with ``commands.run(background=True)``,
+    reached at ``sbx.get_host(port)`` (a wildcard DNS record for the domain would point at
+    cellbox; here the Host header does), with the owner's key."""
+    sbx = Sandbox.create(timeout=600)
+    try:
+        sbx.files.write("/home/user/site/index.html", "hello from the sandbox")
+        port = 8000  # the sandbox has a network namespace of its own: any port is free
+        server = sbx.commands.run(
+            f"cd /home/user/site && exec python3 -u -m http.server {port} --bind 127.0.0.1", background=True
+        )
+        seen = ""
+        for stdout, stderr, _pty in server:  # its output as it comes: "Serving HTTP" once it listens
+            seen += (stdout or "") + (stderr or "")
+            if "Serving HTTP" in seen:
+                break
+        assert "Serving HTTP" in seen, seen
+        host = sbx.get_host(port)
+        assert host == f"{port}-{sbx.sandbox_id}.{PORTS_DOMAIN}"
+        auth = {"Host": host, "Authorization": f"Bearer {egress_server.key}"}
+        r = httpx.get(f"{egress_server.url}/index.html", headers=auth, timeout=30)
+        assert r.status_code == 200 and r.text == "hello from the sandbox"
+        r = httpx.get(f"{egress_server.url}/index.html", headers={"Host": host}, timeout=30)
+        assert r.status_code == 401  # a port is the owner's unless the sandbox made it public
+        server.kill()
+    finally:
+        sbx.kill()

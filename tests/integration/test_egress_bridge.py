@@ -167,7 +167,10 @@ async def test_bridge_without_its_unix_socket_closes_the_connection(short_tmp: P
 
 @pytest.mark.asyncio
 async def test_bridge_close_ends_relayed_connections(short_tmp: Path) -> None:
+    relayed = asyncio.Event()
+
     async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        relayed.set()  # the bridge connected through: it is relaying
         await reader.read()
         writer.close()
 
@@ -177,8 +180,7 @@ async def test_bridge_close_ends_relayed_connections(short_tmp: Path) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
     writer.write(b"x")
     await writer.drain()
-    while not bridge._tasks:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(relayed.wait(), DEADLINE)
     await asyncio.wait_for(bridge.close(), DEADLINE)
     try:
         assert await asyncio.wait_for(reader.read(), DEADLINE) == b""

@@ -328,6 +328,12 @@ async def test_pages_are_fetched_once_and_bounded(
     assert index.served["/simple/p0/"] == 2
     assert (await cache.respond("GET", f"/files/{sha0}/{p0[0]}", [])).status == 200
 
+    # and in bytes: with a 1-byte bound only the newest page stays
+    small = PackageCache(tmp_path / "small", index.url, client=client, max_page_bytes=1)
+    for i in range(3):
+        await small.respond("GET", f"/simple/p{i}/", [])
+    assert list(small._pages) == ["p2"]  # always the newest one, whatever its size
+
 
 async def run_pip(*args: str, env: dict[str, str]) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(

@@ -290,3 +290,15 @@ async def test_npm_installs_through_bridge_proxy_and_cache(
     finally:
         await bridge.close()
         await proxy.close()
+
+
+def test_a_cache_upstream_named_by_address_is_decided_by_address() -> None:
+    from cellbox.egress.cache import sandbox_may_use
+    from cellbox.egress.policy import OperatorPolicy
+
+    operator = OperatorPolicy.build(permit=["127.0.0.2/32", "127.0.0.3/32"])
+    url = "http://127.0.0.2:4873/"
+    assert sandbox_may_use(parse_network({"allow_out": ["127.0.0.2"]}, operator), url)
+    assert not sandbox_may_use(parse_network({"allow_out": ["127.0.0.3"]}, operator), url)
+    assert not sandbox_may_use(parse_network({}, operator), url)  # no egress: no cache of that registry
+    assert not sandbox_may_use(parse_network({"internet": True}), url)  # loopback, not permitted

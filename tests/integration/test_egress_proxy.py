@@ -228,17 +228,13 @@ async def test_connect_tunnel_carries_bytes_both_ways(make_proxy: ProxyFactory, 
     got = b""
     while got.count(b"x") < 100_000:
         got += await asyncio.wait_for(reader.read(65536), DEADLINE)
+    writer.write_eof()  # the proxy closes its side only after the record is complete
+    await asyncio.wait_for(reader.read(), DEADLINE)
     await shut(writer)
-    await asyncio.wait_for(proxy_idle(proxy), DEADLINE)
     [record] = proxy.log.records()
     assert record.protocol == "connect" and record.host == "upstream.test" and record.address == ALLOWED_HOST
     assert record.rule == ALLOWED_HOST  # the first allow_out entry that matches
     assert record.bytes_up == 100_005 and record.bytes_down >= 100_010
-
-
-async def proxy_idle(proxy: EgressProxy) -> None:
-    while proxy.active:
-        await asyncio.sleep(0.01)
 
 
 async def test_denied_targets_get_403_and_their_listener_receives_nothing(
@@ -532,12 +528,14 @@ async def test_non_tls_bytes_pass_a_tls_checked_port(make_proxy: ProxyFactory, e
 
 
 async def test_lookups_per_sandbox_are_capped(make_proxy: ProxyFactory) -> None:
-    release = asyncio.Event()
+    release, two = asyncio.Event(), asyncio.Event()
     in_flight = [0, 0]  # now, most
 
     async def slow(host: str, port: int) -> list[IPAddress]:
         in_flight[0] += 1
         in_flight[1] = max(in_flight[1], in_flight[0])
+        if in_flight[0] == 2:
+            two.set()
         try:
             await release.wait()
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
@@ -549,17 +547,14 @@ async def test_lookups_per_sandbox_are_capped(make_proxy: ProxyFactory) -> None:
     requests = [
         asyncio.create_task(exchange(proxy, f"CONNECT n{i}.test:443 HTTP/1.1\r\n\r\n".encode())) for i in range(6)
     ]
-    await asyncio.wait_for(wait_until(lambda: in_flight[0] == 2), DEADLINE)
+    await asyncio.wait_for(two.wait(), DEADLINE)
+    for _ in range(10):  # let the other four reach the lookup cap (they must wait there)
+        await asyncio.sleep(0)
     assert in_flight[1] == 2
     release.set()
     answers = await asyncio.wait_for(asyncio.gather(*requests), DEADLINE)
     assert all(split_response(a)[0] == 502 for a in answers)
     assert in_flight[1] == 2
-
-
-async def wait_until(ready: Callable[[], bool]) -> None:
-    while not ready():
-        await asyncio.sleep(0.01)
 
 
 async def test_threaded_resolver_uses_the_hosts_resolver() -> None:

@@ -460,3 +460,70 @@ async def test_npm_install_in_two_sandboxes_the_second_from_the_cache(short_tmp:
                 registry.tamper = False
                 events = await run_cmd(c, sid, "npm install --no-save --no-fund tiny-bad", timeout=DEADLINE)
                 assert events[-1]["exit_code"] == 0, stdout(events)
+
+
+# apt of its own in the home (no root needed for update + download): $1 = the sources line.
+APT_SCRIPT = r"""
+set -e
+B=$HOME/apt-$$
+mkdir -p $B/parts $B/prefs $B/trusted $B/state/lists/partial $B/cache/archives/partial $B/dl
+: > $B/state/status
+echo "$1" > $B/sources.list
+{
+  echo "Dir::Etc::SourceList \"$B/sources.list\"; Dir::Etc::SourceParts \"$B/parts\";"
+  echo "Dir::Etc::Parts \"$B/parts\"; Dir::Etc::PreferencesParts \"$B/prefs\";"
+  echo "Dir::Etc::Preferences \"$B/prefs/none\"; Dir::Etc::TrustedParts \"$B/trusted\";"
+  echo "Dir::Etc::Trusted \"$B/trusted/none\"; Dir::State \"$B/state\";"
+  echo "Dir::State::status \"$B/state/status\"; Dir::Cache \"$B/cache\"; Debug::NoLocking \"true\";"
+  echo "APT::Sandbox::User \"$(id -un)\"; Acquire::Languages \"none\"; Acquire::Retries \"0\";"
+  echo "Acquire::http::Proxy \"$HTTP_PROXY\";"
+} > $B/apt.conf
+export APT_CONFIG=$B/apt.conf
+apt-get -q update
+cd $B/dl && apt-get -q download tiny && sha256sum tiny_1.0_all.deb
+"""
+
+
+@pytest.mark.asyncio
+async def test_apt_in_two_sandboxes_the_second_from_the_cache(
+    client: httpx.AsyncClient, net_server: RunningServer, tmp_path: Path, short_tmp: Path
+) -> None:
+    """apt-get (as the sandbox's user) against a signed repository the test serves on 127.0.0.2,
+    through the proxy: the service's apt cache for that mirror serves the second sandbox."""
+    import hashlib
+    import shutil
+    import subprocess
+
+    from cellbox.egress.apt import AptCache
+    from tests.integration.test_egress_apt import RepoServer, build_repo
+
+    if any(shutil.which(t) is None for t in ("gpg", "gpgv", "dpkg-deb", "apt-get")):
+        pytest.skip("needs gpg, gpgv, dpkg-deb and apt-get")
+    repo = build_repo(tmp_path / "r", short_tmp / "g")
+    try:
+        async with RepoServer(repo.root) as mirror:
+            egress = net_server.manager.egress
+            assert egress is not None
+            cache = AptCache(short_tmp / "apt-cache", [mirror.url], [str(repo.keyring)])
+            egress.apt_caches.append(cache)  # as the service makes one per mirror of the host's sources
+            try:
+                for _attempt in range(2):
+                    sid = await create(client, network={"allow_out": [ALLOWED_IP]})
+                    files = {"/home/user/key.gpg": repo.keyring.read_bytes(), "/home/user/apt.sh": APT_SCRIPT.encode()}
+                    for path, content in files.items():
+                        r = await client.put(f"/v1/sandboxes/{sid}/files", params={"path": path}, content=content)
+                        assert r.status_code in (200, 201), r.text
+                    source = f"deb [signed-by=/home/user/key.gpg] {mirror.url} stable main"
+                    events = await run_cmd(client, sid, f"bash apt.sh '{source}'", timeout=DEADLINE)
+                    out = "".join(e.get("text", "") for e in events if e["type"] in ("stdout", "stderr"))
+                    assert events[-1]["exit_code"] == 0, out
+                    assert hashlib.sha256(repo.deb).hexdigest() in out and "W:" not in out, out
+                    records = (await client.get(f"/v1/sandboxes/{sid}/egress")).json()["records"]
+                    assert records and all(rec["reason"] == "served by cellbox" for rec in records), records
+                assert mirror.served["/pool/main/t/tiny/tiny_1.0_all.deb"] == 1
+                assert cache.stats()["hits"] == 2 and cache.stats()["signed"] == 2, cache.stats()
+            finally:
+                egress.apt_caches.remove(cache)
+                await cache.close()
+    finally:
+        subprocess.run(["gpgconf", "--homedir", str(short_tmp / "g"), "--kill", "all"], check=False)

@@ -99,18 +99,23 @@ DUPLEX = r"""
 import asyncio, sys
 
 async def handle(reader, writer):
-    await reader.readuntil(b"\r\n\r\n")
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-    await writer.drain()
-    while True:
-        size = int((await reader.readline()).split(b";")[0].strip(), 16)
-        data = await reader.readexactly(size) if size else b""
-        await reader.readline()
-        writer.write(b"%x\r\n%s\r\n" % (len(data), data))  # size 0: the last chunk
+    try:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
         await writer.drain()
-        if not size:
-            break
-    writer.close()
+        while True:
+            size = int((await reader.readline()).split(b";")[0].strip(), 16)
+            data = await reader.readexactly(size) if size else b""
+            await reader.readline()
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))  # size 0: the last chunk
+            await writer.drain()
+            if not size:
+                break
+    except Exception:
+        pass
+    finally:
+        writer.close()
+        print("connection ended", flush=True)
 
 async def main():
     await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]))
@@ -143,8 +148,8 @@ async def client(server: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-async def start_in_sandbox(client: httpx.AsyncClient, sid: str, cmd: str) -> None:
-    """Start ``cmd`` in the background and return once it printed ``ready``."""
+async def start_in_sandbox(client: httpx.AsyncClient, sid: str, cmd: str) -> int:
+    """Start ``cmd`` in the background and return (its pid) once it printed ``ready``."""
     r = await client.post(f"/v1/sandboxes/{sid}/commands", json={"cmd": cmd, "background": True})
     assert r.status_code == 201, r.text
     pid = r.json()["pid"]
@@ -154,9 +159,22 @@ async def start_in_sandbox(client: httpx.AsyncClient, sid: str, cmd: str) -> Non
             event = json.loads(line)
             out += event.get("text", "")
             if "ready" in out or "Serving HTTP" in out:
-                return
+                return int(pid)
             assert event["type"] != "exit", out
     raise AssertionError(f"the server never became ready: {out}")
+
+
+async def wait_for_output(client: httpx.AsyncClient, sid: str, pid: int, text: str, count: int) -> None:
+    """Follow the command's output (from its start) until ``text`` appeared ``count`` times."""
+    out = ""
+    async with client.stream("GET", f"/v1/sandboxes/{sid}/commands/{pid}", params={"follow": "true"}) as stream:
+        async for line in stream.aiter_lines():
+            event = json.loads(line)
+            out += event.get("text", "")
+            if out.count(text) >= count:
+                return
+            assert event["type"] != "exit", out
+    raise AssertionError(out)
 
 
 async def sandbox_with_app(client: httpx.AsyncClient, **body: object) -> tuple[dict[str, object], int]:
@@ -246,7 +264,7 @@ async def test_full_duplex_upload_echoed_while_it_streams(client: httpx.AsyncCli
     sid = r.json()["id"]
     port = free_port()
     await client.put(f"/v1/sandboxes/{sid}/files", params={"path": "/home/user/duplex.py"}, content=DUPLEX)
-    await start_in_sandbox(client, sid, f"python3 duplex.py {port}")
+    pid = await start_in_sandbox(client, sid, f"python3 duplex.py {port}")
     for host, target in (
         ("127.0.0.1", f"/v1/sandboxes/{sid}/ports/{port}/echo"),
         (f"{port}-{sid}.{PORTS_DOMAIN}", "/echo"),
@@ -276,6 +294,18 @@ async def test_full_duplex_upload_echoed_while_it_streams(client: httpx.AsyncCli
             assert bytes(got) == b"".join(f"piece{i};".encode() * (1 + i * 5000) for i in range(5))
         finally:
             writer.close()
+
+    # a client that vanishes mid-upload: the server inside sees its connection end (nothing held)
+    reader, writer = await open_raw(server)
+    conn = h11.Connection(our_role=h11.CLIENT)
+    headers = [("Host", "127.0.0.1"), ("Authorization", f"Bearer {KEY}"), ("Transfer-Encoding", "chunked")]
+    writer.write(conn.send(h11.Request(method="POST", target=f"/v1/sandboxes/{sid}/ports/{port}/", headers=headers)))
+    writer.write(conn.send(h11.Data(data=b"half")))
+    async with asyncio.timeout(STEP):
+        await read_until(conn, reader, b"half", bytearray())
+    writer.transport.abort()
+    async with asyncio.timeout(STEP):
+        await wait_for_output(client, sid, pid, "connection ended", 3)
 
 
 @pytest.mark.asyncio

@@ -151,3 +151,24 @@ def test_cache_replaces_the_index_when_the_sandbox_has_egress(tmp_path: Path) ->
     assert trust.env["PIP_EXTRA_INDEX_URL"] == "file:///opt/pypi/simple"  # local indexes stay
     offline = sandbox_trust(config, None, cache_index_url=url)
     assert offline.env["PIP_INDEX_URL"] == "https://mirror.example/simple"
+
+
+def test_npm_cache_replaces_the_registry_when_the_sandbox_has_egress(tmp_path: Path) -> None:
+    host_tree(tmp_path)
+    config = read_host_config(tmp_path, env={"npm_config_registry": "https://npm.example/"}, home=HOME)
+    url = "http://npm.cache.cellbox/"
+    trust = sandbox_trust(config, 3128, npm_cache_url=url)
+    assert trust.env["npm_config_registry"] == url
+    assert trust.env["npm_config_audit"] == "false"  # the cache does not serve npm's audit
+    assert trust.env["npm_config_proxy"] == "http://127.0.0.1:3128"
+    offline = sandbox_trust(config, None, npm_cache_url=url)
+    assert offline.env["npm_config_registry"] == "https://npm.example/"
+    assert "npm_config_audit" not in offline.env
+
+
+def test_apt_repositories_are_read_from_both_source_formats(tmp_path: Path) -> None:
+    host_tree(tmp_path)
+    assert read_host_config(tmp_path, env={}, home=HOME).apt.uris == (
+        "http://deb.mirror.example/debian",
+        "http://old.example/",
+    )
