@@ -178,6 +178,9 @@ class ExecutionRunner:
         self.output_bytes = 0
         self.truncated = False
         self.saw_error = False
+        # an error the reply reported before (or without) its iopub error: emitted at the end
+        # unless the iopub error comes (shell and iopub are separate sockets: either can be first)
+        self.reply_error: dict[str, Any] | None = None
         self.outcome = Outcome()
 
     async def run(self, send: Callable[[], Route]) -> AsyncIterator[Event]:
@@ -241,6 +244,9 @@ class ExecutionRunner:
                     c = msg["content"]
                     self.on_input(True)
                     yield InputRequestEvent(prompt=c.get("prompt", ""), password=bool(c.get("password")))
+            if self.reply_error is not None:  # the kernel reported the error only in its reply
+                self.saw_error = True
+                yield error_event(self.reply_error)
         finally:
             self.session.close_route(route.msg_id)
             self.on_input(False)
@@ -256,9 +262,8 @@ class ExecutionRunner:
         out.execution_count = content.get("execution_count", out.execution_count)
         status = content.get("status")
         if status == "error" and not self.saw_error:
-            # Some kernels report the error only in the reply.
-            self.saw_error = True
-            return [error_event(content)]
+            # Some kernels report the error only in the reply; the iopub error may still come.
+            self.reply_error = content
         if status == "aborted":
             self.saw_error = True
             out.reason = "the kernel aborted the request"
@@ -288,6 +293,7 @@ class ExecutionRunner:
             return [ClearOutputEvent(wait=bool(c.get("wait")))]
         if mtype == "error":
             self.saw_error = True
+            self.reply_error = None
             return [error_event(c)]
         if mtype == "execute_input":
             self.outcome.execution_count = c.get("execution_count")

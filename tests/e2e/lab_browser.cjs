@@ -160,6 +160,14 @@ async function main() {
     });
     await openNotebook(page);
     await scenario(page, out);
+    if (process.env.GATEWAY_URL) {
+      // the gateway's kernels while the page is still open (its websocket is connected now;
+      // once the browser is gone, jupyter_server closes its relay in its own time)
+      const resp = await fetch(`${process.env.GATEWAY_URL}/api/kernels`, {
+        headers: { Authorization: `token ${process.env.GATEWAY_TOKEN}` },
+      });
+      out.open_kernels = await resp.json();
+    }
     out.kernel = await page.$eval(".jp-KernelName, .jp-Toolbar-kernelName", (el) => el.textContent).catch(() => null);
     await page.screenshot({ path: process.env.SCREENSHOT, fullPage: false });
     out.ok = true;

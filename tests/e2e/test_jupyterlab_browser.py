@@ -123,6 +123,8 @@ async def _run_in_lab(
             "SCENARIO": scenario,
             "SCREENSHOT": str(screenshot),
             "PLAYWRIGHT_CORE": str(PLAYWRIGHT_CORE),
+            "GATEWAY_URL": cellbox.url,
+            "GATEWAY_TOKEN": KEY,
             **(env or {}),
         }
         proc = await asyncio.create_subprocess_exec(
@@ -153,8 +155,9 @@ async def test_jupyterlab_runs_a_plot_on_a_cellbox_kernel(cellbox: RunningServer
     result = await _run_in_lab(cellbox, tmp_path, _notebook(), "plot", SCREENSHOT)
     assert result.get("ok"), json.dumps({k: v for k, v in result.items() if k != "jupyter_log"}, indent=1)
     assert result["img"]["src"].startswith("data:image/png") and result["img"]["width"] > 100, result
-    kernels = result["gateway_kernels"]
+    kernels = result["open_kernels"]  # listed while the page was open: Lab is connected to it
     assert len(kernels) == 1 and kernels[0]["connections"] >= 1, kernels
+    assert [k["id"] for k in result["gateway_kernels"]] == [kernels[0]["id"]]
     assert SCREENSHOT.stat().st_size > 10_000
 
 
