@@ -9,6 +9,7 @@ cannot be.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.connect import KernelConnectionInfo
 
-from cellbox.interpreter.errors import InterpreterError
+from cellbox.interpreter.errors import InterpreterError, RuntimeUnavailable
 from cellbox.runtimes.local import LocalRuntime
 from cellbox.runtimes.specs import TemplateInfo
 from tests.integration.helpers import bwrap_problem
@@ -250,3 +251,40 @@ async def test_startup_reaps_the_mounts_of_a_crashed_service(short_tmp: Path, te
         await again.startup()
         assert mounted() == [] and not sb.dir.exists()
         await rt.destroy_sandbox(sb)  # the first service's stale record: nothing left to free
+
+
+@pytest.mark.asyncio
+async def test_the_images_user_and_workdir(short_tmp: Path, rootfs_dir: Path) -> None:
+    """USER names the default user of kernels, commands and files; WORKDIR the kernels' cwd."""
+    copy = short_tmp / "t"
+    subprocess.run(["cp", "-al", str(rootfs_dir), str(copy)], check=True)
+    passwd = copy / "rootfs" / "etc" / "passwd"
+    fresh = passwd.with_name("passwd.new")  # a new file: the copy's files are links to the cache's
+    fresh.write_text(passwd.read_text() + "node:x:1001:1001:node:/home/node:/bin/bash\n")
+    os.replace(fresh, passwd)
+    (copy / "rootfs" / "srv" / "app").mkdir()
+    template = dataclasses.replace(rootfs_template(directory=copy), user="node", workdir="/srv/app")
+    async with rootfs_runtime(short_tmp) as rt:
+        sb = await new_sandbox(rt, "sb_rfu", template)
+        client: AsyncKernelClient | None = None
+        try:
+            code, out = await sh(rt, sb, "id -u; id -un; sudo id -un")
+            assert out.split() == ["1001", "node", "root"], out
+            agent = await rt.agent(sb)
+            await agent.request("write", path="/home/user/f", data="aGk=", truncate=True)
+            assert (await sh(rt, sb, "stat -c %u /home/user/f /home/user"))[1].split() == ["1001", "1001"]
+            kernel = await rt.start_kernel(sb, template.kernels["python"], "k1-1", None)
+            client = AsyncKernelClient()
+            client.load_connection_info(cast(KernelConnectionInfo, kernel.connection_info))
+            client.start_channels(hb=False)
+            assert await execute_json(client, "import json, os\nprint(json.dumps([os.getuid(), os.getcwd()]))") == [
+                1001,
+                "/srv/app",
+            ]
+        finally:
+            if client is not None:
+                client.stop_channels()
+            await rt.destroy_sandbox(sb)
+    with pytest.raises(RuntimeUnavailable, match="nobody-here"):
+        async with rootfs_runtime(short_tmp) as rt:
+            await new_sandbox(rt, "sb_rfx", dataclasses.replace(template, user="nobody-here"))

@@ -45,7 +45,12 @@ from typing import IO
 
 from cellbox.interpreter.errors import RuntimeUnavailable
 from cellbox.interpreter.models import KernelExit, SandboxUsage
-from cellbox.runtimes.isolation.bwrap import build_bwrap_argv, build_rootfs_bwrap_argv, write_etc_files
+from cellbox.runtimes.isolation.bwrap import (
+    build_bwrap_argv,
+    build_rootfs_bwrap_argv,
+    resolve_in_root,
+    write_etc_files,
+)
 from cellbox.runtimes.isolation.cgroups import Cgroup, CgroupTree, death_reason
 from cellbox.runtimes.isolation.child import Rlimits, make_preexec
 from cellbox.runtimes.isolation.disk import DiskHome
@@ -106,6 +111,28 @@ def _check_traversable(path: Path) -> None:
                 f"{parent} is not searchable by other users; sandbox uids must reach {path} "
                 "(chmod o+x, or pick a data/run dir elsewhere)"
             )
+
+
+def _image_user(root: Path, user: str | None) -> tuple[int, int]:
+    """The (uid, gid) inside of a rootfs template's ``user`` (its image's USER): ``user``
+    (1000) unless it names another non-root user of the image's /etc/passwd, read here without
+    following any link out of ``root``. RuntimeUnavailable for a user the image lacks."""
+    if user in (None, "", "root", "0", "user") or (user or "").startswith(("root:", "0:")):
+        return SANDBOX_UID, SANDBOX_GID
+    assert user is not None
+    name, _, group = user.partition(":")
+    entries: list[list[str]] = []
+    with contextlib.suppress(OSError):
+        fd = os.open(str(root) + resolve_in_root(root, "/etc/passwd"), os.O_RDONLY | os.O_NOFOLLOW)
+        with open(fd) as f:
+            entries = [line.split(":") for line in f.read(1 << 20).splitlines() if line.count(":") >= 6]
+    for entry in entries:
+        if entry[0] == name or (name.isdigit() and entry[2] == name):
+            uid, gid = int(entry[2]), int(group) if group.isdigit() else int(entry[3])
+            return (SANDBOX_UID, SANDBOX_GID) if uid == 0 else (uid, gid)
+    if name.isdigit() and 0 < int(name) < 65534:  # a numeric USER without a passwd entry, as Docker allows
+        return int(name), int(group) if group.isdigit() and int(group) < 65534 else int(name)
+    raise RuntimeUnavailable(f"the template's user {user!r} is not in its /etc/passwd")
 
 
 class BwrapIsolation:
@@ -217,6 +244,11 @@ class BwrapIsolation:
         sandbox.rootfs = RootfsMount.create(
             sandbox.template.rootfs, sandbox.userns, upper=upper, work=work, merged=mnt / "root"
         )
+        uid, gid = _image_user(sandbox.rootfs.merged, sandbox.template.user)
+        if uid != SANDBOX_UID:  # the image's USER: it owns the home and runs everything
+            sandbox.uid = sandbox.root_uid + uid
+            os.chown(home, sandbox.uid, sandbox.root_uid + gid)
+        sandbox.default_user = (uid, gid)
         write_profile(home, sandbox.template, sandbox.uid)
         write_etc_files(sandbox.dir / "etc")
         shim = sandbox.dir / "sudo"
@@ -306,7 +338,8 @@ class BwrapIsolation:
         if egress_args:
             egress_args += ["--egress-bridge", SANDBOX_BRIDGE]
         argv = [str(template.python), *AGENT_PYTHON_FLAGS, SANDBOX_AGENT, "--socket", socket, "--home", SANDBOX_HOME]
-        argv += ["--as-user", f"{SANDBOX_UID}:{SANDBOX_GID}"]
+        uid, gid = sandbox.default_user or (SANDBOX_UID, SANDBOX_GID)
+        argv += ["--as-user", f"{uid}:{gid}"]
         cmd = await asyncio.to_thread(
             build_rootfs_bwrap_argv,
             argv + egress_args,
