@@ -25,6 +25,9 @@ JUPYTER_PKGS=(
   "jupyter_server>=2.21,<3"
   "jupyterlab>=4.6,<5"
   "ipykernel>=6.29,<8"  # jupyter_server wants a local kernelspec to start; never used by the tests
+  # the widget manager JupyterLab renders ipywidgets with; 3.0 pairs with the kernel
+  # template's ipywidgets 8.1 (kernel_image/requirements.txt)
+  "jupyterlab_widgets>=3.0.15,<4"
 )
 PLAYWRIGHT_CORE="playwright-core@>=1.50 <2"
 

@@ -184,8 +184,18 @@ class FakeBackend:
     async def send_message(self, context_id: str, message: KernelMessage) -> None:
         raise NotImplementedError("the fake kernel has no raw messages")
 
-    async def spawn(self, argv: list[str], envs: dict[str, str], cwd: str | None) -> Any:
+    async def spawn(
+        self,
+        argv: list[str],
+        envs: dict[str, str],
+        cwd: str | None,
+        *,
+        user: str | None = None,
+        pty: tuple[int, int] | None = None,
+    ) -> Any:
         raise NotImplementedError("the fake sandbox runs no processes")
+
+    async def resize(self, pid: int, rows: int, cols: int) -> None: ...
 
     async def signal(self, pid: int, signum: int) -> None: ...
 

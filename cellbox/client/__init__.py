@@ -59,12 +59,13 @@ from cellbox.interpreter.models import (
     Event,
     Limits,
     NetworkSpec,
+    PtySize,
     SandboxInfo,
     SandboxState,
 )
 
-from ._async import AsyncCommandHandle, AsyncCommands, AsyncFilesystem, AsyncSandbox
-from ._base import USE_CLIENT_DEFAULT, ConnectionOptions, RunOptions, UseClientDefault, WriteEntry
+from ._async import AsyncCommandHandle, AsyncCommands, AsyncFilesystem, AsyncPty, AsyncPtyHandle, AsyncSandbox
+from ._base import USE_CLIENT_DEFAULT, ConnectionOptions, PtyOptions, RunOptions, UseClientDefault, WriteEntry
 from ._models import (
     CellEnd,
     CellStart,
@@ -79,7 +80,7 @@ from ._models import (
     NotebookRun,
     Result,
 )
-from ._sync import CommandHandle, Commands, Filesystem, Sandbox
+from ._sync import CommandHandle, Commands, Filesystem, Pty, PtyHandle, Sandbox
 
 __all__ = [
     "ArtifactInfo",
@@ -88,6 +89,8 @@ __all__ = [
     "AsyncCommandHandle",
     "AsyncCommands",
     "AsyncFilesystem",
+    "AsyncPty",
+    "AsyncPtyHandle",
     "AsyncSandbox",
     "BadGateway",
     "CapacityError",
@@ -126,6 +129,10 @@ __all__ = [
     "NotebookRun",
     "PermissionDenied",
     "PortNotListening",
+    "Pty",
+    "PtyHandle",
+    "PtyOptions",
+    "PtySize",
     "RequestTooLarge",
     "Result",
     "RunOptions",

@@ -39,6 +39,8 @@ from ._base import (
     ContextLike,
     FilesBase,
     NotebookLike,
+    PtyOptions,
+    PtySizeLike,
     ReadFormat,
     RequestTimeout,
     RunOptions,
@@ -157,6 +159,7 @@ class AsyncSandbox(SandboxBase[httpx.AsyncClient]):
         super().__init__(sandbox_id, http=http, config=config)
         self.files = AsyncFilesystem(self)
         self.commands = AsyncCommands(self)
+        self.pty = AsyncPty(self.commands)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -539,3 +542,60 @@ class AsyncCommandHandle(CommandHandleBase[AsyncCommands]):
     async def signal(self, signal: str | int = "SIGTERM") -> models.CommandInfo:
         """Async :meth:`CommandHandle.signal`."""
         return await self._commands.signal(self.pid, signal)
+
+
+class AsyncPty:
+    """``sbx.pty`` of an :class:`AsyncSandbox`; see :class:`~._sync.Pty` for the contracts."""
+
+    def __init__(self, commands: AsyncCommands) -> None:
+        self._commands = commands
+
+    def __repr__(self) -> str:
+        return f"AsyncPty({self._commands!r})"
+
+    async def create(self, size: PtySizeLike = (24, 80), **options: Unpack[PtyOptions]) -> AsyncPtyHandle:
+        """Async :meth:`Pty.create`."""
+        info = await _send(self._commands._http, self._commands._pty_call(size, options))
+        return AsyncPtyHandle(self._commands, info, Callbacks(on_pty=options.get("on_data")))
+
+    async def connect(self, pid: int, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> AsyncPtyHandle:
+        """Async :meth:`Pty.connect`."""
+        info = await _send(self._commands._http, self._commands._info_call(pid, request_timeout))
+        return AsyncPtyHandle(self._commands, info)
+
+    async def send_input(
+        self, pid: int, data: str | bytes, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT
+    ) -> None:
+        """Async :meth:`Pty.send_input`."""
+        await _send(self._commands._http, self._commands._send_bytes_call(pid, data, request_timeout))
+
+    async def resize(
+        self, pid: int, size: PtySizeLike, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT
+    ) -> models.CommandInfo:
+        """Async :meth:`Pty.resize`."""
+        return await _send(self._commands._http, self._commands._resize_call(pid, size, request_timeout))
+
+    async def kill(self, pid: int, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> bool:
+        """Async :meth:`Pty.kill`."""
+        return await self._commands.kill(pid, request_timeout=request_timeout)
+
+
+class AsyncPtyHandle(CommandHandleBase[AsyncCommands]):
+    """Async :class:`~._sync.PtyHandle`."""
+
+    async def wait(self, on_data: Callback | None = None) -> CommandResult:
+        """Async :meth:`PtyHandle.wait`."""
+        callbacks = Callbacks(on_pty=on_data or self._callbacks.on_pty)
+        return await self._commands._wait(self.pid, callbacks)
+
+    async def send_input(self, data: str | bytes) -> None:
+        """Async :meth:`PtyHandle.send_input`."""
+        await AsyncPty(self._commands).send_input(self.pid, data)
+
+    async def resize(self, size: PtySizeLike) -> models.CommandInfo:
+        """Async :meth:`PtyHandle.resize`."""
+        return await AsyncPty(self._commands).resize(self.pid, size)
+
+    async def kill(self) -> bool:
+        """Async :meth:`PtyHandle.kill`."""
+        return await self._commands.kill(self.pid)

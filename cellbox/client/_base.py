@@ -9,6 +9,7 @@ way httpx's ``Client`` and ``AsyncClient`` share ``BaseClient``.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -666,6 +667,34 @@ class FilesBase:
 
 # -- commands -------------------------------------------------------------------------------------
 
+#: A terminal size: a :class:`~cellbox.interpreter.models.PtySize` or ``(rows, cols)``.
+PtySizeLike = models.PtySize | tuple[int, int]
+
+
+def _pty_size(size: PtySizeLike) -> dict[str, int]:
+    rows, cols = (size.rows, size.cols) if isinstance(size, models.PtySize) else size
+    return {"rows": int(rows), "cols": int(cols)}
+
+
+class PtyOptions(TypedDict, total=False):
+    """The keyword arguments of ``pty.create`` besides the size.
+
+    * ``cmd``: what runs in the terminal (default: an interactive login shell, ``bash -i -l``).
+    * ``envs``, ``cwd``, ``user``: as for ``commands.run``; ``TERM`` defaults to ``xterm-256color``.
+    * ``timeout``: seconds until the service kills it (``None`` or 0: no limit).
+    * ``on_data``: the handle's ``wait`` calls it with each chunk of terminal output (bytes).
+    * ``request_timeout``: the limit of the starting request.
+    """
+
+    cmd: str | None
+    envs: Mapping[str, str] | None
+    cwd: str | None
+    user: str | None
+    timeout: float | None
+    on_data: Callback | None
+    request_timeout: RequestTimeout
+
+
 # ``after`` beyond any seq: a command's record without its events (its output may be large).
 _NO_EVENTS = 2**62
 
@@ -679,6 +708,8 @@ class RunOptions(TypedDict, total=False):
       0: no limit); the end then raises ``CommandExitError`` with ``timed_out``.
     * ``on_stdout`` / ``on_stderr``: called with each text chunk as it arrives (the async
       client awaits what they return when that is awaitable).
+    * ``user``: the user to run as: ``"user"`` (the default) or ``"root"`` (in sandboxes that
+      offer it; others refuse with ``PermissionDenied``).
     * ``request_timeout``: for ``background=True``, the limit of the starting request.
     """
 
@@ -687,6 +718,7 @@ class RunOptions(TypedDict, total=False):
     timeout: float | None
     on_stdout: Callback | None
     on_stderr: Callback | None
+    user: str | None
     request_timeout: RequestTimeout
 
 
@@ -707,7 +739,10 @@ class CommandsBase:
     @staticmethod
     def _request(cmd: str, options: RunOptions, background: bool) -> dict[str, Any]:
         envs, cwd, timeout = dict(options.get("envs") or {}), options.get("cwd"), options.get("timeout")
-        return validated(models.CommandRequest, cmd=cmd, envs=envs, cwd=cwd, timeout=timeout, background=background)
+        fields: dict[str, Any] = {"user": options["user"]} if options.get("user") else {}
+        return validated(
+            models.CommandRequest, cmd=cmd, envs=envs, cwd=cwd, timeout=timeout, background=background, **fields
+        )
 
     @staticmethod
     def _callbacks(options: RunOptions) -> Callbacks:
@@ -749,6 +784,31 @@ class CommandsBase:
     def _send_stdin_call(self, pid: int, data: str | bytes, request_timeout: RequestTimeout) -> Call[None]:
         body = validated(models.StdinBody, data=data.decode() if isinstance(data, bytes) else data)
         return Call("POST", self._pid_url(pid, "stdin"), _nothing, json=body, timeout=request_timeout)
+
+    def _send_bytes_call(self, pid: int, data: str | bytes, request_timeout: RequestTimeout) -> Call[None]:
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        body = validated(models.StdinBody, data=base64.b64encode(raw).decode(), encoding="base64")
+        return Call("POST", self._pid_url(pid, "stdin"), _nothing, json=body, timeout=request_timeout)
+
+    def _resize_call(self, pid: int, size: PtySizeLike, request_timeout: RequestTimeout) -> Call[models.CommandInfo]:
+        body = validated(models.PtySize, **_pty_size(size))
+        url = self._pid_url(pid, "resize")
+        return Call("POST", url, _model(models.CommandInfo), json=body, timeout=request_timeout)
+
+    def _pty_call(self, size: PtySizeLike, options: PtyOptions) -> Call[models.CommandInfo]:
+        fields: dict[str, Any] = {"user": options["user"]} if options.get("user") else {}
+        body = validated(
+            models.CommandRequest,
+            cmd=options.get("cmd") or "",
+            envs=dict(options.get("envs") or {}),
+            cwd=options.get("cwd"),
+            timeout=options.get("timeout"),
+            background=True,
+            pty=_pty_size(size),
+            **fields,
+        )
+        timeout = options.get("request_timeout", USE_CLIENT_DEFAULT)
+        return Call("POST", self._url, _model(models.CommandInfo), json=body, timeout=timeout)
 
     def _close_stdin_call(self, pid: int, request_timeout: RequestTimeout) -> Call[None]:
         return Call("POST", self._pid_url(pid, "stdin", "close"), _nothing, timeout=request_timeout)

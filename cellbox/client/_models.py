@@ -13,6 +13,7 @@ The names mirror ``e2b_code_interpreter.models`` so E2B users feel at home.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -182,6 +183,7 @@ class Callbacks:
     on_result: Callback | None = None
     on_error: Callback | None = None
     on_event: Callback | None = None
+    on_pty: Callback | None = None  # a PTY command's output: called with each chunk of bytes
 
 
 class ExecutionBuilder:
@@ -470,6 +472,9 @@ class CommandBuilder:
             (self._stdout if kind == "stdout" else self._stderr).append(text)
             callback = self.callbacks.on_stdout if kind == "stdout" else self.callbacks.on_stderr
             return [(callback, text)] if callback is not None else []
+        if kind == "pty":
+            callback = self.callbacks.on_pty
+            return [(callback, base64.b64decode(str(event.get("data", ""))))] if callback is not None else []
         if kind == "exit":
             self.done = True
             self._exit = event

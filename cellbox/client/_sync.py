@@ -1,5 +1,6 @@
-"""The blocking client: :class:`Sandbox`, with ``sbx.files`` (:class:`Filesystem`) and
-``sbx.commands`` (:class:`Commands`, :class:`CommandHandle`).
+"""The blocking client: :class:`Sandbox`, with ``sbx.files`` (:class:`Filesystem`),
+``sbx.commands`` (:class:`Commands`, :class:`CommandHandle`) and ``sbx.pty`` (:class:`Pty`,
+:class:`PtyHandle`).
 
 All requests are built and parsed by :mod:`._base` (``SandboxBase``, ``FilesBase``,
 ``CommandsBase``); this module only sends them with an ``httpx.Client`` and calls the
@@ -29,6 +30,8 @@ from ._base import (
     ContextLike,
     FilesBase,
     NotebookLike,
+    PtyOptions,
+    PtySizeLike,
     ReadFormat,
     RequestTimeout,
     RunOptions,
@@ -109,7 +112,7 @@ class Sandbox(SandboxBase[httpx.Client]):
     :mod:`cellbox.interpreter.errors` class the body names (``SandboxNotFound``, ...).
 
     ``sbx.files`` reads and writes the sandbox's files (:class:`Filesystem`); ``sbx.commands``
-    runs shell commands in it (:class:`Commands`).
+    runs shell commands in it (:class:`Commands`), ``sbx.pty`` terminals (:class:`Pty`).
     """
 
     def __init__(self, sandbox_id: str, *, http: httpx.Client, config: ConnectionConfig) -> None:
@@ -117,6 +120,7 @@ class Sandbox(SandboxBase[httpx.Client]):
         super().__init__(sandbox_id, http=http, config=config)
         self.files = Filesystem(self)
         self.commands = Commands(self)
+        self.pty = Pty(self.commands)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -548,3 +552,65 @@ class CommandHandle(CommandHandleBase[Commands]):
     def signal(self, signal: str | int = "SIGTERM") -> models.CommandInfo:
         """Send a signal (name or number) to the command."""
         return self._commands.signal(self.pid, signal)
+
+
+class Pty:
+    """``sbx.pty``: commands in a terminal (by default an interactive login shell), like E2B's
+    ``sandbox.pty``. Output is raw terminal bytes; input goes to the terminal as typed."""
+
+    def __init__(self, commands: Commands) -> None:
+        self._commands = commands
+
+    def __repr__(self) -> str:
+        return f"Pty({self._commands!r})"
+
+    def create(self, size: PtySizeLike = (24, 80), **options: Unpack[PtyOptions]) -> PtyHandle:
+        """Start a terminal of ``size`` (rows, cols) and return its handle at once; read its
+        output with ``handle.wait(on_data=...)``. ``options`` (:class:`PtyOptions`): ``cmd``,
+        ``envs``, ``cwd``, ``user``, ``timeout``, ``on_data``, ``request_timeout``."""
+        info = _send(self._commands._http, self._commands._pty_call(size, options))
+        return PtyHandle(self._commands, info, Callbacks(on_pty=options.get("on_data")))
+
+    def connect(self, pid: int, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> PtyHandle:
+        """A handle on the terminal command ``pid``; ``NotFound`` if unknown."""
+        info = _send(self._commands._http, self._commands._info_call(pid, request_timeout))
+        return PtyHandle(self._commands, info)
+
+    def send_input(self, pid: int, data: str | bytes, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> None:
+        """Type ``data`` (bytes as they are, str as UTF-8) into the terminal."""
+        _send(self._commands._http, self._commands._send_bytes_call(pid, data, request_timeout))
+
+    def resize(
+        self, pid: int, size: PtySizeLike, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT
+    ) -> models.CommandInfo:
+        """Set the terminal's size (its programs get SIGWINCH)."""
+        return _send(self._commands._http, self._commands._resize_call(pid, size, request_timeout))
+
+    def kill(self, pid: int, *, request_timeout: RequestTimeout = USE_CLIENT_DEFAULT) -> bool:
+        """Send SIGKILL to the terminal's command; ``False`` if there is no command ``pid``."""
+        return self._commands.kill(pid, request_timeout=request_timeout)
+
+
+class PtyHandle(CommandHandleBase[Commands]):
+    """A terminal started with ``pty.create`` or found with ``pty.connect``."""
+
+    def wait(self, on_data: Callback | None = None) -> CommandResult:
+        """Wait for the terminal's command to end, calling ``on_data`` (else ``create``'s) with
+        each chunk of output: what the service still keeps of the past, then live.
+
+        Returns the :class:`CommandResult` (``stdout`` and ``stderr`` are empty: the output went
+        to ``on_data``), or raises :class:`CommandExitError` for a non-zero end as ``run`` does."""
+        callbacks = Callbacks(on_pty=on_data or self._callbacks.on_pty)
+        return self._commands._wait(self.pid, callbacks)
+
+    def send_input(self, data: str | bytes) -> None:
+        """Type ``data`` into the terminal."""
+        Pty(self._commands).send_input(self.pid, data)
+
+    def resize(self, size: PtySizeLike) -> models.CommandInfo:
+        """Set the terminal's size."""
+        return Pty(self._commands).resize(self.pid, size)
+
+    def kill(self) -> bool:
+        """Send SIGKILL; ``False`` if the service no longer knows the command."""
+        return self._commands.kill(self.pid)

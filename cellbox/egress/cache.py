@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import hashlib
 import html
+import ipaddress
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ import ssl
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -72,10 +73,14 @@ def sandbox_may_use(policy: SandboxPolicy, index_url: str) -> bool:
     the cache, so the cache never widens what a sandbox may download. The runtime calls this at
     create to decide whether to pass the cache to the sandbox's proxy."""
     split = urlsplit(index_url)
+    port = split.port or (443 if split.scheme == "https" else 80)
+    try:  # an index named by address (a mirror on the LAN; the tests' registry on loopback)
+        return policy.decide(None, ipaddress.ip_address(split.hostname or ""), port).allowed
+    except ValueError:
+        pass
     host = normalise_host(split.hostname or "")
     if host is None:
         return False
-    port = split.port or (443 if split.scheme == "https" else 80)
     if policy.decide_name(host, port) is not None:
         return False
     if any(rule.matches(host, None) for rule in policy.allow):
@@ -112,6 +117,8 @@ class _Page:
     name: str
     files: list[CachedFile]
     fetched: float
+    validators: dict[str, str] = field(default_factory=dict)  # upstream's ETag / Last-Modified
+    rendered: dict[str, bytes] = field(default_factory=dict)  # content type → the body served
 
 
 class _LinkParser(HTMLParser):
@@ -164,7 +171,170 @@ def _parse_page(body: bytes, content_type: str, page_url: str) -> list[CachedFil
     return files
 
 
-class PackageCache:
+class VerifiedFiles:
+    """Files kept on disk under the hex digest an index vouched for (``algorithm``), shared by
+    every sandbox, filled from upstream on a miss and bounded by ``max_bytes`` (least recently
+    used first). The base of the pip and npm caches: they parse their index's pages and
+    announce each file (:attr:`_known`), this serves it.
+
+    A file is stored only after its bytes matched the announced digest; a file found on disk at
+    start is checked again before it is first served (a damaged or planted entry is dropped and
+    fetched anew)."""
+
+    algorithm = "sha256"
+    key_pattern = _SHA256
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        max_bytes: int,
+        client: httpx.AsyncClient | None,
+        timeout: float,
+        ca_bundle: str | None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self._own_client = client is None
+        # The host's CA bundle (hosttrust's), so an inspecting proxy's CA is trusted here too;
+        # httpx would otherwise use certifi's unless SSL_CERT_FILE happens to be set.
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else True
+        self.client = client or httpx.AsyncClient(timeout=timeout, follow_redirects=True, verify=verify)
+        self._known: dict[str, CachedFile] = {}  # digest → the file a page announced
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._lru: OrderedDict[str, int] = OrderedDict()  # digest → size, oldest first
+        self._verified: set[str] = set()  # stored (or checked) by this process
+        self.hits = 0
+        self.misses = 0
+        (self.directory / "files").mkdir(parents=True, exist_ok=True)
+        (self.directory / "tmp").mkdir(parents=True, exist_ok=True)
+        self._scan()
+
+    def _scan(self) -> None:
+        entries: list[tuple[float, str, int]] = []
+        for path in (self.directory / "files").glob("*/*"):
+            if self.key_pattern.match(path.name):
+                stat = path.stat()
+                entries.append((stat.st_mtime, path.name, stat.st_size))
+        for _mtime, sha, size in sorted(entries):
+            self._lru[sha] = size
+        for leftover in (self.directory / "tmp").iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+    @property
+    def size(self) -> int:
+        return sum(self._lru.values())
+
+    def _path(self, sha: str) -> Path:
+        return self.directory / "files" / sha[:2] / sha
+
+    async def close(self) -> None:
+        if self._own_client:
+            await self.client.aclose()
+
+    def _digest_of(self, path: Path) -> str:
+        digest = hashlib.new(self.algorithm)
+        with path.open("rb") as handle:
+            while chunk := handle.read(CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def _drop(self, sha: str) -> None:
+        self._lru.pop(sha, None)
+        self._verified.discard(sha)
+        with contextlib.suppress(FileNotFoundError):
+            self._path(sha).unlink()
+
+    async def _serve(self, sha: str, known: CachedFile | None, filename: str, head: bool) -> LocalResponse:
+        path = self._path(sha)
+        if sha not in self._verified:
+            if sha not in self._lru and (known is None or known.filename != filename):
+                return LocalResponse.text(404, "no index page announced this file (fetch the project page first)")
+            lock = self._locks.setdefault(sha, asyncio.Lock())
+            async with lock:  # one download (or check) per file, however many sandboxes ask at once
+                if sha in self._lru and sha not in self._verified:
+                    if await asyncio.to_thread(self._digest_of, path) == sha:
+                        self._verified.add(sha)
+                    else:
+                        log.warning("package cache: %s on disk does not match its %s; dropped", path, self.algorithm)
+                        self._drop(sha)
+                if sha not in self._lru:
+                    if known is None or known.filename != filename:
+                        return LocalResponse.text(404, "no index page announced this file")
+                    self.misses += 1
+                    error = await self._download(known, sha, path)
+                    if error is not None:
+                        return LocalResponse.text(502, error)
+                else:
+                    self.hits += 1
+            self._locks.pop(sha, None)
+        else:
+            self.hits += 1
+        self._touch(sha, path)
+        size = self._lru.get(sha, 0)
+        headers = [("Content-Type", "application/octet-stream"), ("Content-Length", str(size)), ("ETag", f'"{sha}"')]
+        return LocalResponse(200, headers, b"" if head else _stream(path))
+
+    async def _download(self, file: CachedFile, sha: str, path: Path) -> str | None:
+        """Fetch ``file`` into the cache, verified against ``sha``; an error text on failure."""
+        tmp = self.directory / "tmp" / f"{sha[:64]}.{os.getpid()}.{id(file)}"
+        digest = hashlib.new(self.algorithm)
+        size = 0
+        try:
+            async with self.client.stream("GET", file.url) as response:
+                if response.status_code != 200:
+                    return f"upstream answered {response.status_code} for {file.filename}"
+                with tmp.open("wb") as out:
+                    async for chunk in response.aiter_bytes(CHUNK):
+                        digest.update(chunk)
+                        size += len(chunk)
+                        if size > self.max_bytes:
+                            return f"{file.filename} is larger than the whole cache"
+                        out.write(chunk)
+            if digest.hexdigest() != sha:
+                log.warning("package cache: %s from %s does not match its %s; not stored", file.filename, file.url,
+                            self.algorithm)  # fmt: skip
+                return f"{file.filename}: the upstream bytes do not match the index's {self.algorithm}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, path)
+            self._lru[sha] = size
+            self._verified.add(sha)
+            self._evict(keep=sha)
+            return None
+        except httpx.HTTPError as exc:
+            return f"upstream: {exc}"
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def _touch(self, sha: str, path: Path) -> None:
+        if sha in self._lru:
+            self._lru.move_to_end(sha)
+            with contextlib.suppress(OSError):
+                os.utime(path)  # the order survives a restart
+
+    def _evict(self, keep: str) -> None:
+        total = self.size
+        for sha in list(self._lru):
+            if total <= self.max_bytes:
+                break
+            if sha == keep:
+                continue
+            total -= self._lru[sha]
+            self._drop(sha)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "files": len(self._lru),
+            "bytes": self.size,
+            "max_bytes": self.max_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+        }
+
+
+class PackageCache(VerifiedFiles):
     """The shared pip cache. ``index_url`` is the upstream simple index (the host's pip
     ``index-url``, default PyPI's); ``directory`` holds the files; ``client`` is the HTTP client
     used upstream, made if not given (honouring the host's proxy variables, trusting
@@ -185,49 +355,14 @@ class PackageCache:
         ca_bundle: str | None = None,
         max_pages: int = 2000,
     ) -> None:
-        self.directory = Path(directory)
+        super().__init__(directory, max_bytes=max_bytes, client=client, timeout=timeout, ca_bundle=ca_bundle)
         self.index_url = index_url.rstrip("/") + "/"
-        self.max_bytes = max_bytes
         self.page_ttl = page_ttl
-        self._own_client = client is None
-        # The host's CA bundle (hosttrust's), so an inspecting proxy's CA is trusted here too;
-        # httpx would otherwise use certifi's unless SSL_CERT_FILE happens to be set.
-        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else True
-        self.client = client or httpx.AsyncClient(timeout=timeout, follow_redirects=True, verify=verify)
         self._pages: OrderedDict[str, _Page] = OrderedDict()  # least recently fetched first
         self.max_pages = max_pages
         self._page_locks: dict[str, asyncio.Lock] = {}
-        self._known: dict[str, CachedFile] = {}  # sha256 → the file a page announced
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._lru: OrderedDict[str, int] = OrderedDict()  # sha256 → size, oldest first
-        self.hits = 0
-        self.misses = 0
-        (self.directory / "files").mkdir(parents=True, exist_ok=True)
-        (self.directory / "tmp").mkdir(parents=True, exist_ok=True)
-        self._scan()
-
-    def _scan(self) -> None:
-        entries: list[tuple[float, str, int]] = []
-        for path in (self.directory / "files").glob("*/*"):
-            if _SHA256.match(path.name):
-                stat = path.stat()
-                entries.append((stat.st_mtime, path.name, stat.st_size))
-        for _mtime, sha, size in sorted(entries):
-            self._lru[sha] = size
-        for leftover in (self.directory / "tmp").iterdir():
-            with contextlib.suppress(OSError):
-                leftover.unlink()
-
-    @property
-    def size(self) -> int:
-        return sum(self._lru.values())
-
-    def _path(self, sha: str) -> Path:
-        return self.directory / "files" / sha[:2] / sha
-
-    async def close(self) -> None:
-        if self._own_client:
-            await self.client.aclose()
+        self.page_fetches = 0  # project pages fetched or revalidated upstream
+        self.page_hits = 0  # project pages answered from memory
 
     # -- the local-site interface the proxy calls ----------------------------------------------
 
@@ -257,14 +392,27 @@ class PackageCache:
         async with lock:  # one upstream fetch per project, however many sandboxes ask at once
             cached = self._pages.get(name)
             if cached is not None and time.monotonic() - cached.fetched < self.page_ttl:
+                self.page_hits += 1
                 return cached
             url = urljoin(self.index_url, f"{name}/")
-            response = await self.client.get(url, headers={"Accept": UPSTREAM_ACCEPT})
+            headers = {"Accept": UPSTREAM_ACCEPT}
+            if cached is not None:  # stale: revalidate (a 304 costs a round trip, not the page)
+                if "etag" in cached.validators:
+                    headers["If-None-Match"] = cached.validators["etag"]
+                if "last-modified" in cached.validators:
+                    headers["If-Modified-Since"] = cached.validators["last-modified"]
+            self.page_fetches += 1
+            response = await self.client.get(url, headers=headers)
+            if response.status_code == 304 and cached is not None:
+                cached.fetched = time.monotonic()
+                self._page_locks.pop(name, None)
+                return cached
             if response.status_code == 404:
                 return None
             response.raise_for_status()
             files = _parse_page(response.content, response.headers.get("content-type", ""), str(response.url))
-            page = _Page(name, files, time.monotonic())
+            validators = {k: response.headers[k] for k in ("etag", "last-modified") if k in response.headers}
+            page = _Page(name, files, time.monotonic(), validators)
             self._forget_page(name)
             self._pages[name] = page
             for file in files:
@@ -274,6 +422,9 @@ class PackageCache:
                 self._forget_page(next(iter(self._pages)))
         self._page_locks.pop(name, None)
         return page
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "page_fetches": self.page_fetches, "page_hits": self.page_hits}
 
     def _forget_page(self, name: str) -> None:
         """Drop a page and the file keys it announced (files on disk stay: a later page for the
@@ -289,14 +440,23 @@ class PackageCache:
             return LocalResponse.text(404, f"no project {project!r} upstream")
         if normalize_project(project) != project:
             return LocalResponse(301, [("Location", f"/simple/{page.name}/")], b"")
+        content_type = JSON_TYPE if JSON_TYPE in accept else HTML_TYPE
+        body = page.rendered.get(content_type)
+        if body is None:
+            # rendered once per page and format: a big page (numpy's: 1.4 MB) is not rebuilt
+            # for every sandbox that resolves it
+            body = page.rendered[content_type] = self._render(page, content_type)
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        return LocalResponse(200, headers, b"" if head else body)
 
+    def _render(self, page: _Page, content_type: str) -> bytes:
         def local_url(file: CachedFile) -> str:
             if file.sha256 and file.sha256.lower() in self._known:
                 return f"/files/{file.sha256.lower()}/{file.filename}#sha256={file.sha256.lower()}"
             return file.url + (f"#sha256={file.sha256}" if file.sha256 else "")
 
-        if JSON_TYPE in accept:
-            body = json.dumps(
+        if content_type == JSON_TYPE:
+            return json.dumps(
                 {
                     "meta": {"api-version": "1.0"},
                     "name": page.name,
@@ -317,23 +477,18 @@ class PackageCache:
                     ],
                 }
             ).encode()
-            content_type = JSON_TYPE
-        else:
-            links = []
-            for f in page.files:
-                attrs = f'href="{html.escape(local_url(f))}"'
-                if f.requires_python:
-                    attrs += f' data-requires-python="{html.escape(f.requires_python)}"'
-                if f.yanked:
-                    attrs += f' data-yanked="{html.escape(f.yanked if isinstance(f.yanked, str) else "")}"'
-                if f.metadata_sha256 and self._offers(f):
-                    meta = f"sha256={f.metadata_sha256}"
-                    attrs += f' data-core-metadata="{meta}" data-dist-info-metadata="{meta}"'
-                links.append(f"<a {attrs}>{html.escape(f.filename)}</a><br/>")
-            body = ("<!DOCTYPE html><html><body>\n" + "\n".join(links) + "\n</body></html>\n").encode()
-            content_type = HTML_TYPE
-        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-        return LocalResponse(200, headers, b"" if head else body)
+        links = []
+        for f in page.files:
+            attrs = f'href="{html.escape(local_url(f))}"'
+            if f.requires_python:
+                attrs += f' data-requires-python="{html.escape(f.requires_python)}"'
+            if f.yanked:
+                attrs += f' data-yanked="{html.escape(f.yanked if isinstance(f.yanked, str) else "")}"'
+            if f.metadata_sha256 and self._offers(f):
+                meta = f"sha256={f.metadata_sha256}"
+                attrs += f' data-core-metadata="{meta}" data-dist-info-metadata="{meta}"'
+            links.append(f"<a {attrs}>{html.escape(f.filename)}</a><br/>")
+        return ("<!DOCTYPE html><html><body>\n" + "\n".join(links) + "\n</body></html>\n").encode()
 
     # -- files ---------------------------------------------------------------------------------
 
@@ -353,84 +508,6 @@ class PackageCache:
             meta = CachedFile(filename, known.url + ".metadata", known.metadata_sha256)
             return await self._serve(known.metadata_sha256, meta, filename, head)
         return await self._serve(sha, known, filename, head)
-
-    async def _serve(self, sha: str, known: CachedFile | None, filename: str, head: bool) -> LocalResponse:
-        path = self._path(sha)
-        if sha not in self._lru:
-            if known is None or known.filename != filename:
-                return LocalResponse.text(404, "no index page announced this file (fetch the project page first)")
-            lock = self._locks.setdefault(sha, asyncio.Lock())
-            async with lock:  # one download per file, however many sandboxes ask at once
-                if sha not in self._lru:
-                    self.misses += 1
-                    error = await self._download(known, sha, path)
-                    if error is not None:
-                        return LocalResponse.text(502, error)
-                else:
-                    self.hits += 1
-            self._locks.pop(sha, None)
-        else:
-            self.hits += 1
-        self._touch(sha, path)
-        size = self._lru.get(sha, 0)
-        headers = [("Content-Type", "application/octet-stream"), ("Content-Length", str(size)), ("ETag", f'"{sha}"')]
-        return LocalResponse(200, headers, b"" if head else _stream(path))
-
-    async def _download(self, file: CachedFile, sha: str, path: Path) -> str | None:
-        """Fetch ``file`` into the cache, verified against ``sha``; an error text on failure."""
-        tmp = self.directory / "tmp" / f"{sha}.{os.getpid()}.{id(file)}"
-        digest = hashlib.sha256()
-        size = 0
-        try:
-            async with self.client.stream("GET", file.url) as response:
-                if response.status_code != 200:
-                    return f"upstream answered {response.status_code} for {file.filename}"
-                with tmp.open("wb") as out:
-                    async for chunk in response.aiter_bytes(CHUNK):
-                        digest.update(chunk)
-                        size += len(chunk)
-                        if size > self.max_bytes:
-                            return f"{file.filename} is larger than the whole cache"
-                        out.write(chunk)
-            if digest.hexdigest() != sha:
-                log.warning("package cache: %s from %s does not match its sha256; not stored", file.filename, file.url)
-                return f"{file.filename}: the upstream bytes do not match the index's sha256"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, path)
-            self._lru[sha] = size
-            self._evict(keep=sha)
-            return None
-        except httpx.HTTPError as exc:
-            return f"upstream: {exc}"
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-
-    def _touch(self, sha: str, path: Path) -> None:
-        if sha in self._lru:
-            self._lru.move_to_end(sha)
-            with contextlib.suppress(OSError):
-                os.utime(path)  # the order survives a restart
-
-    def _evict(self, keep: str) -> None:
-        total = self.size
-        for sha in list(self._lru):
-            if total <= self.max_bytes:
-                break
-            if sha == keep:
-                continue
-            total -= self._lru.pop(sha)
-            with contextlib.suppress(FileNotFoundError):
-                self._path(sha).unlink()
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "files": len(self._lru),
-            "bytes": self.size,
-            "max_bytes": self.max_bytes,
-            "hits": self.hits,
-            "misses": self.misses,
-        }
 
 
 async def _stream(path: Path) -> AsyncIterator[bytes]:

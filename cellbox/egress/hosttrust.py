@@ -301,12 +301,15 @@ def sandbox_trust(
     include_constraints: bool = True,
     socks_all_proxy: bool = True,
     cache_index_url: str | None = None,
+    npm_cache_url: str | None = None,
 ) -> SandboxTrust:
     """The env, binds and files for a sandbox whose bridge listens on ``proxy_host:proxy_port``
     inside it (``proxy_port=None``: a sandbox without egress, which still gets the CA bundle and
     the host's local package indexes, and a pip that fails fast instead of retrying).
     ``cache_index_url`` (the package cache's, :data:`cellbox.egress.cache.CACHE_INDEX_URL`)
-    replaces the host's pip index: the cache fetches from that index on the sandbox's behalf.
+    replaces the host's pip index: the cache fetches from that index on the sandbox's behalf;
+    ``npm_cache_url`` (:data:`cellbox.egress.npm.NPM_REGISTRY_URL`) likewise replaces npm's
+    registry (and turns npm's audit off: the cache does not serve it).
 
     Pure: reads nothing but ``host``. Called by the runtime at create."""
     out = SandboxTrust()
@@ -385,7 +388,10 @@ def sandbox_trust(
         out.env["PIP_RETRIES"] = "0"  # no network: fail at once instead of backing off 5 times
 
     npm = host.npm
-    if npm.registry is not None:
+    if npm_cache_url is not None and proxy_port is not None:
+        out.env["npm_config_registry"] = npm_cache_url
+        out.env["npm_config_audit"] = "false"
+    elif npm.registry is not None:
         if _has_credentials(npm.registry):
             out.notes.append("npm registry: a URL with credentials is not passed into sandboxes")
         else:

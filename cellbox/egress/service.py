@@ -1,7 +1,8 @@
 """The service's egress, in one object the manager and the runtime call: validate a sandbox's
 ``network`` spec, start and stop its proxy, say what the sandbox must be given, keep its log.
 
-    egress = Egress(operator, host=read_host_config(), cache=PackageCache(...))   # at start
+    egress = Egress(operator, host=read_host_config(), cache=PackageCache(...),
+                    npm_cache=NpmCache(...))                                   # at start
     policy = egress.parse(create.network)               # at create, before provisioning (422s)
     sbx = await egress.open(sid, policy, run_dir)       # the runtime, while provisioning
     ... bind sbx.socket_path, set sbx.trust.env, bind sbx.trust.binds, write sbx.trust.files,
@@ -27,6 +28,7 @@ from cellbox.egress.bridge import DEFAULT_PORT
 from cellbox.egress.cache import CACHE_HOST, CACHE_INDEX_URL, PackageCache, sandbox_may_use
 from cellbox.egress.hosttrust import HostConfig, SandboxTrust, read_host_config, sandbox_trust
 from cellbox.egress.log import EgressLog, EgressLogBook
+from cellbox.egress.npm import NPM_CACHE_HOST, NPM_REGISTRY_URL, NpmCache
 from cellbox.egress.policy import OperatorPolicy, SandboxPolicy, parse_network
 from cellbox.egress.proxy import EgressProxy, LocalSite, ProxyLimits, Resolver, ThreadedResolver
 from cellbox.interpreter.errors import InvalidRequest
@@ -73,6 +75,7 @@ class SandboxEgress:
     socket_path: Path | None = None
     bridge_port: int | None = None
     cached: bool = False  # whether pip goes through the package cache
+    npm_cached: bool = False  # whether npm goes through the npm cache
 
 
 class Egress:
@@ -87,6 +90,7 @@ class Egress:
         host: HostConfig | None = None,
         limits: ProxyLimits | None = None,
         cache: PackageCache | None = None,
+        npm_cache: NpmCache | None = None,
         resolver: Resolver | None = None,
         log_size: int = 1000,
         bridge_port: int = DEFAULT_PORT,
@@ -95,6 +99,7 @@ class Egress:
         self.host = host if host is not None else read_host_config()
         self.limits = limits or ProxyLimits()
         self.cache = cache
+        self.npm_cache = npm_cache
         self._own_resolver = resolver is None
         self.resolver: Resolver = resolver if resolver is not None else ThreadedResolver()
         self.logs = EgressLogBook(log_size)
@@ -120,8 +125,13 @@ class Egress:
         staged = len(str(run_dir).encode()) + len("/.egress-XXXXXXXX/s")  # EgressProxy.start binds there first
         if max(len(str(path).encode()), staged) > _MAX_UNIX_PATH:
             raise InvalidRequest(f"the egress socket path {path} is longer than a unix socket allows")
-        cached = self.cache is not None and sandbox_may_use(policy, self.cache.index_url)
-        sites: dict[str, LocalSite] = {CACHE_HOST: self.cache} if cached and self.cache is not None else {}
+        # A cache only for a sandbox that may reach its upstream itself: it never widens egress.
+        sites: dict[str, LocalSite] = {}
+        if self.cache is not None and sandbox_may_use(policy, self.cache.index_url):
+            sites[CACHE_HOST] = self.cache
+        if self.npm_cache is not None and sandbox_may_use(policy, self.npm_cache.registry_url):
+            sites[NPM_CACHE_HOST] = self.npm_cache
+        cached, npm_cached = CACHE_HOST in sites, NPM_CACHE_HOST in sites
         proxy = EgressProxy(
             policy,
             path,
@@ -131,10 +141,15 @@ class Egress:
             local_sites=sites,
         )
         await proxy.start()
-        trust = sandbox_trust(self.host, self.bridge_port, cache_index_url=CACHE_INDEX_URL if cached else None)
+        trust = sandbox_trust(
+            self.host,
+            self.bridge_port,
+            cache_index_url=CACHE_INDEX_URL if cached else None,
+            npm_cache_url=NPM_REGISTRY_URL if npm_cached else None,
+        )
         for note in trust.notes:
             log.info("sandbox %s: %s", sandbox_id, note)
-        opened = SandboxEgress(sandbox_id, policy, trust, proxy, path, self.bridge_port, cached)
+        opened = SandboxEgress(sandbox_id, policy, trust, proxy, path, self.bridge_port, cached, npm_cached)
         self._open[sandbox_id] = opened
         return opened
 
@@ -160,7 +175,8 @@ class Egress:
         """Close every proxy, the cache and the resolver (at shutdown)."""
         for sandbox_id in list(self._open):
             await self.close(sandbox_id)
-        if self.cache is not None:
-            await self.cache.close()
+        for cache in (self.cache, self.npm_cache):
+            if cache is not None:
+                await cache.close()
         if self._own_resolver and isinstance(self.resolver, ThreadedResolver):
             self.resolver.close()

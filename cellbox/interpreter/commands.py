@@ -6,11 +6,17 @@ how a client attaches again to a background command by its pid. Commands keep ru
 the client that started them goes away; a timeout kills the whole process group and the exit
 event says so. Logs live in memory (a command dies with the service anyway) and are kept for
 a while after the command ended.
+
+A command with ``pty`` runs in a new terminal (an interactive login shell unless ``cmd`` says
+otherwise): its output is ``pty`` events of raw bytes, never cut off; its log keeps only the
+last :data:`PTY_REPLAY_BYTES` of them for followers that attach later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import codecs
 import logging
 import signal as signals
 import time
@@ -25,6 +31,7 @@ from cellbox.interpreter.models import (
     CommandExitEvent,
     CommandInfo,
     CommandKeepaliveEvent,
+    CommandPtyEvent,
     CommandRecord,
     CommandRequest,
     CommandStartEvent,
@@ -42,6 +49,10 @@ log = logging.getLogger("cellbox.commands")
 # Finished commands stay attachable this long, and at most this many per sandbox.
 KEEP_FINISHED_SECONDS = 600.0
 KEEP_FINISHED_COUNT = 100
+#: The terminal output a PTY command's log keeps for followers that attach later.
+PTY_REPLAY_BYTES = 1 << 20
+#: A PTY command without ``cmd``: an interactive login shell (what E2B's ``pty.create`` runs).
+PTY_SHELL = ["/bin/bash", "-i", "-l"]
 
 
 def parse_signal(value: str | int) -> int:
@@ -61,11 +72,15 @@ def parse_signal(value: str | int) -> int:
 class CommandLog(EventLog[CommandEvent]):
     """One command's events and state."""
 
-    def __init__(self, pid: int, cmd: str, cwd: str, max_output_bytes: int) -> None:
+    def __init__(self, pid: int, cmd: str, cwd: str, max_output_bytes: int, pty: bool = False) -> None:
         super().__init__(lambda: CommandKeepaliveEvent(pid=pid))
         self.pid = pid
         self.cmd = cmd
         self.cwd = cwd
+        self.pty = pty
+        self.pty_bytes = 0  # of the pty events kept in the log
+        # A UTF-8 character may be split across two chunks: each stream decodes incrementally.
+        self.decoders = {name: codecs.getincrementaldecoder("utf-8")(errors="replace") for name in ("stdout", "stderr")}
         self.started_at = time.time()
         self.ended_at: float | None = None
         self.exit_code: int | None = None
@@ -76,7 +91,7 @@ class CommandLog(EventLog[CommandEvent]):
         self.timed_out = False
 
     def add(self, event: CommandEvent) -> None:
-        event.seq = len(self.events)
+        event.seq = self.next_seq
         self.publish(event)
 
     def info(self) -> CommandInfo:
@@ -86,6 +101,7 @@ class CommandLog(EventLog[CommandEvent]):
             cwd=self.cwd,
             started_at=self.started_at,
             running=not self.done.is_set(),
+            pty=self.pty,
             exit_code=self.exit_code,
             signal=self.signal,
             ended_at=self.ended_at,
@@ -95,19 +111,16 @@ class CommandLog(EventLog[CommandEvent]):
         return CommandRecord(**self.info().model_dump(), events=list(self.since(after)))
 
     def output(self, stream: str, data: bytes) -> None:
+        if stream == "pty":
+            self.terminal_output(data)
+            return
         if self.truncated:
             return
         if self.output_bytes + len(data) > self.max_output_bytes:
             data = data[: max(0, self.max_output_bytes - self.output_bytes)]
             self.truncated = True
         self.output_bytes += len(data)
-        if data:
-            text = data.decode(errors="replace")
-            self.add(
-                CommandStdoutEvent(pid=self.pid, text=text)
-                if stream == "stdout"
-                else CommandStderrEvent(pid=self.pid, text=text)
-            )
+        self.text(stream, self.decoders[stream].decode(data, final=self.truncated))
         if self.truncated:
             self.add(
                 CommandStderrEvent(
@@ -116,6 +129,32 @@ class CommandLog(EventLog[CommandEvent]):
                     "the command keeps running\n",
                 )
             )
+
+    def text(self, stream: str, text: str) -> None:
+        if text:
+            self.add(
+                CommandStdoutEvent(pid=self.pid, text=text)
+                if stream == "stdout"
+                else CommandStderrEvent(pid=self.pid, text=text)
+            )
+
+    def flush(self) -> None:
+        """The end of the output: a character cut off at the end shows as U+FFFD."""
+        for stream, decoder in self.decoders.items():
+            self.text(stream, decoder.decode(b"", final=True))
+
+    def terminal_output(self, data: bytes) -> None:
+        if not data:
+            return
+        self.add(CommandPtyEvent(pid=self.pid, data=base64.b64encode(data).decode()))
+        self.pty_bytes += len(data)
+        drop = 0
+        while self.pty_bytes > PTY_REPLAY_BYTES and drop < len(self.events) - 1:
+            if isinstance(old := self.events[drop], CommandPtyEvent):
+                self.pty_bytes -= len(old.data) * 3 // 4 - old.data[-2:].count("=")
+            drop += 1
+        if drop:
+            self.drop_first(drop)
 
 
 class Commands:
@@ -133,14 +172,21 @@ class Commands:
         return self.sandbox.backend
 
     async def start(self, req: CommandRequest) -> CommandLog:
-        """Start ``bash -lc cmd``; returns its log at once (already holding ``start``)."""
+        """Start ``bash -lc cmd`` (with ``pty``: in a new terminal, by default an interactive
+        login shell); returns its log at once (already holding ``start``). InvalidRequest
+        without a command; PermissionDenied for a user the sandbox does not offer."""
         backend = self._backend()
+        if not req.cmd and req.pty is None:
+            raise InvalidRequest("cmd is required (without pty)", field="cmd")
         cwd = req.cwd or backend.home
         timeout = req.timeout if req.timeout is not None else self.sandbox.settings.command_timeout
-        process = await backend.spawn(["/bin/bash", "-lc", req.cmd], req.envs, cwd)
+        argv = ["/bin/bash", "-lc", req.cmd] if req.cmd else PTY_SHELL
+        size = (req.pty.rows, req.pty.cols) if req.pty is not None else None
+        process = await backend.spawn(argv, req.envs, cwd, user=req.user, pty=size)
         log.info("command %d started in %s (%d bytes)", process.pid, self.sandbox.id, len(req.cmd))
-        clog = CommandLog(process.pid, req.cmd, cwd, self.max_output_bytes)
-        clog.add(CommandStartEvent(pid=process.pid, cmd=req.cmd, cwd=cwd))
+        shown = req.cmd or " ".join(PTY_SHELL)
+        clog = CommandLog(process.pid, shown, cwd, self.max_output_bytes, pty=req.pty is not None)
+        clog.add(CommandStartEvent(pid=process.pid, cmd=shown, cwd=cwd))
         self.logs[process.pid] = clog
         self.tasks.spawn(self._pump(backend, process, clog, timeout or None), name=f"command-{process.pid}")
         self._forget_old()
@@ -153,6 +199,7 @@ class Commands:
         try:
             async for stream, data in process.output():
                 clog.output(stream, data)
+            clog.flush()
             code = await process.wait()
         finally:
             if killer is not None:
@@ -194,8 +241,23 @@ class Commands:
         self.sandbox.require_running()
         return [clog.info() for clog in self.logs.values()]
 
-    def follow(self, pid: int, after: int = -1) -> AsyncIterator[CommandEvent]:
-        return self.get(pid).follow(after, self.sandbox.settings.keepalive_interval)
+    def follow(self, pid: int, after: int | None = -1) -> AsyncIterator[CommandEvent]:
+        """The command's events with ``seq > after`` (``None``: only those still to come), then
+        live ones until its ``exit``; keepalives while it is quiet."""
+        clog = self.get(pid)
+        return clog.follow(clog.next_seq - 1 if after is None else after, self.sandbox.settings.keepalive_interval)
+
+    async def resize(self, pid: int, rows: int, cols: int) -> CommandInfo:
+        """Set the size of a PTY command's terminal; InvalidRequest for a command without one
+        or one that ended."""
+        backend = self._backend()
+        clog = self.get(pid)
+        if not clog.pty:
+            raise InvalidRequest(f"command {pid} has no terminal (start it with pty)")
+        if clog.done.is_set():
+            raise InvalidRequest(f"command {pid} has ended")
+        await backend.resize(pid, rows, cols)
+        return clog.info()
 
     async def stdin(self, pid: int, data: bytes | None) -> None:
         """Write to a running command's stdin; ``None`` closes it."""

@@ -162,7 +162,7 @@ class Settings(BaseSettings):
         1000, ge=1, description="Egress decisions kept per sandbox (GET /v1/sandboxes/{id}/egress)."
     )
     package_cache: bool = Field(
-        True, description="Serve pip through the service's pull-through package cache (shared by sandboxes)."
+        True, description="Serve pip and npm through the service's pull-through package cache (shared by sandboxes)."
     )
     package_cache_dir: Path | None = Field(
         None, description="Where the package cache lives; default: DATA_DIR/pip-cache."
@@ -171,6 +171,11 @@ class Settings(BaseSettings):
     package_cache_index_url: str | None = Field(
         None,
         description="The index the package cache fetches from; default: the host's pip index-url, else PyPI's.",
+    )
+    package_cache_npm_registry: str | None = Field(
+        None,
+        description="The npm registry the package cache fetches from (npm's cache lives in PACKAGE_CACHE_DIR/npm, "
+        "bounded by the same size); default: the host's npm registry, else npmjs'.",
     )
     ports_domain: str | None = Field(
         None,

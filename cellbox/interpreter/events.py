@@ -15,10 +15,12 @@ T = TypeVar("T")
 
 
 class EventLog(Generic[T]):
-    """Published events in order; ``seq`` is the index. Closing it wakes every follower for good."""
+    """Published events in order; ``seq`` is the index. Closing it wakes every follower for good.
+    A log may drop its oldest events (:meth:`drop_first`): followers behind them skip ahead."""
 
     def __init__(self, keepalive: Callable[[], T]) -> None:
         self.events: list[T] = []
+        self.first = 0  # the seq of events[0]; the ones before it were dropped
         self.done = asyncio.Event()
         self._changed = asyncio.Event()
         self._keepalive = keepalive
@@ -36,16 +38,26 @@ class EventLog(Generic[T]):
         self._changed.set()
         self._changed = asyncio.Event()
 
+    @property
+    def next_seq(self) -> int:
+        """The seq the next published event gets."""
+        return self.first + len(self.events)
+
+    def drop_first(self, count: int) -> None:
+        """Forget the ``count`` oldest events (a log that keeps only its recent past)."""
+        del self.events[:count]
+        self.first += count
+
     def since(self, after: int) -> Sequence[T]:
-        return self.events[after + 1 :]
+        return self.events[max(0, after + 1 - self.first) :]
 
     async def follow(self, after: int = -1, keepalive: float | None = None) -> AsyncIterator[T]:
         """Yield the events with ``seq > after``, then new ones as they come, until closed.
         With ``keepalive``, yield a keepalive event after that many quiet seconds."""
         pos = after + 1
         while True:
-            while pos < len(self.events):
-                yield self.events[pos]
+            while (pos := max(pos, self.first)) < self.next_seq:  # dropped while we yielded: skip
+                yield self.events[pos - self.first]
                 pos += 1
             if self.done.is_set():
                 return

@@ -75,6 +75,7 @@ def open_egress(settings: Settings) -> Egress:
 
     from cellbox.egress.cache import PackageCache
     from cellbox.egress.hosttrust import read_host_config
+    from cellbox.egress.npm import NpmCache
     from cellbox.egress.policy import OperatorPolicy
     from cellbox.egress.proxy import ProxyLimits
     from cellbox.egress.service import Egress, host_addresses
@@ -96,7 +97,7 @@ def open_egress(settings: Settings) -> Egress:
     except ValueError as exc:
         raise RuntimeUnavailable(f"invalid egress settings: {exc}") from exc
     host = read_host_config()
-    cache = None
+    cache = npm_cache = None
     if settings.egress_enabled and settings.package_cache:
         index = settings.package_cache_index_url or host.pip.index_url or "https://pypi.org/simple/"
         cache = PackageCache(
@@ -105,8 +106,17 @@ def open_egress(settings: Settings) -> Egress:
             max_bytes=settings.package_cache_max_mb << 20,
             ca_bundle=host.ca_bundle,
         )
+        registry = settings.package_cache_npm_registry or host.npm.registry or "https://registry.npmjs.org/"
+        npm_cache = NpmCache(
+            settings.resolved_package_cache_dir() / "npm",
+            registry,
+            max_bytes=settings.package_cache_max_mb << 20,
+            ca_bundle=host.ca_bundle,
+        )
     limits = ProxyLimits(max_connections=settings.egress_max_connections, idle_timeout=settings.egress_idle_timeout)
-    return Egress(operator, host=host, limits=limits, cache=cache, log_size=settings.egress_log_size)
+    return Egress(
+        operator, host=host, limits=limits, cache=cache, npm_cache=npm_cache, log_size=settings.egress_log_size
+    )
 
 
 class SandboxManager:

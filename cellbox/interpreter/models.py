@@ -397,18 +397,35 @@ class ArtifactList(BaseModel):
 # Commands and files
 
 
+class PtySize(BaseModel):
+    """A terminal's size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rows: int = Field(ge=1, le=65535)
+    cols: int = Field(ge=1, le=65535)
+
+
 class CommandRequest(BaseModel):
     """Body of ``POST /v1/sandboxes/{id}/commands``: runs ``bash -lc CMD`` in the sandbox."""
 
     model_config = ConfigDict(extra="forbid")
 
-    cmd: str
+    cmd: str = Field(default="", description="The shell command; with `pty` it defaults to an interactive login shell.")
     cwd: str | None = Field(default=None, description="Working directory; default /home/user.")
     envs: dict[str, str] = Field(default_factory=dict)
     timeout: float | None = Field(
         default=None, ge=0, description="Seconds until the command's process group is killed; 0: never."
     )
     background: bool = Field(default=False, description="Answer at once with the pid instead of streaming.")
+    user: str | None = Field(
+        default=None, description="Run as this user: `user` (the default) or `root` (sandboxes that offer it)."
+    )
+    pty: PtySize | None = Field(
+        default=None,
+        description="Run in a new terminal of this size: output comes as `pty` events (raw bytes, base64), "
+        "stdin goes to the terminal, and the terminal can be resized.",
+    )
 
 
 class CommandInfo(BaseModel):
@@ -417,6 +434,7 @@ class CommandInfo(BaseModel):
     cwd: str
     started_at: float
     running: bool
+    pty: bool = False
     exit_code: int | None = None
     signal: int | None = None
     ended_at: float | None = None
@@ -449,6 +467,13 @@ class CommandStderrEvent(_CommandEvent):
     text: str
 
 
+class CommandPtyEvent(_CommandEvent):
+    """Output of a command run in a terminal: raw terminal bytes, base64."""
+
+    type: Literal["pty"] = "pty"
+    data: str
+
+
 class CommandExitEvent(_CommandEvent):
     """Always a command's last event: ``exit_code``, or the ``signal`` that killed it."""
 
@@ -465,7 +490,12 @@ class CommandKeepaliveEvent(_CommandEvent):
 
 
 CommandEvent = Annotated[
-    CommandStartEvent | CommandStdoutEvent | CommandStderrEvent | CommandExitEvent | CommandKeepaliveEvent,
+    CommandStartEvent
+    | CommandStdoutEvent
+    | CommandStderrEvent
+    | CommandPtyEvent
+    | CommandExitEvent
+    | CommandKeepaliveEvent,
     Field(discriminator="type"),
 ]
 
@@ -479,7 +509,10 @@ class CommandRecord(CommandInfo):
 class StdinBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    data: str = Field(description="Text to write to the command's stdin.")
+    data: str = Field(description="Text to write to the command's stdin (or terminal).")
+    encoding: Literal["utf-8", "base64"] | None = Field(
+        default=None, description="How `data` is encoded (default utf-8: text as it is)."
+    )
 
 
 class SignalBody(BaseModel):

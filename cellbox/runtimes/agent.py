@@ -11,13 +11,16 @@ Requests ``{"id": N, "op": ..., ...}`` get exactly one response ``{"id": N, "ok"
 or ``{"id": N, "ok": false, "error": {"code", "message"}}``. Unsolicited events:
 ``{"event": "exit", "pid", "returncode"}`` and, for processes started with ``pipes``,
 ``{"event": "output", "pid", "stream": "stdout"|"stderr", "data": <base64>}`` (all output of
-a process is sent before its exit event).
+a process is sent before its exit event). A process started with ``pty`` ({"rows", "cols"})
+has a new terminal as its stdin, stdout, stderr and controlling terminal: its output comes as
+``"stream": "pty"`` (raw terminal bytes), ``stdin`` writes to the terminal, ``resize`` (pid,
+rows, cols) sets its size.
 
 Port connections: a *new* connection whose first line is ``{"op": "open_port", "port": N}``
 is relayed, after a one-line answer, as raw bytes to ``127.0.0.1:N`` inside the sandbox
 (``relay_port``); any number of them besides the one control client.
 
-Ops: ``ping``; ``spawn`` (argv, env, cwd, log, pipes, tag) -> pid; ``signal`` (pid, signum,
+Ops: ``ping``; ``spawn`` (argv, env, cwd, log, pipes, pty, tag) -> pid; ``signal`` (pid, signum,
 group); ``stdin`` (pid, data base64); ``close_stdin`` (pid); files: ``stat``,
 ``listdir`` (path, depth), ``mkdir`` (path, parents), ``move`` (src, dst), ``remove``,
 ``read`` (path, offset, length) -> data base64 + eof, ``write`` (path, offset, data,
@@ -61,6 +64,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import errno
+import fcntl
 import importlib.util
 import json
 import logging
@@ -72,6 +76,7 @@ import socket
 import stat
 import struct
 import sys
+import termios
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -197,6 +202,98 @@ class Inotify:
                 self.agent.spawn(self.agent.send(event), "fs-event")
 
 
+class Terminal:
+    """The pseudo-terminal of a process spawned with ``pty``: the child has the slave as its
+    stdio and controlling terminal; the agent keeps the (non-blocking) master."""
+
+    #: After the process exited, the output still arriving is read until the terminal has been
+    #: quiet this long (the kernel moves a pty's bytes to the master asynchronously), at most
+    #: ``_DRAIN_MAX``: a background child still holding the terminal does not hold the exit.
+    _DRAIN_QUIET = 0.1
+    _DRAIN_MAX = 2.0
+
+    def __init__(self, size: dict[str, Any]) -> None:
+        self.master, self.slave = os.openpty()
+        os.set_blocking(self.master, False)
+        try:
+            self.resize(size)
+        except BaseException:
+            os.close(self.master)
+            os.close(self.slave)
+            raise
+
+    def resize(self, size: dict[str, Any]) -> None:
+        rows, cols = int(size.get("rows", 24)), int(size.get("cols", 80))
+        if not (0 < rows < 65536 and 0 < cols < 65536):
+            raise ValueError(f"a terminal size is 1..65535 rows and cols, got {rows}x{cols}")
+        # On the master: the kernel also sends SIGWINCH to the terminal's foreground group.
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    @staticmethod
+    def take() -> None:
+        """``preexec_fn`` of the child (after its ``setsid``, before exec): stdin, the slave,
+        becomes its controlling terminal. One syscall, nothing that takes a lock."""
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    async def write(self, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.master, view) :]
+            except BlockingIOError:  # the child is not reading: wait until the terminal takes more
+                ready = loop.create_future()
+                loop.add_writer(self.master, _resolve, ready)
+                try:
+                    await ready
+                finally:
+                    loop.remove_writer(self.master)
+
+    async def pump(self, agent: Agent, pid: int, exited: asyncio.Future[Any]) -> None:
+        """Send the terminal's output until nothing holds the slave any more (EIO) or the
+        process exited and the rest was drained; then close the master."""
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None  # once the process exited: read the rest until then
+        try:
+            while True:
+                try:
+                    data = os.read(self.master, _CHUNK)
+                except BlockingIOError:
+                    if deadline is None and exited.done():
+                        deadline = loop.time() + self._DRAIN_MAX
+                    if deadline is None:
+                        await self._readable(exited, None)
+                    elif not await self._readable(None, min(self._DRAIN_QUIET, deadline - loop.time())):
+                        return
+                    continue
+                except OSError:  # EIO: every holder of the slave closed it, and all was read
+                    return
+                if not data:
+                    return
+                event = {"event": "output", "pid": pid, "stream": "pty", "data": base64.b64encode(data).decode()}
+                await agent.send(event)
+        finally:
+            os.close(self.master)
+
+    async def _readable(self, exited: asyncio.Future[Any] | None, timeout: float | None) -> bool:
+        """Wait until the master is readable (True), or ``exited`` is done or ``timeout`` passed."""
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        loop.add_reader(self.master, _resolve, ready)
+        try:
+            await asyncio.wait(
+                {ready} if exited is None else {ready, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            loop.remove_reader(self.master)
+        return ready.done()
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def _error_code(exc: Exception) -> str:
     if isinstance(exc, (KeyError, ProcessLookupError)):
         return "no_process"
@@ -223,6 +320,7 @@ class Agent:
             _FILE_THREADS, "agent-files", initializer=_become_fs_user, initargs=(as_user,)
         )
         self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self.terminals: dict[int, Terminal] = {}  # pid -> terminal, for processes spawned with pty
         self.writer: asyncio.StreamWriter | None = None
         self.write_lock = asyncio.Lock()
         self.done = asyncio.Event()
@@ -344,6 +442,7 @@ class Agent:
         return {"pid": os.getpid()}
 
     async def op_spawn(self, req: dict[str, Any]) -> dict[str, Any]:
+        ids = self.user_ids(req.get("user"))  # first: a refused user leaves nothing open
         pipes = bool(req.get("pipes"))
         log_path = req.get("log")
         out: Any = asyncio.subprocess.PIPE if pipes else asyncio.subprocess.DEVNULL
@@ -351,7 +450,6 @@ class Agent:
         if log_path and not pipes:
             logf = await asyncio.to_thread(open, log_path, "ab")
             out = logf
-        ids = self.user_ids(req.get("user"))
         env = dict(req.get("env") or {})
         if ids is None and self.as_user is not None:
             env = root_env(env)
@@ -361,21 +459,31 @@ class Agent:
             await asyncio.to_thread(os.makedirs, cwd, exist_ok=True)
         else:
             await self.in_files(lambda: os.makedirs(cwd, exist_ok=True))
+        term = Terminal(req["pty"]) if req.get("pty") else None  # the child's stdio, if asked for
         try:
             proc = await asyncio.create_subprocess_exec(
                 *req["argv"],
                 env=env,
                 cwd=cwd,
-                stdin=asyncio.subprocess.PIPE if pipes else asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
+                stdin=term.slave if term else asyncio.subprocess.PIPE if pipes else asyncio.subprocess.DEVNULL,
+                stdout=term.slave if term else out,
+                stderr=term.slave if term else out,
                 start_new_session=True,
+                preexec_fn=Terminal.take if term else None,
                 **_drop_kwargs(ids),
             )
+        except BaseException:
+            if term is not None:
+                os.close(term.master)
+            raise
         finally:
             if logf is not None:
                 logf.close()
+            if term is not None:
+                os.close(term.slave)
         self.procs[proc.pid] = proc
+        if term is not None:
+            self.terminals[proc.pid] = term
         kernel = str(req.get("tag", "")).startswith("kernel:")
         self.spawn(self.watch(proc, pipes, kernel), f"process-{proc.pid}")
         return {"pid": proc.pid}
@@ -386,7 +494,7 @@ class Agent:
         if self.as_user is None:
             if user in (None, "", "user"):
                 return None  # the agent already runs as the sandbox's user
-            raise ValueError(
+            raise PermissionError(
                 f"user {user!r} is not available: only a sandbox from a rootfs template has root (this one has 'user')"
             )
         if user in (None, "", "user"):
@@ -400,7 +508,10 @@ class Agent:
         return None if entry.pw_uid == 0 else (entry.pw_uid, entry.pw_gid)
 
     async def watch(self, proc: asyncio.subprocess.Process, pipes: bool, kernel: bool) -> None:
-        if pipes:
+        if (term := self.terminals.get(proc.pid)) is not None:
+            await term.pump(self, proc.pid, self.spawn(proc.wait(), f"wait-{proc.pid}"))
+            self.terminals.pop(proc.pid, None)
+        elif pipes:
             assert proc.stdout is not None and proc.stderr is not None
             await asyncio.gather(self.pump(proc.pid, "stdout", proc.stdout), self.pump(proc.pid, "stderr", proc.stderr))
         code = await proc.wait()
@@ -437,6 +548,9 @@ class Agent:
 
     async def op_stdin(self, req: dict[str, Any]) -> dict[str, Any]:
         proc = self._proc(req)
+        if (term := self.terminals.get(proc.pid)) is not None:
+            await term.write(base64.b64decode(req.get("data", "")))
+            return {}
         if proc.stdin is None:
             raise ValueError("the process has no stdin pipe")
         proc.stdin.write(base64.b64decode(req.get("data", "")))
@@ -447,6 +561,13 @@ class Agent:
         proc = self._proc(req)
         if proc.stdin is not None:
             proc.stdin.close()
+        return {}
+
+    async def op_resize(self, req: dict[str, Any]) -> dict[str, Any]:
+        term = self.terminals.get(self._proc(req).pid)
+        if term is None:
+            raise ValueError("the process has no terminal (spawn it with pty)")
+        term.resize(req)
         return {}
 
     # -- files ---------------------------------------------------------------------------

@@ -112,10 +112,14 @@ class AgentClient:
         pipes: bool = False,
         tag: str = "",
         user: str | None = None,
+        pty: tuple[int, int] | None = None,
     ) -> ProcessHandle:
-        """Start a process; ``user`` (``"root"`` or a name in the sandbox's passwd) only in a
-        rootfs sandbox, None for the sandbox's default user."""
-        extra = {} if user is None else {"user": user}
+        """Start a process (see the agent's ``spawn``); with ``pty`` (rows, cols) in a new
+        terminal, its output as stream ``"pty"``. ``user`` (``"root"`` or a name in the
+        sandbox's passwd) only in a rootfs sandbox, None for the sandbox's default user."""
+        extra: dict[str, Any] = {} if user is None else {"user": user}
+        if pty is not None:
+            extra["pty"] = {"rows": pty[0], "cols": pty[1]}
         resp = await self.request("spawn", argv=argv, env=env, cwd=cwd, log=log, pipes=pipes, tag=tag, **extra)
         pid = int(resp["pid"])
         handle = ProcessHandle(pid)
@@ -135,6 +139,9 @@ class AgentClient:
 
     async def close_stdin(self, pid: int) -> None:
         await self.request("close_stdin", pid=pid)
+
+    async def resize(self, pid: int, rows: int, cols: int) -> None:
+        await self.request("resize", pid=pid, rows=rows, cols=cols)
 
     async def watch(self, path: str, recursive: bool) -> tuple[int, asyncio.Queue[dict[str, Any] | None]]:
         """Start watching a directory: (watch id, queue of fs events; None when the agent goes)."""

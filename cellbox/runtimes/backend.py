@@ -60,7 +60,11 @@ class AgentLike(Protocol):
         log: str | None = ...,
         pipes: bool = ...,
         tag: str = ...,
+        user: str | None = ...,
+        pty: tuple[int, int] | None = ...,
     ) -> Any: ...
+
+    async def resize(self, pid: int, rows: int, cols: int) -> None: ...
 
     async def signal(self, pid: int, signum: int, group: bool = True) -> None: ...
 
@@ -291,11 +295,24 @@ class LocalSandboxBackend:
 
     # -- processes --------------------------------------------------------------------------
 
-    async def spawn(self, argv: list[str], envs: dict[str, str], cwd: str | None) -> AgentProcess:
+    async def spawn(
+        self,
+        argv: list[str],
+        envs: dict[str, str],
+        cwd: str | None,
+        *,
+        user: str | None = None,
+        pty: tuple[int, int] | None = None,
+    ) -> AgentProcess:
         agent = await self.agent()
         env = self.provisioner.process_env(self.handle, envs)
-        handle = await agent.spawn(argv, env, cwd or self.home, pipes=True, tag="command")
+        if pty is not None:
+            env.setdefault("TERM", "xterm-256color")
+        handle = await agent.spawn(argv, env, cwd or self.home, pipes=True, tag="command", user=user, pty=pty)
         return AgentProcess(handle)
+
+    async def resize(self, pid: int, rows: int, cols: int) -> None:
+        await (await self.agent()).resize(pid, rows, cols)
 
     async def signal(self, pid: int, signum: int) -> None:
         await (await self.agent()).signal(pid, signum, group=True)

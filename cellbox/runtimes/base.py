@@ -189,8 +189,22 @@ class SandboxBackend(Protocol):
 
     # -- processes --------------------------------------------------------------------------
 
-    async def spawn(self, argv: list[str], envs: dict[str, str], cwd: str | None) -> Process:
-        """Start a process in the sandbox with the sandbox's environment plus ``envs``."""
+    async def spawn(
+        self,
+        argv: list[str],
+        envs: dict[str, str],
+        cwd: str | None,
+        *,
+        user: str | None = None,
+        pty: tuple[int, int] | None = None,
+    ) -> Process:
+        """Start a process in the sandbox with the sandbox's environment plus ``envs``, as
+        ``user`` (None: the sandbox's user; PermissionDenied for one the sandbox does not
+        offer); with ``pty`` (rows, cols) in a new terminal, its output as stream ``"pty"``."""
+        ...
+
+    async def resize(self, pid: int, rows: int, cols: int) -> None:
+        """Set the size of the terminal of a process spawned with ``pty``."""
         ...
 
     async def signal(self, pid: int, signum: int) -> None:

@@ -40,6 +40,9 @@ def pytest_report_header() -> str | None:
 
 
 START_DEADLINE = 120.0
+#: The server's --ports-domain: the SDKs' get_host(port) is {port}-{id}.PORTS_DOMAIN, which the
+#: tests reach by sending that Host to the server's loopback address.
+PORTS_DOMAIN = "cellbox.test"
 # "none" by default (the protocol is under test); E2E_ISOLATION=bwrap runs the same suite on
 # isolated sandboxes (as root), where paths are /home/user and pause works.
 ISOLATION = os.environ.get("E2E_ISOLATION", "none")
@@ -119,6 +122,7 @@ def e2b_server() -> Iterator[E2BServer]:
         isolation=ISOLATION,
         api_keys=[key, other],
         reap_interval=0.5,
+        ports_domain=PORTS_DOMAIN,
         **({"cgroup_prefix": f"cbxe2e{os.getpid()}"} if ISOLATION == "bwrap" else {}),
     )
     server = ServerThread(settings)

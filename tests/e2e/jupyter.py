@@ -71,17 +71,24 @@ async def jupyter_server(
     app: str = "server",
     extra: list[str] | None = None,
     files: dict[str, str] | None = None,
+    config: dict[str, str] | None = None,
     env: dict[str, str] | None = None,
+    token: str | None = None,
 ) -> AsyncIterator[JupyterServer]:
     """Start ``jupyter server`` (or ``jupyter lab``) in gateway mode on a free loopback port,
-    with its own config/data/runtime dirs and ``files`` in its root dir; stop it (by pid) on exit."""
+    with its own config/data/runtime dirs, ``files`` in its root dir and ``config`` (paths
+    relative to its JUPYTER_CONFIG_DIR) written first; its own token unless ``token``; stop it
+    (by pid) on exit."""
     port = free_port()
-    token = uuid.uuid4().hex
+    token = token or uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="cbxjs") as tmp:
         home = pathlib.Path(tmp)
         (home / "nb").mkdir()
         for name, text in (files or {}).items():
             (home / "nb" / name).write_text(text)
+        for name, text in (config or {}).items():
+            (home / "config" / name).parent.mkdir(parents=True, exist_ok=True)
+            (home / "config" / name).write_text(text)
         environ = {
             **(env or {}),
             "PATH": f"{JUPYTER_VENV / 'bin'}:/usr/bin:/bin",

@@ -135,9 +135,55 @@ async def test_pause_and_resume_by_connect(e2b_server: E2BServer) -> None:
         await sandbox.kill()
 
 
+class Screen:
+    """A PTY's output as ``on_data`` delivers it, and a way to wait for a marker in it."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self._grew = asyncio.Event()
+
+    def feed(self, chunk: bytes) -> None:
+        self.data.extend(chunk)
+        self._grew.set()
+
+    async def until(self, marker: bytes, count: int = 1) -> None:
+        async with asyncio.timeout(60):
+            while self.data.count(marker) < count:
+                self._grew.clear()
+                await self._grew.wait()
+
+
+async def test_async_pty(sbx: AsyncSandbox) -> None:
+    from e2b import PtySize
+
+    screen = Screen()
+    handle = await sbx.pty.create(PtySize(rows=30, cols=100), on_data=screen.feed, timeout=120)
+    await sbx.pty.send_stdin(handle.pid, b"echo hi\n")
+    await screen.until(b"hi\r\n", count=2)  # the echoed input ("echo hi"), then the output
+    await sbx.pty.send_stdin(handle.pid, b"tty; stty size\n")
+    await screen.until(b"30 100\r\n")
+    assert b"/dev/pts/" in screen.data
+    await sbx.pty.resize(handle.pid, PtySize(rows=50, cols=120))
+    await sbx.pty.send_stdin(handle.pid, b"stty size\n")
+    await screen.until(b"50 120\r\n")
+
+    later = Screen()
+    again = await sbx.pty.connect(handle.pid, on_data=later.feed, timeout=120)
+    await sbx.pty.send_stdin(handle.pid, b"echo after-$((40+2))\n")
+    await later.until(b"after-42\r\n")
+    assert b"50 120" not in later.data  # connect does not replay
+
+    assert await sbx.pty.kill(handle.pid) is True
+    for h in (handle, again):
+        with pytest.raises(CommandExitException):
+            await h.wait()
+    assert await sbx.pty.kill(handle.pid) is False
+
+
 async def test_root_user_is_refused_clearly(sbx: AsyncSandbox) -> None:
     with pytest.raises(SandboxException, match="not available"):
         await sbx.commands.run("whoami", user="root")
+    assert (await sbx.commands.run("echo me", user="user")).stdout == "me\n"
 
 
 async def test_unknown_sandbox_is_not_found(e2b_server: E2BServer) -> None:

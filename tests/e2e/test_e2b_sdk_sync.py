@@ -9,12 +9,13 @@ import json
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
-from e2b import CommandExitException, NotFoundException, SandboxQuery
+from e2b import CommandExitException, NotFoundException, SandboxException, SandboxQuery
 from e2b import Sandbox as CoreSandbox
 from e2b_code_interpreter import Sandbox
 
-from tests.e2e.conftest import E2BServer
+from tests.e2e.conftest import PORTS_DOMAIN, E2BServer
 
 pytestmark = pytest.mark.e2e
 
@@ -147,6 +148,22 @@ def test_list_pages_with_the_next_token(e2b_server: E2BServer) -> None:
     finally:
         for s in made:
             s.kill()
+
+
+def test_list_filters_on_every_metadata_pair_with_any_characters(e2b_server: E2BServer) -> None:
+    odd = "a b&c=d/é%+?"  # what a query string must carry quoted
+    first = CoreSandbox.create(metadata={"suite": "odd-meta", "v": odd})
+    second = CoreSandbox.create(metadata={"suite": "odd-meta", "v": "plain"})
+    try:
+        found = CoreSandbox.list(query=SandboxQuery(metadata={"suite": "odd-meta", "v": odd})).next_items()
+        assert [s.sandbox_id for s in found] == [first.sandbox_id] and found[0].metadata["v"] == odd
+        both = CoreSandbox.list(query=SandboxQuery(metadata={"suite": "odd-meta"}), order="desc", limit=1)
+        pages = [both.next_items(), both.next_items()]
+        assert [p[0].sandbox_id for p in pages] == [second.sandbox_id, first.sandbox_id]
+        assert not both.has_next
+    finally:
+        first.kill()
+        second.kill()
 
 
 def test_other_keys_do_not_see_each_others_sandboxes(e2b_server: E2BServer) -> None:
@@ -294,6 +311,65 @@ def test_commands_cwd_envs_timeout(sbx: Sandbox) -> None:
     assert sbx.commands.run("echo stdin-closed; cat").stdout == "stdin-closed\n"
 
 
+# -- pty ------------------------------------------------------------------------------------
+
+
+class Terminal:
+    """A PTY handle's output as it arrives (the sync handle yields (stdout, stderr, pty))."""
+
+    def __init__(self, handle: object) -> None:
+        self.events = iter(handle)  # type: ignore[call-overload]
+        self.data = bytearray()
+
+    def until(self, marker: bytes, count: int = 1) -> None:
+        # Bounded by the handle's own timeout: the stream ends, and next() raises, after it.
+        while self.data.count(marker) < count:
+            _, _, chunk = next(self.events)
+            if chunk:
+                self.data.extend(chunk)
+
+
+def test_pty_create_input_resize_connect_kill(sbx: Sandbox) -> None:
+    from e2b import PtySize
+
+    handle = sbx.pty.create(PtySize(rows=30, cols=100), timeout=120)
+    term = Terminal(handle)
+    sbx.pty.send_stdin(handle.pid, b"echo hi\n")
+    term.until(b"hi\r\n", count=2)  # the echoed input ("echo hi"), then the output
+    sbx.pty.send_stdin(handle.pid, b"tty; stty size; echo $TERM\n")
+    term.until(b"30 100\r\n")
+    term.until(b"xterm-256color\r\n")
+    assert b"/dev/pts/" in term.data
+    sbx.pty.resize(handle.pid, PtySize(rows=50, cols=120))
+    sbx.pty.send_stdin(handle.pid, b"stty size\n")
+    term.until(b"50 120\r\n")
+    assert handle.pid in [p.pid for p in sbx.commands.list()]
+    if hasattr(sbx.pty, "stream_input"):  # newer SDKs: StreamInput with pty data
+        sbx.pty.stream_input(handle.pid, [b"echo str", b"eamed-$((1+1))\n"])
+        term.until(b"streamed-2\r\n")
+
+    again = Terminal(sbx.pty.connect(handle.pid, timeout=120))
+    sbx.pty.send_stdin(handle.pid, b"echo after-$((40+2))\n")
+    again.until(b"after-42\r\n")
+    assert b"30 100" not in again.data and b"50 120" not in again.data  # connect does not replay
+
+    assert sbx.pty.kill(handle.pid) is True
+    with pytest.raises(CommandExitException) as info:
+        handle.wait()
+    assert info.value.exit_code == -1 and "killed" in (info.value.error or "")
+    assert sbx.pty.kill(handle.pid) is False
+
+
+def test_commands_user(sbx: Sandbox) -> None:
+    from e2b import PtySize
+
+    assert sbx.commands.run("echo me", user="user").stdout == "me\n"
+    with pytest.raises(SandboxException, match="user 'root' is not available"):
+        sbx.commands.run("whoami", user="root")
+    with pytest.raises(SandboxException, match="user 'root' is not available"):
+        sbx.pty.create(PtySize(rows=24, cols=80), user="root")
+
+
 def test_watch_dir_polling(sbx: Sandbox) -> None:
     sbx.files.make_dir("watched/sub")  # inotify sees into directories that exist when watched
     handle = sbx.files.watch_dir("watched", recursive=True)
@@ -320,6 +396,65 @@ def test_more_mime_types_and_extra(sbx: Sandbox) -> None:
     assert ex.results[1].latex == "$x^2$"
     assert ex.results[2].javascript == "1 + 1"
     assert ex.results[3].extra == {"application/vnd.custom+json": {"k": "v"}} and ex.results[3].text == "custom"
+
+
+# A server in the sandbox that says what it got; it prints its port once it listens.
+ECHO_SERVER = """\
+import http.server
+class Echo(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = f"{self.path} token={self.headers.get('e2b-traffic-access-token')}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", 0), Echo)
+print("listening", server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def _serve(sandbox: CoreSandbox) -> int:
+    sandbox.files.write("echo_server.py", ECHO_SERVER)
+    handle = sandbox.commands.run("python3 echo_server.py", background=True)
+    out = ""
+    for stdout, _, _ in handle:  # output comes in chunks: up to the first full line
+        out += stdout or ""
+        if "\n" in out:
+            handle.disconnect()
+            assert out.startswith("listening "), out
+            return int(out.split()[1])
+    raise AssertionError(f"the server in the sandbox never listened: {out!r}")
+
+
+def test_get_host_and_the_traffic_token(e2b_server: E2BServer) -> None:
+    sandbox = CoreSandbox.create(timeout=120)  # private ports: cellbox's default
+    try:
+        token = sandbox.traffic_access_token
+        assert token
+        port = _serve(sandbox)
+        host = sandbox.get_host(port)
+        assert host == f"{port}-{sandbox.sandbox_id}.{PORTS_DOMAIN}"
+        with httpx.Client(base_url=e2b_server.url, timeout=30) as http:
+            ok = http.get("/hello?x=1", headers={"Host": host, "e2b-traffic-access-token": token})
+            assert ok.status_code == 200 and ok.text == "/hello?x=1 token=None"  # not passed on
+            assert http.get("/hello", headers={"Host": host}).status_code == 401
+            wrong = http.get("/hello", headers={"Host": host, "e2b-traffic-access-token": "not-it"})
+            assert wrong.status_code == 401
+    finally:
+        sandbox.kill()
+
+    public = CoreSandbox.create(timeout=120, network={"allow_public_traffic": True})
+    try:
+        assert public.traffic_access_token is None
+        port = _serve(public)
+        with httpx.Client(base_url=e2b_server.url, timeout=30) as http:
+            assert http.get("/open", headers={"Host": public.get_host(port)}).text == "/open token=None"
+        assert public.commands.run("echo still-works").stdout == "still-works\n"
+    finally:
+        public.kill()
 
 
 def test_sandbox_envs_reach_kernels_and_commands(e2b_server: E2BServer) -> None:

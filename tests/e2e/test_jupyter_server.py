@@ -6,7 +6,9 @@ Kernel Gateway 3.0.1 (shared/reference/jupyter-gateway.md §2).
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +17,15 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from tests.e2e.jupyter import JUPYTER, drive_like_jupyterlab, jupyter_server, kernel_socket, result_text
+from cellbox.interpreter import messages as m
+from tests.e2e.jupyter import (
+    JUPYTER,
+    KernelSocket,
+    drive_like_jupyterlab,
+    jupyter_server,
+    kernel_socket,
+    result_text,
+)
 from tests.integration.helpers import execute, make_settings
 from tests.integration.server import RunningServer, run_server
 
@@ -103,3 +113,92 @@ async def test_comms_pass_through_jupyter_server(cellbox: RunningServer) -> None
                 echo = await ks.until(mid, "comm_msg", "iopub")
                 assert echo["content"]["data"] == {"echo": {"value": [1, "two"]}}
             assert (await lab.delete(f"/api/kernels/{kid}")).status_code == 204
+
+
+# What ipywidgets' Image, FileUpload, bqplot... send: comm messages with binary buffers. The
+# gateway face carries them (tests/integration/test_jupyter_faces.py, and JupyterLab with its
+# websockets straight to cellbox: test_jupyterlab_browser.py); jupyter_server 2.21's gateway
+# relay does not, in either direction (gateway/connections.py). Strict xfails: they start
+# passing, and fail the suite, the day jupyter_server fixes its relay.
+_BUFFER_ECHO = (
+    "import comm\n"
+    "def _target(c, open_msg):\n"
+    "    c.on_msg(lambda msg: c.send(data={'got': [bytes(b).hex() for b in msg['buffers']]},\n"
+    "                                buffers=[b'\\xff\\x00\\x89PNG']))\n"
+    "comm.get_comm_manager().register_target('buffers', _target)"
+)
+
+
+_KERNEL_BUFFERS_BROKEN = (
+    "jupyter_server's GatewayWebSocketConnection._read_messages decodes every frame from the "
+    "gateway as UTF-8: a buffer's bytes raise UnicodeDecodeError, which ends its read loop for good "
+    "(no reconnect), so that socket gets nothing more from the kernel"
+)
+_FRONTEND_BUFFERS_BROKEN = (
+    "jupyter_server's GatewayWebSocketConnection forwards the browser's binary frame with "
+    "write_message(bytes), i.e. as a text frame: the gateway (uvicorn) refuses the invalid UTF-8 and "
+    "closes; jupyter_server reconnects ('Lost connection to Gateway') and the message is lost"
+)
+
+
+@contextlib.asynccontextmanager
+async def _buffer_echo(cellbox: RunningServer, via: str) -> AsyncIterator[KernelSocket]:
+    """A channels socket (straight to cellbox, or through jupyter_server's relay) on a kernel
+    with a comm ``b1`` that answers each message with the hex of its buffers and one buffer."""
+    async with contextlib.AsyncExitStack() as stack:
+        if via == "jupyter_server":
+            js = await stack.enter_async_context(jupyter_server(cellbox.url, KEY))
+            base, token = js.url, js.token
+        else:
+            base, token = cellbox.url, KEY
+        rest = await stack.enter_async_context(
+            httpx.AsyncClient(base_url=base, headers={"Authorization": f"token {token}"}, timeout=60)
+        )
+        kid = (await rest.post("/api/kernels", json={"name": "python3"})).json()["id"]
+        ks = await stack.enter_async_context(kernel_socket(base, kid, token, offer_v1=False))
+        await ks.kernel_info()
+        _, reply = await ks.execute(_BUFFER_ECHO)
+        assert reply["content"]["status"] == "ok", reply
+        await ks.send(ks.msg("comm_open", {"comm_id": "b1", "target_name": "buffers", "data": {}}))
+        yield ks
+
+
+async def _next_binary(ks: KernelSocket, timeout: float) -> bytes:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        frame = await asyncio.wait_for(ks.ws.recv(), max(0.01, deadline - loop.time()))
+        if isinstance(frame, bytes):
+            return frame
+
+
+@pytest.mark.parametrize(
+    "via",
+    ["cellbox", pytest.param("jupyter_server", marks=pytest.mark.xfail(strict=True, reason=_KERNEL_BUFFERS_BROKEN))],
+)
+async def test_kernel_buffers_reach_the_frontend(cellbox: RunningServer, via: str) -> None:
+    async with _buffer_echo(cellbox, via) as ks:
+        await ks.send(ks.msg("comm_msg", {"comm_id": "b1", "data": {}}))
+        frame = await _next_binary(ks, 10)
+        assert frame.endswith(b"\xff\x00\x89PNG")
+
+
+@pytest.mark.parametrize(
+    "via",
+    ["cellbox", pytest.param("jupyter_server", marks=pytest.mark.xfail(strict=True, reason=_FRONTEND_BUFFERS_BROKEN))],
+)
+async def test_frontend_buffers_reach_the_kernel(cellbox: RunningServer, via: str) -> None:
+    async with _buffer_echo(cellbox, via) as ks:
+        msg = ks.msg("comm_msg", {"comm_id": "b1", "data": {}})
+        msg["buffers"] = [b"\xfe\x01"]
+        await ks.ws.send(m.serialize_binary_message(msg, "shell"))
+        mid = str(msg["header"]["msg_id"])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while True:  # the echo comes as a binary frame (it has a buffer)
+            frame = await asyncio.wait_for(ks.ws.recv(), max(0.01, deadline - loop.time()))
+            if isinstance(frame, bytes):
+                echo = m.deserialize_binary_message(frame)
+                if m.parent_msg_id(echo) == mid:
+                    break
+        assert echo["content"]["data"] == {"got": ["fe01"]}

@@ -51,6 +51,7 @@ class IndexServer:
         self.metadata: dict[str, bytes] = {}  # filename → its PEP 658 metadata file
         self.served: dict[str, int] = {}
         self.tamper = False
+        self.not_modified = 0  # pages answered 304 to a revalidation
         self.port = 0
         self._server: asyncio.AbstractServer | None = None
 
@@ -84,11 +85,16 @@ class IndexServer:
             accept = next(
                 (line.split(":", 1)[1] for line in head.split("\r\n") if line.lower().startswith("accept:")), ""
             )
+            match = next((line for line in head.split("\r\n") if line.lower().startswith("if-none-match:")), "")
             self.served[path] = self.served.get(path, 0) + 1
             status, content_type, body = self._answer(path, accept)
+            etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+            if status == 200 and path.startswith("/simple/") and match.split(":", 1)[-1].strip() == etag:
+                self.not_modified += 1
+                status, body = 304, b""
             writer.write(
                 f"HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-                f"Connection: close\r\n\r\n".encode()
+                f"ETag: {etag}\r\nConnection: close\r\n\r\n".encode()
                 + body
             )
             await writer.drain()
@@ -177,6 +183,7 @@ async def test_page_is_rewritten_and_files_are_fetched_once(
         {"filename": filename, "url": f"/files/{sha}/{filename}", "hashes": {"sha256": sha}, "requires-python": ">=3.8"}
     ]
     assert index.served["/simple/demo-pkg/"] == 1  # the page is kept page_ttl seconds
+    assert cache.stats()["page_hits"] == 1
 
     for _ in range(3):
         got = await cache.respond("GET", f"/files/{sha}/{filename}", [])
@@ -184,6 +191,21 @@ async def test_page_is_rewritten_and_files_are_fetched_once(
     assert index.file_hits() == 1
     assert cache.stats()["misses"] == 1 and cache.stats()["hits"] == 2
     assert (tmp_path / "files" / sha[:2] / sha).read_bytes() == data
+
+
+@pytest.mark.asyncio
+async def test_stale_pages_are_revalidated(tmp_path: Path, index: IndexServer, client: httpx.AsyncClient) -> None:
+    filename, data = make_wheel("demo_pkg", "1.0")
+    index.add("demo-pkg", filename, data)
+    cache = PackageCache(tmp_path, index.url, client=client, page_ttl=0)
+    first = await body_of(await cache.respond("GET", "/simple/demo-pkg/", []))
+    assert await body_of(await cache.respond("GET", "/simple/demo-pkg/", [])) == first
+    assert index.served["/simple/demo-pkg/"] == 2 and index.not_modified == 1  # a 304: the page was not sent again
+    newer, newer_data = make_wheel("demo_pkg", "1.1")
+    sha = index.add("demo-pkg", newer, newer_data)
+    page = (await body_of(await cache.respond("GET", "/simple/demo-pkg/", []))).decode()
+    assert f"/files/{sha}/{newer}" in page and index.not_modified == 1
+    assert cache.stats()["page_fetches"] == 3
 
 
 @pytest.mark.asyncio

@@ -4,12 +4,14 @@ Real sandboxes in both isolation modes, real uvicorn, real clients."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import h11
 import httpx
 import pytest
 import pytest_asyncio
@@ -40,12 +42,34 @@ class Echo(tornado.web.RequestHandler):
         }))
     get = post = put = patch = delete = _echo
 
-class Slow(tornado.web.RequestHandler):
+NEXT = asyncio.Event()
+GONE = asyncio.Event()
+
+class Events(tornado.web.RequestHandler):
+    # server-sent events, each one only after the client asked for it (POST /next): a relay
+    # that buffered the response would never deliver the first. ?forever: until the client goes.
     async def get(self):
-        for i in range(3):
-            self.write(f"chunk{i}\n")
+        self.set_header("Content-Type", "text/event-stream")
+        i = 0
+        while i < 3 or self.get_argument("forever", None):
+            self.write(f"data: event{i}\n\n")
             await self.flush()
-            await asyncio.sleep(0.4)
+            await NEXT.wait()
+            NEXT.clear()
+            i += 1
+
+    def on_connection_close(self):
+        GONE.set()
+
+class Next(tornado.web.RequestHandler):
+    def post(self):
+        NEXT.set()
+
+class Gone(tornado.web.RequestHandler):
+    async def get(self):  # answers once an event stream's client went away
+        await GONE.wait()
+        GONE.clear()
+        self.write("gone")
 
 class Upload(tornado.web.RequestHandler):
     def post(self):
@@ -58,13 +82,45 @@ class WS(tornado.websocket.WebSocketHandler):
         self.write_message(message, binary=isinstance(message, bytes))
 
 async def main():
-    app = tornado.web.Application([("/echo.*", Echo), ("/slow", Slow), ("/upload", Upload), ("/ws", WS)])
+    routes = [("/echo.*", Echo), ("/events", Events), ("/next", Next), ("/gone", Gone)]
+    routes += [("/upload", Upload), ("/ws", WS)]
+    app = tornado.web.Application(routes)
     app.listen(int(sys.argv[1]), address="127.0.0.1")
     print("ready", flush=True)
     await asyncio.Event().wait()
 
 asyncio.run(main())
 """
+
+
+# A raw HTTP/1.1 server that answers at once and echoes each chunk of a chunked request body as it
+# reads it: only a full-duplex relay lets the client see an echo before it sent the whole body.
+DUPLEX = r"""
+import asyncio, sys
+
+async def handle(reader, writer):
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+    await writer.drain()
+    while True:
+        size = int((await reader.readline()).split(b";")[0].strip(), 16)
+        data = await reader.readexactly(size) if size else b""
+        await reader.readline()
+        writer.write(b"%x\r\n%s\r\n" % (len(data), data))  # size 0: the last chunk
+        await writer.drain()
+        if not size:
+            break
+    writer.close()
+
+async def main():
+    await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]))
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+STEP = 30.0  # each duplex / event step must happen by then (a half-duplex relay never does)
+PORTS_DOMAIN = "ports.test"
 
 
 def free_port() -> int:
@@ -76,7 +132,7 @@ def free_port() -> int:
 
 @pytest_asyncio.fixture
 async def server(short_tmp: Path, isolation: str) -> AsyncIterator[RunningServer]:
-    settings = isolation_settings(short_tmp, isolation, api_keys=[KEY, OTHER_KEY])
+    settings = isolation_settings(short_tmp, isolation, api_keys=[KEY, OTHER_KEY], ports_domain=PORTS_DOMAIN)
     async with run_server(settings) as srv:
         yield srv
 
@@ -163,13 +219,99 @@ async def test_methods_headers_and_streamed_bodies(client: httpx.AsyncClient) ->
     r = await client.post(f"{base}/upload", content=chunks())
     assert r.status_code == 200 and r.text == str(48 * 65536)
 
-    # a response streamed as the server writes it, not buffered until it ends
-    arrivals = []
-    async with client.stream("GET", f"{base}/slow") as stream:
-        async for line in stream.aiter_lines():
-            arrivals.append((line, time.monotonic()))
-    assert [a[0] for a in arrivals] == ["chunk0", "chunk1", "chunk2"]
-    assert arrivals[2][1] - arrivals[0][1] > 0.6, arrivals
+
+async def open_raw(server: RunningServer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = server.url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def read_until(conn: h11.Connection, reader: asyncio.StreamReader, want: bytes, got: bytearray) -> Any:
+    """Feed h11 until ``got`` (the response body so far) ends with ``want``; the last event."""
+    while not got.endswith(want):
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await reader.read(65536))
+        elif isinstance(event, h11.Data):
+            got += event.data
+        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+            raise AssertionError(f"the response ended before {want!r}: {bytes(got)!r}")
+    return got
+
+
+@pytest.mark.asyncio
+async def test_full_duplex_upload_echoed_while_it_streams(client: httpx.AsyncClient, server: RunningServer) -> None:
+    """The client sends a chunk only after the previous one came back: the request body is still
+    streaming while the response streams. Through the path and through the ports domain."""
+    r = await client.post("/v1/sandboxes", json={})
+    sid = r.json()["id"]
+    port = free_port()
+    await client.put(f"/v1/sandboxes/{sid}/files", params={"path": "/home/user/duplex.py"}, content=DUPLEX)
+    await start_in_sandbox(client, sid, f"python3 duplex.py {port}")
+    for host, target in (
+        ("127.0.0.1", f"/v1/sandboxes/{sid}/ports/{port}/echo"),
+        (f"{port}-{sid}.{PORTS_DOMAIN}", "/echo"),
+    ):
+        reader, writer = await open_raw(server)
+        try:
+            conn = h11.Connection(our_role=h11.CLIENT)
+            headers = [("Host", host), ("Authorization", f"Bearer {KEY}"), ("Transfer-Encoding", "chunked")]
+            writer.write(conn.send(h11.Request(method="POST", target=target, headers=headers)))
+            got = bytearray()
+            for i in range(5):
+                piece = f"piece{i};".encode() * (1 + i * 5000)  # up to ~200 KB: more than one read
+                writer.write(conn.send(h11.Data(data=piece)))
+                await writer.drain()
+                async with asyncio.timeout(STEP):
+                    await read_until(conn, reader, piece, got)
+                if i == 0:
+                    assert conn.their_state is h11.SEND_BODY  # the answer started before the body ended
+            writer.write(conn.send(h11.EndOfMessage()))
+            await writer.drain()
+            async with asyncio.timeout(STEP):
+                while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+                    if event is h11.NEED_DATA:
+                        conn.receive_data(await reader.read(65536))
+                    elif isinstance(event, h11.Data):
+                        got += event.data
+            assert bytes(got) == b"".join(f"piece{i};".encode() * (1 + i * 5000) for i in range(5))
+        finally:
+            writer.close()
+
+
+@pytest.mark.asyncio
+async def test_server_sent_events_stream_as_they_happen(client: httpx.AsyncClient, server: RunningServer) -> None:
+    """A long-lived event stream: each event is delivered while the response is still open (the
+    server sends the next one only when the client asks for it, on another request)."""
+    info, port = await sandbox_with_app(client)
+    sid = info["id"]
+    async with httpx.AsyncClient(base_url=server.url, timeout=STEP) as anonymous:
+        for base, headers in (
+            (f"/v1/sandboxes/{sid}/ports/{port}", AUTH),
+            ("", {"Host": f"{port}-{sid}.{PORTS_DOMAIN}", "X-Cellbox-Traffic-Token": str(info["traffic_token"])}),
+        ):
+            seen = []
+            async with anonymous.stream("GET", f"{base}/events", headers=headers) as stream:
+                assert stream.headers["content-type"].startswith("text/event-stream")
+                lines = stream.aiter_lines()
+                async with asyncio.timeout(STEP):
+                    async for line in lines:
+                        if line.startswith("data: "):
+                            seen.append(line.removeprefix("data: "))
+                            if len(seen) == 3:
+                                break
+                            r = await anonymous.post(f"{base}/next", headers=headers)
+                            assert r.status_code == 200
+            assert seen == ["event0", "event1", "event2"]
+
+        # a client that leaves an endless stream: the server inside sees its connection close
+        base, headers = f"/v1/sandboxes/{sid}/ports/{port}", AUTH
+        async with anonymous.stream("GET", f"{base}/events?forever=1", headers=headers) as stream:
+            async with asyncio.timeout(STEP):
+                async for line in stream.aiter_lines():
+                    if line.startswith("data: "):
+                        break
+        r = await anonymous.get(f"{base}/gone", headers=headers)  # a relay that kept it open: STEP
+        assert r.status_code == 200 and r.text == "gone"
 
 
 @pytest.mark.asyncio
@@ -192,6 +334,13 @@ async def test_websocket_through_a_port(client: httpx.AsyncClient, server: Runni
     with pytest.raises(InvalidStatus):
         async with ws_connect(url):
             pass
+    # by host name: {port}-{id}.{domain} (a wildcard DNS record would point at the service)
+    host, service_port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(service_port)))
+    by_host = f"ws://{port}-{info['id']}.{PORTS_DOMAIN}/ws"
+    async with ws_connect(by_host, sock=sock, additional_headers=AUTH) as ws:
+        await ws.send("by host")
+        assert await ws.recv() == "by host"
 
 
 @pytest.mark.asyncio

@@ -314,6 +314,41 @@ async def test_list_connect_stdin_and_signal(twin: str, service: FakeService) ->
         await call(sbx.commands.connect(7))
 
 
+@pytest.mark.asyncio
+async def test_pty_create_input_resize_wait_and_kill(twin: str, service: FakeService) -> None:
+    terminal = {**COMMAND_INFO, "cmd": "/bin/bash -i -l", "pty": True}
+    service.route("POST", COMMANDS, 201, terminal)
+    service.route("POST", f"{COMMANDS}/{PID}/stdin", 204)
+    service.route("POST", f"{COMMANDS}/{PID}/resize", body=terminal)
+    service.route("DELETE", f"{COMMANDS}/{PID}", body=terminal)
+    follow_command(service, [START, cmd_event("pty", 1, data="aGkNCg=="), exit_event(2, exit_code=0)])
+    sbx = await open_sandbox(twin, service)
+    seen: list[bytes] = []
+    handle = await call(sbx.pty.create((30, 100), envs={"A": "1"}, user="root", on_data=seen.append))
+    assert handle.pid == PID and handle.info.pty
+    assert body(service.sent("POST", COMMANDS)[0]) == {
+        "cmd": "",
+        "envs": {"A": "1"},
+        "background": True,
+        "user": "root",
+        "pty": {"rows": 30, "cols": 100},
+    }
+    await call(handle.send_input(b"\x03ls\n"))
+    await call(sbx.pty.send_input(PID, "é"))
+    sent = [body(r) for r in service.sent("POST", f"{COMMANDS}/{PID}/stdin")]
+    assert sent == [{"data": "A2xzCg==", "encoding": "base64"}, {"data": "w6k=", "encoding": "base64"}]
+    await call(handle.resize(client.PtySize(rows=50, cols=120)))
+    assert body(service.sent("POST", f"{COMMANDS}/{PID}/resize")[0]) == {"rows": 50, "cols": 120}
+    result = await call(handle.wait())
+    assert seen == [b"hi\r\n"] and result.exit_code == 0 and result.stdout == ""
+    again: list[bytes] = []
+    await call((await call(sbx.pty.connect(PID))).wait(on_data=again.append))
+    assert again == [b"hi\r\n"]
+    assert await call(handle.kill()) is True
+    with pytest.raises(InvalidRequest):
+        await call(sbx.pty.create((0, 80)))  # refused before any request
+
+
 # -- files -----------------------------------------------------------------------------------------
 
 

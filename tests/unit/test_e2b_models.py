@@ -47,6 +47,18 @@ def test_create_body_as_the_sdk_sends_it() -> None:
     assert m.to_create(m.NewSandbox.model_validate({"templateID": "mine"})).template == "mine"
 
 
+def test_public_traffic_maps_onto_cellbox_and_drops_the_traffic_token() -> None:
+    body = {"templateID": "base", "network": {"allowPublicTraffic": True}}
+    assert m.to_create(m.NewSandbox.model_validate(body)).allow_public_traffic is True
+    assert m.to_create(m.NewSandbox.model_validate({"templateID": "base"})).allow_public_traffic is False
+    private = {"templateID": "base", "network": {"allowPublicTraffic": False}}
+    assert m.to_create(m.NewSandbox.model_validate(private)).allow_public_traffic is False
+    with pytest.raises(InvalidRequest):
+        m.to_create(m.NewSandbox.model_validate({"templateID": "base", "network": {"allowPublicTraffic": "yes"}}))
+    public = info(allow_public_traffic=True, traffic_token="traffic")
+    assert m.sandbox_response(public, "tok", DEFAULTS)["trafficAccessToken"] is None
+
+
 def test_allow_and_deny_lists_map_onto_cellbox_egress() -> None:
     body = {"templateID": "base", "network": {"allowOut": ["pypi.org"], "denyOut": ["0.0.0.0/0"]}}
     network = m.to_create(m.NewSandbox.model_validate(body)).network
@@ -70,11 +82,11 @@ def test_what_cannot_be_honoured_is_refused(extra: dict[str, object]) -> None:
 
 
 def test_responses_hold_every_field_the_generated_parsers_require() -> None:
-    sbx = info(limits=Limits(cpu=2.5, memory_mb=512))
+    sbx = info(limits=Limits(cpu=2.5, memory_mb=512), traffic_token="traffic")
     created = m.sandbox_response(sbx, "tok", DEFAULTS)
     assert {"templateID", "sandboxID", "clientID", "envdVersion"} <= created.keys()
     assert created["envdVersion"] == ENVD_VERSION
-    assert created["envdAccessToken"] == created["trafficAccessToken"] == "tok"
+    assert (created["envdAccessToken"], created["trafficAccessToken"]) == ("tok", "traffic")
     listed = m.listed_sandbox(sbx, DEFAULTS)
     required = {"templateID", "sandboxID", "clientID", "startedAt", "endAt", "cpuCount", "memoryMB"}
     assert required | {"diskSizeMB", "state", "envdVersion"} <= listed.keys()

@@ -99,6 +99,8 @@ def test_command_events_become_process_messages() -> None:
     }
     assert t.process_event({"type": "keepalive"}) == {"event": {"keepalive": {}}}
     assert t.process_event({"type": "mystery"}) is None
+    terminal = t.process_event({"type": "pty", "pid": 7, "data": base64.b64encode(b"\x1b[?2004h$ ").decode()})
+    assert terminal == {"event": {"data": {"pty": "G1s/MjAwNGgkIA=="}}}
 
 
 def test_entry_info_is_envds() -> None:

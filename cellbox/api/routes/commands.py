@@ -1,7 +1,10 @@
-"""Shell commands: run (NDJSON stream, or background with a pid), list, attach, stdin, signal."""
+"""Shell commands: run (NDJSON stream, or background with a pid), list, attach, stdin, signal;
+with ``pty`` in a terminal (``pty`` events of raw bytes, base64) that can be resized."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import signal
 from typing import Annotated, Any
 
@@ -10,12 +13,14 @@ from fastapi import APIRouter, Query, Response
 from cellbox.api.deps import LiveSandbox
 from cellbox.api.streaming import NDJSON, NDJSONStream
 from cellbox.interpreter.commands import parse_signal
+from cellbox.interpreter.errors import InvalidRequest
 from cellbox.interpreter.models import (
     CommandEvent,
     CommandInfo,
     CommandList,
     CommandRecord,
     CommandRequest,
+    PtySize,
     SignalBody,
     StdinBody,
 )
@@ -23,7 +28,10 @@ from cellbox.interpreter.models import (
 router = APIRouter(prefix="/v1/sandboxes", tags=["commands"])
 
 _STREAM_DOC: dict[int | str, dict[str, Any]] = {
-    200: {"description": "NDJSON: `start`, `stdout`/`stderr` chunks, exactly one `exit`.", "content": {NDJSON: {}}},
+    200: {
+        "description": "NDJSON: `start`, `stdout`/`stderr` chunks (`pty` chunks in a terminal), exactly one `exit`.",
+        "content": {NDJSON: {}},
+    },
     201: {"description": "Background command started.", "model": CommandInfo},
 }
 
@@ -55,15 +63,21 @@ async def get_command(
     sandbox: LiveSandbox,
     after: Annotated[int, Query(ge=-1, description="Only events with seq > after.")] = -1,
     follow: Annotated[bool, Query(description="Stream NDJSON: replay, then live until `exit`.")] = False,
+    live: Annotated[bool, Query(description="With follow: no replay, only events still to come.")] = False,
 ) -> Any:
     if follow:
-        return NDJSONStream(sandbox.commands.follow(pid, after), _dump, headers={"X-Command-Pid": str(pid)})
+        events = sandbox.commands.follow(pid, None if live else after)
+        return NDJSONStream(events, _dump, headers={"X-Command-Pid": str(pid)})
     return sandbox.commands.get(pid).record(after)
 
 
 @router.post("/{sandbox_id}/commands/{pid}/stdin", status_code=204)
 async def command_stdin(pid: int, body: StdinBody, sandbox: LiveSandbox) -> Response:
-    await sandbox.commands.stdin(pid, body.data.encode())
+    try:
+        data = base64.b64decode(body.data, validate=True) if body.encoding == "base64" else body.data.encode()
+    except binascii.Error:
+        raise InvalidRequest("data is not valid base64", field="data") from None
+    await sandbox.commands.stdin(pid, data)
     return Response(status_code=204)
 
 
@@ -71,6 +85,11 @@ async def command_stdin(pid: int, body: StdinBody, sandbox: LiveSandbox) -> Resp
 async def command_close_stdin(pid: int, sandbox: LiveSandbox) -> Response:
     await sandbox.commands.stdin(pid, None)
     return Response(status_code=204)
+
+
+@router.post("/{sandbox_id}/commands/{pid}/resize", response_model=CommandInfo)
+async def command_resize(pid: int, body: PtySize, sandbox: LiveSandbox) -> CommandInfo:
+    return await sandbox.commands.resize(pid, body.rows, body.cols)
 
 
 @router.post("/{sandbox_id}/commands/{pid}/signal", response_model=CommandInfo)

@@ -2,8 +2,9 @@
 
 Each request (or WebSocket) gets its own TCP connection to ``127.0.0.1:{port}`` inside the
 sandbox (``sbx.ports.open``, through the sandbox's agent: nothing listens on the host). HTTP is
-relayed with h11: any method, the request body streamed up, the response streamed back as it
-comes, headers kept but for the hop-by-hop ones and cellbox's own credentials (which never
+relayed with h11: any method, the request body streamed up while the response already streams
+back as it comes (full duplex: a server may answer as it reads, or stream events for hours),
+headers kept but for the hop-by-hop ones and cellbox's own credentials (which never
 reach sandbox code). The upstream sees ``Host: localhost:{port}`` (dev servers that check it
 accept that) and ``X-Forwarded-Host/-Proto/-For/-Prefix``. A WebSocket upgrade is answered
 once the server inside accepted it (its subprotocol is passed back), then messages are relayed
@@ -25,9 +26,9 @@ from urllib.parse import parse_qsl, urlencode
 
 import h11
 from fastapi import APIRouter, Request, WebSocket
-from fastapi.responses import RedirectResponse, Response, StreamingResponse
+from fastapi.responses import RedirectResponse, Response
 from starlette import status
-from starlette.requests import HTTPConnection
+from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.websockets import WebSocketDisconnect
 from websockets.client import ClientProtocol
 from websockets.datastructures import Headers
@@ -36,6 +37,7 @@ from websockets.http11 import Response as WSResponse
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
+from cellbox.aio import cancel_and_wait
 from cellbox.api.deps import authenticate, key_from_headers
 from cellbox.api.errors import error_response, status_for
 from cellbox.api.faces import Services
@@ -131,6 +133,9 @@ for _method in METHODS:  # one route per method: OpenAPI wants an operation id o
 
 
 async def _relay_http(request: Request, stream: PortStream, sandbox_id: str, path: str) -> Response:
+    """Send the request head, then stream the body up *while* waiting for (and then streaming)
+    the response: a server may answer before it has read the whole body (an echo as it reads, an
+    early 413), so neither direction waits for the other to finish."""
     headers = [(k, v) for k, v in request.headers.raw if k not in _HOP and k not in _CREDENTIALS]
     headers.insert(0, (b"host", f"localhost:{stream.port}".encode()))
     headers += _forwarded(request, sandbox_id, stream.port)
@@ -144,43 +149,117 @@ async def _relay_http(request: Request, stream: PortStream, sandbox_id: str, pat
     writer, reader = stream.writer, stream.reader
     target = _target(path, request.url.query)
     writer.write(conn.send(h11.Request(method=request.method, target=target, headers=headers)) or b"")
-    if has_length or chunked:
-        async for chunk in request.stream():
-            if chunk:
-                writer.write(conn.send(h11.Data(data=chunk)) or b"")
-                await writer.drain()
+    upload = asyncio.create_task(_upload(request, conn, writer, has_length or chunked))
+    head = asyncio.create_task(_response_head(conn, reader))
+    try:
+        while not head.done():
+            await asyncio.wait({head, upload} if not upload.done() else {head}, return_when=asyncio.FIRST_COMPLETED)
+            if upload.done() and not upload.result() and not head.done():
+                # the client went away before the server answered: nobody to answer
+                await cancel_and_wait(head)
+                await stream.close()
+                return Response(status_code=499)
+        event = head.result()
+    except BaseException:
+        await cancel_and_wait(upload)
+        await cancel_and_wait(head)
+        raise
+    if not isinstance(event, h11.Response):
+        await cancel_and_wait(upload)
+        await stream.close()
+        if isinstance(event, Exception):
+            message = f"the server on port {stream.port} in the sandbox gave no valid HTTP response: {event}"
+        else:
+            message = f"the server on port {stream.port} in the sandbox closed the connection without a response"
+        return error_response(BadGateway(message))
+
+    async def body() -> AsyncIterator[bytes]:
+        while True:
+            try:
+                item = await _next_event(conn, reader)
+            except (h11.RemoteProtocolError, OSError):
+                return  # the server went away mid-body: the client sees a short body
+            if isinstance(item, h11.Data):
+                yield bytes(item.data)
+            elif isinstance(item, (h11.EndOfMessage, h11.ConnectionClosed)):
+                return
+
+    raw_headers = [(k, v) for k, v in event.headers if k not in _HOP or k == b"upgrade"]
+    return _DuplexResponse(event.status_code, raw_headers, body(), upload, stream)
+
+
+async def _upload(request: Request, conn: h11.Connection, writer: asyncio.StreamWriter, has_body: bool) -> bool:
+    """Stream the request body to the server. False if the client went away mid-body; True
+    once it is all sent, or when the server stopped reading (it may still be answering)."""
+    try:
+        if has_body:
+            async for chunk in request.stream():
+                if chunk:
+                    writer.write(conn.send(h11.Data(data=chunk)) or b"")
+                    await writer.drain()
         writer.write(conn.send(h11.EndOfMessage()) or b"")
-    await writer.drain()
+        await writer.drain()
+    except ClientDisconnect:
+        return False
+    except (OSError, h11.LocalProtocolError):
+        pass  # the server closed its side or answered in full already: its response decides
+    return True
+
+
+async def _response_head(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
+    """The server's final response head (h11.Response); the exception or other event if none."""
     try:
         event = await _next_event(conn, reader)
         while isinstance(event, h11.InformationalResponse):
             event = await _next_event(conn, reader)
     except (h11.RemoteProtocolError, OSError) as exc:
-        await stream.close()
-        message = f"the server on port {stream.port} in the sandbox gave no valid HTTP response: {exc}"
-        return error_response(BadGateway(message))
-    if not isinstance(event, h11.Response):
-        await stream.close()
-        message = f"the server on port {stream.port} in the sandbox closed the connection without a response"
-        return error_response(BadGateway(message))
+        return exc
+    return event
 
-    async def body() -> AsyncIterator[bytes]:
+
+class _DuplexResponse(Response):
+    """The sandbox server's response, streamed to the client while the request body may still
+    be streaming up. Starlette's StreamingResponse reads ``receive`` to notice a disconnect,
+    which would steal body chunks from the upload: here the upload owns ``receive`` until it is
+    done, and only then is it watched for the client going away."""
+
+    def __init__(
+        self,
+        status_code: int,
+        raw_headers: list[tuple[bytes, bytes]],
+        body: AsyncIterator[bytes],
+        upload: asyncio.Task[bool],
+        stream: PortStream,
+    ) -> None:
+        self.status_code = status_code
+        self.raw_headers = raw_headers
+        self.background = None
+        self._body, self._upload, self._stream = body, upload, stream
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def download() -> None:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self._body:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def client_gone() -> None:
+            if not await self._upload:
+                return
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        tasks = [asyncio.create_task(download()), asyncio.create_task(client_gone())]
         try:
-            while True:
-                try:
-                    item = await _next_event(conn, reader)
-                except (h11.RemoteProtocolError, OSError):
-                    return  # the server went away mid-body: the client sees a short body
-                if isinstance(item, h11.Data):
-                    yield bytes(item.data)
-                elif isinstance(item, (h11.EndOfMessage, h11.ConnectionClosed)):
-                    return
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if tasks[0] in done:
+                tasks[0].result()  # a send that failed: the client is gone
+        except OSError:
+            pass
         finally:
-            await stream.close()
-
-    response = StreamingResponse(body(), status_code=event.status_code)
-    response.raw_headers = [(k, v) for k, v in event.headers if k not in _HOP or k == b"upgrade"]
-    return response
+            for task in [*tasks, self._upload]:
+                await cancel_and_wait(task)
+            await self._stream.close()
 
 
 # -- WebSocket ---------------------------------------------------------------------------------

@@ -77,3 +77,27 @@ test('lifecycle: getInfo, setTimeout, metrics, isRunning', async () => {
   const gone = await Sandbox.connect('sb_0000000000000000').catch((e) => e)
   assert.ok(gone instanceof Error)
 })
+
+test('list: metadata filter with any characters, state array, paging with the next token', async () => {
+  const odd = 'a b&c=d/é%+?'
+  const made = []
+  try {
+    for (let i = 0; i < 3; i++) made.push(await Sandbox.create({ metadata: { suite: 'js-list', v: odd } }))
+    const paginator = Sandbox.list({ query: { metadata: { suite: 'js-list', v: odd }, state: ['running', 'paused'] }, limit: 2 })
+    const seen = []
+    let pages = 0
+    while (paginator.hasNext) {
+      for (const s of await paginator.nextItems()) {
+        assert.equal(s.metadata.v, odd)
+        seen.push(s.sandboxId)
+      }
+      pages++
+    }
+    assert.equal(pages, 2)
+    assert.deepEqual(seen.sort(), made.map((s) => s.sandboxId).sort())
+    const paused = await Sandbox.list({ query: { metadata: { suite: 'js-list' }, state: ['paused'] } }).nextItems()
+    assert.deepEqual(paused, [])
+  } finally {
+    for (const s of made) await s.kill()
+  }
+})

@@ -4,7 +4,9 @@ It answers three kinds of request, told apart the way E2B's own front door does:
 
 * with ``E2b-Sandbox-Id`` + ``E2b-Sandbox-Port`` (or the host ``{port}-{id}.{domain}``):
   port 49983 is envd (:mod:`.envd`), port 49999 the code-interpreter server
-  (:mod:`.jupyter`); any other port is left to the native face's port relay;
+  (:mod:`.jupyter`); any other port is the user's own server, relayed by the native port
+  relay (``cellbox.api.routes.ports``): this face hands it the requests that carry E2B's
+  ``e2b-traffic-access-token`` (as cellbox's traffic token), the native face the rest;
 * a signed ``/files`` URL (``download_url``/``upload_url``: no headers at all): envd;
 * everything else: the control plane (:mod:`.control`).
 
@@ -17,19 +19,22 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cellbox.api import errors as api_errors
 from cellbox.api.faces import Face
 from cellbox.api.faces import Services as CoreServices
 from cellbox.api.faces.e2b import control, envd, jupyter
 from cellbox.api.faces.e2b.connect import HTTP_STATUS, Code, ConnectError, error_body
 from cellbox.api.faces.e2b.errors import Surface, http_error
 from cellbox.api.faces.e2b.models import SandboxDefaults
-from cellbox.api.faces.e2b.services import SANDBOX_ID_HEADER, Services, sandbox_target
+from cellbox.api.faces.e2b.services import SANDBOX_ID_HEADER, TRAFFIC_TOKEN_HEADER, Services, sandbox_target
+from cellbox.api.routes import ports
 from cellbox.interpreter import errors as e
 
 __all__ = ["ENVD_PORT", "FACE", "JUPYTER_PORT", "E2BFace", "is_e2b_request"]
@@ -76,16 +81,44 @@ def _surface_app(surface: Surface, routes: list[Any], svc: Services) -> Starlett
     return app
 
 
+def _ports_app(core: CoreServices) -> ASGIApp:
+    """The native port relay on its own (its routes, errors and credentials as they are)."""
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.settings = core.settings
+    app.state.services = core
+    api_errors.install(app, api_errors.error_response)
+    app.include_router(ports.router)
+    return app
+
+
+def _user_port_scope(scope: Scope, sandbox_id: str, port: int) -> Scope:
+    """A request for a user port, addressed the E2B way, as the native relay's: the path under
+    ``/v1/sandboxes/{id}/ports/{port}``, E2B's traffic token as cellbox's."""
+    prefix = f"/v1/sandboxes/{sandbox_id}/ports/{port}"
+    raw = scope.get("raw_path") or scope["path"].encode()
+    headers = []
+    for k, v in scope.get("headers", []):
+        if k == TRAFFIC_TOKEN_HEADER.encode():
+            headers.append((ports.TOKEN_HEADER.encode(), v))
+        elif k != ports.TOKEN_HEADER.encode():
+            headers.append((k, v))
+    return dict(scope, path=prefix + scope["path"], raw_path=prefix.encode() + raw, headers=headers)
+
+
 def is_e2b_request(scope: Scope, domain: str | None = None) -> bool:
     """Whether a request is the E2B face's (the face registry's dispatch asks)."""
-    if scope["type"] != "http":
+    if scope["type"] not in ("http", "websocket"):
         return False
     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
     target = sandbox_target(headers, domain)
     if target is not None:
         # envd and the code-interpreter server are this face's; any other port is the user's
-        # own server, which the native face's port relay serves (``{port}-{id}.{domain}``).
-        return target[1] in (ENVD_PORT, JUPYTER_PORT)
+        # own server: with E2B's traffic token this face relays it, else the native face does.
+        if target[1] in (ENVD_PORT, JUPYTER_PORT):
+            return bool(scope["type"] == "http")
+        return TRAFFIC_TOKEN_HEADER in headers
+    if scope["type"] != "http":
+        return False
     path: str = scope.get("path", "")
     if path == "/files" and "signature=" in scope.get("query_string", b"").decode("latin-1"):
         return True
@@ -108,15 +141,21 @@ class E2BFace:
         self.api = _surface_app(Surface.API, control.routes(), self.services)
         self.envd = _surface_app(Surface.ENVD, envd.routes(), self.services)
         self.jupyter = _surface_app(Surface.JUPYTER, jupyter.routes(), self.services)
+        self.ports = _ports_app(core)
 
     def matches(self, scope: Scope) -> bool:
         return is_e2b_request(scope, self.services.defaults.domain)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
         target = sandbox_target(headers, self.services.defaults.domain)
+        if target is not None and target[1] not in (ENVD_PORT, JUPYTER_PORT) and TRAFFIC_TOKEN_HEADER in headers:
+            await self.ports(_user_port_scope(scope, *target), receive, send)
+            return
+        if scope["type"] != "http":
+            return
         if target is None:
             app = self.envd if scope.get("path") == "/files" else self.api
         elif target[1] == ENVD_PORT:
@@ -131,7 +170,9 @@ class E2BFace:
 
 
 def build(core: CoreServices) -> E2BFace:
-    return E2BFace(core)
+    # With --ports-domain, create/connect hand it out as the sandbox's ``domain``: the SDKs'
+    # get_host(port) is then {port}-{id}.{domain}, which this service routes.
+    return E2BFace(core, core.settings.ports_domain)
 
 
 FACE = Face(name="e2b", matches=is_e2b_request, build=build)

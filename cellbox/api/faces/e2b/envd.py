@@ -26,7 +26,8 @@ from cellbox.api.faces.e2b.errors import connect_error
 from cellbox.api.faces.e2b.services import services
 from cellbox.api.faces.e2b.stream import ByteStream
 from cellbox.interpreter import errors as e
-from cellbox.interpreter.models import CommandExitEvent, CommandRequest
+from cellbox.interpreter.commands import PTY_SHELL
+from cellbox.interpreter.models import CommandEvent, CommandExitEvent, CommandRequest, PtySize
 from cellbox.interpreter.sandbox import Sandbox
 
 __all__ = ["routes"]
@@ -38,8 +39,9 @@ KEEPALIVE_SECONDS = 50.0  # the SDKs ask for Keepalive-Ping-Interval: 50
 
 
 def _check_user(user: str | None) -> None:
-    # cellbox sandboxes have one user; "root" is not offered (it would need privileges the
-    # sandbox deliberately lacks), and the SDKs' error for it names the reason.
+    # Files: cellbox sandboxes have one user there; "root" is not offered (it would need
+    # privileges the sandbox deliberately lacks), and the SDKs' error for it names the reason.
+    # Commands pass their user on: the sandbox's agent decides what it offers.
     if user not in (None, "", DEFAULT_USER):
         raise e.PermissionDenied(f"user {user!r} is not available in cellbox sandboxes: only {DEFAULT_USER!r}")
 
@@ -201,18 +203,30 @@ def _pid(msg: dict[str, Any]) -> int:
     raise c.ConnectError(c.Code.INVALID_ARGUMENT, "process.pid is required")
 
 
-def _command(config: dict[str, Any]) -> str:
+def _command(config: dict[str, Any], pty: bool = False) -> str:
     cmd = str(config.get("cmd", ""))
     args = [str(a) for a in config.get("args") or []]
     # The SDKs always send /bin/bash -l -c CMD; cellbox runs every command that way.
     if cmd in ("/bin/bash", "bash") and len(args) == 3 and args[:2] == ["-l", "-c"]:
         return args[2]
+    # pty.create sends /bin/bash -i -l: the native default of a terminal ("" below).
+    if pty and cmd in ("/bin/bash", "bash") and sorted(args) == sorted(PTY_SHELL[1:]):
+        return ""
     return shlex.join([cmd, *args])
 
 
-async def _follow_process(sbx: Sandbox, pid: int, after: int = -1) -> AsyncIterator[dict[str, Any]]:
+def _pty_size(pty: dict[str, Any]) -> PtySize:
+    size = pty.get("size") or {}
+    try:
+        return PtySize(rows=int(size.get("rows", 0)), cols=int(size.get("cols", 0)))
+    except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        raise c.ConnectError(c.Code.INVALID_ARGUMENT, f"invalid pty size {size!r}: rows and cols are 1..65535") from exc
+
+
+async def _process_messages(events: AsyncIterator[CommandEvent]) -> AsyncIterator[dict[str, Any]]:
+    """envd's process events for a command's events, until its end."""
     timed_out = False
-    async for event in sbx.commands.follow(pid, after=after):
+    async for event in events:
         msg = t.process_event(event)
         if msg is not None:
             yield msg
@@ -226,33 +240,38 @@ async def _follow_process(sbx: Sandbox, pid: int, after: int = -1) -> AsyncItera
 async def process_start(
     request: Request, sbx: Sandbox, msg: dict[str, Any], timeout: float | None
 ) -> AsyncIterator[dict[str, Any]]:
-    _check_user(_rpc_user(request))
-    if msg.get("pty"):
-        raise c.ConnectError(c.Code.UNIMPLEMENTED, "PTY is not supported by cellbox yet")
+    pty = _pty_size(msg["pty"]) if msg.get("pty") else None
     config = msg.get("process") or {}
     cwd = config.get("cwd")
     req = CommandRequest(
-        cmd=_command(config),
+        cmd=_command(config, pty is not None),
         cwd=absolute(cwd) if cwd else None,
         envs={str(k): str(v) for k, v in (config.get("envs") or {}).items()},
         timeout=timeout or 0,
         background=True,
+        user=_rpc_user(request),
+        pty=pty,
     )
     info = await sbx.commands.start(req)
     if not msg.get("stdin"):
         # E2B: without stdin a read sees EOF. A quick command may have ended already.
         with contextlib.suppress(e.NotFound, e.InvalidRequest, e.Conflict):
             await sbx.commands.stdin(info.pid, None)
-    async for out in _follow_process(sbx, info.pid):
+    async for out in _process_messages(sbx.commands.follow(info.pid)):
         yield out
 
 
 async def process_connect(
     request: Request, sbx: Sandbox, msg: dict[str, Any], timeout: float | None
 ) -> AsyncIterator[dict[str, Any]]:
+    """envd's Connect: the ``start`` event, then only what the process does from now on (what
+    it printed before is not replayed), until its end."""
     pid = _pid(msg)
-    sbx.commands.get(pid)  # NOT_FOUND before the stream starts
-    async for out in _follow_process(sbx, pid):
+    if sbx.commands.get(pid).done.is_set():  # envd forgets a process once it ended
+        raise e.NotFound(f"process with pid {pid} not found")
+    live = sbx.commands.follow(pid, after=None)  # subscribed before the client hears start
+    yield {"event": {"start": {"pid": pid}}}
+    async for out in _process_messages(live):
         yield out
 
 
@@ -261,21 +280,34 @@ async def process_list(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> d
     for info in sbx.commands.list():
         if not info.running:
             continue
-        processes.append(
-            {
-                "config": {"cmd": "/bin/bash", "args": ["-l", "-c", info.cmd], "envs": {}, "cwd": info.cwd},
-                "pid": info.pid,
-            }
-        )
+        shell = info.pty and info.cmd == " ".join(PTY_SHELL)
+        args = PTY_SHELL[1:] if shell else ["-l", "-c", info.cmd]
+        processes.append({"config": {"cmd": "/bin/bash", "args": args, "envs": {}, "cwd": info.cwd}, "pid": info.pid})
     return {"processes": processes}
 
 
 async def process_send_input(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
-    pid = _pid(msg)
-    data = msg.get("input") or {}
+    await _send_input(sbx, _pid(msg), msg.get("input") or {})
+    return {}
+
+
+async def _send_input(sbx: Sandbox, pid: int, data: dict[str, Any]) -> None:
+    """A ``ProcessInput``: ``stdin`` bytes, or ``pty`` bytes for a process with a terminal."""
     if "pty" in data:
-        raise c.ConnectError(c.Code.UNIMPLEMENTED, "PTY is not supported by cellbox yet")
-    await sbx.commands.stdin(pid, base64.b64decode(data.get("stdin", "")))
+        if not sbx.commands.get(pid).pty:
+            raise c.ConnectError(c.Code.FAILED_PRECONDITION, f"process {pid} has no pty")
+        await sbx.commands.stdin(pid, base64.b64decode(data["pty"]))
+    else:
+        await sbx.commands.stdin(pid, base64.b64decode(data.get("stdin", "")))
+
+
+async def process_update(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
+    """``Update``: a new terminal size (the only thing envd updates)."""
+    pid = _pid(msg)
+    if not msg.get("pty"):
+        return {}
+    size = _pty_size(msg["pty"])
+    await sbx.commands.resize(pid, size.rows, size.cols)
     return {}
 
 
@@ -382,6 +414,7 @@ UNARY: dict[str, Unary] = {
     "process.Process/SendInput": process_send_input,
     "process.Process/CloseStdin": process_close_stdin,
     "process.Process/SendSignal": process_send_signal,
+    "process.Process/Update": process_update,
     "filesystem.Filesystem/Stat": fs_stat,
     "filesystem.Filesystem/ListDir": fs_list_dir,
     "filesystem.Filesystem/MakeDir": fs_make_dir,
@@ -421,10 +454,7 @@ async def stream_input(request: Request) -> Response:
                 elif "data" in msg:
                     if pid is None:
                         raise c.ConnectError(c.Code.INVALID_ARGUMENT, "the first message must be start")
-                    data = msg["data"].get("input") or {}
-                    if "pty" in data:
-                        raise c.ConnectError(c.Code.UNIMPLEMENTED, "PTY is not supported by cellbox yet")
-                    await sbx.commands.stdin(pid, base64.b64decode(data.get("stdin", "")))
+                    await _send_input(sbx, pid, msg["data"].get("input") or {})
         if reader.pending:
             raise c.ConnectError(c.Code.INVALID_ARGUMENT, "the request ended inside a message")
     except (c.ConnectError, e.InterpreterError) as exc:

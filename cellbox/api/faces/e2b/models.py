@@ -145,12 +145,17 @@ def to_create(body: NewSandbox, max_timeout: float | None = None) -> SandboxCrea
     timeout: float | None = float(body.timeout) if body.timeout else None
     if timeout is not None and max_timeout is not None:
         timeout = min(timeout, max_timeout)
+    public = (body.network or {}).get("allowPublicTraffic")
+    if public is not None and not isinstance(public, bool):
+        raise InvalidRequest("network.allowPublicTraffic is a boolean", field="network")
     return SandboxCreate(
         template=cellbox_template(body.template_id),
         timeout=timeout,
         envs=dict(body.env_vars or {}),
         metadata=dict(body.metadata or {}),
         network=_network(body),
+        # E2B's default is public; cellbox's ports stay private unless asked (the README says so).
+        allow_public_traffic=bool(public),
     )
 
 
@@ -188,9 +193,10 @@ def _sizes(info: SandboxInfo, defaults: SandboxDefaults) -> dict[str, Any]:
 
 
 def sandbox_response(info: SandboxInfo, access_token: str, defaults: SandboxDefaults) -> dict[str, Any]:
-    """The ``Sandbox`` object of create and connect. The access token goes out as both
-    ``envdAccessToken`` (envd's ``X-Access-Token``) and ``trafficAccessToken`` (the header the
-    SDKs send to port 49999, where they send no envd token)."""
+    """The ``Sandbox`` object of create and connect: ``envdAccessToken`` (envd's
+    ``X-Access-Token``), and ``trafficAccessToken``, the sandbox's cellbox traffic token (the
+    ``e2b-traffic-access-token`` header opens its ports; the SDKs send it to port 49999 too),
+    null when the sandbox was made with ``allowPublicTraffic`` (as E2B's)."""
     out: dict[str, Any] = {
         "templateID": info.template,
         "sandboxID": info.id,
@@ -198,7 +204,7 @@ def sandbox_response(info: SandboxInfo, access_token: str, defaults: SandboxDefa
         "envdVersion": ENVD_VERSION,
         "alias": info.template,
         "envdAccessToken": access_token,
-        "trafficAccessToken": access_token,
+        "trafficAccessToken": None if info.allow_public_traffic else info.traffic_token,
     }
     if defaults.domain:
         out["domain"] = defaults.domain

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import re
 from dataclasses import dataclass, field
@@ -20,10 +21,19 @@ from cellbox.interpreter.errors import InvalidRequest, Unauthorized
 from cellbox.interpreter.manager import SandboxManager
 from cellbox.interpreter.sandbox import Sandbox
 
-__all__ = ["SANDBOX_ID_HEADER", "SANDBOX_PORT_HEADER", "Services", "sandbox_target", "services"]
+__all__ = [
+    "SANDBOX_ID_HEADER",
+    "SANDBOX_PORT_HEADER",
+    "TRAFFIC_TOKEN_HEADER",
+    "Services",
+    "sandbox_target",
+    "services",
+]
 
 SANDBOX_ID_HEADER = "e2b-sandbox-id"
 SANDBOX_PORT_HEADER = "e2b-sandbox-port"
+#: Where the SDKs (and a client of a private sandbox's port) send ``trafficAccessToken``.
+TRAFFIC_TOKEN_HEADER = "e2b-traffic-access-token"
 # E2B's host routing, ``{port}-{sandbox id}.{domain}``; only cellbox's own id shape is claimed,
 # so no other request's host is ever taken for one.
 _HOST_TARGET = re.compile(r"(?P<port>\d{1,5})-(?P<id>sb_[0-9a-f]{8,64})\.(?P<domain>.+)")
@@ -93,16 +103,31 @@ class Services:
             raise InvalidRequest("no sandbox named: send E2b-Sandbox-Id and E2b-Sandbox-Port")
         return found
 
-    def sandbox_owner(self, conn: HTTPConnection, sandbox_id: str) -> str:
-        """The owner of ``sandbox_id`` according to the request's access token."""
-        token = conn.headers.get("x-access-token") or conn.headers.get("e2b-traffic-access-token")
-        return auth.owner_for_token(list(self.settings.api_keys), sandbox_id, token)
+    async def sandbox_owner(self, conn: HTTPConnection, sandbox_id: str) -> str:
+        """The owner of ``sandbox_id`` according to the request's access token (``X-Access-Token``),
+        else its traffic token (``E2B-Traffic-Access-Token``: what port 49999 may get alone).
+        Public traffic opens no surface of this face: a token it is."""
+        keys = list(self.settings.api_keys)
+        token = conn.headers.get("x-access-token")
+        traffic = conn.headers.get(TRAFFIC_TOKEN_HEADER)
+        if token or not traffic:
+            return auth.owner_for_token(keys, sandbox_id, token)
+        with contextlib.suppress(Unauthorized):
+            return auth.owner_for_token(keys, sandbox_id, traffic)  # an access token sent as traffic's
+        try:
+            sbx = await self.manager.traffic(sandbox_id, None, traffic)
+        except Unauthorized:
+            raise Unauthorized("invalid access token") from None
+        expected = sbx.info_base.traffic_token
+        if not expected or not hmac.compare_digest(traffic.encode(), expected.encode()):
+            raise Unauthorized("invalid access token")
+        return sbx.owner
 
     async def sandbox(self, conn: HTTPConnection) -> tuple[str, Sandbox]:
         """The sandbox a sandbox-surface request is addressed to (live, paused or ended: work
         on one that is not running raises SandboxNotRunning)."""
         sid, _ = self.target(conn)
-        owner = self.sandbox_owner(conn, sid)  # authenticate before touching the core
+        owner = await self.sandbox_owner(conn, sid)  # authenticate before touching the core
         return sid, await self.manager.get(owner, sid)
 
 

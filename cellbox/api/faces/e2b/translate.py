@@ -215,6 +215,8 @@ def process_event(event: Mapping[str, Any] | BaseModel) -> dict[str, Any] | None
         raw = ev.get("data")
         data = raw if isinstance(raw, bytes) else str(ev.get("text", "")).encode()
         return {"event": {"data": {kind: _b64(data)}}}
+    if kind == "pty":  # already base64, as protobuf's JSON has bytes
+        return {"event": {"data": {"pty": str(ev.get("data", ""))}}}
     if kind == "exit":
         return {"event": {"end": _end(ev)}}
     if kind == "keepalive":

@@ -47,6 +47,7 @@ def _gateway_routes(gateway: Gateway, prefix: str) -> list[BaseRoute]:
         Route(f"{prefix}/api/kernels/{kid}/interrupt", gateway.interrupt_kernel, methods=["POST"]),
         Route(f"{prefix}/api/kernels/{kid}/restart", gateway.restart_kernel, methods=["POST"]),
         WebSocketRoute(f"{prefix}/api/kernels/{kid}/channels", gateway.channels),
+        WebSocketRoute(f"{prefix}/api/events/subscribe", gateway.events),
     ]
 
 

@@ -14,7 +14,8 @@ restarts and shuts down kernels here, as with Jupyter Kernel Gateway
 
 ``GET /api``, ``GET /api/kernelspecs[/{name}]``, ``GET /kernelspecs/{name}/{file}`` (404: no
 logos), ``GET|POST /api/kernels``, ``GET|DELETE /api/kernels/{kid}``,
-``POST /api/kernels/{kid}/interrupt|restart`` and ``WS /api/kernels/{kid}/channels``.
+``POST /api/kernels/{kid}/interrupt|restart``, ``WS /api/kernels/{kid}/channels`` and
+``WS /api/events/subscribe``.
 
 Kernel ids are context ids (UUIDs). A kernel's model has ``last_activity`` as
 ``%Y-%m-%dT%H:%M:%S.%fZ``, ``execution_state`` (the context's state) and ``connections`` (open
@@ -42,9 +43,19 @@ messages reach the kernel through the sandbox's backend (its FIFO for ``execute_
 comm messages and buffers untouched. TCP_NODELAY is set on the socket. A client session that
 drops (``?session_id=``, which JupyterLab keeps across reconnects and jupyter_server forwards)
 keeps its subscription for ``PARK_SECONDS``, buffering up to ``PARK_MAX_MESSAGES``; reconnecting
-with the same ``session_id`` delivers what it missed (Kernel Gateway does this without bounds). Known upstream limit:
-jupyter_server's gateway relay decodes every upstream frame as UTF-8, so binary-buffer messages
-(ipywidgets with buffers) break there (reference §5.4); direct connections carry them fine.
+with the same ``session_id`` delivers what it missed (Kernel Gateway does this without bounds).
+
+Binary buffers (ipywidgets' Image, FileUpload, bqplot...) pass intact here, both ways, under
+both protocols. **jupyter_server 2.21's gateway relay breaks them** (gateway/connections.py;
+verified by tests/e2e/test_jupyter_server.py's strict xfails): a frame from the gateway is
+decoded as UTF-8, so a buffer raises UnicodeDecodeError and that socket's read loop ends for
+good (the browser hears nothing more from the kernel); a binary frame from the browser is sent
+on as a *text* frame, which uvicorn refuses (invalid UTF-8), so jupyter_server reconnects and
+the message is lost. The way around it: let the browser open its kernel websockets here
+(``--ServerApp.websocket_url=ws://HOST:PORT``, Lab's token = the cellbox key, and
+``{"appendToken": "true"}`` in ``labconfig/page_config.json``); REST still goes through
+jupyter_server. ``WS /api/events/subscribe`` (jupyter_server's event bus, which Lab then opens
+here too) is accepted and stays quiet.
 """
 
 from __future__ import annotations
@@ -501,6 +512,23 @@ class Gateway:
             await link.tap.aclose()
 
     # -- channels -------------------------------------------------------------------------------
+
+    async def events(self, websocket: WebSocket) -> None:
+        """``WS /api/events/subscribe``: jupyter_server's event bus, which JupyterLab opens on its
+        ``wsUrl`` too. A frontend whose websockets come straight here (``--ServerApp.websocket_url``)
+        gets a socket that stays open and quiet instead of a refused handshake retried forever:
+        cellbox publishes no jupyter_server events."""
+        try:
+            owner_of(websocket)
+        except e.InterpreterError as exc:
+            _, code = status_for(exc)
+            await websocket.accept()
+            await close_quietly(websocket, code, exc.message)
+            return
+        await websocket.accept()
+        with contextlib.suppress(WebSocketDisconnect):
+            while (await websocket.receive())["type"] != "websocket.disconnect":
+                pass
 
     async def channels(self, websocket: WebSocket) -> None:
         kid = websocket.path_params["kernel_id"]

@@ -1,0 +1,96 @@
+"""Terminals (``pty``) on the native API, through the SDK, against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from cellbox.client import AsyncSandbox, CommandExitError, PermissionDenied
+from tests.integration.server import RunningServer
+
+pytestmark = pytest.mark.asyncio
+
+
+class Screen:
+    """What a terminal printed so far, and a way to wait for a marker in it."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self._grew = asyncio.Event()
+
+    def feed(self, chunk: bytes) -> None:
+        self.data.extend(chunk)
+        self._grew.set()
+
+    async def until(self, marker: bytes, count: int = 1) -> None:
+        async with asyncio.timeout(60):
+            while self.data.count(marker) < count:
+                self._grew.clear()
+                await self._grew.wait()
+
+
+async def test_a_shell_in_a_terminal(server: RunningServer) -> None:
+    async with await AsyncSandbox.create(base_url=server.url) as sbx:
+        screen = Screen()
+        term = await sbx.pty.create((30, 100), on_data=screen.feed)
+        assert term.info.pty and term.info.running
+        waiter = asyncio.create_task(term.wait())
+        await term.send_input(b"echo hi\n")
+        await screen.until(b"hi\r\n", count=2)  # the echoed input ("echo hi"), then the output
+        await term.send_input("tty; stty size\n")
+        await screen.until(b"30 100\r\n")
+        assert b"/dev/pts/" in screen.data
+        await term.resize((50, 120))
+        await term.send_input("stty size; echo $TERM\n")
+        await screen.until(b"50 120\r\n")
+        await screen.until(b"xterm-256color\r\n")
+
+        again = Screen()
+        other = await sbx.pty.connect(term.pid)
+        follower = asyncio.create_task(other.wait(on_data=again.feed))
+        await again.until(b"50 120\r\n")  # a later follower gets what was printed before
+
+        assert await sbx.pty.kill(term.pid)
+        for task in (waiter, follower):
+            with pytest.raises(CommandExitError) as err:
+                await task
+            assert err.value.signal == 9
+        assert not await sbx.pty.kill(123456)
+
+
+async def test_a_terminal_runs_a_command_and_exits(server: RunningServer) -> None:
+    async with await AsyncSandbox.create(base_url=server.url) as sbx:
+        screen = Screen()
+        term = await sbx.pty.create((24, 80), cmd="test -t 0 && test -t 1 && printf 'caf\\303\\251'; exit 3")
+        with pytest.raises(CommandExitError) as err:
+            await term.wait(on_data=screen.feed)
+        assert err.value.exit_code == 3
+        assert bytes(screen.data) == "café".encode()
+
+
+async def test_terminal_errors(server: RunningServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        sid = (await client.post("/v1/sandboxes", json={})).json()["id"]
+        cmd = await client.post(f"/v1/sandboxes/{sid}/commands", json={"cmd": "cat", "background": True})
+        pid = cmd.json()["pid"]
+        r = await client.post(f"/v1/sandboxes/{sid}/commands/{pid}/resize", json={"rows": 10, "cols": 10})
+        assert r.status_code == 422 and "no terminal" in r.json()["error"]["message"]
+        r = await client.post(f"/v1/sandboxes/{sid}/commands", json={"pty": {"rows": 0, "cols": 10}})
+        assert r.status_code == 422
+        r = await client.post(f"/v1/sandboxes/{sid}/commands", json={"background": True})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "cmd"
+        r = await client.post(f"/v1/sandboxes/{sid}/commands", json={"cmd": "id", "user": "root"})
+        assert r.status_code == 403, r.text
+        assert "user 'root' is not available" in r.json()["error"]["message"]
+        await client.delete(f"/v1/sandboxes/{sid}")
+
+
+async def test_the_sdk_passes_the_user(server: RunningServer) -> None:
+    async with await AsyncSandbox.create(base_url=server.url) as sbx:
+        assert (await sbx.commands.run("whoami >/dev/null; echo ok", user="user")).stdout == "ok\n"
+        with pytest.raises(PermissionDenied, match="user 'root' is not available"):
+            await sbx.commands.run("id", user="root")
+        with pytest.raises(PermissionDenied):
+            await sbx.pty.create((24, 80), user="root")
