@@ -460,6 +460,8 @@ class Agent:
         else:
             await self.in_files(lambda: os.makedirs(cwd, exist_ok=True))
         term = Terminal(req["pty"]) if req.get("pty") else None  # the child's stdio, if asked for
+        if term is not None and ids is not None and self.as_user is not None:
+            os.fchown(term.slave, *ids)  # the user's terminal, as login would make it
         try:
             proc = await asyncio.create_subprocess_exec(
                 *req["argv"],

@@ -77,6 +77,11 @@ async def test_user_by_default_root_and_sudo(short_tmp: Path, template: Template
             # the image's own setuid sudo is inert (no_new_privs), ours comes first on PATH
             code, out = await sh(rt, sb, "command -v sudo; /usr/bin/sudo true")
             assert out.splitlines()[0] == "/usr/local/bin/sudo" and code != 0, out
+            # in a terminal: the user's own, and sudo's command writes to it
+            code, out = await sh(
+                rt, sb, "tty >/dev/null && stat -c %u $(tty); sudo id -u; sudo tty >/dev/null && echo tty", pty=True
+            )
+            assert out.split() == ["1000", "0", "tty"], out
             # the user is in the image's passwd/group now (it had no uid 1000)
             code, out = await sh(rt, sb, "getent passwd user; getent group user")
             assert "user:x:1000:1000:user:/home/user:/bin/bash" in out and "user:x:1000:" in out, out

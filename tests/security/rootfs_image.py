@@ -150,12 +150,18 @@ async def new_sandbox(
     return await runtime.create_sandbox(sandbox_id, template, Limits(memory_mb=512, disk_mb=disk_mb), {}, NetworkSpec())
 
 
-async def sh(runtime: LocalRuntime, sandbox: LocalSandbox, script: str, *, user: str | None = None) -> tuple[int, str]:
+async def sh(
+    runtime: LocalRuntime, sandbox: LocalSandbox, script: str, *, user: str | None = None, pty: bool = False
+) -> tuple[int, str]:
     """Run ``bash -lc script`` in the sandbox as ``user`` (None: its default user) through its
-    agent, as the commands API does: (exit status, stdout and stderr interleaved)."""
+    agent, as the commands API does: (exit status, stdout and stderr interleaved), in a
+    terminal with ``pty``."""
     agent = await runtime.agent(sandbox)
     env = runtime.process_env(sandbox, {})
-    handle = await agent.spawn(["/bin/bash", "-lc", script], env, "/home/user", pipes=True, tag="command", user=user)
+    handle = await agent.spawn(
+        ["/bin/bash", "-lc", script], env, "/home/user", pipes=True, tag="command", user=user,
+        pty=(24, 80) if pty else None,
+    )  # fmt: skip
     out: list[bytes] = []
     while (item := await handle.output.get()) is not None:
         out.append(item[1])
