@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 from typing import cast
@@ -20,7 +22,10 @@ import pytest
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.connect import KernelConnectionInfo
 
+from cellbox.egress.policy import OperatorPolicy, forbidden_reason
+from cellbox.egress.service import Egress
 from cellbox.interpreter.errors import InterpreterError, RuntimeUnavailable
+from cellbox.interpreter.models import NetworkSpec
 from cellbox.runtimes.local import LocalRuntime
 from cellbox.runtimes.specs import TemplateInfo
 from tests.integration.helpers import bwrap_problem
@@ -293,3 +298,52 @@ async def test_the_images_user_and_workdir(short_tmp: Path, rootfs_dir: Path) ->
     with pytest.raises(RuntimeUnavailable, match="nobody-here"):
         async with rootfs_runtime(short_tmp) as rt:
             await new_sandbox(rt, "sb_rfx", dataclasses.replace(template, user="nobody-here"))
+
+
+APT_HOST = "deb.debian.org"  # the test rootfs's apt sources (mmdebstrap wrote them)
+APT_HOSTS = [APT_HOST, "security.debian.org"]
+
+
+def _reachable(host: str) -> bool:
+    try:
+        with socket.create_connection((host, 80), timeout=5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.asyncio
+async def test_sudo_apt_get_install_through_egress(short_tmp: Path, template: TemplateInfo) -> None:
+    """The real thing, where this host reaches its apt mirror: apt-get update and install as
+    root through the sandbox's egress proxy (allowed to the mirror only); gone next time."""
+    if not _reachable(APT_HOST):
+        pytest.skip(f"{APT_HOST} is not reachable from this host")
+    # this host's mirror may answer from a reserved range (a documentation net here): the
+    # operator permits that one address, as for a private mirror
+    special = {a[4][0] for h in APT_HOSTS for a in socket.getaddrinfo(h, 80, proto=socket.IPPROTO_TCP)}
+    egress = Egress(
+        OperatorPolicy.build(permit=[f"{a}/32" for a in special if forbidden_reason(ipaddress.ip_address(a))])
+    )
+    try:
+        async with rootfs_runtime(short_tmp, "apt", egress=egress) as rt:
+            network = NetworkSpec(allow_out=APT_HOSTS)
+            sb = await new_sandbox(rt, "sb_rfapt", template, disk_mb=512, network=network)
+            try:
+                script = "sudo apt-get -q update >/dev/null && sudo apt-get install -y -q hello >/dev/null; hello"
+                code, out = await sh(rt, sb, script)
+                log = egress.logs.get(sb.sandbox_id)
+                refused = [r for r in log.records() if not r.allowed] if log else []
+                assert (code, out.strip().splitlines()[-1:]) == (0, ["Hello, world!"]), (out, refused)
+                probe = "import urllib.request as u; u.urlopen('http://example.com', timeout=5)"
+                code, out = await sh(rt, sb, f'python3 -c "{probe}" 2>&1 | tail -1')
+                assert "403" in out, out  # only the mirror
+            finally:
+                await rt.destroy_sandbox(sb)
+            again = await new_sandbox(rt, "sb_rfapt2", template)
+            try:
+                code, out = await sh(rt, again, "command -v hello || echo absent")
+                assert out.strip() == "absent", out
+            finally:
+                await rt.destroy_sandbox(again)
+    finally:
+        await egress.aclose()

@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from cellbox.egress.service import Egress
 from cellbox.interpreter.models import Limits, NetworkSpec
 from cellbox.interpreter.templates import BASH_KERNEL, PYTHON_KERNEL
 from cellbox.runtimes.isolation.uids import RANGE_SIZE
@@ -121,7 +122,7 @@ def tree_digest(root: Path) -> str:
 
 
 @contextlib.asynccontextmanager
-async def rootfs_runtime(base: Path, tag: str = "") -> AsyncIterator[LocalRuntime]:
+async def rootfs_runtime(base: Path, tag: str = "", egress: Egress | None = None) -> AsyncIterator[LocalRuntime]:
     """A started LocalRuntime (isolation "bwrap") with its data and run dirs under ``base``
     (a short path), its own cgroup prefix, uids and uid ranges; shut down (every sandbox it
     made destroyed by the caller) on exit."""
@@ -136,7 +137,7 @@ async def rootfs_runtime(base: Path, tag: str = "") -> AsyncIterator[LocalRuntim
         sandbox_range_first=(1 << 30) + slot * 16 * RANGE_SIZE,
         sandbox_range_count=16,
     )
-    runtime = LocalRuntime(config)
+    runtime = LocalRuntime(config, egress)
     await runtime.startup()
     try:
         yield runtime
@@ -145,9 +146,15 @@ async def rootfs_runtime(base: Path, tag: str = "") -> AsyncIterator[LocalRuntim
 
 
 async def new_sandbox(
-    runtime: LocalRuntime, sandbox_id: str, template: TemplateInfo, *, disk_mb: int = 256
+    runtime: LocalRuntime,
+    sandbox_id: str,
+    template: TemplateInfo,
+    *,
+    disk_mb: int = 256,
+    network: NetworkSpec | None = None,
 ) -> LocalSandbox:
-    return await runtime.create_sandbox(sandbox_id, template, Limits(memory_mb=512, disk_mb=disk_mb), {}, NetworkSpec())
+    limits = Limits(memory_mb=512, disk_mb=disk_mb)
+    return await runtime.create_sandbox(sandbox_id, template, limits, {}, network or NetworkSpec())
 
 
 async def sh(

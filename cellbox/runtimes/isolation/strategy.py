@@ -113,6 +113,13 @@ def _check_traversable(path: Path) -> None:
             )
 
 
+def _is_apt_source(target: str) -> bool:
+    """An apt source list or keyring the egress passes from the host (``hosttrust``)."""
+    if target == "/etc/apt/sources.list" or target.startswith(("/etc/apt/sources.list.d/", "/etc/apt/trusted.gpg")):
+        return True
+    return target.startswith(("/usr/share/keyrings/", "/etc/apt/keyrings/")) and target.endswith((".gpg", ".asc"))
+
+
 def _image_user(root: Path, user: str | None) -> tuple[int, int]:
     """The (uid, gid) inside of a rootfs template's ``user`` (its image's USER): ``user``
     (1000) unless it names another non-root user of the image's /etc/passwd, read here without
@@ -371,11 +378,14 @@ class BwrapIsolation:
     def _egress_binds(self, sandbox: LocalSandbox) -> list[tuple[Path, str]]:
         """What the sandbox's egress needs bound read-only: the bridge, the host's CA bundle and
         local package indexes (each at its own path), and the generated files (apt's proxy
-        snippet), written under the sandbox's dir. Blocking."""
+        snippet), written under the sandbox's dir. A rootfs sandbox keeps its image's own apt
+        sources and keyrings (the host's are for the host's distribution). Blocking."""
         egress = sandbox.egress
         if egress is None:
             return []
         binds = [(b.source, b.target) for b in egress.trust.binds]
+        if sandbox.rootfs is not None:
+            binds = [(source, target) for source, target in binds if not _is_apt_source(target)]
         if egress.proxy is not None and self.bridge_file is not None:
             binds.append((self.bridge_file, SANDBOX_BRIDGE))
         if egress.trust.files:
