@@ -302,6 +302,7 @@ async def test_the_images_user_and_workdir(short_tmp: Path, rootfs_dir: Path) ->
 
 APT_HOST = "deb.debian.org"  # the test rootfs's apt sources (mmdebstrap wrote them)
 APT_HOSTS = [APT_HOST, "security.debian.org"]
+PIP_HOSTS = ["pypi.org", "files.pythonhosted.org"]
 
 
 def _reachable(host: str) -> bool:
@@ -313,20 +314,21 @@ def _reachable(host: str) -> bool:
 
 
 @pytest.mark.asyncio
-async def test_sudo_apt_get_install_through_egress(short_tmp: Path, template: TemplateInfo) -> None:
+async def test_packages_at_run_time_through_egress(short_tmp: Path, template: TemplateInfo) -> None:
     """The real thing, where this host reaches its apt mirror: apt-get update and install as
-    root through the sandbox's egress proxy (allowed to the mirror only); gone next time."""
+    root, and pip install as the user into the sandbox's environment (no --user), through the
+    sandbox's egress proxy (allowed to the mirrors only); gone in the next sandbox."""
     if not _reachable(APT_HOST):
         pytest.skip(f"{APT_HOST} is not reachable from this host")
     # this host's mirror may answer from a reserved range (a documentation net here): the
     # operator permits that one address, as for a private mirror
-    special = {a[4][0] for h in APT_HOSTS for a in socket.getaddrinfo(h, 80, proto=socket.IPPROTO_TCP)}
+    special = {a[4][0] for h in APT_HOSTS + PIP_HOSTS for a in socket.getaddrinfo(h, 80, proto=socket.IPPROTO_TCP)}
     egress = Egress(
         OperatorPolicy.build(permit=[f"{a}/32" for a in special if forbidden_reason(ipaddress.ip_address(a))])
     )
     try:
         async with rootfs_runtime(short_tmp, "apt", egress=egress) as rt:
-            network = NetworkSpec(allow_out=APT_HOSTS)
+            network = NetworkSpec(allow_out=APT_HOSTS + PIP_HOSTS)
             sb = await new_sandbox(rt, "sb_rfapt", template, disk_mb=512, network=network)
             try:
                 script = "sudo apt-get -q update >/dev/null && sudo apt-get install -y -q hello >/dev/null; hello"
@@ -336,13 +338,19 @@ async def test_sudo_apt_get_install_through_egress(short_tmp: Path, template: Te
                 assert (code, out.strip().splitlines()[-1:]) == (0, ["Hello, world!"]), (out, refused)
                 probe = "import urllib.request as u; u.urlopen('http://example.com', timeout=5)"
                 code, out = await sh(rt, sb, f'python3 -c "{probe}" 2>&1 | tail -1')
-                assert "403" in out, out  # only the mirror
+                assert "403" in out, out  # only the mirrors
+                code, out = await sh(
+                    rt, sb, "pip install -q six >/dev/null 2>&1; python -c 'import six; print(six.__file__)'"
+                )
+                assert out.strip() == "/opt/cellbox/venv/lib/python3.11/site-packages/six.py", out
             finally:
                 await rt.destroy_sandbox(sb)
             again = await new_sandbox(rt, "sb_rfapt2", template)
             try:
-                code, out = await sh(rt, again, "command -v hello || echo absent")
-                assert out.strip() == "absent", out
+                code, out = await sh(
+                    rt, again, "command -v hello || echo absent; python -c 'import six' 2>&1 | tail -1"
+                )
+                assert out.strip().splitlines() == ["absent", "ModuleNotFoundError: No module named 'six'"], out
             finally:
                 await rt.destroy_sandbox(again)
     finally:

@@ -359,6 +359,7 @@ class BwrapIsolation:
             cwd=SANDBOX_HOME,
             tmp_size=self.config.sandbox_tmp_mb << 20,
             extra_ro_binds=binds,
+            owner=(userns.base, userns.base),
         )
         rlimits = Rlimits(nofile=limits.nofile, fsize_bytes=limits.fsize_mb << 20)
         preexec = make_preexec(sandbox.cgroup, 0, rlimits, userns_fd=userns.fd)
