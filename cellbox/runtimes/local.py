@@ -430,6 +430,12 @@ class NoIsolation:
         self.config.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     async def prepare(self, sandbox: LocalSandbox) -> None:
+        if sandbox.template.rootfs is not None:
+            raise RuntimeUnavailable(
+                f"template {sandbox.template.name!r} is a root file system: it needs isolation 'bwrap' (root and "
+                "bubblewrap); this service runs with 'none'"
+            )
+
         def make() -> None:
             sandbox.home.mkdir(parents=True, exist_ok=True, mode=0o700)
             sandbox.run.mkdir(parents=True, exist_ok=True, mode=0o700)

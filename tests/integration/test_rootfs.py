@@ -27,7 +27,7 @@ from cellbox.egress.service import Egress
 from cellbox.interpreter.errors import InterpreterError, RuntimeUnavailable
 from cellbox.interpreter.models import NetworkSpec
 from cellbox.runtimes.local import LocalRuntime
-from cellbox.runtimes.specs import TemplateInfo
+from cellbox.runtimes.specs import LocalConfig, TemplateInfo
 from tests.integration.helpers import bwrap_problem
 from tests.integration.test_isolation_helpers import execute, execute_json
 from tests.security.rootfs_image import (
@@ -355,3 +355,14 @@ async def test_packages_at_run_time_through_egress(short_tmp: Path, template: Te
                 await rt.destroy_sandbox(again)
     finally:
         await egress.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_rootfs_template_needs_bwrap(short_tmp: Path, template: TemplateInfo) -> None:
+    rt = LocalRuntime(LocalConfig(data_dir=short_tmp / "data", run_dir=short_tmp / "run", isolation="none"))
+    await rt.startup()
+    try:
+        with pytest.raises(RuntimeUnavailable, match="needs isolation 'bwrap'"):
+            await new_sandbox(rt, "sb_rfnone", template)
+    finally:
+        await rt.shutdown()

@@ -136,6 +136,10 @@ def _image_user(root: Path, user: str | None) -> tuple[int, int]:
     for entry in entries:
         if entry[0] == name or (name.isdigit() and entry[2] == name):
             uid, gid = int(entry[2]), int(group) if group.isdigit() else int(entry[3])
+            if not (0 <= uid < RANGE_SIZE - 2 and 0 <= gid < RANGE_SIZE - 2):
+                raise RuntimeUnavailable(
+                    f"the template's user {user!r} has ids {uid}:{gid}, beyond a sandbox's 0..65533"
+                )
             return (SANDBOX_UID, SANDBOX_GID) if uid == 0 else (uid, gid)
     if name.isdigit() and 0 < int(name) < 65534:  # a numeric USER without a passwd entry, as Docker allows
         return int(name), int(group) if group.isdigit() and int(group) < 65534 else int(name)
