@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import ipaddress
 import os
 import shutil
@@ -26,6 +27,7 @@ from cellbox.egress.policy import OperatorPolicy, forbidden_reason
 from cellbox.egress.service import Egress
 from cellbox.interpreter.errors import InterpreterError, RuntimeUnavailable
 from cellbox.interpreter.models import NetworkSpec
+from cellbox.runtimes.isolation.strategy import _is_apt_source
 from cellbox.runtimes.local import LocalRuntime
 from cellbox.runtimes.specs import LocalConfig, TemplateInfo
 from tests.integration.helpers import bwrap_problem
@@ -339,6 +341,13 @@ async def test_packages_at_run_time_through_egress(short_tmp: Path, template: Te
                 probe = "import urllib.request as u; u.urlopen('http://example.com', timeout=5)"
                 code, out = await sh(rt, sb, f'python3 -c "{probe}" 2>&1 | tail -1')
                 assert "403" in out, out  # only the mirrors
+                # the host's CA bundle and pip settings are where the egress puts them
+                targets = sorted({b.target for b in sb.egress.trust.binds} if sb.egress else set())
+                assert egress.host.ca_bundle in targets, targets
+                for target in targets:
+                    if Path(target).is_file() and not _is_apt_source(target):  # those stay the image's
+                        code, out = await sh(rt, sb, f"sha256sum < {target}")
+                        assert out.split()[0] == hashlib.sha256(Path(target).read_bytes()).hexdigest(), (target, out)
                 code, out = await sh(
                     rt, sb, "pip install -q six >/dev/null 2>&1; python -c 'import six; print(six.__file__)'"
                 )
