@@ -1,7 +1,9 @@
 """A small rootfs template for the tests, built here so they do not depend on the template
 builder: a minbase Debian bookworm (mmdebstrap from the host's apt sources) with python3,
 sudo and procps, plus ``/opt/cellbox/venv`` with ipykernel and bash_kernel (installed with the
-host's pip, whose index settings work here). Built once per recipe and cached under
+host's pip, whose index settings work here; ``pip --python`` runs the rootfs venv's
+interpreter, whose link resolves to the host's python3, so this needs a host with the
+rootfs's Python version: Debian 12 both). Built once per recipe and cached under
 ``/var/tmp/cellbox-test-rootfs/<hash>/`` (``template.json`` + ``rootfs/``), like the build's
 output; about 40 s the first time.
 
