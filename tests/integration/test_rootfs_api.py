@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 
 from cellbox.interpreter.templates import TemplateRegistry
+from cellbox.runtimes.isolation.uids import RANGE_SIZE
 from tests.integration.helpers import bwrap_problem, execute, isolation_settings, main_text, run_cmd, stdout
 from tests.integration.server import run_server
 from tests.security.rootfs_image import PYTHON, cached_rootfs_dir, rootfs_problem
@@ -41,7 +42,11 @@ def templates(short_tmp: Path) -> Path:
 
 @pytest_asyncio.fixture
 async def client(short_tmp: Path, templates: Path) -> AsyncIterator[httpx.AsyncClient]:
-    settings = isolation_settings(short_tmp, "bwrap", templates_dir=templates)
+    # uid ranges of its own: another service on this host may use the default ones
+    first = (1 << 30) + (64 + os.getpid() % 64) * 16 * RANGE_SIZE
+    settings = isolation_settings(
+        short_tmp, "bwrap", templates_dir=templates, sandbox_range_first=first, sandbox_range_count=16
+    )
     async with run_server(settings) as srv, httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
         yield c
 
