@@ -460,6 +460,8 @@ class Agent:
         else:
             await self.in_files(lambda: os.makedirs(cwd, exist_ok=True))
         term = Terminal(req["pty"]) if req.get("pty") else None  # the child's stdio, if asked for
+        if term is not None and ids is not None and self.as_user is not None:
+            os.fchown(term.slave, *ids)  # the user's terminal, as login would make it
         try:
             proc = await asyncio.create_subprocess_exec(
                 *req["argv"],
@@ -841,6 +843,7 @@ class SudoServer:
 
     async def handle(self, conn: socket.socket) -> None:
         proc = None
+        writer: asyncio.StreamWriter | None = None
         try:
             try:
                 msg, fds = await asyncio.wait_for(asyncio.to_thread(_recv_request, conn), 10.0)
@@ -876,13 +879,17 @@ class SudoServer:
             writer.write(json.dumps({"returncode": code}).encode() + b"\n")
             with contextlib.suppress(OSError):
                 await writer.drain()
-            writer.close()
         finally:
             if proc is not None:
                 self.procs.discard(proc.pid)
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
-            conn.close()
+            if writer is not None:  # the transport owns the socket now
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+            else:
+                conn.close()
 
     @staticmethod
     async def relay_signals(reader: asyncio.StreamReader, proc: asyncio.subprocess.Process) -> None:

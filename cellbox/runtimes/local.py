@@ -32,6 +32,7 @@ import contextlib
 import importlib
 import logging
 import os
+import posixpath
 import shutil
 import signal
 import time
@@ -252,8 +253,14 @@ def resolve_cwd(home: Path, cwd: str | None) -> str:
     return str(target)
 
 
-def _sandbox_cwd(home: Path, cwd: str | None) -> str:
-    """A kernel's working directory as a sandbox path (``/home/user/...``)."""
+def _sandbox_cwd(home: Path, cwd: str | None, template: TemplateInfo | None = None) -> str:
+    """A kernel's working directory as a sandbox path (``/home/user/...``). A rootfs sandbox's
+    whole tree is its own: any absolute path there, relative ones from the home, and the
+    template's ``workdir`` when none is given."""
+    if template is not None and template.rootfs is not None:
+        if not cwd:
+            return template.workdir or SANDBOX_HOME
+        return posixpath.normpath(cwd if cwd.startswith("/") else f"{SANDBOX_HOME}/{cwd}")
     if not cwd:
         return SANDBOX_HOME
     rel = Path(resolve_cwd(home, cwd)).relative_to(home.resolve())
@@ -318,6 +325,7 @@ class LocalSandbox:
     root_uid: int | None = None
     userns: UserNamespace | None = None
     rootfs: RootfsMount | None = None
+    default_user: tuple[int, int] | None = None  # (uid, gid) inside of its processes and files
     # the agent (see LocalRuntime.agent)
     agent: AgentClient | None = None
     agent_proc: asyncio.subprocess.Process | None = None
@@ -422,6 +430,12 @@ class NoIsolation:
         self.config.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     async def prepare(self, sandbox: LocalSandbox) -> None:
+        if sandbox.template.rootfs is not None:
+            raise RuntimeUnavailable(
+                f"template {sandbox.template.name!r} is a root file system: it needs isolation 'bwrap' (root and "
+                "bubblewrap); this service runs with 'none'"
+            )
+
         def make() -> None:
             sandbox.home.mkdir(parents=True, exist_ok=True, mode=0o700)
             sandbox.run.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -726,7 +740,7 @@ class LocalRuntime:
         the end of the kernel's log, when it dies or does not bind in time; InvalidRequest for
         a ``cwd`` outside the home."""
         agent = await self.agent(handle)
-        workdir = _sandbox_cwd(handle.home, cwd)
+        workdir = _sandbox_cwd(handle.home, cwd, handle.template)
         host_dir, sandbox_dir = self.strategy.socket_dir(handle, name, KERNEL_SOCKETS)
         conn = write_ipc_connection(host_dir, sandbox_path=sandbox_dir)
         # ipykernel rewrites its connection file after binding whenever it finds something to

@@ -46,7 +46,9 @@ class TemplateInfo:
     # and ``env_dir`` is None. ``workdir`` is the default working directory of kernels and
     # commands inside (the image's WORKDIR; None: the home); ``user`` the image's USER, the
     # default user of kernels and commands when it names a user other than root (None: ``user``,
-    # uid 1000).
+    # uid 1000). For a rootfs template every path here is one inside the rootfs: ``python``,
+    # ``startup_files``; ``env`` (the image's ENV) is applied over cellbox's PATH, so it should
+    # keep ``python``'s directory on PATH.
     rootfs: Path | None = None
     workdir: str | None = None
     user: str | None = None

@@ -9,8 +9,12 @@ cannot be.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import ipaddress
 import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 from typing import cast
@@ -19,9 +23,13 @@ import pytest
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.connect import KernelConnectionInfo
 
-from cellbox.interpreter.errors import InterpreterError
+from cellbox.egress.policy import OperatorPolicy, forbidden_reason
+from cellbox.egress.service import Egress
+from cellbox.interpreter.errors import InterpreterError, RuntimeUnavailable
+from cellbox.interpreter.models import NetworkSpec
+from cellbox.runtimes.isolation.strategy import _is_apt_source
 from cellbox.runtimes.local import LocalRuntime
-from cellbox.runtimes.specs import TemplateInfo
+from cellbox.runtimes.specs import LocalConfig, TemplateInfo
 from tests.integration.helpers import bwrap_problem
 from tests.integration.test_isolation_helpers import execute, execute_json
 from tests.security.rootfs_image import (
@@ -76,6 +84,11 @@ async def test_user_by_default_root_and_sudo(short_tmp: Path, template: Template
             # the image's own setuid sudo is inert (no_new_privs), ours comes first on PATH
             code, out = await sh(rt, sb, "command -v sudo; /usr/bin/sudo true")
             assert out.splitlines()[0] == "/usr/local/bin/sudo" and code != 0, out
+            # in a terminal: the user's own, and sudo's command writes to it
+            code, out = await sh(
+                rt, sb, "tty >/dev/null && stat -c %u $(tty); sudo id -u; sudo tty >/dev/null && echo tty", pty=True
+            )
+            assert out.split() == ["1000", "0", "tty"], out
             # the user is in the image's passwd/group now (it had no uid 1000)
             code, out = await sh(rt, sb, "getent passwd user; getent group user")
             assert "user:x:1000:1000:user:/home/user:/bin/bash" in out and "user:x:1000:" in out, out
@@ -250,3 +263,115 @@ async def test_startup_reaps_the_mounts_of_a_crashed_service(short_tmp: Path, te
         await again.startup()
         assert mounted() == [] and not sb.dir.exists()
         await rt.destroy_sandbox(sb)  # the first service's stale record: nothing left to free
+
+
+@pytest.mark.asyncio
+async def test_the_images_user_and_workdir(short_tmp: Path, rootfs_dir: Path) -> None:
+    """USER names the default user of kernels, commands and files; WORKDIR the kernels' cwd."""
+    copy = short_tmp / "t"
+    subprocess.run(["cp", "-al", str(rootfs_dir), str(copy)], check=True)
+    passwd = copy / "rootfs" / "etc" / "passwd"
+    fresh = passwd.with_name("passwd.new")  # a new file: the copy's files are links to the cache's
+    fresh.write_text(passwd.read_text() + "node:x:1001:1001:node:/home/node:/bin/bash\n")
+    os.replace(fresh, passwd)
+    (copy / "rootfs" / "srv" / "app").mkdir()
+    template = dataclasses.replace(rootfs_template(directory=copy), user="node", workdir="/srv/app")
+    async with rootfs_runtime(short_tmp) as rt:
+        sb = await new_sandbox(rt, "sb_rfu", template)
+        client: AsyncKernelClient | None = None
+        try:
+            code, out = await sh(rt, sb, "id -u; id -un; sudo id -un")
+            assert out.split() == ["1001", "node", "root"], out
+            agent = await rt.agent(sb)
+            await agent.request("write", path="/home/user/f", data="aGk=", truncate=True)
+            assert (await sh(rt, sb, "stat -c %u /home/user/f /home/user"))[1].split() == ["1001", "1001"]
+            kernel = await rt.start_kernel(sb, template.kernels["python"], "k1-1", None)
+            client = AsyncKernelClient()
+            client.load_connection_info(cast(KernelConnectionInfo, kernel.connection_info))
+            client.start_channels(hb=False)
+            assert await execute_json(client, "import json, os\nprint(json.dumps([os.getuid(), os.getcwd()]))") == [
+                1001,
+                "/srv/app",
+            ]
+        finally:
+            if client is not None:
+                client.stop_channels()
+            await rt.destroy_sandbox(sb)
+    with pytest.raises(RuntimeUnavailable, match="nobody-here"):
+        async with rootfs_runtime(short_tmp) as rt:
+            await new_sandbox(rt, "sb_rfx", dataclasses.replace(template, user="nobody-here"))
+
+
+APT_HOST = "deb.debian.org"  # the test rootfs's apt sources (mmdebstrap wrote them)
+APT_HOSTS = [APT_HOST, "security.debian.org"]
+PIP_HOSTS = ["pypi.org", "files.pythonhosted.org"]
+
+
+def _reachable(host: str) -> bool:
+    try:
+        with socket.create_connection((host, 80), timeout=5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.asyncio
+async def test_packages_at_run_time_through_egress(short_tmp: Path, template: TemplateInfo) -> None:
+    """The real thing, where this host reaches its apt mirror: apt-get update and install as
+    root, and pip install as the user into the sandbox's environment (no --user), through the
+    sandbox's egress proxy (allowed to the mirrors only); gone in the next sandbox."""
+    if not _reachable(APT_HOST):
+        pytest.skip(f"{APT_HOST} is not reachable from this host")
+    # this host's mirror may answer from a reserved range (a documentation net here): the
+    # operator permits that one address, as for a private mirror
+    special = {a[4][0] for h in APT_HOSTS + PIP_HOSTS for a in socket.getaddrinfo(h, 80, proto=socket.IPPROTO_TCP)}
+    egress = Egress(
+        OperatorPolicy.build(permit=[f"{a}/32" for a in special if forbidden_reason(ipaddress.ip_address(a))])
+    )
+    try:
+        async with rootfs_runtime(short_tmp, "apt", egress=egress) as rt:
+            network = NetworkSpec(allow_out=APT_HOSTS + PIP_HOSTS)
+            sb = await new_sandbox(rt, "sb_rfapt", template, disk_mb=512, network=network)
+            try:
+                script = "sudo apt-get -q update >/dev/null && sudo apt-get install -y -q hello >/dev/null; hello"
+                code, out = await sh(rt, sb, script)
+                log = egress.logs.get(sb.sandbox_id)
+                refused = [r for r in log.records() if not r.allowed] if log else []
+                assert (code, out.strip().splitlines()[-1:]) == (0, ["Hello, world!"]), (out, refused)
+                probe = "import urllib.request as u; u.urlopen('http://example.com', timeout=5)"
+                code, out = await sh(rt, sb, f'python3 -c "{probe}" 2>&1 | tail -1')
+                assert "403" in out, out  # only the mirrors
+                # the host's CA bundle and pip settings are where the egress puts them
+                targets = sorted({b.target for b in sb.egress.trust.binds} if sb.egress else set())
+                assert egress.host.ca_bundle in targets, targets
+                for target in targets:
+                    if Path(target).is_file() and not _is_apt_source(target):  # those stay the image's
+                        code, out = await sh(rt, sb, f"sha256sum < {target}")
+                        assert out.split()[0] == hashlib.sha256(Path(target).read_bytes()).hexdigest(), (target, out)
+                code, out = await sh(
+                    rt, sb, "pip install -q six >/dev/null 2>&1; python -c 'import six; print(six.__file__)'"
+                )
+                assert out.strip() == "/opt/cellbox/venv/lib/python3.11/site-packages/six.py", out
+            finally:
+                await rt.destroy_sandbox(sb)
+            again = await new_sandbox(rt, "sb_rfapt2", template)
+            try:
+                code, out = await sh(
+                    rt, again, "command -v hello || echo absent; python -c 'import six' 2>&1 | tail -1"
+                )
+                assert out.strip().splitlines() == ["absent", "ModuleNotFoundError: No module named 'six'"], out
+            finally:
+                await rt.destroy_sandbox(again)
+    finally:
+        await egress.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_rootfs_template_needs_bwrap(short_tmp: Path, template: TemplateInfo) -> None:
+    rt = LocalRuntime(LocalConfig(data_dir=short_tmp / "data", run_dir=short_tmp / "run", isolation="none"))
+    await rt.startup()
+    try:
+        with pytest.raises(RuntimeUnavailable, match="needs isolation 'bwrap'"):
+            await new_sandbox(rt, "sb_rfnone", template)
+    finally:
+        await rt.shutdown()

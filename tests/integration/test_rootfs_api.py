@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 
 from cellbox.interpreter.templates import TemplateRegistry
+from cellbox.runtimes.isolation.uids import RANGE_SIZE
 from tests.integration.helpers import bwrap_problem, execute, isolation_settings, main_text, run_cmd, stdout
 from tests.integration.server import run_server
 from tests.security.rootfs_image import PYTHON, cached_rootfs_dir, rootfs_problem
@@ -41,7 +42,11 @@ def templates(short_tmp: Path) -> Path:
 
 @pytest_asyncio.fixture
 async def client(short_tmp: Path, templates: Path) -> AsyncIterator[httpx.AsyncClient]:
-    settings = isolation_settings(short_tmp, "bwrap", templates_dir=templates)
+    # uid ranges of its own: another service on this host may use the default ones
+    first = (1 << 30) + (64 + os.getpid() % 64) * 16 * RANGE_SIZE
+    settings = isolation_settings(
+        short_tmp, "bwrap", templates_dir=templates, sandbox_range_first=first, sandbox_range_count=16
+    )
     async with run_server(settings) as srv, httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
         yield c
 
@@ -62,5 +67,28 @@ async def test_rootfs_sandbox_through_the_api(client: httpx.AsyncClient) -> None
         )
         assert stdout(events).split() == ["1000", "0", "ok"], events
         assert events[-1]["exit_code"] == 0
+        events = await run_cmd(client, sid, "whoami; echo $HOME", user="root")
+        assert stdout(events).split() == ["root", "/root"], events
     finally:
         assert (await client.delete(f"/v1/sandboxes/{sid}")).status_code == 204
+
+
+@pytest_asyncio.fixture
+async def venv_client(short_tmp: Path) -> AsyncIterator[httpx.AsyncClient]:
+    if problem := bwrap_problem():
+        pytest.skip(f"bwrap isolation unavailable: {problem}")
+    async with run_server(isolation_settings(short_tmp, "bwrap")) as srv:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+            yield c
+
+
+async def test_root_on_a_venv_sandbox_is_a_clear_error(venv_client: httpx.AsyncClient) -> None:
+    r = await venv_client.post("/v1/sandboxes", json={})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    try:
+        r = await venv_client.post(f"/v1/sandboxes/{sid}/commands", json={"cmd": "id -u", "user": "root"})
+        assert r.status_code == 403 and "rootfs template" in r.json()["error"]["message"], r.text
+        assert stdout(await run_cmd(venv_client, sid, "id -u")) == "1000\n"
+    finally:
+        await venv_client.delete(f"/v1/sandboxes/{sid}")

@@ -1,7 +1,9 @@
 """A small rootfs template for the tests, built here so they do not depend on the template
 builder: a minbase Debian bookworm (mmdebstrap from the host's apt sources) with python3,
 sudo and procps, plus ``/opt/cellbox/venv`` with ipykernel and bash_kernel (installed with the
-host's pip, whose index settings work here). Built once per recipe and cached under
+host's pip, whose index settings work here; ``pip --python`` runs the rootfs venv's
+interpreter, whose link resolves to the host's python3, so this needs a host with the
+rootfs's Python version: Debian 12 both). Built once per recipe and cached under
 ``/var/tmp/cellbox-test-rootfs/<hash>/`` (``template.json`` + ``rootfs/``), like the build's
 output; about 40 s the first time.
 
@@ -24,6 +26,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from cellbox.egress.service import Egress
 from cellbox.interpreter.models import Limits, NetworkSpec
 from cellbox.interpreter.templates import BASH_KERNEL, PYTHON_KERNEL
 from cellbox.runtimes.isolation.uids import RANGE_SIZE
@@ -121,7 +124,7 @@ def tree_digest(root: Path) -> str:
 
 
 @contextlib.asynccontextmanager
-async def rootfs_runtime(base: Path, tag: str = "") -> AsyncIterator[LocalRuntime]:
+async def rootfs_runtime(base: Path, tag: str = "", egress: Egress | None = None) -> AsyncIterator[LocalRuntime]:
     """A started LocalRuntime (isolation "bwrap") with its data and run dirs under ``base``
     (a short path), its own cgroup prefix, uids and uid ranges; shut down (every sandbox it
     made destroyed by the caller) on exit."""
@@ -136,7 +139,7 @@ async def rootfs_runtime(base: Path, tag: str = "") -> AsyncIterator[LocalRuntim
         sandbox_range_first=(1 << 30) + slot * 16 * RANGE_SIZE,
         sandbox_range_count=16,
     )
-    runtime = LocalRuntime(config)
+    runtime = LocalRuntime(config, egress)
     await runtime.startup()
     try:
         yield runtime
@@ -145,17 +148,29 @@ async def rootfs_runtime(base: Path, tag: str = "") -> AsyncIterator[LocalRuntim
 
 
 async def new_sandbox(
-    runtime: LocalRuntime, sandbox_id: str, template: TemplateInfo, *, disk_mb: int = 256
+    runtime: LocalRuntime,
+    sandbox_id: str,
+    template: TemplateInfo,
+    *,
+    disk_mb: int = 256,
+    network: NetworkSpec | None = None,
 ) -> LocalSandbox:
-    return await runtime.create_sandbox(sandbox_id, template, Limits(memory_mb=512, disk_mb=disk_mb), {}, NetworkSpec())
+    limits = Limits(memory_mb=512, disk_mb=disk_mb)
+    return await runtime.create_sandbox(sandbox_id, template, limits, {}, network or NetworkSpec())
 
 
-async def sh(runtime: LocalRuntime, sandbox: LocalSandbox, script: str, *, user: str | None = None) -> tuple[int, str]:
+async def sh(
+    runtime: LocalRuntime, sandbox: LocalSandbox, script: str, *, user: str | None = None, pty: bool = False
+) -> tuple[int, str]:
     """Run ``bash -lc script`` in the sandbox as ``user`` (None: its default user) through its
-    agent, as the commands API does: (exit status, stdout and stderr interleaved)."""
+    agent, as the commands API does: (exit status, stdout and stderr interleaved), in a
+    terminal with ``pty``."""
     agent = await runtime.agent(sandbox)
     env = runtime.process_env(sandbox, {})
-    handle = await agent.spawn(["/bin/bash", "-lc", script], env, "/home/user", pipes=True, tag="command", user=user)
+    handle = await agent.spawn(
+        ["/bin/bash", "-lc", script], env, "/home/user", pipes=True, tag="command", user=user,
+        pty=(24, 80) if pty else None,
+    )  # fmt: skip
     out: list[bytes] = []
     while (item := await handle.output.get()) is not None:
         out.append(item[1])

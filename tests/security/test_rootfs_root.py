@@ -244,3 +244,20 @@ def _uid_of(proc: Path) -> int:
         return proc.stat().st_uid
     except OSError:
         return -1
+
+
+@pytest.mark.asyncio
+async def test_root_killing_everything_ends_only_its_own_sandbox(
+    rt: LocalRuntime, sandbox: LocalSandbox, template: TemplateInfo
+) -> None:
+    other = await new_sandbox(rt, "sb_sec3", template)
+    try:
+        assert (await sh(rt, sandbox, "echo kept > /opt/cbx-kept", user="root"))[0] == 0
+        code, out = await sh(rt, sandbox, "kill -9 -1; sleep 5; echo survived", user="root")
+        assert "survived" not in out
+        assert (await sh(rt, other, "echo fine"))[1] == "fine\n"  # the neighbour did not notice
+        # the sandbox's agent comes back on the same root: what root wrote is still there
+        code, out = await sh(rt, sandbox, "cat /opt/cbx-kept; id -u; sudo id -u")
+        assert out.split() == ["kept", "1000", "0"], out
+    finally:
+        await rt.destroy_sandbox(other)

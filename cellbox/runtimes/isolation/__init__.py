@@ -6,13 +6,19 @@ host-side job, and its docstring says who calls it and when. One module per noun
 
 * :mod:`~.layout`: the sandbox as seen inside (uid 1000 ``user``, ``/home/user``,
   ``/run/cellbox``) and the unix socket path limit;
-* :mod:`~.uids`: a host **uid** per sandbox from a service-owned range (:class:`UidPool`);
+* :mod:`~.uids`: a host **uid** per sandbox from a service-owned range (:class:`UidPool`), or
+  a **uid range** of 65536 per rootfs sandbox (:class:`UidRangePool`);
+* :mod:`~.userns`: the **user namespace** the service makes for a rootfs sandbox, mapping its
+  range (:class:`UserNamespace`), entered by every launch of it;
+* :mod:`~.rootfs`: a rootfs sandbox's **root**: the template's rootfs idmapped and read-only
+  under an overlay whose upper layer is on the sandbox's disk (:class:`RootfsMount`);
 * :mod:`~.cgroups`: a **cgroup** per sandbox under the service's own subtree
   (:class:`CgroupTree`, :class:`Cgroup`), on cgroup v1/hybrid or v2, detected at runtime;
 * :mod:`~.disk`: the **home** (:class:`DiskHome`), a sparse ext4 image on a loop device so
   disk use is capped on disk rather than in RAM; a plain directory when loop devices are
   missing;
-* :mod:`~.bwrap`: **one unprivileged bwrap process per sandbox** (:func:`build_bwrap_argv`),
+* :mod:`~.bwrap`: **one unprivileged bwrap process per sandbox** (:func:`build_bwrap_argv`;
+  :func:`build_rootfs_bwrap_argv` for rootfs sandboxes, bwrap as root of their namespace),
   whose first process is the sandbox's agent (``runtimes/agent.py``), its init: kernels,
   commands and file operations are the agent's children, inside the same namespaces, cgroup
   and seccomp filter;
@@ -53,6 +59,13 @@ The sequence, as ``BwrapIsolation`` and ``LocalRuntime`` run it (see each functi
     await wait_for_ipc_sockets(ipc_dir, alive=...); hand_back_ipc_dir(ipc_dir, uid)
     # ... only now connect a client with conn.connection_info
 
+    # create_sandbox of a rootfs template, instead of the uid and the home above
+    base = ranges.acquire(sandbox_id); userns = UserNamespace.create(base)
+    disk = await DiskHome.create(sandbox_dir / "disk", size_bytes=..., uid=0)   # home/ + layers/
+    root = RootfsMount.create(template.rootfs, userns, upper=..., work=..., merged=...)
+    cmd = build_rootfs_bwrap_argv([...agent, "--as-user", "1000:1000"], root=root.merged, ...)
+    preexec = make_preexec(cgroup, 0, Rlimits(...), userns_fd=userns.fd)   # bwrap as its root
+
     # destroy_sandbox
     (close the agent's connection: it kills its children and exits; reap bwrap)
     await cgroup.kill_all(); await cgroup.remove(); await home.destroy()
@@ -65,7 +78,15 @@ event loop run the heavier ones, such as :meth:`UidPool.acquire`, in a worker th
 
 from __future__ import annotations
 
-from cellbox.runtimes.isolation.bwrap import HOST_ETC, BwrapCommand, build_bwrap_argv, write_etc_files
+from cellbox.runtimes.isolation.bwrap import (
+    HOST_ETC,
+    ROOT_CAPS,
+    BwrapCommand,
+    build_bwrap_argv,
+    build_rootfs_bwrap_argv,
+    resolve_in_root,
+    write_etc_files,
+)
 from cellbox.runtimes.isolation.cgroups import (
     REQUIRED_V1,
     REQUIRED_V2,
@@ -91,8 +112,10 @@ from cellbox.runtimes.isolation.ipc import (
     write_ipc_connection,
 )
 from cellbox.runtimes.isolation.layout import MAX_SOCKET_PATH, SANDBOX_GID, SANDBOX_HOME, SANDBOX_RUN, SANDBOX_UID
+from cellbox.runtimes.isolation.rootfs import RootfsMount, check_idmap_support
 from cellbox.runtimes.isolation.seccomp import DENIED_SYSCALLS, build_seccomp_bpf, seccomp_bpf
-from cellbox.runtimes.isolation.uids import UidPool
+from cellbox.runtimes.isolation.uids import RANGE_SIZE, UidPool, UidRangePool
+from cellbox.runtimes.isolation.userns import UserNamespace
 
 __all__ = [
     "CONNECTION_FILE",
@@ -102,8 +125,10 @@ __all__ = [
     "IPC_PORTS",
     "KERNEL_SOCKETS",
     "MAX_SOCKET_PATH",
+    "RANGE_SIZE",
     "REQUIRED_V1",
     "REQUIRED_V2",
+    "ROOT_CAPS",
     "SANDBOX_GID",
     "SANDBOX_HOME",
     "SANDBOX_RUN",
@@ -117,16 +142,22 @@ __all__ = [
     "HostReport",
     "IpcConnection",
     "Rlimits",
+    "RootfsMount",
     "UidPool",
+    "UidRangePool",
+    "UserNamespace",
     "build_bwrap_argv",
+    "build_rootfs_bwrap_argv",
     "build_seccomp_bpf",
     "check_host",
+    "check_idmap_support",
     "check_socket_paths",
     "death_reason",
     "hand_back_ipc_dir",
     "loop_available",
     "make_preexec",
     "prepare_ipc_dir",
+    "resolve_in_root",
     "seccomp_bpf",
     "wait_for_ipc_sockets",
     "write_etc_files",

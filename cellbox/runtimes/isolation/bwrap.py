@@ -244,6 +244,7 @@ def build_rootfs_bwrap_argv(
     hostname: str = "sandbox",
     extra_ro_binds: Sequence[tuple[Path, str]] = (),
     caps: Sequence[str] = ROOT_CAPS,
+    owner: tuple[int, int] | None = None,
     bwrap: str = "bwrap",
 ) -> BwrapCommand:
     """The bwrap command of a rootfs sandbox: like :func:`build_bwrap_argv`, but bwrap runs as
@@ -257,7 +258,9 @@ def build_rootfs_bwrap_argv(
     ``etc_dir``'s ``hosts`` and ``hostname``, ``extra_ro_binds``, ``home`` at
     :data:`SANDBOX_HOME` and ``run_dir`` at :data:`SANDBOX_RUN`. The rootfs's own ``/etc``
     (passwd, group, ld.so.cache, ...) is used as it is. Every destination is resolved inside
-    ``root`` first (:func:`resolve_in_root`). Blocking (that resolution).
+    ``root`` first (:func:`resolve_in_root`); with ``owner`` (the host uid/gid of root inside)
+    their missing parent directories are made here, 0755 and root's inside (bwrap 0.8 would
+    make them 0700: ``/etc/xdg/pip`` of a bound pip config would be root's only). Blocking.
     """
     o: list[str] = [
         "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--unshare-cgroup-try",
@@ -271,7 +274,16 @@ def build_rootfs_bwrap_argv(
         o += ["--setenv", key, value]
 
     def dest(path: str) -> str:
-        return resolve_in_root(root, path)
+        inside = resolve_in_root(root, path)
+        if owner is not None:
+            parent = root
+            for part in inside.split("/")[1:-1]:
+                parent = parent / part
+                if not os.path.lexists(parent):  # resolved: no link left on the way
+                    os.mkdir(parent, 0o755)
+                    os.chown(parent, *owner)
+                    os.chmod(parent, 0o755)
+        return inside
 
     o += ["--bind", str(root), "/"]
     dev = dest("/dev")

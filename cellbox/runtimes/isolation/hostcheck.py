@@ -14,6 +14,7 @@ from cellbox.runtimes.isolation.bwrap import BwrapCommand, root_binds
 from cellbox.runtimes.isolation.cgroups import CgroupTree, CgroupVersion
 from cellbox.runtimes.isolation.child import Rlimits, make_preexec
 from cellbox.runtimes.isolation.disk import loop_available
+from cellbox.runtimes.isolation.rootfs import check_idmap_support
 from cellbox.runtimes.isolation.seccomp import seccomp_bpf
 
 __all__ = ["HostReport", "check_host"]
@@ -25,7 +26,9 @@ class HostReport:
 
     ``ok`` means sandboxes can be isolated (root, a working unprivileged bwrap, cgroups with
     the needed controllers, seccomp). Loop devices are optional: without them homes have no
-    disk quota (``warnings`` says so).
+    disk quota (``warnings`` says so). ``rootfs_problem`` says why rootfs templates (an
+    idmapped rootfs under an overlay, :mod:`~.rootfs`) cannot run here, None when they can;
+    venv templates do not need it.
     """
 
     root: bool
@@ -40,6 +43,7 @@ class HostReport:
     problems: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     details: dict[str, str] = field(default_factory=dict)
+    rootfs_problem: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -77,8 +81,9 @@ async def check_host(run_dir: Path, *, probe_uid: int = 319_999, cgroup_prefix: 
     unused uid, by default the last of the :class:`UidPool` range), can create every namespace
     and load the seccomp filter (this catches a disabled unprivileged user namespace); the
     cgroup version and controllers; loop devices; seccomp compilation (cached in ``run_dir``
-    as the real filter). Called by the bwrap isolation's ``startup`` and by the CLI before it
-    starts a server; returns within a second or so.
+    as the real filter); an idmapped overlay under ``run_dir`` (rootfs templates). Called by
+    the bwrap isolation's ``startup`` and by the CLI before it starts a server; returns within
+    a second or so.
     """
     problems: list[str] = []
     warnings: list[str] = []
@@ -123,12 +128,15 @@ async def check_host(run_dir: Path, *, probe_uid: int = 319_999, cgroup_prefix: 
     loop = loop_available()
     if not loop:
         warnings.append("no loop devices: sandbox homes will have no disk quota")
+    rootfs_problem = await asyncio.to_thread(check_idmap_support, run_dir) if root else "needs root"
+    if rootfs_problem is not None:
+        warnings.append(f"rootfs templates cannot run: {rootfs_problem}")
     cap_res = _has_cap(_CAP_SYS_RESOURCE)
     if not cap_res:
         warnings.append("no CAP_SYS_RESOURCE: rlimits can only be lowered below the service's own")
     return HostReport(
         root, bwrap, version, userns, cg_version, cg_controllers, loop, bpf is not None, cap_res,
-        tuple(problems), tuple(warnings), details,
+        tuple(problems), tuple(warnings), details, rootfs_problem,
     )  # fmt: skip
 
 

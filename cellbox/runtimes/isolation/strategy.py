@@ -45,7 +45,12 @@ from typing import IO
 
 from cellbox.interpreter.errors import RuntimeUnavailable
 from cellbox.interpreter.models import KernelExit, SandboxUsage
-from cellbox.runtimes.isolation.bwrap import build_bwrap_argv, build_rootfs_bwrap_argv, write_etc_files
+from cellbox.runtimes.isolation.bwrap import (
+    build_bwrap_argv,
+    build_rootfs_bwrap_argv,
+    resolve_in_root,
+    write_etc_files,
+)
 from cellbox.runtimes.isolation.cgroups import Cgroup, CgroupTree, death_reason
 from cellbox.runtimes.isolation.child import Rlimits, make_preexec
 from cellbox.runtimes.isolation.disk import DiskHome
@@ -106,6 +111,39 @@ def _check_traversable(path: Path) -> None:
                 f"{parent} is not searchable by other users; sandbox uids must reach {path} "
                 "(chmod o+x, or pick a data/run dir elsewhere)"
             )
+
+
+def _is_apt_source(target: str) -> bool:
+    """An apt source list or keyring the egress passes from the host (``hosttrust``)."""
+    if target == "/etc/apt/sources.list" or target.startswith(("/etc/apt/sources.list.d/", "/etc/apt/trusted.gpg")):
+        return True
+    return target.startswith(("/usr/share/keyrings/", "/etc/apt/keyrings/")) and target.endswith((".gpg", ".asc"))
+
+
+def _image_user(root: Path, user: str | None) -> tuple[int, int]:
+    """The (uid, gid) inside of a rootfs template's ``user`` (its image's USER): ``user``
+    (1000) unless it names another non-root user of the image's /etc/passwd, read here without
+    following any link out of ``root``. RuntimeUnavailable for a user the image lacks."""
+    if user in (None, "", "root", "0", "user") or (user or "").startswith(("root:", "0:")):
+        return SANDBOX_UID, SANDBOX_GID
+    assert user is not None
+    name, _, group = user.partition(":")
+    entries: list[list[str]] = []
+    with contextlib.suppress(OSError):
+        fd = os.open(str(root) + resolve_in_root(root, "/etc/passwd"), os.O_RDONLY | os.O_NOFOLLOW)
+        with open(fd) as f:
+            entries = [line.split(":") for line in f.read(1 << 20).splitlines() if line.count(":") >= 6]
+    for entry in entries:
+        if entry[0] == name or (name.isdigit() and entry[2] == name):
+            uid, gid = int(entry[2]), int(group) if group.isdigit() else int(entry[3])
+            if not (0 <= uid < RANGE_SIZE - 2 and 0 <= gid < RANGE_SIZE - 2):
+                raise RuntimeUnavailable(
+                    f"the template's user {user!r} has ids {uid}:{gid}, beyond a sandbox's 0..65533"
+                )
+            return (SANDBOX_UID, SANDBOX_GID) if uid == 0 else (uid, gid)
+    if name.isdigit() and 0 < int(name) < 65534:  # a numeric USER without a passwd entry, as Docker allows
+        return int(name), int(group) if group.isdigit() and int(group) < 65534 else int(name)
+    raise RuntimeUnavailable(f"the template's user {user!r} is not in its /etc/passwd")
 
 
 class BwrapIsolation:
@@ -188,11 +226,24 @@ class BwrapIsolation:
             raise RuntimeUnavailable(f"rootfs templates cannot run on this host: {self.rootfs_problem}")
         base = sandbox.root_uid = await asyncio.to_thread(self.ranges.acquire, sandbox.sandbox_id)
         sandbox.uid = base + SANDBOX_UID
-        sandbox.userns = await asyncio.to_thread(UserNamespace.create, base, RANGE_SIZE)
-        sandbox.cgroup = await asyncio.to_thread(self._make_dirs_and_cgroup, sandbox, tree)
-        limits = sandbox.resolved
+        # independent steps at once (~5 ms saved); whatever succeeded is recorded for teardown
         # one disk (one quota) for the home and the overlay's upper layer
-        sandbox.disk = await DiskHome.create(sandbox.dir / "disk", size_bytes=limits.disk_mb << 20, uid=0)
+        userns, cgroup, disk = await asyncio.gather(
+            asyncio.to_thread(UserNamespace.create, base, RANGE_SIZE),
+            asyncio.to_thread(self._make_dirs_and_cgroup, sandbox, tree),
+            DiskHome.create(sandbox.dir / "disk", size_bytes=sandbox.resolved.disk_mb << 20, uid=0),
+            return_exceptions=True,
+        )
+        if isinstance(userns, UserNamespace):
+            sandbox.userns = userns
+        if isinstance(cgroup, Cgroup):
+            sandbox.cgroup = cgroup
+        if isinstance(disk, DiskHome):
+            sandbox.disk = disk
+        for result in (userns, cgroup, disk):
+            if isinstance(result, BaseException):
+                raise result
+        assert sandbox.disk is not None
         await asyncio.to_thread(self._layout_rootfs, sandbox, sandbox.disk.path)
 
     @staticmethod
@@ -217,6 +268,11 @@ class BwrapIsolation:
         sandbox.rootfs = RootfsMount.create(
             sandbox.template.rootfs, sandbox.userns, upper=upper, work=work, merged=mnt / "root"
         )
+        uid, gid = _image_user(sandbox.rootfs.merged, sandbox.template.user)
+        if uid != SANDBOX_UID:  # the image's USER: it owns the home and runs everything
+            sandbox.uid = sandbox.root_uid + uid
+            os.chown(home, sandbox.uid, sandbox.root_uid + gid)
+        sandbox.default_user = (uid, gid)
         write_profile(home, sandbox.template, sandbox.uid)
         write_etc_files(sandbox.dir / "etc")
         shim = sandbox.dir / "sudo"
@@ -306,7 +362,8 @@ class BwrapIsolation:
         if egress_args:
             egress_args += ["--egress-bridge", SANDBOX_BRIDGE]
         argv = [str(template.python), *AGENT_PYTHON_FLAGS, SANDBOX_AGENT, "--socket", socket, "--home", SANDBOX_HOME]
-        argv += ["--as-user", f"{SANDBOX_UID}:{SANDBOX_GID}"]
+        uid, gid = sandbox.default_user or (SANDBOX_UID, SANDBOX_GID)
+        argv += ["--as-user", f"{uid}:{gid}"]
         cmd = await asyncio.to_thread(
             build_rootfs_bwrap_argv,
             argv + egress_args,
@@ -319,6 +376,7 @@ class BwrapIsolation:
             cwd=SANDBOX_HOME,
             tmp_size=self.config.sandbox_tmp_mb << 20,
             extra_ro_binds=binds,
+            owner=(userns.base, userns.base),
         )
         rlimits = Rlimits(nofile=limits.nofile, fsize_bytes=limits.fsize_mb << 20)
         preexec = make_preexec(sandbox.cgroup, 0, rlimits, userns_fd=userns.fd)
@@ -338,11 +396,14 @@ class BwrapIsolation:
     def _egress_binds(self, sandbox: LocalSandbox) -> list[tuple[Path, str]]:
         """What the sandbox's egress needs bound read-only: the bridge, the host's CA bundle and
         local package indexes (each at its own path), and the generated files (apt's proxy
-        snippet), written under the sandbox's dir. Blocking."""
+        snippet), written under the sandbox's dir. A rootfs sandbox keeps its image's own apt
+        sources and keyrings (the host's are for the host's distribution). Blocking."""
         egress = sandbox.egress
         if egress is None:
             return []
         binds = [(b.source, b.target) for b in egress.trust.binds]
+        if sandbox.rootfs is not None:
+            binds = [(source, target) for source, target in binds if not _is_apt_source(target)]
         if egress.proxy is not None and self.bridge_file is not None:
             binds.append((self.bridge_file, SANDBOX_BRIDGE))
         if egress.trust.files:
