@@ -210,8 +210,10 @@ class _Progress:
     def failure(self, what: str) -> TemplateBuildFailed:
         where = f"Dockerfile line {self.line}: " if self.line is not None and self.phase == "dockerfile" else ""
         step = f"{self.instruction}" if self.instruction else what
-        reason = self.error_text or "failed"
-        message = f"{where}{step} failed ({reason})" if self.phase != "cellbox" else f"cellbox layer: {step} failed"
+        status = re.search(r"exit status \d+", self.error_text or "")
+        reason = f" with {status.group(0)}" if status else (f": {self.error_text}" if self.error_text else "")
+        prefix = "cellbox layer: " if self.phase == "cellbox" else where
+        message = f"{prefix}{step} failed{reason}"
         details: dict[str, Any] = {"output": "\n".join(self.tail), "phase": self.phase}
         if self.line is not None and self.phase == "dockerfile":
             details["line"] = self.line

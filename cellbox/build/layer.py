@@ -9,6 +9,7 @@ What the layer adds, all under ``/opt/cellbox``:
   needs (:data:`LAYER_REQUIREMENTS`: ipykernel, bash_kernel, matplotlib with the inline backend,
   e2b-charts, ipywidgets). pip comes from a wheel passed in the build context, so the image
   needs no ``python3-venv``/ensurepip.
+* a ``user`` with uid 1000 and a home, when the image has no uid 1000 (sandboxes run as it);
 * ``startup/``: the kernel startup files of ``kernel_image/startup`` (PIL's show, E2B's chart
   and data formats).
 * ``js/``: when the image has node and npm, Deno from npm (``deno@2``, its Linux binary is an
@@ -80,6 +81,17 @@ fi
 ok || { echo "cellbox: python3 is still missing or older than 3.9 after installing it: install Python 3.9 or newer in your Dockerfile" >&2; exit 1; }
 """
 
+_ENSURE_USER = r"""#!/bin/sh
+# cellbox layer: sandboxes run as uid 1000 by default; give it a name and a home when the image
+# has no such user (written directly: minimal images have no useradd).
+set -e
+if ! grep -q '^[^:]*:[^:]*:1000:' /etc/passwd; then
+  grep -q '^user:' /etc/group || echo 'user:x:1000:' >>/etc/group
+  echo 'user:x:1000:1000::/home/user:/bin/sh' >>/etc/passwd
+  mkdir -p /home/user && chown 1000:1000 /home/user
+fi
+"""
+
 _INSTALL_JS = rf"""#!/bin/sh
 # cellbox layer: a JavaScript/TypeScript kernel (Deno's) when the image has node and npm.
 set -e
@@ -113,8 +125,8 @@ def containerfile(base: str, user: str | None, wheel: str = "pip-0-py3-none-any.
     lines = [
         f"FROM {base}",
         "USER root",
-        "COPY ensure-python.sh /opt/cellbox/build/ensure-python.sh",
-        "RUN sh /opt/cellbox/build/ensure-python.sh",
+        "COPY ensure-python.sh ensure-user.sh /opt/cellbox/build/",
+        "RUN sh /opt/cellbox/build/ensure-python.sh && sh /opt/cellbox/build/ensure-user.sh",
         f"COPY requirements.txt {wheel} /opt/cellbox/build/",
         f"RUN python3 -m venv --without-pip --system-site-packages {LAYER_PREFIX}/venv"
         f" && {LAYER_PYTHON} /opt/cellbox/build/{wheel}/pip install --no-cache-dir --progress-bar off"
@@ -137,6 +149,7 @@ def write_context(layer: Layer, directory: Path) -> None:
     """Fill the layer's build context ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "ensure-python.sh").write_text(_ENSURE_PYTHON)
+    (directory / "ensure-user.sh").write_text(_ENSURE_USER)
     (directory / "install-js.sh").write_text(_INSTALL_JS)
     (directory / "requirements.txt").write_text("\n".join(LAYER_REQUIREMENTS) + "\n")
     shutil.copyfile(layer.pip_wheel, directory / layer.pip_wheel.name)
