@@ -33,7 +33,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,7 +47,15 @@ from cellbox.build.layer import LAYER_PREFIX, LAYER_PYTHON, LAYER_STEPS, Layer, 
 from cellbox.egress.hosttrust import HostConfig, read_host_config
 from cellbox.interpreter.errors import Conflict, InvalidRequest, TemplateBuildFailed
 
-__all__ = ["BuildResult", "DEFAULT_KERNEL_IMAGE", "RETAIN_OLD", "build_rootfs_template", "find_dockerfile"]
+__all__ = [
+    "BuildResult",
+    "DEFAULT_KERNEL_IMAGE",
+    "RETAIN_OLD",
+    "build_lock",
+    "build_rootfs_template",
+    "export_rootfs",
+    "find_dockerfile",
+]
 
 DEFAULT_KERNEL_IMAGE = Path(__file__).resolve().parents[2] / "kernel_image"
 RETAIN_OLD = 25 * 3600.0  # a replaced tree outlives the longest sandbox timeout (24 h) before deletion
@@ -76,7 +84,9 @@ def find_dockerfile(source: Path) -> Path | None:
 
 
 @contextmanager
-def _build_lock(root: Path, name: str) -> Iterator[None]:
+def build_lock(root: Path, name: str) -> Iterator[None]:
+    """Held while template ``name`` builds (a lock file beside it, so the CLI and the service
+    see each other's builds); Conflict when another build holds it."""
     root.mkdir(parents=True, exist_ok=True)
     fd = os.open(root / f".{name}.build-lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -340,10 +350,11 @@ def build_rootfs_template(
     build_args: dict[str, str] | None = None,
     cache_dir: Path | None = None,
     retain_old: float = RETAIN_OLD,
+    locked: bool = False,
 ) -> BuildResult:
     """Build template ``name`` under ``root`` from ``source`` (a directory with a Dockerfile);
     see the module docstring. Raises InvalidRequest (bad name or directory), Conflict (a build
-    of ``name`` is running), BaseImageMissing, TemplateBuildFailed (a step failed: its
+    of ``name`` is running; ``locked``: the caller holds :func:`build_lock`), BaseImageMissing, TemplateBuildFailed (a step failed: its
     Dockerfile line and output are in the details)."""
     if not name.replace("-", "").replace("_", "").isalnum():
         raise InvalidRequest("a template name is letters, digits, - and _", field="name")
@@ -358,7 +369,7 @@ def build_rootfs_template(
     parsed = df.parse(dockerfile_path.read_text(), build_args)
     if not parsed.stages:
         raise InvalidRequest("the Dockerfile has no FROM", field="source")
-    with _build_lock(root, name):
+    with nullcontext() if locked else build_lock(root, name):
         missing = [image for image in parsed.base_images() if not buildah.image_exists(image)]
         total = len(missing) + parsed.steps + LAYER_STEPS + 1 + 1  # + USER restore, export
         progress = _Progress(emit, total)
