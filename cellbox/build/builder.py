@@ -249,6 +249,7 @@ def _bud(
         "--network",
         "host",
         "--layers",
+        "--force-rm",  # no working container left behind by a failed step
         "--pull=never",
         "-f",
         str(containerfile_path),
@@ -287,16 +288,15 @@ def export_rootfs(buildah: Buildah, image: str, dest: Path) -> None:
     dest.mkdir(parents=True)
     with buildah.mounted(image) as mounted:
         flags = ["--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner"]
-        reader = subprocess.Popen(
+        with subprocess.Popen(
             ["tar", "-C", str(mounted), *flags, "-cpf", "-", "."], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        writer = subprocess.run(
-            ["tar", "-C", str(dest), *flags, "-xpf", "-"], stdin=reader.stdout, capture_output=True, check=False
-        )
-        assert reader.stdout is not None
-        reader.stdout.close()
-        read_err = reader.stderr.read() if reader.stderr else b""
-        reader.wait()
+        ) as reader:
+            assert reader.stdout is not None and reader.stderr is not None
+            writer = subprocess.run(
+                ["tar", "-C", str(dest), *flags, "-xpf", "-"], stdin=reader.stdout, capture_output=True, check=False
+            )
+            reader.stdout.close()
+            read_err = reader.stderr.read()
     if reader.returncode != 0 or writer.returncode != 0:
         raise TemplateBuildFailed(
             "exporting the image's root file system failed", output=(read_err + writer.stderr).decode(errors="replace")
