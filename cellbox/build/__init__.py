@@ -3,8 +3,8 @@ registry answers), cellbox's kernel layer on top, the image exported as a templa
 system. See :mod:`cellbox.build.builder` for the steps."""
 
 from cellbox.build.base import BaseImageMissing, bootstrap_debian, ensure_base
-from cellbox.build.builder import BuildResult, build_rootfs_template, find_dockerfile
 from cellbox.build.buildah import Buildah, buildah_available
+from cellbox.build.builder import BuildResult, build_rootfs_template, find_dockerfile
 from cellbox.build.events import BuildEvent, OnEvent
 
 __all__ = [

@@ -191,9 +191,7 @@ class _Progress:
         self.phase, self.instruction, self.line = phase, instruction, line
         self.tail.clear()
         self.on_event(
-            BuildEvent(
-                "step", step=self.current, total=self.total, phase=phase, instruction=instruction, line=line
-            )
+            BuildEvent("step", step=self.current, total=self.total, phase=phase, instruction=instruction, line=line)
         )
 
     def __call__(self, text: str) -> None:
@@ -354,8 +352,8 @@ def build_rootfs_template(
 ) -> BuildResult:
     """Build template ``name`` under ``root`` from ``source`` (a directory with a Dockerfile);
     see the module docstring. Raises InvalidRequest (bad name or directory), Conflict (a build
-    of ``name`` is running; ``locked``: the caller holds :func:`build_lock`), BaseImageMissing, TemplateBuildFailed (a step failed: its
-    Dockerfile line and output are in the details)."""
+    of ``name`` is running; ``locked``: the caller holds :func:`build_lock`), BaseImageMissing,
+    TemplateBuildFailed (a step failed: its Dockerfile line and output are in the details)."""
     if not name.replace("-", "").replace("_", "").isalnum():
         raise InvalidRequest("a template name is letters, digits, - and _", field="name")
     dockerfile_path = find_dockerfile(source)
@@ -386,7 +384,13 @@ def build_rootfs_template(
             progress.begin("dockerfile", parsed)
             t0 = time.monotonic()
             user_image = _bud(
-                buildah, progress, dockerfile_path, source, f"localhost/cellbox/{tag}:dockerfile", [*trust, *args], "build"
+                buildah,
+                progress,
+                dockerfile_path,
+                source,
+                f"localhost/cellbox/{tag}:dockerfile",
+                [*trust, *args],
+                "build",
             )
             timings["dockerfile"] = time.monotonic() - t0
             config = _image_config(buildah, user_image)
@@ -398,7 +402,13 @@ def build_rootfs_template(
             progress.begin("cellbox", None)
             t0 = time.monotonic()
             image = _bud(
-                buildah, progress, context / "Containerfile", context, f"localhost/cellbox/{tag}:template", trust, "layer"
+                buildah,
+                progress,
+                context / "Containerfile",
+                context,
+                f"localhost/cellbox/{tag}:template",
+                trust,
+                "layer",
             )
             timings["cellbox"] = time.monotonic() - t0
         progress.current = total - 1
@@ -464,8 +474,12 @@ def _template_doc(
         kernel_env = json.loads((kernel_image / "template.json").read_text()).get("env", {})
     image_env = _env_dict(config.get("Env"))
     env = {**kernel_env, **image_env, **own.get("env", {})}
-    env["PATH"] = f"{LAYER_PREFIX}/venv/bin:" + image_env.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-    startup = sorted(f"{LAYER_PREFIX}/startup/{p.name}" for p in (rootfs / LAYER_PREFIX.lstrip("/") / "startup").glob("*.py"))
+    env["PATH"] = f"{LAYER_PREFIX}/venv/bin:" + image_env.get(
+        "PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    )
+    startup = sorted(
+        f"{LAYER_PREFIX}/startup/{p.name}" for p in (rootfs / LAYER_PREFIX.lstrip("/") / "startup").glob("*.py")
+    )
     return {
         "kind": "rootfs",
         "description": own.get("description", f"built from {source.name}/Dockerfile"),

@@ -22,13 +22,14 @@ import socket
 import subprocess
 import sys
 import threading
+from typing import Any
 
 import zmq
 
 CHANNELS = ("shell", "control", "stdin", "hb", "iopub")
 
 
-def _endpoint(info: dict, channel: str) -> str:
+def _endpoint(info: dict[str, Any], channel: str) -> str:
     port = info[f"{channel}_port"]
     if info.get("transport", "tcp") == "ipc":
         return f"ipc://{info['ip']}-{port}"
@@ -48,7 +49,7 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _pubsub(ctx: zmq.Context, front: str, back: str, ready: threading.Barrier) -> None:
+def _pubsub(ctx: zmq.Context[Any], front: str, back: str, ready: threading.Barrier) -> None:
     frontend = ctx.socket(zmq.XPUB)
     backend = ctx.socket(zmq.XSUB)
     frontend.linger = backend.linger = 0
@@ -61,14 +62,14 @@ def _pubsub(ctx: zmq.Context, front: str, back: str, ready: threading.Barrier) -
         pass
 
 
-def _routers(ctx: zmq.Context, pairs: list[tuple[str, str]], ready: threading.Barrier) -> None:
+def _routers(ctx: zmq.Context[Any], pairs: list[tuple[str, str]], ready: threading.Barrier) -> None:
     """Relay ROUTER channels: each client (routing id) of a front socket gets its own DEALER to
     the kernel with the same routing id, so the kernel sees the client as if it were direct
     (Deno's kernel keeps one identity frame only: a broker's two would be lost)."""
     poller = zmq.Poller()
-    fronts: dict[zmq.Socket, str] = {}
-    dealers: dict[tuple[zmq.Socket, bytes], zmq.Socket] = {}
-    owner: dict[zmq.Socket, tuple[zmq.Socket, bytes]] = {}
+    fronts: dict[zmq.Socket[Any], str] = {}
+    dealers: dict[tuple[zmq.Socket[Any], bytes], zmq.Socket[Any]] = {}
+    owner: dict[zmq.Socket[Any], tuple[zmq.Socket[Any], bytes]] = {}
     for front, back in pairs:
         sock = ctx.socket(zmq.ROUTER)
         sock.linger = 0
@@ -103,8 +104,9 @@ def main(argv: list[str]) -> int:
     with open(connection_file) as f:
         outer = json.load(f)
     inner = dict(outer, transport="tcp", ip="127.0.0.1")
-    for channel, port in zip(CHANNELS, _free_ports(len(CHANNELS)), strict=True):
-        inner[f"{channel}_port"] = port
+    ports = _free_ports(len(CHANNELS))
+    for index, channel in enumerate(CHANNELS):  # (no zip(strict=): images may have Python 3.9)
+        inner[f"{channel}_port"] = ports[index]
     inner_file = f"{connection_file}.tcp.json"
     fd = os.open(inner_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

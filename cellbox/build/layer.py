@@ -61,7 +61,11 @@ LAYER_REQUIREMENTS = (
 _ENSURE_PYTHON = r"""#!/bin/sh
 # cellbox layer: make sure the image has python3 >= 3.9 (the kernel's and the agent's).
 set -e
-ok() { command -v python3 >/dev/null 2>&1 && python3 -c 'import sys, venv; sys.exit(sys.version_info < (3, 9))' 2>/dev/null; }
+ok() {
+  command -v python3 >/dev/null 2>&1 &&
+    python3 -c 'import sys, venv; sys.exit(sys.version_info < (3, 9))' 2>/dev/null
+}
+fail() { echo "cellbox: $1: install Python 3.9 or newer in your Dockerfile" >&2; exit 1; }
 ok && exit 0
 echo "cellbox: the image has no python3 >= 3.9; installing one"
 if command -v apt-get >/dev/null 2>&1; then
@@ -75,10 +79,9 @@ elif command -v dnf >/dev/null 2>&1; then
 elif command -v microdnf >/dev/null 2>&1; then
   microdnf install -y python3 && microdnf clean all
 else
-  echo "cellbox: no python3 >= 3.9 in the image and no apt-get, apk or dnf to install one: install Python 3.9 or newer in your Dockerfile" >&2
-  exit 1
+  fail "no python3 >= 3.9 in the image and no apt-get, apk or dnf to install one"
 fi
-ok || { echo "cellbox: python3 is still missing or older than 3.9 after installing it: install Python 3.9 or newer in your Dockerfile" >&2; exit 1; }
+ok || fail "python3 is still missing or older than 3.9 after installing it"
 """
 
 _ENSURE_USER = r"""#!/bin/sh
@@ -103,8 +106,9 @@ npm install --prefix {LAYER_PREFIX}/js --no-audit --no-fund --no-update-notifier
 {LAYER_PREFIX}/js/node_modules/deno/deno --version
 mkdir -p {LAYER_PREFIX}/venv/share/jupyter/kernels/javascript
 cat >{LAYER_PREFIX}/venv/share/jupyter/kernels/javascript/kernel.json <<'EOF'
-{{"argv": ["{LAYER_PYTHON}", "{LAYER_PREFIX}/jsbridge.py", "{{connection_file}}", "--", "{LAYER_PREFIX}/js/node_modules/deno/deno", "jupyter", "--kernel", "--conn", "{{tcp_connection_file}}"],
- "display_name": "JavaScript (Deno)", "language": "typescript"}}
+{{"argv": ["{LAYER_PYTHON}", "{LAYER_PREFIX}/jsbridge.py", "{{connection_file}}", "--",
+          "{LAYER_PREFIX}/js/node_modules/deno/deno", "jupyter", "--kernel", "--conn", "{{tcp_connection_file}}"],
+ "display_name": "JavaScript (Deno)", "language": "typescript", "env": {{"NO_COLOR": "1"}}}}
 EOF
 """
 

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
-from cellbox.build import BuildEvent, buildah_available, build_rootfs_template
+from cellbox.build import BuildEvent, build_rootfs_template
 from cellbox.build.base import BaseImageMissing
 from cellbox.build.builder import build_lock
 from cellbox.interpreter.errors import TemplateBuildFailed
@@ -143,11 +143,7 @@ def test_unchanged_rebuild_uses_the_cache(guide: Built) -> None:
 
 def test_failing_run_names_its_line_and_shows_its_output(tmp_path: Path) -> None:
     (tmp_path / "Dockerfile").write_text(
-        "FROM debian:bookworm\n"
-        "ENV A=1\n"
-        "# the next step fails\n"
-        "RUN echo preparing && \\\n"
-        "    ls /no-such-dir\n"
+        "FROM debian:bookworm\nENV A=1\n# the next step fails\nRUN echo preparing && \\\n    ls /no-such-dir\n"
     )
     events: list[BuildEvent] = []
     with pytest.raises(TemplateBuildFailed) as caught:
@@ -195,9 +191,7 @@ def test_javascript_kernel_runs_in_the_rootfs(guide: Built, tmp_path: Path) -> N
             client.wait_for_ready(timeout=60)
             outputs: list[dict[str, Any]] = []
             for code in ["const n: number = 6; console.log('typed', n * 7)", "n + 1"]:  # TypeScript; state kept
-                reply = client.execute_interactive(
-                    code, output_hook=lambda m: outputs.append(m["content"]), timeout=60
-                )
+                reply = client.execute_interactive(code, output_hook=lambda m: outputs.append(m["content"]), timeout=60)
                 assert reply["content"]["status"] == "ok", reply["content"]
         finally:
             client.stop_channels()
@@ -249,13 +243,17 @@ async def test_post_templates_streams_ndjson(guide: Built, short_tmp: Path) -> N
             # refused before any stream
             r = await c.post("/v1/templates", json={"name": "x"})
             assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
-            r = await c.post("/v1/templates?name=x", content=b"not a tar", headers={"Content-Type": "application/x-tar"})
+            r = await c.post(
+                "/v1/templates?name=x", content=b"not a tar", headers={"Content-Type": "application/x-tar"}
+            )
             assert r.status_code == 422
             r = await c.post("/v1/templates", content=b"x", headers={"Content-Type": "text/plain"})
             assert r.status_code == 422
             with build_lock(guide.root, "busy"):
                 r = await c.post("/v1/templates", json={"name": "busy", "dockerfile": "FROM debian:bookworm\n"})
                 assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
-            r = await c.post("/v1/templates", json={"name": "x", "dockerfile": "FROM x\n"}, headers={"Authorization": ""})
+            r = await c.post(
+                "/v1/templates", json={"name": "x", "dockerfile": "FROM x\n"}, headers={"Authorization": ""}
+            )
             assert r.status_code == 401
     await asyncio.sleep(0)

@@ -100,9 +100,10 @@ def test_mmdebstrap_sources_follow_the_host(tmp_path: Path) -> None:
     (tmp_path / "etc/apt/sources.list.d/other.list").write_text("deb http://apt.example/pkgs stable main\n")
     found = base.host_debian_sources(tmp_path)
     assert [s.uri for s in found] == ["http://mirror.example/debian", "http://mirror.example/debian-security"]
+    signed = "[signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]"
     assert base.mmdebstrap_sources("trixie", found) == [
-        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://mirror.example/debian trixie main",
-        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://mirror.example/debian trixie-updates main",
+        f"deb {signed} http://mirror.example/debian trixie main",
+        f"deb {signed} http://mirror.example/debian trixie-updates main",
         "deb http://mirror.example/debian-security trixie-security main",
     ]
     assert base.mmdebstrap_sources("sid", []) == ["deb http://deb.debian.org/debian sid main"]
@@ -178,7 +179,15 @@ def test_layer_containerfile_restores_the_user(tmp_path: Path) -> None:
     layer.write_context(layer.Layer(REPO / "kernel_image", wheel), tmp_path / "ctx")
     names = sorted(p.name for p in (tmp_path / "ctx").iterdir())
     assert names == sorted(
-        ["ensure-python.sh", "ensure-user.sh", "install-js.sh", "jsbridge.py", wheel.name, "requirements.txt", "startup"]
+        [
+            "ensure-python.sh",
+            "ensure-user.sh",
+            "install-js.sh",
+            "jsbridge.py",
+            wheel.name,
+            "requirements.txt",
+            "startup",
+        ]
     )
     assert sorted(p.name for p in (tmp_path / "ctx/startup").iterdir()) == sorted(
         p.name for p in (REPO / "kernel_image/startup").iterdir()
@@ -220,8 +229,9 @@ def test_registry_loads_a_rootfs_template(tmp_path: Path) -> None:
     assert sorted(info.kernels) == ["bash", "javascript", "python"]
     assert info.startup_files == [Path("/opt/cellbox/startup/00_images.py")]
     assert info.env == {"FOO": "bar"}
-    assert getattr(info, "rootfs") == tmp_path / "guide/rootfs"
-    assert (getattr(info, "workdir"), getattr(info, "user")) == ("/srv/app", "app")
+    fields = vars(info)  # the rootfs fields come with the rootfs runtime (cellbox/runtimes/specs.py)
+    assert fields["rootfs"] == tmp_path / "guide/rootfs"
+    assert (fields["workdir"], fields["user"]) == ("/srv/app", "app")
 
 
 def test_build_refuses_bad_input(tmp_path: Path) -> None:
