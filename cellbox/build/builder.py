@@ -324,17 +324,19 @@ def _kernels(rootfs: Path) -> list[str]:
 
 
 def _retire(root: Path, target: Path, retain_old: float) -> None:
+    """Move ``target`` (a template's tree being replaced) to ``root/.retired/NAME-SECONDS-XXX``;
+    delete the trees retired more than ``retain_old`` seconds ago (the time is in the name)."""
     retired = root / ".retired"
     retired.mkdir(exist_ok=True)
-    if target.exists():
-        target.rename(retired / f"{target.name}-{int(time.time())}-{secrets.token_hex(3)}")
     now = time.time()
+    moved = None
+    if target.exists():
+        moved = retired / f"{target.name}-{int(now)}-{secrets.token_hex(3)}"
+        target.rename(moved)
     for old in retired.iterdir():
-        try:
-            if now - old.stat().st_mtime > retain_old:
-                shutil.rmtree(old, ignore_errors=True)
-        except OSError:
-            continue
+        match = re.search(r"-(\d+)-[0-9a-f]+$", old.name)
+        if old != moved and match and now - int(match.group(1)) > retain_old:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def build_rootfs_template(

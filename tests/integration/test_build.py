@@ -257,3 +257,41 @@ async def test_post_templates_streams_ndjson(guide: Built, short_tmp: Path) -> N
             )
             assert r.status_code == 401
     await asyncio.sleep(0)
+
+
+def test_cli_builds_with_a_progress_bar(guide: Built) -> None:
+    """`cellbox template build DIR` picks the rootfs kind for a Dockerfile directory; the bar
+    counts buildah's steps; here every step is cached and the tree in place is kept."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "cellbox.cli", "template", "build", str(GUIDE), "--name", "guide"]
+        + ["--data-dir", str(guide.root.parent)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "unchanged (same image)" in proc.stdout and "steps from the layer cache" in proc.stdout
+    assert "building template 'guide'" in proc.stderr
+
+
+def test_rebuild_replaces_the_tree_and_keeps_the_old_one(tmp_path: Path) -> None:
+    """A changed rebuild renames the new tree into place; the old one moves aside whole (a
+    sandbox that has it mounted keeps every file) and is deleted only after ``retain_old``."""
+    (tmp_path / "Dockerfile").write_text("FROM debian:bookworm\nARG V\nRUN echo $V >/version\n")
+    root = tmp_path / "templates"
+    build_rootfs_template(tmp_path, root, "versions", build_args={"V": "1"})
+    old = root / "versions/rootfs/version"
+    fd = os.open(old, os.O_RDONLY)  # as a running sandbox holds files of its tree
+    try:
+        result = build_rootfs_template(tmp_path, root, "versions", build_args={"V": "2"})
+        assert result.exported
+        assert (root / "versions/rootfs/version").read_text() == "2\n"
+        assert os.pread(fd, 10, 0) == b"1\n"
+    finally:
+        os.close(fd)
+    retired = list((root / ".retired").iterdir())
+    assert len(retired) == 1 and (retired[0] / "rootfs/version").read_text() == "1\n"
+    # retain_old < 0: every tree retired before this build is old enough (times are whole seconds)
+    build_rootfs_template(tmp_path, root, "versions", build_args={"V": "3"}, retain_old=-1)
+    retired = list((root / ".retired").iterdir())  # the v1 tree is gone, the v2 one just retired
+    assert [(p / "rootfs/version").read_text() for p in retired] == ["2\n"]
