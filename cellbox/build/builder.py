@@ -436,6 +436,7 @@ def build_rootfs_template(
             export_s = time.monotonic() - t0
             timings["export"] = export_s
             doc = _template_doc(source, kernel_image, image, user_image, config, staging / "rootfs")
+            doc.setdefault("description", f"built from a Dockerfile (FROM {parsed.stages[-1].base})")
             doc["build"] = {"seconds": {k: round(v, 2) for k, v in timings.items()}}
             (staging / "template.json").write_text(json.dumps(doc, indent=2))
             _retire(root, target, retain_old)
@@ -484,7 +485,7 @@ def _template_doc(
     )
     return {
         "kind": "rootfs",
-        "description": own.get("description", f"built from {source.name}/Dockerfile"),
+        **({"description": own["description"]} if "description" in own else {}),
         "rootfs": "rootfs",
         "python": LAYER_PYTHON,
         "kernels": _kernels(rootfs),
