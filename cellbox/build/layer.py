@@ -8,7 +8,9 @@ What the layer adds, all under ``/opt/cellbox``:
   pandas``, ``apt-get install python3-numpy``) is importable in the kernel, plus the kernel's
   needs (:data:`LAYER_REQUIREMENTS`: ipykernel, bash_kernel, matplotlib with the inline backend,
   e2b-charts, ipywidgets). pip comes from a wheel passed in the build context, so the image
-  needs no ``python3-venv``/ensurepip.
+  needs no ``python3-venv``/ensurepip. An image that has its own environment says so with
+  ``ENV CELLBOX_PYTHON=/path/to/venv/bin/python``: the kernel's packages go into that venv and
+  ``venv`` is a link to it (kernel_image/ as a rootfs template keeps its pandas and scipy).
 * a ``user`` with uid 1000 and a home, when the image has no uid 1000 (sandboxes run as it);
 * ``startup/``: the kernel startup files of ``kernel_image/startup`` (PIL's show, E2B's chart
   and data formats).
@@ -67,6 +69,7 @@ ok() {
 }
 fail() { echo "cellbox: $1: install Python 3.9 or newer in your Dockerfile" >&2; exit 1; }
 ok && exit 0
+[ -n "${CELLBOX_PYTHON:-}" ] && "$CELLBOX_PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 9))' && exit 0
 echo "cellbox: the image has no python3 >= 3.9; installing one"
 if command -v apt-get >/dev/null 2>&1; then
   apt-get update -q
@@ -93,6 +96,27 @@ if ! grep -q '^[^:]*:[^:]*:1000:' /etc/passwd; then
   echo 'user:x:1000:1000::/home/user:/bin/sh' >>/etc/passwd
   mkdir -p /home/user && chown 1000:1000 /home/user
 fi
+"""
+
+_MAKE_VENV = rf"""#!/bin/sh
+# cellbox layer: the kernel's environment at {LAYER_PREFIX}/venv. $1: the pip wheel to bootstrap with.
+set -e
+pip_install() {{
+  "$1" "/opt/cellbox/build/$WHEEL/pip" install --no-cache-dir --progress-bar off --disable-pip-version-check \
+    "/opt/cellbox/build/$WHEEL" -r /opt/cellbox/build/requirements.txt
+}}
+WHEEL=$1
+if [ -n "${{CELLBOX_PYTHON:-}}" ]; then
+  # the image names its own Python environment (a venv): the kernel runs there, with its packages
+  "$CELLBOX_PYTHON" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)' ||
+    {{ echo "cellbox: CELLBOX_PYTHON=$CELLBOX_PYTHON is not the python of a venv" >&2; exit 1; }}
+  ln -sfn "$("$CELLBOX_PYTHON" -c 'import sys; print(sys.prefix)')" {LAYER_PREFIX}/venv
+  pip_install "$CELLBOX_PYTHON"
+else
+  python3 -m venv --without-pip --system-site-packages {LAYER_PREFIX}/venv
+  pip_install {LAYER_PYTHON}
+fi
+{LAYER_PYTHON} -c 'import ipykernel, bash_kernel, matplotlib_inline'
 """
 
 _INSTALL_JS = rf"""#!/bin/sh
@@ -131,11 +155,8 @@ def containerfile(base: str, user: str | None, wheel: str = "pip-0-py3-none-any.
         "USER root",
         "COPY ensure-python.sh ensure-user.sh /opt/cellbox/build/",
         "RUN sh /opt/cellbox/build/ensure-python.sh && sh /opt/cellbox/build/ensure-user.sh",
-        f"COPY requirements.txt {wheel} /opt/cellbox/build/",
-        f"RUN python3 -m venv --without-pip --system-site-packages {LAYER_PREFIX}/venv"
-        f" && {LAYER_PYTHON} /opt/cellbox/build/{wheel}/pip install --no-cache-dir --progress-bar off"
-        f" --disable-pip-version-check /opt/cellbox/build/{wheel} -r /opt/cellbox/build/requirements.txt"
-        f" && {LAYER_PYTHON} -c 'import ipykernel, bash_kernel, matplotlib_inline'",
+        f"COPY requirements.txt make-venv.sh {wheel} /opt/cellbox/build/",
+        f"RUN sh /opt/cellbox/build/make-venv.sh {wheel}",
         f"COPY startup/ {LAYER_PREFIX}/startup/",
         f"COPY jsbridge.py install-js.sh {LAYER_PREFIX}/",
         f"RUN sh {LAYER_PREFIX}/install-js.sh",
@@ -155,6 +176,7 @@ def write_context(layer: Layer, directory: Path) -> None:
     (directory / "ensure-python.sh").write_text(_ENSURE_PYTHON)
     (directory / "ensure-user.sh").write_text(_ENSURE_USER)
     (directory / "install-js.sh").write_text(_INSTALL_JS)
+    (directory / "make-venv.sh").write_text(_MAKE_VENV)
     (directory / "requirements.txt").write_text("\n".join(LAYER_REQUIREMENTS) + "\n")
     shutil.copyfile(layer.pip_wheel, directory / layer.pip_wheel.name)
     shutil.copyfile(Path(__file__).with_name("jsbridge.py"), directory / "jsbridge.py")

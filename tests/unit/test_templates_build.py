@@ -173,7 +173,7 @@ def test_layer_containerfile_restores_the_user(tmp_path: Path) -> None:
     lines = text.splitlines()
     assert lines[0] == "FROM sha256:abc" and lines[1] == "USER root" and lines[-1] == "USER app"
     assert len(lines) == layer.LAYER_STEPS + 1
-    assert "--system-site-packages" in text and "pip-26.0-py3-none-any.whl/pip install" in text
+    assert "RUN sh /opt/cellbox/build/make-venv.sh pip-26.0-py3-none-any.whl" in text
     wheel = tmp_path / "pip-26.0-py3-none-any.whl"
     wheel.write_bytes(b"zip")
     layer.write_context(layer.Layer(REPO / "kernel_image", wheel), tmp_path / "ctx")
@@ -184,6 +184,7 @@ def test_layer_containerfile_restores_the_user(tmp_path: Path) -> None:
             "ensure-user.sh",
             "install-js.sh",
             "jsbridge.py",
+            "make-venv.sh",
             wheel.name,
             "requirements.txt",
             "startup",
