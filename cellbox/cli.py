@@ -570,16 +570,34 @@ def _templates_root(data_dir: Path | None) -> Path:
 @click.option("--name", required=True, help="Template name, e.g. 'default'.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="The service's data dir.")
 @click.option(
+    "--kind",
+    type=click.Choice(["auto", "venv", "rootfs"]),
+    default="auto",
+    show_default=True,
+    help="venv: a venv from requirements.txt on the host's /usr; rootfs: a root file system built from "
+    "the Dockerfile with buildah; auto: venv when SOURCE has a requirements.txt (kernel_image/), else rootfs.",
+)
+@click.option(
     "--python",
     "python",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Interpreter the venv is made from [default: /usr/bin/python3].",
+    help="venv: interpreter the venv is made from [default: /usr/bin/python3].",
 )
-def template_build(source: Path, name: str, data_dir: Path | None, python: Path | None) -> None:
-    """Build template NAME from SOURCE (a directory with requirements.txt, startup/, template.json)."""
-    from cellbox.interpreter.templates import build_template
+@click.option("--build-arg", "build_args", multiple=True, metavar="KEY=VALUE", help="rootfs: a Dockerfile ARG.")
+def template_build(
+    source: Path, name: str, data_dir: Path | None, kind: str, python: Path | None, build_args: tuple[str, ...]
+) -> None:
+    """Build template NAME from SOURCE: a directory with requirements.txt, startup/, template.json
+    (a venv template), or with a Dockerfile (a root file system template)."""
+    from cellbox.interpreter.templates import build_template, template_kind
 
     root = _templates_root(data_dir)
+    with _reported_errors():
+        kind = template_kind(source, kind)
+    if kind == "rootfs":
+        args = dict(arg.partition("=")[::2] for arg in build_args)
+        _template_build_rootfs(source, root, name, args)
+        return
     steps = {
         "Collecting": "resolving",
         "Downloading": "downloading",
@@ -601,6 +619,57 @@ def template_build(source: Path, name: str, data_dir: Path | None, python: Path 
     click.echo(f"template {name!r} built at {target}")
 
 
+def _template_build_rootfs(source: Path, root: Path, name: str, build_args: dict[str, str]) -> None:
+    """A Dockerfile build: a bar over buildah's steps (N/M), each step's instruction as its label;
+    a failure prints the step's Dockerfile line and the end of its output."""
+    from cellbox.build import BuildEvent, build_rootfs_template
+    from cellbox.interpreter.errors import TemplateBuildFailed
+
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+    with click.progressbar(length=1, label=f"building template {name!r}", file=sys.stderr, show_pos=True) as bar:
+        shown = 0
+
+        def on_event(event: BuildEvent) -> None:
+            nonlocal shown
+            if event.type == "log" and verbose and event.text is not None:
+                click.echo(event.text, err=True)
+            if event.type == "step" and event.step is not None and event.total is not None:
+                bar.length = event.total
+                bar.label = (event.instruction or "")[:60]
+                bar.update(max(0, event.step - 1 - shown))
+                shown = max(shown, event.step - 1)
+            if event.type == "done" and event.total is not None:
+                bar.update(event.total - shown)
+
+        try:
+            result = build_rootfs_template(source, root, name, on_event=on_event, build_args=build_args)
+        except TemplateBuildFailed as exc:
+            output = str(exc.details.get("output") or "")
+            if output:
+                click.echo("\n" + output, err=True)
+            raise click.ClickException(f"{exc.code}: {exc.message}") from exc
+        except InterpreterError as exc:
+            raise click.ClickException(f"{exc.code}: {exc.message}") from exc
+    how = "exported" if result.exported else "unchanged (same image)"
+    click.echo(
+        f"template {name!r} built at {result.path} in {result.duration_s:.1f} s: {how}, "
+        f"{result.cached_steps} of {result.steps} steps from the layer cache"
+    )
+
+
+@template.command("base")
+@click.argument("image")
+def template_base(image: str) -> None:
+    """Make IMAGE (debian:<suite>, e.g. debian:bookworm) in the local image store with mmdebstrap,
+    from the host's apt sources: for hosts without a registry. Dockerfile builds do this on their
+    own when their FROM is a missing debian:<suite>."""
+    from cellbox.build import Buildah, bootstrap_debian
+
+    with _reported_errors():
+        image_id = bootstrap_debian(image, Buildah(), lambda line: click.echo(line, err=True))
+    click.echo(f"{image} is {image_id}")
+
+
 @template.command("list")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="The service's data dir.")
 def template_list(data_dir: Path | None) -> None:
@@ -609,8 +678,10 @@ def template_list(data_dir: Path | None) -> None:
 
     registry = TemplateRegistry(_templates_root(data_dir))
     for name in registry.names():
-        info = registry.get(name)
-        click.echo(f"{name}\t{info.python}\t{','.join(sorted(info.kernels))}")
+        with _reported_errors():
+            info = registry.get(name)
+        kind = "rootfs" if getattr(info, "rootfs", None) is not None else "venv"
+        click.echo(f"{name}\t{kind}\t{info.python}\t{','.join(sorted(info.kernels))}")
 
 
 @main.group()

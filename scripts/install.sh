@@ -22,8 +22,14 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 # python3-venv: the service venv and template venvs; bubblewrap, python3-seccomp, e2fsprogs,
 # util-linux: sandbox isolation (namespaces, syscall filter, quota'd home images);
-# procps: ps/kill inside sandboxes; curl: the README's tour.
-PKGS=(python3 python3-venv python3-pip bubblewrap python3-seccomp e2fsprogs util-linux procps curl)
+# procps: ps/kill inside sandboxes; curl: the README's tour;
+# buildah, mmdebstrap, debian-archive-keyring: templates from Dockerfiles (`cellbox template
+# build DIR` for a DIR with a Dockerfile): buildah builds them as root with --isolation chroot
+# and its overlay storage driver (the kernel's overlayfs: no fuse-overlayfs, crun or runc
+# needed; buildah pulls in uidmap), mmdebstrap makes debian:<suite> base images from this
+# host's apt sources where no registry is reachable.
+PKGS=(python3 python3-venv python3-pip bubblewrap python3-seccomp e2fsprogs util-linux procps curl
+  buildah mmdebstrap debian-archive-keyring)
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -1,9 +1,18 @@
 """Templates: what a sandbox starts from.
 
-A built template is a directory ``TEMPLATES_DIR/<name>/`` holding ``template.json``, a Python
-virtual environment ``venv/`` (ipykernel and the packages users expect) and ``startup/*.py``
-files run in every new Python kernel. ``cellbox template build`` makes one from a directory
-like ``kernel_image/``.
+A built template is a directory ``TEMPLATES_DIR/<name>/`` holding ``template.json`` and one of:
+
+* kind ``venv`` (``build_template`` below, from a directory like ``kernel_image/`` with a
+  ``requirements.txt``): a Python virtual environment ``venv/`` (ipykernel and the packages
+  users expect) and ``startup/*.py`` files run in every new Python kernel; the sandbox sees the
+  host's read-only /usr under it;
+* kind ``rootfs`` (:func:`cellbox.build.build_rootfs_template`, from a directory with a
+  Dockerfile): a root file system ``rootfs/`` exported from the image buildah built, with
+  cellbox's layer in it; ``template.json`` names the interpreter and startup files as paths
+  *inside* the rootfs and records the image's ENV, WORKDIR, USER and CMD.
+
+``cellbox template build DIR`` picks the kind: ``requirements.txt`` → venv, else a Dockerfile →
+rootfs (``--kind`` overrides).
 
 When no ``default`` template was built, the service's own Python serves as the ``default``
 kernel environment if it can import ipykernel (a laptop after ``pip install
@@ -13,6 +22,7 @@ service's environment.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -32,12 +42,34 @@ log = logging.getLogger("cellbox.templates")
 
 PYTHON_KERNEL = KernelSpec("python", ["{python}", "-m", "ipykernel_launcher", "-f", "{connection_file}"])
 BASH_KERNEL = KernelSpec("bash", ["{python}", "-m", "bash_kernel", "-f", "{connection_file}"], interrupt_mode="signal")
+# Deno's kernel (rootfs templates whose image has node: cellbox.build.layer installs it) binds
+# TCP only: the bridge binds the IPC endpoints of {connection_file} and relays them to it on the
+# sandbox's own loopback. NO_COLOR: plain text/plain results, not ANSI-coloured ones.
+JAVASCRIPT_KERNEL = KernelSpec(
+    "javascript",
+    [
+        "{python}",
+        "/opt/cellbox/jsbridge.py",
+        "{connection_file}",
+        "--",
+        "/opt/cellbox/js/node_modules/deno/deno",
+        "jupyter",
+        "--kernel",
+        "--conn",
+        "{tcp_connection_file}",
+    ],
+    interrupt_mode="signal",
+    env={"NO_COLOR": "1"},
+)
+TEMPLATE_KINDS = ("venv", "rootfs")
 
 
 def _kernels_for(python: Path, available: list[str] | None) -> dict[str, KernelSpec]:
     kernels = {"python": PYTHON_KERNEL}
     if available is None or "bash" in available:
         kernels["bash"] = BASH_KERNEL
+    if available is not None and "javascript" in available:
+        kernels["javascript"] = JAVASCRIPT_KERNEL
     return kernels
 
 
@@ -48,7 +80,11 @@ class TemplateRegistry:
         self.root = root
 
     def names(self) -> list[str]:
-        found = sorted(p.parent.name for p in self.root.glob("*/template.json")) if self.root.exists() else []
+        found = (
+            sorted(p.parent.name for p in self.root.glob("*/template.json") if _valid_name(p.parent.name))
+            if self.root.exists()
+            else []
+        )
         if "default" not in found and self._host_python_usable():
             found.insert(0, "default")
         return found
@@ -56,7 +92,7 @@ class TemplateRegistry:
     def get(self, name: str) -> TemplateInfo:
         """The template called ``name``; raises TemplateNotFound naming the known ones."""
         path = self.root / name / "template.json"
-        if name.replace("-", "").replace("_", "").isalnum() and path.exists():
+        if _valid_name(name) and path.exists():
             return self._load(name, path)
         if name == "default" and self._host_python_usable():
             log.warning(
@@ -75,6 +111,8 @@ class TemplateRegistry:
     def _load(self, name: str, path: Path) -> TemplateInfo:
         doc: dict[str, Any] = json.loads(path.read_text())
         base = path.parent
+        if doc.get("kind") == "rootfs" or "rootfs" in doc:
+            return self._load_rootfs(name, base, doc)
         python = base / doc.get("python", "venv/bin/python")
         startup = sorted((base / "startup").glob("*.py")) if (base / "startup").is_dir() else []
         return TemplateInfo(
@@ -89,6 +127,33 @@ class TemplateRegistry:
         )
 
     @staticmethod
+    def _load_rootfs(name: str, base: Path, doc: dict[str, Any]) -> TemplateInfo:
+        """A rootfs template: ``python`` and the startup files are paths inside the rootfs."""
+        extra: dict[str, Any] = {
+            "rootfs": base / str(doc.get("rootfs", "rootfs")),
+            "workdir": doc.get("workdir") or None,
+            "user": doc.get("user") or None,
+        }
+        known = {f.name for f in dataclasses.fields(TemplateInfo)}
+        if "rootfs" not in known:
+            raise InvalidRequest(
+                f"template {name!r} is a root file system template, which this service's runtime cannot run",
+                field="template",
+            )
+        python = Path(str(doc.get("python", "/opt/cellbox/venv/bin/python")))
+        return TemplateInfo(
+            name=name,
+            python=python,
+            env_dir=None,
+            kernels=_kernels_for(python, doc.get("kernels")),
+            startup_files=[Path(str(p)) for p in doc.get("startup", [])],
+            env={str(k): str(v) for k, v in doc.get("env", {}).items()},
+            limits=Limits(**doc.get("limits", {})),
+            preload=[str(m) for m in doc.get("preload", [])],
+            **{k: v for k, v in extra.items() if k in known},
+        )
+
+    @staticmethod
     def _host_python_usable() -> bool:
         return importlib.util.find_spec("ipykernel") is not None
 
@@ -98,6 +163,27 @@ class TemplateRegistry:
         if importlib.util.find_spec("bash_kernel") is not None:
             kernels.append("bash")
         return kernels
+
+
+def _valid_name(name: str) -> bool:
+    """Letters, digits, - and _ (no dots: staging and retired trees are never templates)."""
+    return bool(name) and name.replace("-", "").replace("_", "").isalnum()
+
+
+def template_kind(source: Path, kind: str = "auto") -> str:
+    """The kind ``cellbox template build SOURCE`` makes: ``venv`` for a directory with a
+    requirements.txt (kernel_image/, the default template), else ``rootfs`` for one with a
+    Dockerfile/Containerfile; ``kind`` other than auto is taken as given. InvalidRequest for a
+    directory with neither."""
+    if kind in TEMPLATE_KINDS:
+        return kind
+    if kind != "auto":
+        raise InvalidRequest(f"kind is one of auto, {', '.join(TEMPLATE_KINDS)}", field="kind")
+    if (source / "requirements.txt").is_file():
+        return "venv"
+    if (source / "Dockerfile").is_file() or (source / "Containerfile").is_file():
+        return "rootfs"
+    raise InvalidRequest(f"{source} has neither a requirements.txt nor a Dockerfile", field="source")
 
 
 def default_template_python() -> Path:
@@ -122,7 +208,7 @@ def build_template(
     previous template untouched. Calls ``on_line`` with every line of pip's output. Raises
     InvalidRequest for a bad source directory, TemplateBuildFailed when pip fails.
     """
-    if not name.replace("-", "").replace("_", "").isalnum():
+    if not _valid_name(name):
         raise InvalidRequest("a template name is letters, digits, - and _", field="name")
     requirements = source / "requirements.txt"
     if not requirements.is_file():

@@ -15,7 +15,7 @@ import cellbox
 from cellbox.api import errors
 from cellbox.api.errors import error_response
 from cellbox.api.faces import Face, Services
-from cellbox.api.routes import artifacts, commands, egress, executions, files, ports, sandboxes
+from cellbox.api.routes import artifacts, commands, egress, executions, files, ports, sandboxes, templates
 from cellbox.interpreter.errors import RequestTooLarge
 from cellbox.interpreter.models import Health
 
@@ -120,6 +120,7 @@ def build(services: Services) -> ASGIApp:
     app.include_router(files.router)
     app.include_router(egress.router)
     app.include_router(ports.router)
+    app.include_router(templates.router)
 
     @app.get("/healthz", response_model=Health, tags=["service"])
     async def healthz(request: Request) -> Health:
