@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.asyncio
-
 from cellbox.interpreter.models import EndStatus, ErrorEvent
 from cellbox.runtimes.context import ExecutionRunner
 from cellbox.runtimes.kernel import Route
+
+pytestmark = pytest.mark.asyncio
 
 ERROR = {"ename": "ZeroDivisionError", "evalue": "division by zero", "traceback": ["Traceback ..."]}
 
