@@ -311,6 +311,49 @@ def test_commands_cwd_envs_timeout(sbx: Sandbox) -> None:
     assert sbx.commands.run("echo stdin-closed; cat").stdout == "stdin-closed\n"
 
 
+def test_process_selected_by_tag(sbx: Sandbox) -> None:
+    """envd's ProcessSelector ``tag``: no SDK method starts a tagged process (templates' start
+    commands are), so this goes through the SDK's own Connect client and messages."""
+    from connectrpc.code import Code
+    from connectrpc.errors import ConnectError
+    from e2b.connection_config import KEEPALIVE_PING_HEADER
+    from e2b.envd.process import process_pb
+    from protobuf import Oneof
+
+    rpc = sbx.commands._rpc
+
+    def by_tag(tag: str) -> process_pb.ProcessSelector:
+        return process_pb.ProcessSelector(selector=Oneof("tag", tag))
+
+    config = process_pb.ProcessConfig(cmd="/bin/bash", args=["-l", "-c", "cat"], envs={})
+    started = rpc.start(process_pb.StartRequest(process=config, tag="server", stdin=True), timeout_ms=120_000)
+    handle = sbx.commands._create_handle(started, "start process", True)
+    assert {p.pid: p.tag for p in sbx.commands.list()}.get(handle.pid) == "server"
+
+    attached = sbx.commands._create_handle(
+        rpc.connect(process_pb.ConnectRequest(process=by_tag("server")), headers={KEEPALIVE_PING_HEADER: "50"}),
+        "connect to process",
+        True,
+    )
+    assert attached.pid == handle.pid
+    data = process_pb.ProcessInput(input=Oneof("stdin", b"by tag\n"))
+    rpc.send_input(process_pb.SendInputRequest(process=by_tag("server"), input=data))
+    rpc.close_stdin(process_pb.CloseStdinRequest(process=by_tag("server")))
+    assert attached.wait().stdout == "by tag\n"
+    assert handle.wait().exit_code == 0
+
+    sleeper = rpc.start(process_pb.StartRequest(process=config, tag="sleeper", stdin=True), timeout_ms=120_000)
+    sleeping = sbx.commands._create_handle(sleeper, "start process", True)
+    rpc.send_signal(process_pb.SendSignalRequest(process=by_tag("sleeper"), signal=process_pb.Signal.SIGKILL))
+    with pytest.raises(CommandExitException):
+        sleeping.wait()
+    with pytest.raises(ConnectError, match="tag sleeper not found") as info:  # it ended: envd forgets it
+        rpc.close_stdin(process_pb.CloseStdinRequest(process=by_tag("sleeper")))
+    assert info.value.code is Code.NOT_FOUND
+    with pytest.raises(ConnectError, match="tag nobody not found"):
+        rpc.send_input(process_pb.SendInputRequest(process=by_tag("nobody"), input=data))
+
+
 # -- pty ------------------------------------------------------------------------------------
 
 
@@ -352,6 +395,11 @@ def test_pty_create_input_resize_connect_kill(sbx: Sandbox) -> None:
     sbx.pty.send_stdin(handle.pid, b"echo after-$((40+2))\n")
     again.until(b"after-42\r\n")
     assert b"30 100" not in again.data and b"50 120" not in again.data  # connect does not replay
+
+    with pytest.raises(SandboxException, match=r"cannot close stdin for PTY process .* Ctrl\+D"):
+        sbx.commands.close_stdin(handle.pid)  # as envd: a terminal's input ends with ^D
+    with pytest.raises(SandboxException, match="write input to the pty"):
+        sbx.commands.send_stdin(handle.pid, "x")
 
     assert sbx.pty.kill(handle.pid) is True
     with pytest.raises(CommandExitException) as info:

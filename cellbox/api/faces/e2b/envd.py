@@ -194,13 +194,19 @@ Unary = Callable[[Request, Sandbox, dict[str, Any]], Awaitable[dict[str, Any]]]
 Streaming = Callable[[Request, Sandbox, dict[str, Any], float | None], AsyncIterator[dict[str, Any]]]
 
 
-def _pid(msg: dict[str, Any]) -> int:
+def _pid(sbx: Sandbox, msg: dict[str, Any]) -> int:
+    """The pid a ``ProcessSelector`` names: its ``pid``, or the running process started with
+    its ``tag`` (envd: not_found when none is)."""
     selector = msg.get("process") or {}
     if "pid" in selector:
         return int(selector["pid"])
     if "tag" in selector:
-        raise c.ConnectError(c.Code.UNIMPLEMENTED, "selecting a process by tag is not supported")
-    raise c.ConnectError(c.Code.INVALID_ARGUMENT, "process.pid is required")
+        tag = str(selector["tag"])
+        try:
+            return sbx.commands.tagged(tag).pid
+        except e.NotFound:
+            raise c.ConnectError(c.Code.NOT_FOUND, f"process with tag {tag} not found") from None
+    raise c.ConnectError(c.Code.INVALID_ARGUMENT, "process.pid or process.tag is required")
 
 
 def _command(config: dict[str, Any], pty: bool = False) -> str:
@@ -251,9 +257,10 @@ async def process_start(
         background=True,
         user=_rpc_user(request),
         pty=pty,
+        tag=str(msg["tag"]) if msg.get("tag") is not None else None,
     )
     info = await sbx.commands.start(req)
-    if not msg.get("stdin"):
+    if not msg.get("stdin") and pty is None:
         # E2B: without stdin a read sees EOF. A quick command may have ended already.
         with contextlib.suppress(e.NotFound, e.InvalidRequest, e.Conflict):
             await sbx.commands.stdin(info.pid, None)
@@ -266,7 +273,7 @@ async def process_connect(
 ) -> AsyncIterator[dict[str, Any]]:
     """envd's Connect: the ``start`` event, then only what the process does from now on (what
     it printed before is not replayed), until its end."""
-    pid = _pid(msg)
+    pid = _pid(sbx, msg)
     if sbx.commands.get(pid).done.is_set():  # envd forgets a process once it ended
         raise e.NotFound(f"process with pid {pid} not found")
     live = sbx.commands.follow(pid, after=None)  # subscribed before the client hears start
@@ -282,28 +289,35 @@ async def process_list(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> d
             continue
         shell = info.pty and info.cmd == " ".join(PTY_SHELL)
         args = PTY_SHELL[1:] if shell else ["-l", "-c", info.cmd]
-        processes.append({"config": {"cmd": "/bin/bash", "args": args, "envs": {}, "cwd": info.cwd}, "pid": info.pid})
+        config = {"cmd": "/bin/bash", "args": args, "envs": {}, "cwd": info.cwd}
+        processes.append({"config": config, "pid": info.pid, **({"tag": info.tag} if info.tag is not None else {})})
     return {"processes": processes}
 
 
 async def process_send_input(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
-    await _send_input(sbx, _pid(msg), msg.get("input") or {})
+    await _send_input(sbx, _pid(sbx, msg), msg.get("input") or {})
     return {}
 
 
 async def _send_input(sbx: Sandbox, pid: int, data: dict[str, Any]) -> None:
-    """A ``ProcessInput``: ``stdin`` bytes, or ``pty`` bytes for a process with a terminal."""
+    """A ``ProcessInput``: ``stdin`` bytes, or ``pty`` bytes for a process with a terminal
+    (envd refuses each for the other kind of process)."""
+    terminal = sbx.commands.get(pid).pty
     if "pty" in data:
-        if not sbx.commands.get(pid).pty:
+        if not terminal:
             raise c.ConnectError(c.Code.FAILED_PRECONDITION, f"process {pid} has no pty")
         await sbx.commands.stdin(pid, base64.b64decode(data["pty"]))
     else:
+        if terminal:
+            raise c.ConnectError(
+                c.Code.INTERNAL, "error writing to stdin: a pty is assigned to the process: write input to the pty"
+            )
         await sbx.commands.stdin(pid, base64.b64decode(data.get("stdin", "")))
 
 
 async def process_update(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
     """``Update``: a new terminal size (the only thing envd updates)."""
-    pid = _pid(msg)
+    pid = _pid(sbx, msg)
     if not msg.get("pty"):
         return {}
     size = _pty_size(msg["pty"])
@@ -312,7 +326,12 @@ async def process_update(request: Request, sbx: Sandbox, msg: dict[str, Any]) ->
 
 
 async def process_close_stdin(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
-    await sbx.commands.stdin(_pid(msg), None)
+    pid = _pid(sbx, msg)
+    if sbx.commands.get(pid).pty:  # envd refuses: a terminal's input ends with ^D
+        raise c.ConnectError(
+            c.Code.UNKNOWN, "error closing stdin: cannot close stdin for PTY process — send Ctrl+D (0x04) instead"
+        )
+    await sbx.commands.stdin(pid, None)
     return {}
 
 
@@ -324,7 +343,7 @@ async def process_send_signal(request: Request, sbx: Sandbox, msg: dict[str, Any
     signum = int(raw) if isinstance(raw, int) or str(raw).isdigit() else _SIGNALS.get(str(raw), 0)
     if signum not in (9, 15):
         raise c.ConnectError(c.Code.INVALID_ARGUMENT, f"unsupported signal {raw!r}")
-    pid = _pid(msg)
+    pid = _pid(sbx, msg)
     if sbx.commands.get(pid).done.is_set():
         raise e.NotFound(f"process {pid} is not running")
     await sbx.commands.signal(pid, signum)
@@ -450,7 +469,7 @@ async def stream_input(request: Request) -> Response:
                 if flags & c.FLAG_END_STREAM:
                     continue
                 if "start" in msg:
-                    pid = _pid(msg["start"])
+                    pid = _pid(sbx, msg["start"])
                 elif "data" in msg:
                     if pid is None:
                         raise c.ConnectError(c.Code.INVALID_ARGUMENT, "the first message must be start")
