@@ -179,9 +179,25 @@ def test_other_keys_do_not_see_each_others_sandboxes(e2b_server: E2BServer) -> N
         mine.kill()
 
 
-def test_metrics(sbx: Sandbox) -> None:
-    metrics = sbx.get_metrics()
-    assert metrics and metrics[0].mem_total > 0 and metrics[0].cpu_count >= 1
+def test_metrics_series_filtered_by_start_and_end(sbx: Sandbox) -> None:
+    assert sbx.get_metrics()  # at least the sample this read takes
+    # A workload longer than the server's sample interval, spanning two whole seconds (the
+    # SDK sends start and end as unix seconds)
+    sbx.commands.run("sleep 1.2")
+    series = sbx.get_metrics()
+    assert len(series) >= 2
+    stamps = [m.timestamp for m in series]
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
+    assert all(m.mem_total > 0 and m.cpu_count >= 1 and m.disk_total > 0 for m in series)
+    assert all(0 <= m.cpu_used_pct <= 100 for m in series)
+    first, last = stamps[0], stamps[-1]
+    assert int(last.timestamp()) > int(first.timestamp())
+    early = sbx.get_metrics(end=first)
+    assert early and all(int(m.timestamp.timestamp()) <= int(first.timestamp()) for m in early)
+    assert last not in [m.timestamp for m in early]
+    late = sbx.get_metrics(start=last)
+    assert late and first not in [m.timestamp for m in late]
+    assert all(int(m.timestamp.timestamp()) >= int(last.timestamp()) for m in late)
 
 
 # -- run_code ---------------------------------------------------------------------------------
