@@ -434,6 +434,22 @@ def test_commands_user(sbx: Sandbox) -> None:
         sbx.pty.create(PtySize(rows=24, cols=80), user="root")
 
 
+def test_files_as_root_need_a_rootfs_sandbox(sbx: Sandbox) -> None:
+    """``user="root"`` on files reaches the sandbox's agent, which offers root only in a
+    sandbox from a rootfs template (tests/integration/test_files_as_root.py has that side)."""
+    sbx.files.write("mine.txt", "as user", user="user")
+    assert sbx.files.read("mine.txt", user="user") == "as user"
+    refused = "user 'root' is not available: only a sandbox from a rootfs template has root"
+    with pytest.raises(SandboxException, match=refused):
+        sbx.files.write("/tmp/r.txt", "x", user="root")
+    with pytest.raises(SandboxException, match=refused):
+        sbx.files.read("mine.txt", user="root")
+    with pytest.raises(SandboxException, match=refused):
+        sbx.files.list("/", user="root")
+    with pytest.raises(SandboxException, match=refused):
+        sbx.files.make_dir("/tmp/made", user="root")
+
+
 def test_watch_dir_polling(sbx: Sandbox) -> None:
     sbx.files.make_dir("watched/sub")  # inotify sees into directories that exist when watched
     handle = sbx.files.watch_dir("watched", recursive=True)

@@ -27,23 +27,31 @@ from cellbox.api.faces.e2b.services import services
 from cellbox.api.faces.e2b.stream import ByteStream
 from cellbox.interpreter import errors as e
 from cellbox.interpreter.commands import PTY_SHELL
+from cellbox.interpreter.files import Files
 from cellbox.interpreter.models import CommandEvent, CommandExitEvent, CommandRequest, PtySize
 from cellbox.interpreter.sandbox import Sandbox
 
 __all__ = ["routes"]
 
 HOME = "/home/user"
+ROOT_HOME = "/root"
 DEFAULT_USER = "user"
 UPLOAD_CHUNK = 1 << 20
 KEEPALIVE_SECONDS = 50.0  # the SDKs ask for Keepalive-Ping-Interval: 50
 
 
 def _check_user(user: str | None) -> None:
-    # Files: cellbox sandboxes have one user there; "root" is not offered (it would need
-    # privileges the sandbox deliberately lacks), and the SDKs' error for it names the reason.
-    # Commands pass their user on: the sandbox's agent decides what it offers.
+    # Watches run as the sandbox's user only (the agent's inotify is the user's).
     if user not in (None, "", DEFAULT_USER):
-        raise e.PermissionDenied(f"user {user!r} is not available in cellbox sandboxes: only {DEFAULT_USER!r}")
+        raise e.PermissionDenied(
+            f"watching as user {user!r} is not available in cellbox sandboxes: only {DEFAULT_USER!r}"
+        )
+
+
+def _files(sbx: Sandbox, user: str | None) -> Files:
+    """The sandbox's files as ``user``: the sandbox's agent decides what it offers (``root``
+    in a sandbox from a rootfs template; elsewhere its operations refuse it, naming why)."""
+    return sbx.files.as_user(user)
 
 
 def _rpc_user(request: Request) -> str | None:
@@ -57,13 +65,15 @@ def _rpc_user(request: Request) -> str | None:
         raise e.InvalidRequest("malformed Authorization header") from None
 
 
-def absolute(path: str) -> str:
-    """A sandbox path: relative paths resolve against the user's home (``/home/user``)."""
+def absolute(path: str, user: str | None = None) -> str:
+    """A sandbox path: relative paths resolve against the user's home (``/home/user``;
+    ``/root`` for root, as envd)."""
+    home = ROOT_HOME if user == "root" else HOME
     if not path:
-        return HOME
+        return home
     if path.startswith("~"):
-        path = HOME + path[1:]
-    return posixpath.normpath(path if path.startswith("/") else posixpath.join(HOME, path))
+        path = home + path[1:]
+    return posixpath.normpath(path if path.startswith("/") else posixpath.join(home, path))
 
 
 async def _sandbox(request: Request) -> tuple[str, Sandbox]:
@@ -108,13 +118,13 @@ async def read_file(request: Request) -> Response:
     if not raw_path:
         raise e.InvalidRequest("path is required")
     user = q.get("username") or None
-    _check_user(user)
     sbx = await _file_sandbox(request, "read", raw_path, user)
-    path = absolute(raw_path)
-    entry = await sbx.files.stat(path)
+    files = _files(sbx, user)
+    path = absolute(raw_path, user)
+    entry = await files.stat(path)
     if entry.type == "dir":
         raise e.InvalidRequest(f"path {path!r} is a directory")
-    _, chunks = await sbx.files.read(path)
+    _, chunks = await files.read(path)
     headers = {"Content-Disposition": f'attachment; filename="{posixpath.basename(path)}"'}
     if "gzip" in request.headers.get("accept-encoding", ""):
         headers["Content-Encoding"] = "gzip"
@@ -157,7 +167,6 @@ async def _upload_chunks(upload: UploadFile) -> AsyncIterator[bytes]:
 async def write_files(request: Request) -> Response:
     q = request.query_params
     user = q.get("username") or None
-    _check_user(user)
     raw_path = q.get("path")
     content_type = request.headers.get("content-type", "")
     limit = services(request).settings.max_upload_bytes
@@ -172,7 +181,7 @@ async def write_files(request: Request) -> Response:
                 dest = raw_path if raw_path and len(uploads) == 1 else upload.filename
                 if not dest:
                     raise e.InvalidRequest("a file part without a file name, and no path")
-                entry = await sbx.files.write(absolute(dest), _upload_chunks(upload), limit)
+                entry = await _files(sbx, user).write(absolute(dest, user), _upload_chunks(upload), limit)
                 written.append(t.write_info(entry))
         return JSONResponse(written)
     if not raw_path:
@@ -184,7 +193,7 @@ async def write_files(request: Request) -> Response:
         body = _gunzip(body)
     elif encoding not in ("", "identity"):
         raise e.InvalidRequest(f"unsupported Content-Encoding {encoding!r}")
-    entry = await sbx.files.write(absolute(raw_path), body, limit)
+    entry = await _files(sbx, user).write(absolute(raw_path, user), body, limit)
     return JSONResponse([t.write_info(entry)])
 
 
@@ -351,35 +360,35 @@ async def process_send_signal(request: Request, sbx: Sandbox, msg: dict[str, Any
 
 
 async def fs_stat(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
-    _check_user(_rpc_user(request))
-    return {"entry": t.entry_info(await sbx.files.stat(absolute(str(msg.get("path", "")))))}
+    user = _rpc_user(request)
+    return {"entry": t.entry_info(await _files(sbx, user).stat(absolute(str(msg.get("path", "")), user)))}
 
 
 async def fs_list_dir(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
-    _check_user(_rpc_user(request))
+    user = _rpc_user(request)
     depth = int(msg.get("depth") or 1)
-    listing = await sbx.files.listdir(absolute(str(msg.get("path", ""))), depth)
+    listing = await _files(sbx, user).listdir(absolute(str(msg.get("path", "")), user), depth)
     return {"entries": [t.entry_info(entry) for entry in listing.entries]}
 
 
 async def fs_make_dir(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
-    _check_user(_rpc_user(request))
-    path = absolute(str(msg.get("path", "")))
-    created, entry = await sbx.files.mkdir(path, True)
+    user = _rpc_user(request)
+    path = absolute(str(msg.get("path", "")), user)
+    created, entry = await _files(sbx, user).mkdir(path, True)
     if not created:
         raise c.ConnectError(c.Code.ALREADY_EXISTS, f"directory {path} already exists")
     return {"entry": t.entry_info(entry)}
 
 
 async def fs_move(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
-    _check_user(_rpc_user(request))
-    src, dst = absolute(str(msg.get("source", ""))), absolute(str(msg.get("destination", "")))
-    return {"entry": t.entry_info(await sbx.files.move(src, dst))}
+    user = _rpc_user(request)
+    src, dst = absolute(str(msg.get("source", "")), user), absolute(str(msg.get("destination", "")), user)
+    return {"entry": t.entry_info(await _files(sbx, user).move(src, dst))}
 
 
 async def fs_remove(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
-    _check_user(_rpc_user(request))
-    await sbx.files.remove(absolute(str(msg.get("path", ""))))
+    user = _rpc_user(request)
+    await _files(sbx, user).remove(absolute(str(msg.get("path", "")), user))
     return {}
 
 
