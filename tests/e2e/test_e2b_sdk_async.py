@@ -189,3 +189,32 @@ async def test_root_user_is_refused_clearly(sbx: AsyncSandbox) -> None:
 async def test_unknown_sandbox_is_not_found(e2b_server: E2BServer) -> None:
     with pytest.raises(NotFoundException):
         await AsyncCoreSandbox.connect("sb_0000000000000000")
+
+
+async def test_async_metrics_series(sbx: AsyncSandbox) -> None:
+    assert await sbx.get_metrics()
+    await sbx.commands.run("sleep 1.2")  # longer than the server's sample interval, over two whole seconds
+    series = await sbx.get_metrics()
+    assert len(series) >= 2 and all(m.mem_total > 0 for m in series)
+    first, last = series[0].timestamp, series[-1].timestamp
+    late = await sbx.get_metrics(start=last)
+    assert late and first not in [m.timestamp for m in late]
+
+
+async def test_async_process_by_tag_and_files_as_root(sbx: AsyncSandbox) -> None:
+    from e2b.envd.process import process_pb
+    from protobuf import Oneof
+
+    rpc = sbx.commands._rpc
+    config = process_pb.ProcessConfig(cmd="/bin/bash", args=["-l", "-c", "cat"], envs={})
+    started = rpc.start(process_pb.StartRequest(process=config, tag="a-tag", stdin=True), timeout_ms=120_000)
+    handle = await sbx.commands._create_handle(started, "start process", None, None, None, True)
+    assert {p.pid: p.tag for p in await sbx.commands.list()}[handle.pid] == "a-tag"
+    by_tag = process_pb.ProcessSelector(selector=Oneof("tag", "a-tag"))
+    data = process_pb.ProcessInput(input=Oneof("stdin", b"async tag\n"))
+    await rpc.send_input(process_pb.SendInputRequest(process=by_tag, input=data))
+    await rpc.close_stdin(process_pb.CloseStdinRequest(process=by_tag))
+    assert (await handle.wait()).stdout == "async tag\n"
+
+    with pytest.raises(SandboxException, match="only a sandbox from a rootfs template has root"):
+        await sbx.files.write("/tmp/r.txt", "x", user="root")
