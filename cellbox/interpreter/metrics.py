@@ -11,7 +11,6 @@ Samples live in memory: a sandbox's history ends with it, or with the service.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -85,8 +84,10 @@ class Sampler:
 
     async def run(self) -> None:
         while True:
-            with contextlib.suppress(Exception):  # one sandbox's failure never stops the rest
+            try:
                 await self.sample_all()
+            except Exception:  # never stops the sampling of the next round
+                log.warning("metrics sampling failed", exc_info=True)
             await asyncio.sleep(self.interval)
 
     async def sample_all(self) -> None:
