@@ -132,6 +132,10 @@ class Settings(BaseSettings):
         24 * 3600.0, description="Seconds a killed sandbox's executions and artifacts are kept."
     )
     reap_interval: float = Field(5.0, description="Seconds between sweeps for expired sandboxes.")
+    metrics_interval: float = Field(
+        5.0, gt=0, description="Seconds between resource samples of each running sandbox (E2B's get_metrics)."
+    )
+    metrics_samples: int = Field(720, ge=1, description="Resource samples kept per sandbox, the newest.")
     egress_enabled: bool = Field(
         True,
         description="Whether sandboxes may ask for outbound network (network.internet / allow_out); false: every "
