@@ -295,3 +295,63 @@ def test_rebuild_replaces_the_tree_and_keeps_the_old_one(tmp_path: Path) -> None
     build_rootfs_template(tmp_path, root, "versions", build_args={"V": "3"}, retain_old=-1)
     retired = list((root / ".retired").iterdir())  # the v1 tree is gone, the v2 one just retired
     assert [(p / "rootfs/version").read_text() for p in retired] == ["2\n"]
+
+
+def _rootfs_runtime_problem(root: Path, scratch: Path) -> str | None:
+    """Why sandboxes cannot run from a rootfs template here (the rootfs runtime's checks), or None."""
+    from cellbox.interpreter.errors import InvalidRequest
+    from cellbox.interpreter.templates import TemplateRegistry
+    from tests.integration.helpers import bwrap_problem
+
+    try:
+        TemplateRegistry(root).get("guide")
+    except InvalidRequest as exc:
+        return exc.message
+    if problem := bwrap_problem():
+        return f"bwrap isolation unavailable: {problem}"
+    try:
+        from cellbox.runtimes.isolation.rootfs import check_idmap_support  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    found: str | None = check_idmap_support(scratch)
+    return found
+
+
+@pytest.fixture
+def rootfs_runtime(guide: Built, short_tmp: Path) -> None:
+    """Skips unless sandboxes can run from rootfs templates here (synchronous: the bwrap check
+    runs its own event loop)."""
+    if problem := _rootfs_runtime_problem(guide.root, short_tmp):
+        pytest.skip(f"rootfs sandboxes cannot run here: {problem}")
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("rootfs_runtime")
+async def test_a_sandbox_from_the_guide_template(guide: Built, short_tmp: Path) -> None:
+    """The guide's promise, through the API: sklearn in the kernel, node and git as commands,
+    the image's ENV and WORKDIR, a TypeScript context on Deno's kernel."""
+    from cellbox.interpreter.config import Settings
+    from tests.integration.helpers import execute, isolation_settings, main_text, run_cmd, stdout
+
+    extra: dict[str, Any] = {}
+    if "sandbox_range_first" in Settings.model_fields:  # uid ranges of its own
+        extra = {"sandbox_range_first": (1 << 30) + (8 + os.getpid() % 32) * 16 * 65536, "sandbox_range_count": 16}
+    settings = isolation_settings(short_tmp, "bwrap", templates_dir=guide.root, **extra)
+    async with run_server(settings) as srv, httpx.AsyncClient(base_url=srv.url, timeout=300) as c:
+        r = await c.post("/v1/sandboxes", json={"template": "guide"})
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+        try:
+            code = "import sklearn, pandas; from sklearn.linear_model import LinearRegression; sklearn.__name__"
+            assert main_text(await execute(c, sid, code)) == "'sklearn'"
+            events = await run_cmd(c, sid, "node -e 'console.log(6 * 7)'; git --version; echo $GUIDE_GREETING")
+            lines = stdout(events).splitlines()
+            assert lines[0] == "42" and lines[1].startswith("git version") and lines[2] == "hello", events
+            r = await c.post(f"/v1/sandboxes/{sid}/contexts", json={"language": "javascript"})
+            assert r.status_code in (200, 201), r.text
+            ctx = r.json()["id"]
+            events = await execute(c, sid, "const n: number = 6; console.log('typed', n * 7)", context=ctx)
+            assert stdout(events) == "typed 42\n", events
+            assert main_text(await execute(c, sid, "n + 1", context=ctx)) == "7"
+        finally:
+            await c.delete(f"/v1/sandboxes/{sid}")
