@@ -353,5 +353,19 @@ async def test_a_sandbox_from_the_guide_template(guide: Built, short_tmp: Path) 
             events = await execute(c, sid, "const n: number = 6; console.log('typed', n * 7)", context=ctx)
             assert stdout(events) == "typed 42\n", events
             assert main_text(await execute(c, sid, "n + 1", context=ctx)) == "7"
+            # an endless cell stops on interrupt; the context keeps its state
+            body = {"code": "console.log('looping'); while (true) {}", "context": ctx}
+            async with c.stream("POST", f"/v1/sandboxes/{sid}/execute", json=body) as r:
+                seen = []
+                async for line in r.aiter_lines():
+                    event = json.loads(line)
+                    seen.append(event)
+                    if event["type"] == "stdout":
+                        interrupted = await c.post(f"/v1/sandboxes/{sid}/contexts/{ctx}/interrupt")
+                        assert interrupted.status_code in (200, 202, 204), interrupted.text
+            assert seen[-1]["type"] == "end" and seen[-1]["status"] in ("interrupted", "error"), seen[-3:]
+            assert main_text(await execute(c, sid, "n * 10", context=ctx)) == "60"
+            events = await run_cmd(c, sid, "python -c 'import site, sys; print(site.ENABLE_USER_SITE, sys.executable)'")
+            assert stdout(events).split() == ["True", "/opt/cellbox/venv/bin/python"]  # pip falls back to ~/.local
         finally:
             await c.delete(f"/v1/sandboxes/{sid}")
