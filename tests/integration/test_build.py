@@ -118,6 +118,16 @@ def test_guide_dockerfile_builds(guide: Built) -> None:
     assert out.strip() == "sklearn"
     assert _chroot(rootfs, "node", "-e", "console.log(6 * 7)").strip() == "42"
     assert _chroot(rootfs, "git", "--version").startswith("git version")
+    # the export keeps hardlinks, setuid bits, numeric owners
+    assert (rootfs / "usr/bin/perl").stat().st_ino == (rootfs / "usr/bin/perl5.36.0").stat().st_ino
+    assert oct((rootfs / "usr/bin/passwd").stat().st_mode & 0o7777) == "0o4755"
+    shadow_gid = next(
+        int(line.split(":")[2])
+        for line in (rootfs / "etc/group").read_text().splitlines()
+        if line.startswith("shadow:")
+    )
+    assert (rootfs / "etc/shadow").stat().st_gid == shadow_gid
+    assert (rootfs / "home/user").stat().st_uid == 1000
     assert not (rootfs / "etc/pip.conf").exists()  # the build-time mount point is gone
     assert (rootfs / "etc/ssl/certs/ca-certificates.crt").stat().st_size > 0
     if guide.events:
