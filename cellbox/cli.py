@@ -684,8 +684,11 @@ def template_list(data_dir: Path | None) -> None:
 
     registry = TemplateRegistry(_templates_root(data_dir))
     for name in registry.names():
-        with _reported_errors():
+        try:
             info = registry.get(name)
+        except InterpreterError as exc:
+            click.echo(f"{name}\t?\t{exc.message}")
+            continue
         kind = "rootfs" if getattr(info, "rootfs", None) is not None else "venv"
         click.echo(f"{name}\t{kind}\t{info.python}\t{','.join(sorted(info.kernels))}")
 
