@@ -289,22 +289,25 @@ def test_rebuild_replaces_the_tree_and_keeps_the_old_one(tmp_path: Path) -> None
     sandbox that has it mounted keeps every file) and is deleted only after ``retain_old``."""
     (tmp_path / "Dockerfile").write_text("FROM debian:bookworm\nARG V\nRUN echo $V >/version\n")
     root = tmp_path / "templates"
-    build_rootfs_template(tmp_path, root, "versions", build_args={"V": "1"})
-    old = root / "versions/rootfs/version"
-    fd = os.open(old, os.O_RDONLY)  # as a running sandbox holds files of its tree
     try:
-        result = build_rootfs_template(tmp_path, root, "versions", build_args={"V": "2"})
-        assert result.exported
-        assert (root / "versions/rootfs/version").read_text() == "2\n"
-        assert os.pread(fd, 10, 0) == b"1\n"
+        build_rootfs_template(tmp_path, root, "versions", build_args={"V": "1"})
+        old = root / "versions/rootfs/version"
+        fd = os.open(old, os.O_RDONLY)  # as a running sandbox holds files of its tree
+        try:
+            result = build_rootfs_template(tmp_path, root, "versions", build_args={"V": "2"})
+            assert result.exported
+            assert (root / "versions/rootfs/version").read_text() == "2\n"
+            assert os.pread(fd, 10, 0) == b"1\n"
+        finally:
+            os.close(fd)
+        retired = list((root / ".retired").iterdir())
+        assert len(retired) == 1 and (retired[0] / "rootfs/version").read_text() == "1\n"
+        # retain_old < 0: every tree retired before this build is old enough (times are whole seconds)
+        build_rootfs_template(tmp_path, root, "versions", build_args={"V": "3"}, retain_old=-1)
+        retired = list((root / ".retired").iterdir())  # the v1 tree is gone, the v2 one just retired
+        assert [(p / "rootfs/version").read_text() for p in retired] == ["2\n"]
     finally:
-        os.close(fd)
-    retired = list((root / ".retired").iterdir())
-    assert len(retired) == 1 and (retired[0] / "rootfs/version").read_text() == "1\n"
-    # retain_old < 0: every tree retired before this build is old enough (times are whole seconds)
-    build_rootfs_template(tmp_path, root, "versions", build_args={"V": "3"}, retain_old=-1)
-    retired = list((root / ".retired").iterdir())  # the v1 tree is gone, the v2 one just retired
-    assert [(p / "rootfs/version").read_text() for p in retired] == ["2\n"]
+        shutil.rmtree(root, ignore_errors=True)  # three trees of ~400 MB: not for pytest's kept tmp dirs
 
 
 def _rootfs_runtime_problem(root: Path, scratch: Path) -> str | None:
