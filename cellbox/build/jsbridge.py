@@ -7,11 +7,10 @@ only TCP; cellbox talks to kernels over IPC sockets in the sandbox's socket dire
 bridge writes a second connection file with free ports on 127.0.0.1 (the sandbox's own loopback,
 in its own network namespace), starts the kernel with it, and relays each channel: shell,
 control, stdin and heartbeat from a ROUTER to one DEALER per client (carrying the client's
-routing id), iopub through XPUB/XSUB
-(holding each idle status until iopub is quiet for 10 ms: Deno can send a cell's last output
-just after it). Signals (SIGINT, SIGTERM, SIGHUP) are passed to the kernel (Deno interrupts
-with a control message, not SIGINT); the
-bridge exits with the kernel's status.
+routing id), iopub through XPUB/XSUB (holding each idle status until iopub is quiet for 10 ms:
+Deno can send a cell's last output just after it). Signals (SIGINT, SIGTERM, SIGHUP) are passed
+to the kernel (Deno interrupts with a control message, not SIGINT); the bridge exits with the
+kernel's status.
 
 Runs on the template's venv (pyzmq comes with ipykernel); no cellbox import.
 """
