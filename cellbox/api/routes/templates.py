@@ -64,9 +64,15 @@ def _checked_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
     return members
 
 
-def _unpack(body: bytes, into: Path) -> None:
+def _unpack(body: bytes | Path, into: Path) -> None:
+    """Unpack a tar (bytes, or a file holding it) into ``into``; InvalidRequest when it is not
+    one or reaches outside."""
     try:
-        with tarfile.open(fileobj=io.BytesIO(body), mode="r:*") as tar:
+        with (
+            tarfile.open(fileobj=io.BytesIO(body), mode="r:*")
+            if isinstance(body, bytes)
+            else tarfile.open(body, mode="r:*") as tar
+        ):
             members = _checked_members(tar)
             # with the "data" filter too where tarfile has it (Python 3.11.4+; 3.12+ warns without)
             options: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
@@ -97,20 +103,26 @@ async def build_template(
 ) -> Response:
     """Build a template from a Dockerfile, streaming the build's progress as NDJSON."""
     kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    body = await request.body()
     build_args: dict[str, str] = {}
     root = settings.resolved_templates_dir()
     root.mkdir(parents=True, exist_ok=True)
     stack = ExitStack()
     try:
-        context = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".upload-", dir=root)))
+        upload = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".upload-", dir=root)))
+        context = upload / "context"
+        context.mkdir()
         if kind == "application/json":
-            doc = _json_body(body)
+            doc = _json_body(await request.body())
             name = doc.get("name") if isinstance(doc.get("name"), str) else name
             (context / "Dockerfile").write_text(doc["dockerfile"])
             build_args = {str(k): v for k, v in doc.get("build_args", {}).items()}
         elif kind in _TAR_TYPES:
-            _unpack(body, context)
+            archive = upload / "context.tar"  # on disk, not in memory: contexts can be large
+            with archive.open("wb") as f:
+                async for chunk in request.stream():
+                    f.write(chunk)
+            await asyncio.to_thread(_unpack, archive, context)
+            archive.unlink()
             if not (context / "Dockerfile").is_file() and not (context / "Containerfile").is_file():
                 raise InvalidRequest("the tar archive has no Dockerfile at its top", field="body")
         else:
