@@ -232,7 +232,11 @@ async def _events(client: httpx.AsyncClient, **request: object) -> list[dict[str
 
 @pytest.mark.asyncio
 async def test_post_templates_streams_ndjson(guide: Built, short_tmp: Path) -> None:
-    settings = make_settings(short_tmp, templates_dir=guide.root, api_keys=["k1"])
+    off = make_settings(short_tmp, templates_dir=guide.root, api_keys=["k1"])
+    async with run_server(off) as srv, httpx.AsyncClient(base_url=srv.url, headers={"Authorization": "Bearer k1"}) as c:
+        r = await c.post("/v1/templates", json={"name": "x", "dockerfile": "FROM debian:bookworm\n"})
+        assert r.status_code == 403 and "CELLBOX_TEMPLATE_BUILDS" in r.json()["error"]["message"], r.text
+    settings = off.model_copy(update={"template_builds": True})
     async with run_server(settings) as srv:
         headers = {"Authorization": "Bearer k1"}
         async with httpx.AsyncClient(base_url=srv.url, timeout=600, headers=headers) as c:

@@ -7,6 +7,10 @@ Body, one of:
 * ``application/json``: ``{"name": "...", "dockerfile": "FROM ...", "build_args": {...}}``: a
   Dockerfile with no context files (its COPY/ADD can only fetch URLs).
 
+Off unless the service is started with ``template_builds`` (``CELLBOX_TEMPLATE_BUILDS=true``):
+a build's RUN steps run as root on the host (chroot isolation is no sandbox), so only deployments
+where every API key may have that turn it on; 403 otherwise.
+
 Answers 200 with one JSON line per build event (:mod:`cellbox.build.events`: ``step``,
 ``cached``, ``log``, ``error``, ``done``); the last line is ``done`` or ``error``. Before the
 stream starts: 422 for a bad body or name, 409 while another build of that name runs. The build
@@ -34,7 +38,7 @@ from cellbox.api.streaming import NDJSON, NDJSONStream
 from cellbox.build import BuildEvent, build_rootfs_template
 from cellbox.build.builder import build_lock
 from cellbox.interpreter.config import Settings
-from cellbox.interpreter.errors import InterpreterError, InvalidRequest
+from cellbox.interpreter.errors import InterpreterError, InvalidRequest, PermissionDenied
 
 router = APIRouter(prefix="/v1/templates", tags=["templates"])
 
@@ -101,7 +105,14 @@ async def build_template(
     settings: Annotated[Settings, Depends(get_settings)],
     name: Annotated[str | None, Query(description="The template's name (tar bodies).")] = None,
 ) -> Response:
-    """Build a template from a Dockerfile, streaming the build's progress as NDJSON."""
+    """Build a template from a Dockerfile, streaming the build's progress as NDJSON (only when
+    the service allows it: ``template_builds``)."""
+    if not settings.template_builds:
+        raise PermissionDenied(
+            "template builds over the API are off: a Dockerfile's RUN steps run as root on the host. "
+            "Build with `cellbox template build` there, or serve with CELLBOX_TEMPLATE_BUILDS=true",
+            field="template_builds",
+        )
     kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     build_args: dict[str, str] = {}
     root = settings.resolved_templates_dir()
