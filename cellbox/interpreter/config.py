@@ -114,6 +114,11 @@ class Settings(BaseSettings):
         5.0, description="Seconds an interrupted kernel has to go idle before it is restarted."
     )
     kernel_start_timeout: float = Field(60.0, description="Seconds a kernel has to become ready.")
+    template_builds: bool = Field(
+        False,
+        description="Allow POST /v1/templates. A Dockerfile's RUN steps run as root on this host "
+        "(buildah, chroot isolation, the host's network): enable only where every API key may have that.",
+    )
     max_output_bytes: int = Field(
         64 * 1024 * 1024,
         description="stdout+stderr kept per execution; past it output is cut with a marker.",
