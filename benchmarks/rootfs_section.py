@@ -46,9 +46,11 @@ def _is_rootfs_doc(path: Path) -> bool:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(doc, dict) and (doc.get("kind") == "rootfs" or "rootfs" in doc) and (
-        path.parent / str(doc.get("rootfs", "rootfs"))
-    ).is_dir()
+    return (
+        isinstance(doc, dict)
+        and (doc.get("kind") == "rootfs" or "rootfs" in doc)
+        and (path.parent / str(doc.get("rootfs", "rootfs"))).is_dir()
+    )
 
 
 def find_rootfs_template(templates: Path | None) -> Path:
@@ -92,7 +94,9 @@ async def _wait_pool(http: CellboxHttp, template: str, size: int, timeout: float
         if level >= size:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the {template} pool is at {level}/{size} after {timeout:.0f} s (server log in scratch)")
+            raise RuntimeError(
+                f"the {template} pool is at {level}/{size} after {timeout:.0f} s (server log in scratch)"
+            )
         await asyncio.sleep(0.05)  # polling the public pool level, bounded above
 
 
@@ -144,7 +148,9 @@ async def rootfs(b: Bench, sec: Section) -> None:
 
             async def server(label: str, slot: int, **settings: Any) -> CellboxHttp:
                 srv = CellboxServer(
-                    b.workdir, label, {"templates_dir": str(templates), "isolation": "bwrap", **_ranges(slot), **settings}
+                    b.workdir,
+                    label,
+                    {"templates_dir": str(templates), "isolation": "bwrap", **_ranges(slot), **settings},
                 )
                 servers.append(srv)
                 log(f"rootfs: starting server {label}")
@@ -175,22 +181,39 @@ async def rootfs(b: Bench, sec: Section) -> None:
             for template, label in ((RF, "rootfs"), ("default", "venv")):
                 s = summarize(post[template])
                 sec.metrics[f"rootfs.cold_post.{label}.p50_ms"] = s["p50"]
-                sec.rows.append([f"  of which POST /v1/sandboxes, {label} (ms)", _ms(s["p50"]), _ms(s["p95"]), "", str(n), ""])
+                sec.rows.append(
+                    [f"  of which POST /v1/sandboxes, {label} (ms)", _ms(s["p50"]), _ms(s["p95"]), "", str(n), ""]
+                )
             await _stop(servers, clients)
 
-            # warm: a pool of the rootfs template, refilled (untimed) before each create
+            # warm: pools of both templates on one server, alternating, refilled (untimed) before
+            # each create; the venv figure is the same machine's same moment
             pool = 2 if plan.quick else 5
-            warm = await server("rootfs-warm", 1, pool_size=pool, pool_templates=[RF])
-            await _wait_pool(warm, RF, pool, 60 + 5 * pool)
-            log(f"rootfs: warm creates from a pool of {pool}, {n}")
-            values = []
-            for _ in range(n):
-                values.append((await _create_first_result(warm, RF))[0])
-                await _wait_pool(warm, RF, pool, 60)
-            _row(sec, "warm create -> first 1+1, rootfs template (ms)", "rootfs.warm", values)
+            warm = await server("rootfs-warm", 1, pool_size=pool, pool_templates=[RF, "default"])
+            for template in (RF, "default"):
+                await _wait_pool(warm, template, pool, 60 + 5 * pool)
+            log(f"rootfs: warm creates from pools of {pool}, {n} per template, alternating")
+            warm_ms: dict[str, list[float]] = {RF: [], "default": []}
+            warm_post: dict[str, list[float]] = {RF: [], "default": []}
+            for i in range(n + 1):  # the first pair is a warm-up
+                for template in (RF, "default") if i % 2 == 0 else ("default", RF):
+                    t, p = await _create_first_result(warm, template)
+                    await _wait_pool(warm, template, pool, 60)
+                    if i:
+                        warm_ms[template].append(t)
+                        warm_post[template].append(p)
+            _row(sec, "warm create -> first 1+1, rootfs template (ms)", "rootfs.warm", warm_ms[RF])
+            _row(sec, "warm create -> first 1+1, venv template (ms)", "rootfs.warm_venv", warm_ms["default"])
+            for template, label in ((RF, "rootfs"), ("default", "venv")):
+                s = summarize(warm_post[template])
+                sec.metrics[f"rootfs.warm_post.{label}.p50_ms"] = s["p50"]
+                sec.rows.append(
+                    [f"  of which POST /v1/sandboxes, {label} (ms)", _ms(s["p50"]), _ms(s["p95"]), "", str(n), ""]
+                )
             sec.notes.append(
                 f"cold: {n} creates per template after a warm-up pair, alternating, each deleted (untimed) before the "
-                f"next; warm: a pool of {pool} rootfs sandboxes, refilled before each create (untimed)"
+                f"next; warm: pools of {pool} per template on one server, a warm-up pair, then alternating, refilled "
+                "before each create (untimed)"
             )
             await _stop(servers, clients)
 
@@ -247,10 +270,19 @@ async def _rebuild(b: Bench, sec: Section) -> None:
                 await asyncio.to_thread(_rmi, f"localhost/cellbox/{name}:{tag}")
         first, again = times
         ratio = again / first
-        sec.metrics.update({"rootfs.build.first_s": first, "rootfs.build.rebuild_s": again, "rootfs.build.ratio": ratio})
+        sec.metrics.update(
+            {"rootfs.build.first_s": first, "rootfs.build.rebuild_s": again, "rootfs.build.ratio": ratio}
+        )
         sec.rows.append(["first build of a small Dockerfile (s)", f"{first:.1f}", "", "", "1", ""])
         sec.rows.append(
-            ["unchanged rebuild (s)", f"{again:.2f}", "", f"{ratio:.3f}x", "1", verdict(sec.metrics, "rootfs.build.ratio")]
+            [
+                "unchanged rebuild (s)",
+                f"{again:.2f}",
+                "",
+                f"{ratio:.3f}x",
+                "1",
+                verdict(sec.metrics, "rootfs.build.ratio"),
+            ]
         )
         sec.notes.append(
             "build: `FROM debian:bookworm` (local) + one RUN unique to the run, then cellbox's layer and the export; "
