@@ -846,7 +846,12 @@ class SudoServer:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(self.sock)
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError as exc:  # EMFILE and the like: this sudo fails, not every later one
+                log.warning("sudo: accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
             self.agent.spawn(self.handle(conn), "sudo")
 
     async def handle(self, conn: socket.socket) -> None:
@@ -1147,6 +1152,10 @@ def sudo_main(args: list[str]) -> int:
     except OSError:
         cwd = "/"
     if os.geteuid() == entry.pw_uid == 0:  # already root: nothing to ask
+        # Python ignores SIGPIPE and SIGXFSZ, and exec keeps what is ignored: the command gets
+        # the defaults back (else `sudo yes | head -1` as root ends in "Broken pipe")
+        for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(signum, signal.SIG_DFL)
         try:
             os.chdir(cwd)
             os.execvpe(cmd[0], cmd, env)

@@ -97,6 +97,27 @@ async def test_user_by_default_root_and_sudo(short_tmp: Path, template: Template
 
 
 @pytest.mark.asyncio
+async def test_sudo_many_times_at_once_and_in_pipes(short_tmp: Path, template: TemplateInfo) -> None:
+    """sudo calls in a row and at once all answer; a sudo'd command in a pipe whose reader
+    left ends by SIGPIPE (status 141), as user and as root (root's sudo execs the command
+    itself, and Python's ignored SIGPIPE must not be inherited: "Broken pipe" otherwise)."""
+    async with rootfs_runtime(short_tmp) as rt:
+        sb = await new_sandbox(rt, "sb_rfmany", template)
+        try:
+            script = (
+                "for j in 1 2 3 4 5 6; do (for i in 1 2 3 4 5 6 7 8; do out=$(sudo echo ok 2>&1); "
+                '[ "$out" = ok ] || echo "FAIL $j.$i: $out"; done) & done; wait; echo all-done'
+            )
+            assert await sh(rt, sb, script) == (0, "all-done\n")
+            pipes = "sudo yes | head -1; echo ${PIPESTATUS[0]}; sudo sh -c 'grep SigIgn /proc/self/status'"
+            for user in (None, "root"):
+                code, out = await sh(rt, sb, pipes, user=user)
+                assert out.splitlines() == ["y", "141", "SigIgn:\t0000000000000000"], (user, out)
+        finally:
+            await rt.destroy_sandbox(sb)
+
+
+@pytest.mark.asyncio
 async def test_sudo_in_a_terminal_gets_a_controlling_terminal(short_tmp: Path, template: TemplateInfo) -> None:
     """In a PTY, sudo's command has a terminal of its own as its controlling terminal (a
     terminal belongs to one session: the caller's stays the caller's), relayed to the
