@@ -1300,8 +1300,9 @@ def _copy_output(master: int, out: int) -> bool:
     except OSError:  # EIO: nothing holds the terminal any more
         return False
     view = memoryview(chunk)
-    while view:
-        view = view[os.write(out, view) :]
+    with contextlib.suppress(OSError):  # a stdin opened read-only (no stdout terminal): the echo is lost
+        while view:
+            view = view[os.write(out, view) :]
     return bool(chunk)
 
 
