@@ -584,8 +584,15 @@ def _templates_root(data_dir: Path | None) -> Path:
     help="venv: interpreter the venv is made from [default: /usr/bin/python3].",
 )
 @click.option("--build-arg", "build_args", multiple=True, metavar="KEY=VALUE", help="rootfs: a Dockerfile ARG.")
+@click.option("-v", "--verbose", is_flag=True, help="rootfs: print buildah's output as it comes.")
 def template_build(
-    source: Path, name: str, data_dir: Path | None, kind: str, python: Path | None, build_args: tuple[str, ...]
+    source: Path,
+    name: str,
+    data_dir: Path | None,
+    kind: str,
+    python: Path | None,
+    build_args: tuple[str, ...],
+    verbose: bool,
 ) -> None:
     """Build template NAME from SOURCE: a directory with requirements.txt, startup/, template.json
     (a venv template), or with a Dockerfile (a root file system template)."""
@@ -596,7 +603,7 @@ def template_build(
         kind = template_kind(source, kind)
     if kind == "rootfs":
         args = dict(arg.partition("=")[::2] for arg in build_args)
-        _template_build_rootfs(source, root, name, args)
+        _template_build_rootfs(source, root, name, args, verbose)
         return
     steps = {
         "Collecting": "resolving",
@@ -619,13 +626,12 @@ def template_build(
     click.echo(f"template {name!r} built at {target}")
 
 
-def _template_build_rootfs(source: Path, root: Path, name: str, build_args: dict[str, str]) -> None:
+def _template_build_rootfs(source: Path, root: Path, name: str, build_args: dict[str, str], verbose: bool) -> None:
     """A Dockerfile build: a bar over buildah's steps (N/M), each step's instruction as its label;
     a failure prints the step's Dockerfile line and the end of its output."""
     from cellbox.build import BuildEvent, build_rootfs_template
     from cellbox.interpreter.errors import TemplateBuildFailed
 
-    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
     with click.progressbar(length=1, label=f"building template {name!r}", file=sys.stderr, show_pos=True) as bar:
         shown = 0
 
@@ -678,8 +684,11 @@ def template_list(data_dir: Path | None) -> None:
 
     registry = TemplateRegistry(_templates_root(data_dir))
     for name in registry.names():
-        with _reported_errors():
+        try:
             info = registry.get(name)
+        except InterpreterError as exc:
+            click.echo(f"{name}\t?\t{exc.message}")
+            continue
         kind = "rootfs" if getattr(info, "rootfs", None) is not None else "venv"
         click.echo(f"{name}\t{kind}\t{info.python}\t{','.join(sorted(info.kernels))}")
 

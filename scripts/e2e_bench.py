@@ -1,5 +1,6 @@
 """Side by side, one run: the E2B Python SDK (through cellbox's E2B face) against cellbox's own
-SDK, on one cellbox server. Measures create -> first ``1+1`` result and the ``1+1`` round trip
+SDK (over its websocket, and over HTTP as the E2B SDK talks), on one cellbox server, the three
+interleaved round by round. Measures create -> first ``1+1`` result and the ``1+1`` round trip
 (p50). Timings are reported, never asserted. From the repository root, with the venv that has
 both SDKs (scripts/e2e-setup.sh):
 
@@ -14,6 +15,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +24,28 @@ from cellbox.keys import new_key
 from tests.e2e.conftest import ServerThread
 
 
-def bench(
-    create: Callable[[], Any], run: Callable[[Any], Any], kill: Callable[[Any], Any], rounds: int, calls: int
-) -> tuple[float, float]:
-    firsts: list[float] = []
-    trips: list[float] = []
-    for _ in range(rounds):
+@dataclass
+class ClientPath:
+    """One client path: how it creates a sandbox, runs ``1+1`` and kills it; its timings."""
+
+    name: str
+    create: Callable[[], Any]
+    firsts: list[float] = field(default_factory=list)
+    trips: list[float] = field(default_factory=list)
+
+    def round(self, calls: int) -> None:
         t0 = time.perf_counter()
-        sandbox = create()
-        run(sandbox)
-        firsts.append(time.perf_counter() - t0)
+        sandbox = self.create()
+        sandbox.run_code("1+1")
+        self.firsts.append(time.perf_counter() - t0)
         for _ in range(calls):
             t1 = time.perf_counter()
-            run(sandbox)
-            trips.append(time.perf_counter() - t1)
-        kill(sandbox)
-    return statistics.median(firsts), statistics.median(trips)
+            sandbox.run_code("1+1")
+            self.trips.append(time.perf_counter() - t1)
+        sandbox.kill()
+
+    def medians(self) -> tuple[float, float]:
+        return statistics.median(self.firsts), statistics.median(self.trips)
 
 
 def main() -> None:
@@ -64,18 +72,30 @@ def main() -> None:
 
         import cellbox.client as cellbox_sdk
 
-        ours = bench(
-            lambda: cellbox_sdk.Sandbox.create(base_url=server.url, api_key=key),
-            lambda s: s.run_code("1+1"),
-            lambda s: s.kill(),
-            args.rounds,
-            args.calls,
+        paths = [
+            ClientPath("cellbox SDK", lambda: cellbox_sdk.Sandbox.create(base_url=server.url, api_key=key)),
+            ClientPath(
+                "cellbox HTTP",
+                lambda: cellbox_sdk.Sandbox.create(base_url=server.url, api_key=key, websocket=False),
+            ),
+            ClientPath("E2B SDK", E2BSandbox.create),
+        ]
+        for i in range(args.rounds):  # interleaved, the order rotating: load hits every path alike
+            for path in paths[i % len(paths) :] + paths[: i % len(paths)]:
+                path.round(args.calls)
+        for path in paths:
+            first, trip = path.medians()
+            print(f"{path.name:12} create -> first 1+1: {first * 1000:8.1f} ms p50   1+1: {trip * 1000:6.2f} ms p50")
+        (ours_first, ours_trip), (http_first, http_trip) = paths[0].medians(), paths[1].medians()
+        e2b_first, e2b_trip = paths[2].medians()
+        print(
+            f"E2B / cellbox SDK: create -> first {e2b_first / ours_first:.2f}x, 1+1 {e2b_trip / ours_trip:.2f}x"
+            " (goal <= 1.2x)"
         )
-        e2b = bench(E2BSandbox.create, lambda s: s.run_code("1+1"), lambda s: s.kill(), args.rounds, args.calls)
-        for name, (first, trip) in (("cellbox SDK", ours), ("E2B SDK", e2b)):
-            print(f"{name:12} create -> first 1+1: {first * 1000:8.1f} ms p50   1+1: {trip * 1000:6.2f} ms p50")
-        ratio_first, ratio_trip = e2b[0] / ours[0], e2b[1] / ours[1]
-        print(f"E2B / cellbox: create -> first {ratio_first:.2f}x, 1+1 {ratio_trip:.2f}x (goal <= 1.2x)")
+        print(
+            f"E2B / cellbox SDK over HTTP: create -> first {e2b_first / http_first:.2f}x,"
+            f" 1+1 {e2b_trip / http_trip:.2f}x"
+        )
     finally:
         server.stop()
 

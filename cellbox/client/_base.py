@@ -714,6 +714,7 @@ class RunOptions(TypedDict, total=False):
       client awaits what they return when that is awaitable).
     * ``user``: the user to run as: ``"user"`` (the default) or ``"root"`` (in sandboxes that
       offer it; others refuse with ``PermissionDenied``).
+    * ``tag``: a label shown in ``commands.list()`` (and E2B's process selector by tag).
     * ``request_timeout``: for ``background=True``, the limit of the starting request.
     """
 
@@ -723,6 +724,7 @@ class RunOptions(TypedDict, total=False):
     on_stdout: Callback | None
     on_stderr: Callback | None
     user: str | None
+    tag: str | None
     request_timeout: RequestTimeout
 
 
@@ -743,7 +745,8 @@ class CommandsBase:
     @staticmethod
     def _request(cmd: str, options: RunOptions, background: bool) -> dict[str, Any]:
         envs, cwd, timeout = dict(options.get("envs") or {}), options.get("cwd"), options.get("timeout")
-        fields: dict[str, Any] = {"user": options["user"]} if options.get("user") else {}
+        fields: dict[str, Any] = {"user": options.get("user"), "tag": options.get("tag")}
+        fields = {k: v for k, v in fields.items() if v}
         return validated(
             models.CommandRequest, cmd=cmd, envs=envs, cwd=cwd, timeout=timeout, background=background, **fields
         )

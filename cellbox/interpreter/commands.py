@@ -72,12 +72,15 @@ def parse_signal(value: str | int) -> int:
 class CommandLog(EventLog[CommandEvent]):
     """One command's events and state."""
 
-    def __init__(self, pid: int, cmd: str, cwd: str, max_output_bytes: int, pty: bool = False) -> None:
+    def __init__(
+        self, pid: int, cmd: str, cwd: str, max_output_bytes: int, pty: bool = False, tag: str | None = None
+    ) -> None:
         super().__init__(lambda: CommandKeepaliveEvent(pid=pid))
         self.pid = pid
         self.cmd = cmd
         self.cwd = cwd
         self.pty = pty
+        self.tag = tag
         self.pty_bytes = 0  # of the pty events kept in the log
         # A UTF-8 character may be split across two chunks: each stream decodes incrementally.
         self.decoders = {name: codecs.getincrementaldecoder("utf-8")(errors="replace") for name in ("stdout", "stderr")}
@@ -102,6 +105,7 @@ class CommandLog(EventLog[CommandEvent]):
             started_at=self.started_at,
             running=not self.done.is_set(),
             pty=self.pty,
+            tag=self.tag,
             exit_code=self.exit_code,
             signal=self.signal,
             ended_at=self.ended_at,
@@ -185,7 +189,7 @@ class Commands:
         process = await backend.spawn(argv, req.envs, cwd, user=req.user, pty=size)
         log.info("command %d started in %s (%d bytes)", process.pid, self.sandbox.id, len(req.cmd))
         shown = req.cmd or " ".join(PTY_SHELL)
-        clog = CommandLog(process.pid, shown, cwd, self.max_output_bytes, pty=req.pty is not None)
+        clog = CommandLog(process.pid, shown, cwd, self.max_output_bytes, pty=req.pty is not None, tag=req.tag)
         clog.add(CommandStartEvent(pid=process.pid, cmd=shown, cwd=cwd))
         self.logs[process.pid] = clog
         self.tasks.spawn(self._pump(backend, process, clog, timeout or None), name=f"command-{process.pid}")
@@ -237,6 +241,15 @@ class Commands:
             raise NotFound(f"no command with pid {pid} in this sandbox")
         return clog
 
+    def tagged(self, tag: str) -> CommandLog:
+        """The running command started with ``tag`` (the latest, if several were); NotFound
+        when none is running."""
+        self.sandbox.require_running()
+        for clog in reversed(self.logs.values()):
+            if clog.tag == tag and not clog.done.is_set():
+                return clog
+        raise NotFound(f"no running command with tag {tag!r} in this sandbox")
+
     def list(self) -> list[CommandInfo]:
         self.sandbox.require_running()
         return [clog.info() for clog in self.logs.values()]
@@ -260,10 +273,14 @@ class Commands:
         return clog.info()
 
     async def stdin(self, pid: int, data: bytes | None) -> None:
-        """Write to a running command's stdin; ``None`` closes it."""
+        """Write to a running command's stdin; ``None`` closes it. A terminal's stdin is not
+        closed (as envd): InvalidRequest, its input ends with ^D (``b"\\x04"``)."""
         backend = self._backend()
-        if self.get(pid).done.is_set():
+        clog = self.get(pid)
+        if clog.done.is_set():
             raise InvalidRequest(f"command {pid} has ended")
+        if data is None and clog.pty:
+            raise InvalidRequest(f"command {pid} has a terminal: its stdin is not closed; send Ctrl+D (0x04) instead")
         if data is None:
             await backend.close_stdin(pid)
         else:

@@ -114,6 +114,11 @@ class Settings(BaseSettings):
         5.0, description="Seconds an interrupted kernel has to go idle before it is restarted."
     )
     kernel_start_timeout: float = Field(60.0, description="Seconds a kernel has to become ready.")
+    template_builds: bool = Field(
+        False,
+        description="Allow POST /v1/templates. A Dockerfile's RUN steps run as root on this host "
+        "(buildah, chroot isolation, the host's network): enable only where every API key may have that.",
+    )
     max_output_bytes: int = Field(
         64 * 1024 * 1024,
         description="stdout+stderr kept per execution; past it output is cut with a marker.",
@@ -132,6 +137,10 @@ class Settings(BaseSettings):
         24 * 3600.0, description="Seconds a killed sandbox's executions and artifacts are kept."
     )
     reap_interval: float = Field(5.0, description="Seconds between sweeps for expired sandboxes.")
+    metrics_interval: float = Field(
+        5.0, gt=0, description="Seconds between resource samples of each running sandbox (E2B's get_metrics)."
+    )
+    metrics_samples: int = Field(720, ge=1, description="Resource samples kept per sandbox, the newest.")
     egress_enabled: bool = Field(
         True,
         description="Whether sandboxes may ask for outbound network (network.internet / allow_out); false: every "

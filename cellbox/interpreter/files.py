@@ -19,13 +19,22 @@ CHUNK = 1 << 20  # per backend round trip; the agent caps reads at 4 MiB
 class Files:
     """The files of one live sandbox."""
 
-    def __init__(self, sandbox: Sandbox) -> None:
+    def __init__(self, sandbox: Sandbox, user: str | None = None) -> None:
         self.sandbox = sandbox
+        self.user = user
+
+    def as_user(self, user: str | None) -> Files:
+        """These files as ``user`` (None or "user": the sandbox's user; "root" in sandboxes
+        that offer it, whose operations refuse it with PermissionDenied otherwise)."""
+        user = None if user in (None, "", "user") else user
+        return self if user == self.user else Files(self.sandbox, user)
 
     def _fs(self) -> FileSystem:
         self.sandbox.require_running()
         assert self.sandbox.backend is not None
-        return self.sandbox.backend.files
+        if self.user is None:
+            return self.sandbox.backend.files
+        return self.sandbox.backend.files_as(self.user)
 
     async def stat(self, path: str) -> EntryInfo:
         return await self._fs().stat(path)

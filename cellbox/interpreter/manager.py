@@ -36,6 +36,7 @@ from cellbox.interpreter.errors import (
     TemplateNotFound,
     Unauthorized,
 )
+from cellbox.interpreter.metrics import Sampler
 from cellbox.interpreter.models import (
     ArtifactInfo,
     Health,
@@ -166,6 +167,8 @@ class SandboxManager:
             retention=settings.history_retention,
         )
         self._reaping: asyncio.Task[None] | None = None
+        self.metrics = Sampler(lambda: self.sandboxes.values(), settings.metrics_interval, settings.metrics_samples)
+        self._sampling: asyncio.Task[None] | None = None
         self._saves: dict[str, asyncio.Task[None]] = {}
         self._save_again: set[str] = set()
         self.tasks = TaskSet("manager")
@@ -210,6 +213,7 @@ class SandboxManager:
                 len(ended),
             )
         self._reaping = asyncio.create_task(self.reaper.run(), name="cellbox-reaper")
+        self._sampling = asyncio.create_task(self.metrics.run(), name="cellbox-metrics")
         self.pool.start()
 
     def _check_default_template(self) -> None:
@@ -258,6 +262,7 @@ class SandboxManager:
     async def close(self) -> None:
         """Stop every sandbox's kernels (their records stay, marked lost on next start)."""
         await cancel_and_wait(self._reaping)
+        await cancel_and_wait(self._sampling)
         await self.pool.close()
         await asyncio.gather(*(self._destroy(sb) for sb in self.sandboxes.values()))
         await asyncio.gather(*self._saves.values(), return_exceptions=True)

@@ -426,6 +426,9 @@ class CommandRequest(BaseModel):
         description="Run in a new terminal of this size: output comes as `pty` events (raw bytes, base64), "
         "stdin goes to the terminal, and the terminal can be resized.",
     )
+    tag: str | None = Field(
+        default=None, max_length=256, description="A label that finds the running command instead of its pid."
+    )
 
 
 class CommandInfo(BaseModel):
@@ -435,6 +438,7 @@ class CommandInfo(BaseModel):
     started_at: float
     running: bool
     pty: bool = False
+    tag: str | None = None
     exit_code: int | None = None
     signal: int | None = None
     ended_at: float | None = None

@@ -44,7 +44,8 @@ PYTHON_KERNEL = KernelSpec("python", ["{python}", "-m", "ipykernel_launcher", "-
 BASH_KERNEL = KernelSpec("bash", ["{python}", "-m", "bash_kernel", "-f", "{connection_file}"], interrupt_mode="signal")
 # Deno's kernel (rootfs templates whose image has node: cellbox.build.layer installs it) binds
 # TCP only: the bridge binds the IPC endpoints of {connection_file} and relays them to it on the
-# sandbox's own loopback. NO_COLOR: plain text/plain results, not ANSI-coloured ones.
+# sandbox's own loopback. NO_COLOR: plain text/plain results, not ANSI-coloured ones. Interrupts
+# go as a control message (Deno stops the running cell and keeps its state; SIGINT does not).
 JAVASCRIPT_KERNEL = KernelSpec(
     "javascript",
     [
@@ -58,7 +59,6 @@ JAVASCRIPT_KERNEL = KernelSpec(
         "--conn",
         "{tcp_connection_file}",
     ],
-    interrupt_mode="signal",
     env={"NO_COLOR": "1"},
 )
 TEMPLATE_KINDS = ("venv", "rootfs")

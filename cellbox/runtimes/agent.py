@@ -26,6 +26,7 @@ group); ``stdin`` (pid, data base64); ``close_stdin`` (pid); files: ``stat``,
 ``read`` (path, offset, length) -> data base64 + eof, ``write`` (path, offset, data,
 truncate); ``watch`` (path, recursive) -> watch id, then ``{"event": "fs", "watch", "type":
 create|write|remove|rename|chmod, "path", "is_dir"}`` events until ``unwatch`` (watch).
+File ops but ``watch`` take ``user``: "root" (a rootfs sandbox only) runs them as root.
 Relative paths start at the home. With ``--jail`` (sandboxes without a mount namespace of
 their own) every path must resolve, symlinks followed, inside the home, and
 ``/home/user/...`` names the home. File operations run in worker threads, so a large
@@ -325,6 +326,7 @@ class Agent:
         self.files = concurrent.futures.ThreadPoolExecutor(
             _FILE_THREADS, "agent-files", initializer=_become_fs_user, initargs=(as_user,)
         )
+        self.root_files: concurrent.futures.ThreadPoolExecutor | None = None  # file ops with user "root"
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.terminals: dict[int, Terminal] = {}  # pid -> terminal, for processes spawned with pty
         self.writer: asyncio.StreamWriter | None = None
@@ -628,15 +630,26 @@ class Agent:
             out["symlink_target"] = os.readlink(real)
         return out
 
-    async def in_files(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run a file operation in a worker thread with the user's file system ids."""
-        return await asyncio.get_running_loop().run_in_executor(self.files, fn, *args)
+    async def in_files(self, fn: Callable[..., _T], *args: Any, user: Any = None) -> _T:
+        """Run a file operation in a worker thread with the user's file system ids (with
+        ``user`` "root": the agent's own, in a rootfs sandbox; PermissionError elsewhere)."""
+        pool = self.files
+        if user not in (None, "", "user"):
+            if self.user_ids(user) is not None:
+                raise PermissionError(f"file operations run as 'user' or 'root', not {user!r}")
+            if self.root_files is None:
+                self.root_files = concurrent.futures.ThreadPoolExecutor(_FILE_THREADS, "agent-root-files")
+            pool = self.root_files
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     async def op_stat(self, req: dict[str, Any]) -> dict[str, Any]:
-        return await self.in_files(lambda: {"entry": self.entry(self.resolve(req["path"], follow_last=False))})
+        def stat() -> dict[str, Any]:
+            return {"entry": self.entry(self.resolve(req["path"], follow_last=False))}
+
+        return await self.in_files(stat, user=req.get("user"))
 
     async def op_listdir(self, req: dict[str, Any]) -> dict[str, Any]:
-        return await self.in_files(self._listdir, req)
+        return await self.in_files(self._listdir, req, user=req.get("user"))
 
     def _listdir(self, req: dict[str, Any]) -> dict[str, Any]:
         root = self.resolve(req["path"])
@@ -659,7 +672,7 @@ class Agent:
         return {"entries": entries, "truncated": len(entries) >= limit}
 
     async def op_mkdir(self, req: dict[str, Any]) -> dict[str, Any]:
-        return await self.in_files(self._mkdir, req)
+        return await self.in_files(self._mkdir, req, user=req.get("user"))
 
     def _mkdir(self, req: dict[str, Any]) -> dict[str, Any]:
         real = self.resolve(req["path"])
@@ -672,7 +685,7 @@ class Agent:
         return {"created": True, "entry": self.entry(real)}
 
     async def op_move(self, req: dict[str, Any]) -> dict[str, Any]:
-        return await self.in_files(self._move, req)
+        return await self.in_files(self._move, req, user=req.get("user"))
 
     def _move(self, req: dict[str, Any]) -> dict[str, Any]:
         src = self.resolve(req["src"], follow_last=False)
@@ -682,7 +695,7 @@ class Agent:
         return {"entry": self.entry(dst)}
 
     async def op_remove(self, req: dict[str, Any]) -> dict[str, Any]:
-        return await self.in_files(self._remove, req)
+        return await self.in_files(self._remove, req, user=req.get("user"))
 
     def _remove(self, req: dict[str, Any]) -> dict[str, Any]:
         real = self.resolve(req["path"], follow_last=False)
@@ -695,7 +708,7 @@ class Agent:
         return {}
 
     async def op_read(self, req: dict[str, Any]) -> dict[str, Any]:
-        return await self.in_files(self._read, req)
+        return await self.in_files(self._read, req, user=req.get("user"))
 
     def _read(self, req: dict[str, Any]) -> dict[str, Any]:
         real = self.resolve(req["path"])
@@ -707,7 +720,7 @@ class Agent:
         return {"data": base64.b64encode(data).decode(), "eof": eof, "size": os.path.getsize(real)}
 
     async def op_write(self, req: dict[str, Any]) -> dict[str, Any]:
-        return await self.in_files(self._write, req)
+        return await self.in_files(self._write, req, user=req.get("user"))
 
     def _write(self, req: dict[str, Any]) -> dict[str, Any]:
         real = self.resolve(req["path"])

@@ -129,15 +129,17 @@ class AgentWatch:
 
 
 class AgentFileSystem:
-    """The sandbox's files through its agent (``base.FileSystem``): as the sandbox's uid, in
-    the sandbox's own view of the file system (see ``runtimes/agent.py``)."""
+    """The sandbox's files through its agent (``base.FileSystem``): as the sandbox's uid (or,
+    with ``user`` "root", as root where the agent offers it), in the sandbox's own view of the
+    file system (see ``runtimes/agent.py``). Watches are always the sandbox user's."""
 
-    def __init__(self, backend: LocalSandboxBackend) -> None:
+    def __init__(self, backend: LocalSandboxBackend, user: str | None = None) -> None:
         self._backend = backend
+        self._user = {"user": user} if user else {}
 
     async def _request(self, op: str, **fields: Any) -> dict[str, Any]:
         agent = await self._backend.agent()
-        return await agent.request(op, **fields)
+        return await agent.request(op, **fields, **self._user)
 
     async def stat(self, path: str) -> EntryInfo:
         return EntryInfo.model_validate((await self._request("stat", path=path))["entry"])
@@ -195,6 +197,10 @@ class LocalSandboxBackend:
         self.template: TemplateInfo = self.handle.template
         self.home = SANDBOX_HOME
         self.files = AgentFileSystem(self)
+
+    def files_as(self, user: str) -> AgentFileSystem:
+        """The files as ``user`` (the agent refuses a user the sandbox does not offer)."""
+        return self.files if user == "user" else AgentFileSystem(self, user)
 
     def changed(self) -> None:
         self.on_change()

@@ -119,6 +119,11 @@ class SandboxBackend(Protocol):
     # or came back), so the core can persist the record.
     on_change: Callable[[], None]
 
+    def files_as(self, user: str) -> FileSystem:
+        """The files as ``user`` ("user": :attr:`files`; "root" where the sandbox offers it,
+        PermissionDenied from its operations otherwise)."""
+        ...
+
     # -- contexts ---------------------------------------------------------------------------
 
     async def start_context(self, context_id: str, language: str, cwd: str | None) -> ContextInfo:

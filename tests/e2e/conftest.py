@@ -40,6 +40,9 @@ def pytest_report_header() -> str | None:
 
 
 START_DEADLINE = 120.0
+#: The server's seconds between resource samples: a test's workload longer than this gets a
+#: series of get_metrics samples (the default, 5 s, would make the tests wait).
+METRICS_INTERVAL = 0.2
 #: The server's --ports-domain: the SDKs' get_host(port) is {port}-{id}.PORTS_DOMAIN, which the
 #: tests reach by sending that Host to the server's loopback address.
 PORTS_DOMAIN = "cellbox.test"
@@ -122,6 +125,7 @@ def e2b_server() -> Iterator[E2BServer]:
         isolation=ISOLATION,
         api_keys=[key, other],
         reap_interval=0.5,
+        metrics_interval=METRICS_INTERVAL,
         ports_domain=PORTS_DOMAIN,
         **({"cgroup_prefix": f"cbxe2e{os.getpid()}"} if ISOLATION == "bwrap" else {}),
     )

@@ -35,6 +35,7 @@ from cellbox.interpreter.config import Settings
 from cellbox.interpreter.manager import SandboxManager
 from cellbox.keys import new_key
 from tests.e2e.conftest import ServerThread
+from tests.e2e.test_e2b_js import run_node_tests
 from tests.integration.server import run_server
 
 pytestmark = pytest.mark.e2e
@@ -236,3 +237,9 @@ def test_get_host_reaches_a_server_started_in_the_sandbox(egress_server: EgressS
         server.kill()
     finally:
         sbx.kill()
+
+
+def test_js_guide_pip_flows(egress_server: EgressServer) -> None:
+    """The guide's package flows through the JavaScript SDK: ``pip install`` then a script
+    using it; ``pip install -r requirements.txt``, pytest, then main (js/guide_pip.egress.mjs)."""
+    run_node_tests("guide_pip.egress.mjs", egress_server.url, egress_server.key, CELLBOX_PIP_PACKAGE=PACKAGE)

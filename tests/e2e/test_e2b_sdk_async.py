@@ -189,3 +189,119 @@ async def test_root_user_is_refused_clearly(sbx: AsyncSandbox) -> None:
 async def test_unknown_sandbox_is_not_found(e2b_server: E2BServer) -> None:
     with pytest.raises(NotFoundException):
         await AsyncCoreSandbox.connect("sb_0000000000000000")
+
+
+async def test_async_metrics_series(sbx: AsyncSandbox) -> None:
+    assert await sbx.get_metrics()
+    await sbx.commands.run("sleep 1.2")  # longer than the server's sample interval, over two whole seconds
+    series = await sbx.get_metrics()
+    assert len(series) >= 2 and all(m.mem_total > 0 for m in series)
+    first, last = series[0].timestamp, series[-1].timestamp
+    late = await sbx.get_metrics(start=last)
+    assert late and first not in [m.timestamp for m in late]
+
+
+async def test_async_process_by_tag_and_files_as_root(sbx: AsyncSandbox) -> None:
+    from e2b.envd.process import process_pb
+    from protobuf import Oneof
+
+    rpc = sbx.commands._rpc
+    config = process_pb.ProcessConfig(cmd="/bin/bash", args=["-l", "-c", "cat"], envs={})
+    started = rpc.start(process_pb.StartRequest(process=config, tag="a-tag", stdin=True), timeout_ms=120_000)
+    handle = await sbx.commands._create_handle(started, "start process", None, None, None, True)
+    assert {p.pid: p.tag for p in await sbx.commands.list()}[handle.pid] == "a-tag"
+    by_tag = process_pb.ProcessSelector(selector=Oneof("tag", "a-tag"))
+    data = process_pb.ProcessInput(input=Oneof("stdin", b"async tag\n"))
+    await rpc.send_input(process_pb.SendInputRequest(process=by_tag, input=data))
+    await rpc.close_stdin(process_pb.CloseStdinRequest(process=by_tag))
+    assert (await handle.wait()).stdout == "async tag\n"
+
+    with pytest.raises(SandboxException, match="only a sandbox from a rootfs template has root"):
+        await sbx.files.write("/tmp/r.txt", "x", user="root")
+
+
+# -- capabilities the sync suite has, through the async SDK -----------------------------------
+
+
+async def test_async_lifecycle_list_connect_timeout_kill(e2b_server: E2BServer) -> None:
+    from e2b import SandboxQuery
+
+    sandbox = await AsyncCoreSandbox.create(timeout=60, metadata={"suite": "e2e-async"}, envs={"G": "hi"})
+    try:
+        info = await sandbox.get_info()
+        assert info.sandbox_id == sandbox.sandbox_id and info.metadata == {"suite": "e2e-async"}
+        assert (info.end_at - info.started_at).total_seconds() == pytest.approx(60, abs=2)
+        assert await sandbox.is_running()
+        assert (await sandbox.commands.run("echo $G")).stdout == "hi\n"
+        listed = await AsyncCoreSandbox.list(query=SandboxQuery(metadata={"suite": "e2e-async"})).next_items()
+        assert [s.sandbox_id for s in listed] == [sandbox.sandbox_id]
+        again = await AsyncCoreSandbox.connect(sandbox.sandbox_id)
+        assert (await again.commands.run("echo again")).stdout == "again\n"
+        await sandbox.set_timeout(600)
+        assert (await sandbox.get_info()).end_at > info.end_at
+        theirs = AsyncCoreSandbox.list(
+            query=SandboxQuery(metadata={"suite": "e2e-async"}), api_key=e2b_server.other_key
+        )
+        assert await theirs.next_items() == []
+    finally:
+        assert await sandbox.kill() is True
+    assert not await sandbox.is_running()
+
+
+async def test_async_files(sbx: AsyncSandbox) -> None:
+    from e2b.sandbox.filesystem.filesystem import WriteEntry
+
+    assert (await sbx.files.write("dir/a.txt", "hello")).path == "/home/user/dir/a.txt"
+    assert await sbx.files.read("dir/a.txt") == "hello"
+    assert await sbx.files.exists("dir/a.txt") and not await sbx.files.exists("dir/none")
+    written = await sbx.files.write_files([WriteEntry(path="m/1.txt", data="1"), WriteEntry(path="m/2.txt", data=b"2")])
+    assert sorted(w.path for w in written) == ["/home/user/m/1.txt", "/home/user/m/2.txt"]
+    await sbx.files.write("gz.txt", "zipped", gzip=True)
+    assert await sbx.files.read("gz.txt", format="bytes") == bytearray(b"zipped")
+    assert b"".join([c async for c in await sbx.files.read("gz.txt", format="stream")]) == b"zipped"
+    paths = {e.path for e in await sbx.files.list("/home/user", depth=2)}
+    assert {"/home/user/dir/a.txt", "/home/user/m/2.txt"} <= paths
+    assert (await sbx.files.get_info("dir/a.txt")).size == 5
+    assert await sbx.files.make_dir("made") is True and await sbx.files.make_dir("made") is False
+    assert (await sbx.files.rename("dir/a.txt", "dir/b.txt")).path == "/home/user/dir/b.txt"
+    await sbx.files.remove("dir/b.txt")
+    with pytest.raises(NotFoundException):
+        await sbx.files.read("dir/b.txt")
+
+
+async def test_async_commands_background_stdin_list_kill_connect(sbx: AsyncSandbox) -> None:
+    from e2b import TimeoutException
+
+    handle = await sbx.commands.run("cat", background=True, stdin=True)
+    await sbx.commands.send_stdin(handle.pid, "line\n")
+    assert handle.pid in [p.pid for p in await sbx.commands.list()]
+    await sbx.commands.close_stdin(handle.pid)
+    assert (await handle.wait()).stdout == "line\n"
+    sleeper = await sbx.commands.run("sleep 60", background=True)
+    again = await sbx.commands.connect(sleeper.pid)
+    assert await sbx.commands.kill(sleeper.pid) is True
+    with pytest.raises(CommandExitException):
+        await again.wait()
+    assert await sbx.commands.kill(999_999) is False
+    with pytest.raises(CommandExitException) as failed:
+        await sbx.commands.run("echo bad >&2; exit 4")
+    assert failed.value.exit_code == 4 and failed.value.stderr == "bad\n"
+    assert (await sbx.commands.run("echo $A", envs={"A": "1"})).stdout == "1\n"
+    await sbx.files.make_dir("wd")
+    assert (await sbx.commands.run("pwd", cwd="/home/user/wd")).stdout.endswith("/wd\n")
+    with pytest.raises(TimeoutException):
+        await sbx.commands.run("sleep 30", timeout=1)
+
+
+async def test_async_contexts_and_rich_results(sbx: AsyncSandbox) -> None:
+    ctx = await sbx.create_code_context()
+    await sbx.run_code("y = 5", context=ctx)
+    assert (await sbx.run_code("y", context=ctx)).text == "5"
+    assert ctx.id in [c.id for c in await sbx.list_code_contexts()]
+    await sbx.restart_code_context(ctx)
+    assert (await sbx.run_code("'y' in globals()", context=ctx)).text == "False"
+    await sbx.remove_code_context(ctx)
+    assert ctx.id not in [c.id for c in await sbx.list_code_contexts()]
+    ex = await sbx.run_code("from IPython.display import HTML, display\ndisplay(HTML('<b>b</b>'))\n'text'")
+    assert ex.results[0].html == "<b>b</b>" and ex.text == "text"
+    assert (await sbx.run_code("echo b", language="bash")).logs.stdout == ["b\n"]

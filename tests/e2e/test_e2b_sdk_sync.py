@@ -179,9 +179,25 @@ def test_other_keys_do_not_see_each_others_sandboxes(e2b_server: E2BServer) -> N
         mine.kill()
 
 
-def test_metrics(sbx: Sandbox) -> None:
-    metrics = sbx.get_metrics()
-    assert metrics and metrics[0].mem_total > 0 and metrics[0].cpu_count >= 1
+def test_metrics_series_filtered_by_start_and_end(sbx: Sandbox) -> None:
+    assert sbx.get_metrics()  # at least the sample this read takes
+    # A workload longer than the server's sample interval, spanning two whole seconds (the
+    # SDK sends start and end as unix seconds)
+    sbx.commands.run("sleep 1.2")
+    series = sbx.get_metrics()
+    assert len(series) >= 2
+    stamps = [m.timestamp for m in series]
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
+    assert all(m.mem_total > 0 and m.cpu_count >= 1 and m.disk_total > 0 for m in series)
+    assert all(0 <= m.cpu_used_pct <= 100 for m in series)
+    first, last = stamps[0], stamps[-1]
+    assert int(last.timestamp()) > int(first.timestamp())
+    early = sbx.get_metrics(end=first)
+    assert early and all(int(m.timestamp.timestamp()) <= int(first.timestamp()) for m in early)
+    assert last not in [m.timestamp for m in early]
+    late = sbx.get_metrics(start=last)
+    assert late and first not in [m.timestamp for m in late]
+    assert all(int(m.timestamp.timestamp()) >= int(last.timestamp()) for m in late)
 
 
 # -- run_code ---------------------------------------------------------------------------------
@@ -311,6 +327,49 @@ def test_commands_cwd_envs_timeout(sbx: Sandbox) -> None:
     assert sbx.commands.run("echo stdin-closed; cat").stdout == "stdin-closed\n"
 
 
+def test_process_selected_by_tag(sbx: Sandbox) -> None:
+    """envd's ProcessSelector ``tag``: no SDK method starts a tagged process (templates' start
+    commands are), so this goes through the SDK's own Connect client and messages."""
+    from connectrpc.code import Code
+    from connectrpc.errors import ConnectError
+    from e2b.connection_config import KEEPALIVE_PING_HEADER
+    from e2b.envd.process import process_pb
+    from protobuf import Oneof
+
+    rpc = sbx.commands._rpc
+
+    def by_tag(tag: str) -> process_pb.ProcessSelector:
+        return process_pb.ProcessSelector(selector=Oneof("tag", tag))
+
+    config = process_pb.ProcessConfig(cmd="/bin/bash", args=["-l", "-c", "cat"], envs={})
+    started = rpc.start(process_pb.StartRequest(process=config, tag="server", stdin=True), timeout_ms=120_000)
+    handle = sbx.commands._create_handle(started, "start process", True)
+    assert {p.pid: p.tag for p in sbx.commands.list()}.get(handle.pid) == "server"
+
+    attached = sbx.commands._create_handle(
+        rpc.connect(process_pb.ConnectRequest(process=by_tag("server")), headers={KEEPALIVE_PING_HEADER: "50"}),
+        "connect to process",
+        True,
+    )
+    assert attached.pid == handle.pid
+    data = process_pb.ProcessInput(input=Oneof("stdin", b"by tag\n"))
+    rpc.send_input(process_pb.SendInputRequest(process=by_tag("server"), input=data))
+    rpc.close_stdin(process_pb.CloseStdinRequest(process=by_tag("server")))
+    assert attached.wait().stdout == "by tag\n"
+    assert handle.wait().exit_code == 0
+
+    sleeper = rpc.start(process_pb.StartRequest(process=config, tag="sleeper", stdin=True), timeout_ms=120_000)
+    sleeping = sbx.commands._create_handle(sleeper, "start process", True)
+    rpc.send_signal(process_pb.SendSignalRequest(process=by_tag("sleeper"), signal=process_pb.Signal.SIGKILL))
+    with pytest.raises(CommandExitException):
+        sleeping.wait()
+    with pytest.raises(ConnectError, match="tag sleeper not found") as info:  # it ended: envd forgets it
+        rpc.close_stdin(process_pb.CloseStdinRequest(process=by_tag("sleeper")))
+    assert info.value.code is Code.NOT_FOUND
+    with pytest.raises(ConnectError, match="tag nobody not found"):
+        rpc.send_input(process_pb.SendInputRequest(process=by_tag("nobody"), input=data))
+
+
 # -- pty ------------------------------------------------------------------------------------
 
 
@@ -353,6 +412,11 @@ def test_pty_create_input_resize_connect_kill(sbx: Sandbox) -> None:
     again.until(b"after-42\r\n")
     assert b"30 100" not in again.data and b"50 120" not in again.data  # connect does not replay
 
+    with pytest.raises(SandboxException, match=r"cannot close stdin for PTY process .* Ctrl\+D"):
+        sbx.commands.close_stdin(handle.pid)  # as envd: a terminal's input ends with ^D
+    with pytest.raises(SandboxException, match="write input to the pty"):
+        sbx.commands.send_stdin(handle.pid, "x")
+
     assert sbx.pty.kill(handle.pid) is True
     with pytest.raises(CommandExitException) as info:
         handle.wait()
@@ -368,6 +432,22 @@ def test_commands_user(sbx: Sandbox) -> None:
         sbx.commands.run("whoami", user="root")
     with pytest.raises(SandboxException, match="user 'root' is not available"):
         sbx.pty.create(PtySize(rows=24, cols=80), user="root")
+
+
+def test_files_as_root_need_a_rootfs_sandbox(sbx: Sandbox) -> None:
+    """``user="root"`` on files reaches the sandbox's agent, which offers root only in a
+    sandbox from a rootfs template (tests/integration/test_files_as_root.py has that side)."""
+    sbx.files.write("mine.txt", "as user", user="user")
+    assert sbx.files.read("mine.txt", user="user") == "as user"
+    refused = "user 'root' is not available: only a sandbox from a rootfs template has root"
+    with pytest.raises(SandboxException, match=refused):
+        sbx.files.write("/tmp/r.txt", "x", user="root")
+    with pytest.raises(SandboxException, match=refused):
+        sbx.files.read("mine.txt", user="root")
+    with pytest.raises(SandboxException, match=refused):
+        sbx.files.list("/", user="root")
+    with pytest.raises(SandboxException, match=refused):
+        sbx.files.make_dir("/tmp/made", user="root")
 
 
 def test_watch_dir_polling(sbx: Sandbox) -> None:

@@ -118,6 +118,16 @@ def test_guide_dockerfile_builds(guide: Built) -> None:
     assert out.strip() == "sklearn"
     assert _chroot(rootfs, "node", "-e", "console.log(6 * 7)").strip() == "42"
     assert _chroot(rootfs, "git", "--version").startswith("git version")
+    # the export keeps hardlinks, setuid bits, numeric owners
+    assert (rootfs / "usr/bin/perl").stat().st_ino == (rootfs / "usr/bin/perl5.36.0").stat().st_ino
+    assert oct((rootfs / "usr/bin/passwd").stat().st_mode & 0o7777) == "0o4755"
+    shadow_gid = next(
+        int(line.split(":")[2])
+        for line in (rootfs / "etc/group").read_text().splitlines()
+        if line.startswith("shadow:")
+    )
+    assert (rootfs / "etc/shadow").stat().st_gid == shadow_gid
+    assert (rootfs / "home/user").stat().st_uid == 1000
     assert not (rootfs / "etc/pip.conf").exists()  # the build-time mount point is gone
     assert (rootfs / "etc/ssl/certs/ca-certificates.crt").stat().st_size > 0
     if guide.events:
@@ -222,7 +232,11 @@ async def _events(client: httpx.AsyncClient, **request: object) -> list[dict[str
 
 @pytest.mark.asyncio
 async def test_post_templates_streams_ndjson(guide: Built, short_tmp: Path) -> None:
-    settings = make_settings(short_tmp, templates_dir=guide.root, api_keys=["k1"])
+    off = make_settings(short_tmp, templates_dir=guide.root, api_keys=["k1"])
+    async with run_server(off) as srv, httpx.AsyncClient(base_url=srv.url, headers={"Authorization": "Bearer k1"}) as c:
+        r = await c.post("/v1/templates", json={"name": "x", "dockerfile": "FROM debian:bookworm\n"})
+        assert r.status_code == 403 and "CELLBOX_TEMPLATE_BUILDS" in r.json()["error"]["message"], r.text
+    settings = off.model_copy(update={"template_builds": True})
     async with run_server(settings) as srv:
         headers = {"Authorization": "Bearer k1"}
         async with httpx.AsyncClient(base_url=srv.url, timeout=600, headers=headers) as c:
@@ -279,19 +293,96 @@ def test_rebuild_replaces_the_tree_and_keeps_the_old_one(tmp_path: Path) -> None
     sandbox that has it mounted keeps every file) and is deleted only after ``retain_old``."""
     (tmp_path / "Dockerfile").write_text("FROM debian:bookworm\nARG V\nRUN echo $V >/version\n")
     root = tmp_path / "templates"
-    build_rootfs_template(tmp_path, root, "versions", build_args={"V": "1"})
-    old = root / "versions/rootfs/version"
-    fd = os.open(old, os.O_RDONLY)  # as a running sandbox holds files of its tree
     try:
-        result = build_rootfs_template(tmp_path, root, "versions", build_args={"V": "2"})
-        assert result.exported
-        assert (root / "versions/rootfs/version").read_text() == "2\n"
-        assert os.pread(fd, 10, 0) == b"1\n"
+        build_rootfs_template(tmp_path, root, "versions", build_args={"V": "1"})
+        old = root / "versions/rootfs/version"
+        fd = os.open(old, os.O_RDONLY)  # as a running sandbox holds files of its tree
+        try:
+            result = build_rootfs_template(tmp_path, root, "versions", build_args={"V": "2"})
+            assert result.exported
+            assert (root / "versions/rootfs/version").read_text() == "2\n"
+            assert os.pread(fd, 10, 0) == b"1\n"
+        finally:
+            os.close(fd)
+        retired = list((root / ".retired").iterdir())
+        assert len(retired) == 1 and (retired[0] / "rootfs/version").read_text() == "1\n"
+        # retain_old < 0: every tree retired before this build is old enough (times are whole seconds)
+        build_rootfs_template(tmp_path, root, "versions", build_args={"V": "3"}, retain_old=-1)
+        retired = list((root / ".retired").iterdir())  # the v1 tree is gone, the v2 one just retired
+        assert [(p / "rootfs/version").read_text() for p in retired] == ["2\n"]
     finally:
-        os.close(fd)
-    retired = list((root / ".retired").iterdir())
-    assert len(retired) == 1 and (retired[0] / "rootfs/version").read_text() == "1\n"
-    # retain_old < 0: every tree retired before this build is old enough (times are whole seconds)
-    build_rootfs_template(tmp_path, root, "versions", build_args={"V": "3"}, retain_old=-1)
-    retired = list((root / ".retired").iterdir())  # the v1 tree is gone, the v2 one just retired
-    assert [(p / "rootfs/version").read_text() for p in retired] == ["2\n"]
+        shutil.rmtree(root, ignore_errors=True)  # three trees of ~400 MB: not for pytest's kept tmp dirs
+
+
+def _rootfs_runtime_problem(root: Path, scratch: Path) -> str | None:
+    """Why sandboxes cannot run from a rootfs template here (the rootfs runtime's checks), or None."""
+    from cellbox.interpreter.errors import InvalidRequest
+    from cellbox.interpreter.templates import TemplateRegistry
+    from tests.integration.helpers import bwrap_problem
+
+    try:
+        TemplateRegistry(root).get("guide")
+    except InvalidRequest as exc:
+        return exc.message
+    if problem := bwrap_problem():
+        return f"bwrap isolation unavailable: {problem}"
+    try:
+        from cellbox.runtimes.isolation.rootfs import check_idmap_support  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    found: str | None = check_idmap_support(scratch)
+    return found
+
+
+@pytest.fixture
+def rootfs_runtime(guide: Built, short_tmp: Path) -> None:
+    """Skips unless sandboxes can run from rootfs templates here (synchronous: the bwrap check
+    runs its own event loop)."""
+    if problem := _rootfs_runtime_problem(guide.root, short_tmp):
+        pytest.skip(f"rootfs sandboxes cannot run here: {problem}")
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("rootfs_runtime")
+async def test_a_sandbox_from_the_guide_template(guide: Built, short_tmp: Path) -> None:
+    """The guide's promise, through the API: sklearn in the kernel, node and git as commands,
+    the image's ENV and WORKDIR, a TypeScript context on Deno's kernel."""
+    from cellbox.interpreter.config import Settings
+    from tests.integration.helpers import execute, isolation_settings, main_text, run_cmd, stdout
+
+    extra: dict[str, Any] = {}
+    if "sandbox_range_first" in Settings.model_fields:  # uid ranges of its own
+        extra = {"sandbox_range_first": (1 << 30) + (8 + os.getpid() % 32) * 16 * 65536, "sandbox_range_count": 16}
+    settings = isolation_settings(short_tmp, "bwrap", templates_dir=guide.root, **extra)
+    async with run_server(settings) as srv, httpx.AsyncClient(base_url=srv.url, timeout=300) as c:
+        r = await c.post("/v1/sandboxes", json={"template": "guide"})
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+        try:
+            code = "import sklearn, pandas; from sklearn.linear_model import LinearRegression; sklearn.__name__"
+            assert main_text(await execute(c, sid, code)) == "'sklearn'"
+            events = await run_cmd(c, sid, "node -e 'console.log(6 * 7)'; git --version; echo $GUIDE_GREETING")
+            lines = stdout(events).splitlines()
+            assert lines[0] == "42" and lines[1].startswith("git version") and lines[2] == "hello", events
+            r = await c.post(f"/v1/sandboxes/{sid}/contexts", json={"language": "javascript"})
+            assert r.status_code in (200, 201), r.text
+            ctx = r.json()["id"]
+            events = await execute(c, sid, "const n: number = 6; console.log('typed', n * 7)", context=ctx)
+            assert stdout(events) == "typed 42\n", events
+            assert main_text(await execute(c, sid, "n + 1", context=ctx)) == "7"
+            # an endless cell stops on interrupt; the context keeps its state
+            body = {"code": "console.log('looping'); while (true) {}", "context": ctx}
+            async with c.stream("POST", f"/v1/sandboxes/{sid}/execute", json=body) as r:
+                seen = []
+                async for line in r.aiter_lines():
+                    event = json.loads(line)
+                    seen.append(event)
+                    if event["type"] == "stdout":
+                        interrupted = await c.post(f"/v1/sandboxes/{sid}/contexts/{ctx}/interrupt")
+                        assert interrupted.status_code in (200, 202, 204), interrupted.text
+            assert seen[-1]["type"] == "end" and seen[-1]["status"] in ("interrupted", "error"), seen[-3:]
+            assert main_text(await execute(c, sid, "n * 10", context=ctx)) == "60"
+            events = await run_cmd(c, sid, "python -c 'import site, sys; print(site.ENABLE_USER_SITE, sys.executable)'")
+            assert stdout(events).split() == ["True", "/opt/cellbox/venv/bin/python"]  # pip falls back to ~/.local
+        finally:
+            await c.delete(f"/v1/sandboxes/{sid}")

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from cellbox.client import AsyncSandbox, CommandExitError, PermissionDenied
+from cellbox.client import AsyncSandbox, CommandExitError, InvalidRequest, PermissionDenied
 from tests.integration.server import RunningServer
 
 pytestmark = pytest.mark.asyncio
@@ -94,3 +94,27 @@ async def test_the_sdk_passes_the_user(server: RunningServer) -> None:
             await sbx.commands.run("id", user="root")
         with pytest.raises(PermissionDenied):
             await sbx.pty.create((24, 80), user="root")
+
+
+async def test_a_terminal_stdin_is_not_closed_and_ctrl_d_ends_the_shell(server: RunningServer) -> None:
+    async with await AsyncSandbox.create(base_url=server.url) as sbx:
+        term = await sbx.pty.create((24, 80))
+        with pytest.raises(InvalidRequest, match=r"has a terminal: .* Ctrl\+D"):  # as envd
+            await sbx.commands.close_stdin(term.pid)
+        await term.send_input(b"\x04")  # EOF at the shell's prompt: it exits
+        result = await term.wait()
+        assert result.exit_code == 0
+
+
+async def test_commands_carry_a_tag(server: RunningServer) -> None:
+    async with await AsyncSandbox.create(base_url=server.url) as sbx:
+        tagged = await sbx.commands.run("sleep 60", background=True, tag="web")
+        plain = await sbx.commands.run("sleep 60", background=True)
+        tags = {c.pid: c.tag for c in await sbx.commands.list()}
+        assert tags[tagged.pid] == "web" and tags[plain.pid] is None
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            r = await client.get(f"/v1/sandboxes/{sbx.sandbox_id}/commands", params={"tag": "web"})
+            assert r.status_code == 200, r.text
+            assert [c["pid"] for c in r.json()["commands"]] == [tagged.pid]
+        for handle in (tagged, plain):
+            await handle.kill()

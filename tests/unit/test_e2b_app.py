@@ -40,6 +40,14 @@ async def test_control_plane_errors_are_code_and_message(client: httpx.AsyncClie
 
 
 @pytest.mark.asyncio
+async def test_metrics_bounds_are_unix_seconds(client: httpx.AsyncClient) -> None:
+    r = await client.get("/sandboxes/sb_1/metrics", params={"start": "yesterday"}, headers={"X-API-KEY": KEY})
+    assert r.status_code == 400 and "start must be unix seconds" in r.json()["message"]
+    r = await client.get("/sandboxes/sb_1/metrics", params={"end": "1.5"}, headers={"X-API-KEY": KEY})
+    assert r.status_code == 400 and "end must be unix seconds" in r.json()["message"]
+
+
+@pytest.mark.asyncio
 async def test_envd_http_and_rpc_errors(client: httpx.AsyncClient) -> None:
     r = await client.get("/health", headers=ENVD)
     assert r.status_code == 401 and set(r.json()) == {"code", "message"}

@@ -9,7 +9,8 @@ import pytest
 from cellbox.api.faces.e2b import models as m
 from cellbox.api.faces.e2b.versions import ENVD_VERSION
 from cellbox.interpreter.errors import InvalidRequest
-from cellbox.interpreter.models import Limits, SandboxInfo, SandboxState, SandboxUsage
+from cellbox.interpreter.metrics import Sample
+from cellbox.interpreter.models import Limits, SandboxInfo, SandboxState
 
 DEFAULTS = m.SandboxDefaults(cpu=1.0, memory_mb=1024, disk_mb=2048)
 
@@ -103,12 +104,14 @@ def test_domain_is_handed_out_only_when_configured() -> None:
     assert m.sandbox_response(info(), "t", with_domain)["domain"] == "cellbox.test"
 
 
-def test_metric_from_usage() -> None:
-    usage = SandboxUsage(memory_bytes=10, disk_used_bytes=20, disk_total_bytes=30)
-    got = m.metric(usage, info(), DEFAULTS, now=1_700_000_000.0)
+def test_metric_from_a_sample() -> None:
+    sample = Sample(1_700_000_000.5, 1, 37.5, memory_bytes=10, disk_used_bytes=20, disk_total_bytes=30)
+    got = m.metric(sample, info(), DEFAULTS)
     assert got["memUsed"] == 10 and got["diskUsed"] == 20 and got["diskTotal"] == 30
     assert got["memTotal"] == 1024 * 1024 * 1024 and got["timestampUnix"] == 1_700_000_000
-    assert m.metric(None, info(), DEFAULTS, now=0)["memUsed"] == 0
+    assert got["cpuUsedPct"] == 37.5 and got["timestamp"].startswith("2023-11-14T22:13:20.5")
+    bare = m.metric(Sample(0.0, 1, 0.0, None, None, None), info(), DEFAULTS)
+    assert bare["memUsed"] == 0 and bare["diskTotal"] > 0
 
 
 def test_metadata_query_decodes_what_the_sdk_encodes() -> None:

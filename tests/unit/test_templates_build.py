@@ -5,12 +5,15 @@ the registry's view of a rootfs template."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import re
+import tarfile
 from pathlib import Path
 
 import pytest
 
+from cellbox.api.routes import templates as templates_route
 from cellbox.build import base, builder, dockerfile, layer
 from cellbox.build.events import BuildEvent
 from cellbox.egress.hosttrust import HostConfig, PipConfig
@@ -251,3 +254,45 @@ def test_one_build_per_name(tmp_path: Path) -> None:
             pass
     with builder.build_lock(tmp_path, "x"):  # released
         pass
+
+
+def _tar(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buffer.getvalue()
+
+
+def _file(name: str, data: bytes = b"FROM debian:bookworm\n") -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def _link(name: str, target: str) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = tarfile.SYMTYPE, target
+    return info, None
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        [_file("../evil")],
+        [_file("/abs")],
+        [_file("Dockerfile"), _link("x", "/etc/passwd")],
+        [_file("Dockerfile"), _link("d/x", "../../etc")],
+    ],
+)
+def test_uploaded_context_stays_inside(tmp_path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> None:
+    with pytest.raises(InvalidRequest, match="tar archive has"):
+        templates_route._unpack(_tar(*members), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_uploaded_context_unpacks(tmp_path: Path) -> None:
+    templates_route._unpack(_tar(_file("Dockerfile"), _file("app/main.py", b"print(1)\n")), tmp_path)
+    assert (tmp_path / "app/main.py").read_text() == "print(1)\n"
+    with pytest.raises(InvalidRequest, match="not a readable tar"):
+        templates_route._unpack(b"not a tar", tmp_path)

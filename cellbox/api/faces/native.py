@@ -35,6 +35,8 @@ class BodyLimit:
             return self.upload_limit
         if "/ports/" in scope["path"]:  # a body for the app in the sandbox, streamed through
             return self.upload_limit
+        if scope["method"] == "POST" and scope["path"] == "/v1/templates":  # a build context (tar)
+            return self.upload_limit
         return self.json_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

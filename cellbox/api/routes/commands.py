@@ -53,8 +53,10 @@ async def run_command(body: CommandRequest, sandbox: LiveSandbox) -> Any:
 async def list_commands(
     sandbox: LiveSandbox,
     running: Annotated[bool, Query(description="Only commands still running.")] = False,
+    tag: Annotated[str | None, Query(description="Only commands started with this tag.")] = None,
 ) -> CommandList:
-    return CommandList(commands=[c for c in sandbox.commands.list() if not running or c.running])
+    found = sandbox.commands.list()
+    return CommandList(commands=[c for c in found if (not running or c.running) and (tag is None or c.tag == tag)])
 
 
 @router.get("/{sandbox_id}/commands/{pid}", responses=_STREAM_DOC, response_model=CommandRecord)

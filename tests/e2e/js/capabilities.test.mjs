@@ -71,8 +71,19 @@ test('lifecycle: getInfo, setTimeout, metrics, isRunning', async () => {
   await sbx.setTimeout(90_000)
   const later = await sbx.getInfo()
   assert.ok(later.endAt.getTime() - Date.now() > 60_000)
-  const metrics = await sbx.getMetrics()
-  assert.ok(metrics.length >= 1 && metrics[0].memTotal > 0)
+  assert.ok((await sbx.getMetrics()).length >= 1)
+  await sbx.commands.run('sleep 1.2') // longer than the server's sample interval, over two whole seconds
+  const series = await sbx.getMetrics()
+  assert.ok(series.length >= 2 && series.every((m) => m.memTotal > 0 && m.cpuCount >= 1), JSON.stringify(series))
+  const secs = series.map((m) => Math.floor(m.timestamp.getTime() / 1000))
+  assert.deepEqual(secs, [...secs].sort((a, b) => a - b))
+  const [first, last] = [secs[0], secs.at(-1)]
+  assert.ok(last > first)
+  // the SDK rounds start and end to seconds: whole-second dates keep the bounds exact
+  const early = await sbx.getMetrics({ end: new Date(first * 1000) })
+  assert.ok(early.length >= 1 && early.every((m) => m.timestamp.getTime() < (first + 1) * 1000))
+  const late = await sbx.getMetrics({ start: new Date(last * 1000) })
+  assert.ok(late.length >= 1 && late.every((m) => m.timestamp.getTime() >= last * 1000))
   assert.equal(await sbx.isRunning(), true)
   const gone = await Sandbox.connect('sb_0000000000000000').catch((e) => e)
   assert.ok(gone instanceof Error)

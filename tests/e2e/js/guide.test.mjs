@@ -92,6 +92,17 @@ test('runCode keeps state and returns a chart', async () => {
   const png = plot.results.find((r) => r.png)?.png
   assert.ok(png, 'a PNG result')
   assert.deepEqual([...Buffer.from(png, 'base64').subarray(0, 8)], PNG_MAGIC)
+  const chart = plot.results.find((r) => r.chart)?.chart // E2B's chart format, from e2b-charts
+  assert.equal(chart?.type, 'line', JSON.stringify(plot.results.map((r) => Object.keys(r))))
+  assert.equal(chart.title, 't')
+  assert.deepEqual(
+    chart.elements[0].points.map(([x, y]) => [Number(x), Number(y)]),
+    [
+      [1, 1],
+      [2, 4],
+      [3, 9],
+    ],
+  )
   const failed = await ci.runCode('undefined_name')
   assert.equal(failed.error?.name, 'NameError')
 })

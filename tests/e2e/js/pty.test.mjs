@@ -1,4 +1,4 @@
-// PTY through the JavaScript SDK: create, sendInput, resize, connect (no replay), kill.
+// PTY through the JavaScript SDK: create, sendInput, resize, connect (no replay), kill, ^D; users.
 import { test, before, after } from 'node:test'
 import assert from 'node:assert/strict'
 import { Sandbox, CommandExitError } from 'e2b'
@@ -66,4 +66,19 @@ test('pty: create, sendInput, resize, connect, kill', async () => {
 test('commands: user "user" runs, "root" is refused by name', async () => {
   assert.equal((await sbx.commands.run('echo me', { user: 'user' })).stdout, 'me\n')
   await assert.rejects(sbx.commands.run('whoami', { user: 'root' }), /user 'root' is not available/)
+})
+
+test("pty: stdin is not closed (as envd), Ctrl+D ends the shell", async () => {
+  const term = await sbx.pty.create({ rows: 24, cols: 80, onData: () => {}, timeoutMs: 120_000 })
+  await assert.rejects(sbx.commands.closeStdin(term.pid), /cannot close stdin for PTY process/)
+  await sbx.pty.sendInput(term.pid, new Uint8Array([0x04])) // EOF at the prompt: bash exits
+  const result = await term.wait()
+  assert.equal(result.exitCode, 0)
+})
+
+test('files as root: refused by name in a sandbox without root', async () => {
+  await assert.rejects(
+    sbx.files.write('/tmp/r.txt', 'x', { user: 'root' }),
+    /user 'root' is not available: only a sandbox from a rootfs template has root/,
+  )
 })

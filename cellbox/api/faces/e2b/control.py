@@ -154,11 +154,27 @@ async def pause(request: Request) -> Response:
     return Response(status_code=204)
 
 
+def _unix_seconds(request: Request, name: str) -> float | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return float(int(raw))
+    except ValueError:
+        raise InvalidRequest(f"{name} must be unix seconds, got {raw!r}") from None
+
+
 async def metrics(request: Request) -> Response:
+    """The sandbox's resource samples (the core's ring), ``start`` <= timestamp <= ``end``."""
     svc = services(request)
     sid = request.path_params["sandbox_id"]
-    info = _live(await svc.manager.info(svc.owner(request), sid))
-    return JSONResponse([m.metric(info.usage, info, svc.defaults, time.time())])
+    start, end = _unix_seconds(request, "start"), _unix_seconds(request, "end")
+    owner = svc.owner(request)
+    info = _live(await svc.manager.info(owner, sid))
+    sbx = await svc.manager.get(owner, sid)
+    # end is whole seconds: a sample at 12.7 s lies within end=12
+    samples = await svc.manager.metrics.samples(sbx, start, None if end is None else end + 1 - 1e-9)
+    return JSONResponse([m.metric(s, info, svc.defaults) for s in samples])
 
 
 def routes() -> list[Route]:

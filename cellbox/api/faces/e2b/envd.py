@@ -27,23 +27,31 @@ from cellbox.api.faces.e2b.services import services
 from cellbox.api.faces.e2b.stream import ByteStream
 from cellbox.interpreter import errors as e
 from cellbox.interpreter.commands import PTY_SHELL
+from cellbox.interpreter.files import Files
 from cellbox.interpreter.models import CommandEvent, CommandExitEvent, CommandRequest, PtySize
 from cellbox.interpreter.sandbox import Sandbox
 
 __all__ = ["routes"]
 
 HOME = "/home/user"
+ROOT_HOME = "/root"
 DEFAULT_USER = "user"
 UPLOAD_CHUNK = 1 << 20
 KEEPALIVE_SECONDS = 50.0  # the SDKs ask for Keepalive-Ping-Interval: 50
 
 
 def _check_user(user: str | None) -> None:
-    # Files: cellbox sandboxes have one user there; "root" is not offered (it would need
-    # privileges the sandbox deliberately lacks), and the SDKs' error for it names the reason.
-    # Commands pass their user on: the sandbox's agent decides what it offers.
+    # Watches run as the sandbox's user only (the agent's inotify is the user's).
     if user not in (None, "", DEFAULT_USER):
-        raise e.PermissionDenied(f"user {user!r} is not available in cellbox sandboxes: only {DEFAULT_USER!r}")
+        raise e.PermissionDenied(
+            f"watching as user {user!r} is not available in cellbox sandboxes: only {DEFAULT_USER!r}"
+        )
+
+
+def _files(sbx: Sandbox, user: str | None) -> Files:
+    """The sandbox's files as ``user``: the sandbox's agent decides what it offers (``root``
+    in a sandbox from a rootfs template; elsewhere its operations refuse it, naming why)."""
+    return sbx.files.as_user(user)
 
 
 def _rpc_user(request: Request) -> str | None:
@@ -57,13 +65,15 @@ def _rpc_user(request: Request) -> str | None:
         raise e.InvalidRequest("malformed Authorization header") from None
 
 
-def absolute(path: str) -> str:
-    """A sandbox path: relative paths resolve against the user's home (``/home/user``)."""
+def absolute(path: str, user: str | None = None) -> str:
+    """A sandbox path: relative paths resolve against the user's home (``/home/user``;
+    ``/root`` for root, as envd)."""
+    home = ROOT_HOME if user == "root" else HOME
     if not path:
-        return HOME
+        return home
     if path.startswith("~"):
-        path = HOME + path[1:]
-    return posixpath.normpath(path if path.startswith("/") else posixpath.join(HOME, path))
+        path = home + path[1:]
+    return posixpath.normpath(path if path.startswith("/") else posixpath.join(home, path))
 
 
 async def _sandbox(request: Request) -> tuple[str, Sandbox]:
@@ -108,13 +118,13 @@ async def read_file(request: Request) -> Response:
     if not raw_path:
         raise e.InvalidRequest("path is required")
     user = q.get("username") or None
-    _check_user(user)
     sbx = await _file_sandbox(request, "read", raw_path, user)
-    path = absolute(raw_path)
-    entry = await sbx.files.stat(path)
+    files = _files(sbx, user)
+    path = absolute(raw_path, user)
+    entry = await files.stat(path)
     if entry.type == "dir":
         raise e.InvalidRequest(f"path {path!r} is a directory")
-    _, chunks = await sbx.files.read(path)
+    _, chunks = await files.read(path)
     headers = {"Content-Disposition": f'attachment; filename="{posixpath.basename(path)}"'}
     if "gzip" in request.headers.get("accept-encoding", ""):
         headers["Content-Encoding"] = "gzip"
@@ -157,7 +167,6 @@ async def _upload_chunks(upload: UploadFile) -> AsyncIterator[bytes]:
 async def write_files(request: Request) -> Response:
     q = request.query_params
     user = q.get("username") or None
-    _check_user(user)
     raw_path = q.get("path")
     content_type = request.headers.get("content-type", "")
     limit = services(request).settings.max_upload_bytes
@@ -172,7 +181,7 @@ async def write_files(request: Request) -> Response:
                 dest = raw_path if raw_path and len(uploads) == 1 else upload.filename
                 if not dest:
                     raise e.InvalidRequest("a file part without a file name, and no path")
-                entry = await sbx.files.write(absolute(dest), _upload_chunks(upload), limit)
+                entry = await _files(sbx, user).write(absolute(dest, user), _upload_chunks(upload), limit)
                 written.append(t.write_info(entry))
         return JSONResponse(written)
     if not raw_path:
@@ -184,7 +193,7 @@ async def write_files(request: Request) -> Response:
         body = _gunzip(body)
     elif encoding not in ("", "identity"):
         raise e.InvalidRequest(f"unsupported Content-Encoding {encoding!r}")
-    entry = await sbx.files.write(absolute(raw_path), body, limit)
+    entry = await _files(sbx, user).write(absolute(raw_path, user), body, limit)
     return JSONResponse([t.write_info(entry)])
 
 
@@ -194,13 +203,19 @@ Unary = Callable[[Request, Sandbox, dict[str, Any]], Awaitable[dict[str, Any]]]
 Streaming = Callable[[Request, Sandbox, dict[str, Any], float | None], AsyncIterator[dict[str, Any]]]
 
 
-def _pid(msg: dict[str, Any]) -> int:
+def _pid(sbx: Sandbox, msg: dict[str, Any]) -> int:
+    """The pid a ``ProcessSelector`` names: its ``pid``, or the running process started with
+    its ``tag`` (envd: not_found when none is)."""
     selector = msg.get("process") or {}
     if "pid" in selector:
         return int(selector["pid"])
     if "tag" in selector:
-        raise c.ConnectError(c.Code.UNIMPLEMENTED, "selecting a process by tag is not supported")
-    raise c.ConnectError(c.Code.INVALID_ARGUMENT, "process.pid is required")
+        tag = str(selector["tag"])
+        try:
+            return sbx.commands.tagged(tag).pid
+        except e.NotFound:
+            raise c.ConnectError(c.Code.NOT_FOUND, f"process with tag {tag} not found") from None
+    raise c.ConnectError(c.Code.INVALID_ARGUMENT, "process.pid or process.tag is required")
 
 
 def _command(config: dict[str, Any], pty: bool = False) -> str:
@@ -251,9 +266,10 @@ async def process_start(
         background=True,
         user=_rpc_user(request),
         pty=pty,
+        tag=str(msg["tag"]) if msg.get("tag") is not None else None,
     )
     info = await sbx.commands.start(req)
-    if not msg.get("stdin"):
+    if not msg.get("stdin") and pty is None:
         # E2B: without stdin a read sees EOF. A quick command may have ended already.
         with contextlib.suppress(e.NotFound, e.InvalidRequest, e.Conflict):
             await sbx.commands.stdin(info.pid, None)
@@ -266,7 +282,7 @@ async def process_connect(
 ) -> AsyncIterator[dict[str, Any]]:
     """envd's Connect: the ``start`` event, then only what the process does from now on (what
     it printed before is not replayed), until its end."""
-    pid = _pid(msg)
+    pid = _pid(sbx, msg)
     if sbx.commands.get(pid).done.is_set():  # envd forgets a process once it ended
         raise e.NotFound(f"process with pid {pid} not found")
     live = sbx.commands.follow(pid, after=None)  # subscribed before the client hears start
@@ -282,28 +298,35 @@ async def process_list(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> d
             continue
         shell = info.pty and info.cmd == " ".join(PTY_SHELL)
         args = PTY_SHELL[1:] if shell else ["-l", "-c", info.cmd]
-        processes.append({"config": {"cmd": "/bin/bash", "args": args, "envs": {}, "cwd": info.cwd}, "pid": info.pid})
+        config = {"cmd": "/bin/bash", "args": args, "envs": {}, "cwd": info.cwd}
+        processes.append({"config": config, "pid": info.pid, **({"tag": info.tag} if info.tag is not None else {})})
     return {"processes": processes}
 
 
 async def process_send_input(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
-    await _send_input(sbx, _pid(msg), msg.get("input") or {})
+    await _send_input(sbx, _pid(sbx, msg), msg.get("input") or {})
     return {}
 
 
 async def _send_input(sbx: Sandbox, pid: int, data: dict[str, Any]) -> None:
-    """A ``ProcessInput``: ``stdin`` bytes, or ``pty`` bytes for a process with a terminal."""
+    """A ``ProcessInput``: ``stdin`` bytes, or ``pty`` bytes for a process with a terminal
+    (envd refuses each for the other kind of process)."""
+    terminal = sbx.commands.get(pid).pty
     if "pty" in data:
-        if not sbx.commands.get(pid).pty:
+        if not terminal:
             raise c.ConnectError(c.Code.FAILED_PRECONDITION, f"process {pid} has no pty")
         await sbx.commands.stdin(pid, base64.b64decode(data["pty"]))
     else:
+        if terminal:
+            raise c.ConnectError(
+                c.Code.INTERNAL, "error writing to stdin: a pty is assigned to the process: write input to the pty"
+            )
         await sbx.commands.stdin(pid, base64.b64decode(data.get("stdin", "")))
 
 
 async def process_update(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
     """``Update``: a new terminal size (the only thing envd updates)."""
-    pid = _pid(msg)
+    pid = _pid(sbx, msg)
     if not msg.get("pty"):
         return {}
     size = _pty_size(msg["pty"])
@@ -312,7 +335,12 @@ async def process_update(request: Request, sbx: Sandbox, msg: dict[str, Any]) ->
 
 
 async def process_close_stdin(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
-    await sbx.commands.stdin(_pid(msg), None)
+    pid = _pid(sbx, msg)
+    if sbx.commands.get(pid).pty:  # envd refuses: a terminal's input ends with ^D
+        raise c.ConnectError(
+            c.Code.UNKNOWN, "error closing stdin: cannot close stdin for PTY process — send Ctrl+D (0x04) instead"
+        )
+    await sbx.commands.stdin(pid, None)
     return {}
 
 
@@ -324,7 +352,7 @@ async def process_send_signal(request: Request, sbx: Sandbox, msg: dict[str, Any
     signum = int(raw) if isinstance(raw, int) or str(raw).isdigit() else _SIGNALS.get(str(raw), 0)
     if signum not in (9, 15):
         raise c.ConnectError(c.Code.INVALID_ARGUMENT, f"unsupported signal {raw!r}")
-    pid = _pid(msg)
+    pid = _pid(sbx, msg)
     if sbx.commands.get(pid).done.is_set():
         raise e.NotFound(f"process {pid} is not running")
     await sbx.commands.signal(pid, signum)
@@ -332,35 +360,35 @@ async def process_send_signal(request: Request, sbx: Sandbox, msg: dict[str, Any
 
 
 async def fs_stat(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
-    _check_user(_rpc_user(request))
-    return {"entry": t.entry_info(await sbx.files.stat(absolute(str(msg.get("path", "")))))}
+    user = _rpc_user(request)
+    return {"entry": t.entry_info(await _files(sbx, user).stat(absolute(str(msg.get("path", "")), user)))}
 
 
 async def fs_list_dir(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
-    _check_user(_rpc_user(request))
+    user = _rpc_user(request)
     depth = int(msg.get("depth") or 1)
-    listing = await sbx.files.listdir(absolute(str(msg.get("path", ""))), depth)
+    listing = await _files(sbx, user).listdir(absolute(str(msg.get("path", "")), user), depth)
     return {"entries": [t.entry_info(entry) for entry in listing.entries]}
 
 
 async def fs_make_dir(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
-    _check_user(_rpc_user(request))
-    path = absolute(str(msg.get("path", "")))
-    created, entry = await sbx.files.mkdir(path, True)
+    user = _rpc_user(request)
+    path = absolute(str(msg.get("path", "")), user)
+    created, entry = await _files(sbx, user).mkdir(path, True)
     if not created:
         raise c.ConnectError(c.Code.ALREADY_EXISTS, f"directory {path} already exists")
     return {"entry": t.entry_info(entry)}
 
 
 async def fs_move(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
-    _check_user(_rpc_user(request))
-    src, dst = absolute(str(msg.get("source", ""))), absolute(str(msg.get("destination", "")))
-    return {"entry": t.entry_info(await sbx.files.move(src, dst))}
+    user = _rpc_user(request)
+    src, dst = absolute(str(msg.get("source", "")), user), absolute(str(msg.get("destination", "")), user)
+    return {"entry": t.entry_info(await _files(sbx, user).move(src, dst))}
 
 
 async def fs_remove(request: Request, sbx: Sandbox, msg: dict[str, Any]) -> dict[str, Any]:
-    _check_user(_rpc_user(request))
-    await sbx.files.remove(absolute(str(msg.get("path", ""))))
+    user = _rpc_user(request)
+    await _files(sbx, user).remove(absolute(str(msg.get("path", "")), user))
     return {}
 
 
@@ -450,7 +478,7 @@ async def stream_input(request: Request) -> Response:
                 if flags & c.FLAG_END_STREAM:
                     continue
                 if "start" in msg:
-                    pid = _pid(msg["start"])
+                    pid = _pid(sbx, msg["start"])
                 elif "data" in msg:
                     if pid is None:
                         raise c.ConnectError(c.Code.INVALID_ARGUMENT, "the first message must be start")

@@ -18,7 +18,7 @@ from starlette.routing import Route
 from cellbox.api.faces.e2b import translate as t
 from cellbox.api.faces.e2b.bodies import read_json_object
 from cellbox.api.faces.e2b.services import services
-from cellbox.api.faces.e2b.stream import ByteStream
+from cellbox.api.faces.e2b.stream import ByteStream, LastChunk
 from cellbox.interpreter import errors as e
 from cellbox.interpreter.models import ContextInfo, EndEvent, ExecuteRequest
 from cellbox.interpreter.sandbox import Sandbox
@@ -84,17 +84,16 @@ async def execute(request: Request) -> Response:
 
 
 async def _lines(sbx: Sandbox, execution_id: str) -> AsyncIterator[bytes]:
+    """The NDJSON of an execution: one chunk per event (its lines together), the end's lines
+    as the stream's last chunk (:class:`LastChunk`: one write fewer per execution)."""
     lines = t.ExecutionLines()
-    ended = False
     async for event in await sbx.executions.follow(execution_id):
-        for line in lines.lines(event):
-            yield t.ndjson(line)
         if isinstance(event, EndEvent):
-            ended = True
-            break
-    if not ended:
-        for line in lines.end(None):
-            yield t.ndjson(line)
+            yield LastChunk(b"".join(t.ndjson(line) for line in lines.lines(event)))
+            return
+        if out := lines.lines(event):
+            yield b"".join(t.ndjson(line) for line in out)
+    yield LastChunk(b"".join(t.ndjson(line) for line in lines.end(None)))
 
 
 async def create_context(request: Request) -> Response:

@@ -22,13 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cellbox.api.faces.e2b.versions import ENVD_VERSION
 from cellbox.interpreter.errors import InvalidRequest
+from cellbox.interpreter.metrics import Sample
 from cellbox.interpreter.models import (
     Limits,
     NetworkSpec,
     SandboxCreate,
     SandboxInfo,
     SandboxState,
-    SandboxUsage,
 )
 
 __all__ = [
@@ -236,21 +236,20 @@ def sandbox_detail(info: SandboxInfo, access_token: str, defaults: SandboxDefaul
     return out
 
 
-def metric(usage: SandboxUsage | None, info: SandboxInfo, defaults: SandboxDefaults, now: float) -> dict[str, Any]:
-    """One ``SandboxMetric`` from the sandbox's current usage (cellbox keeps no history, so
-    ``get_metrics`` returns the present sample). ``cpuUsedPct`` needs two samples: 0 here."""
+def metric(sample: Sample, info: SandboxInfo, defaults: SandboxDefaults) -> dict[str, Any]:
+    """One ``SandboxMetric`` from one of the core's samples (:mod:`cellbox.interpreter.metrics`).
+    Without isolation a sandbox has no cgroup: its memory and disk use read 0."""
     sizes = _sizes(info, defaults)
-    u = usage or SandboxUsage()
     return {
-        "timestamp": rfc3339(now),
-        "timestampUnix": int(now),
+        "timestamp": rfc3339(sample.at),
+        "timestampUnix": int(sample.at),
         "cpuCount": sizes["cpuCount"],
-        "cpuUsedPct": 0.0,
-        "memUsed": u.memory_bytes or 0,
+        "cpuUsedPct": sample.cpu_pct,
+        "memUsed": sample.memory_bytes or 0,
         "memTotal": sizes["memoryMB"] * 1024 * 1024,
         "memCache": 0,
-        "diskUsed": u.disk_used_bytes or 0,
-        "diskTotal": u.disk_total_bytes or sizes["diskSizeMB"] * 1024 * 1024,
+        "diskUsed": sample.disk_used_bytes or 0,
+        "diskTotal": sample.disk_total_bytes or sizes["diskSizeMB"] * 1024 * 1024,
     }
 
 

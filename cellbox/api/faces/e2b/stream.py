@@ -12,7 +12,11 @@ from starlette.types import Receive, Scope, Send
 
 from cellbox.aio import cancel_and_wait
 
-__all__ = ["ByteStream"]
+__all__ = ["ByteStream", "LastChunk"]
+
+
+class LastChunk(bytes):
+    """A chunk that ends the stream: sent with the end of the body, in one write."""
 
 
 class ByteStream(Response):
@@ -55,6 +59,9 @@ class ByteStream(Response):
     async def _write(self, send: Send) -> None:
         try:
             async for chunk in self.chunks:
+                if isinstance(chunk, LastChunk):
+                    await send({"type": "http.response.body", "body": bytes(chunk), "more_body": False})
+                    return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
