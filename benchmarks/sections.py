@@ -31,6 +31,7 @@ from benchmarks.peers.cellbox import (
 from benchmarks.peers.kernel_gateway import GatewayKernel
 from benchmarks.peers.raw import RawKernel
 from benchmarks.procs import tree_memory
+from benchmarks.rootfs_section import rootfs
 from benchmarks.stats import median_of_rounds, percentile, summarize
 from benchmarks.targets import verdict
 
@@ -996,6 +997,7 @@ SECTIONS: list[tuple[str, str, Callable[[Bench, Section], Awaitable[None]]]] = [
     ("stdout", "stdout streaming", stdout_stream),
     ("artifact", "matplotlib plot -> PNG artifact downloaded", artifact),
     ("memory", "idle memory per sandbox", memory),
+    ("rootfs", "rootfs templates: warm and cold create, cached rebuild", rootfs),
 ]
 
 __all__ = ["SECTIONS", "Skip"]

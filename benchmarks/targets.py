@@ -51,6 +51,10 @@ TARGETS = [
     # The isolation issue: bwrap may cost something at start, nothing measurable per call
     # (read here as within 5%, about the round-to-round spread of a quiet machine).
     Target(("isolation.create.ratio_p50",), "<=", 1.15, "bwrap create -> first result <= 1.15x none (p50)", "x"),
+    # issue 10: rootfs templates
+    Target(("rootfs.warm.p50_ms",), "<=", 50, "rootfs template: warm create -> first result p50 <= 50 ms", "ms"),
+    Target(("rootfs.cold.ratio_p50",), "<=", 1.1, "rootfs template: cold create <= 1.1x venv template (p50)", "x"),
+    Target(("rootfs.build.ratio",), "<=", 0.1, "unchanged Dockerfile rebuild <= 10% of the first build", "x"),
     Target(("isolation.roundtrip.lean.ratio_p50",), "<=", 1.05, "bwrap 1+1 round trip <= 1.05x none (p50, bare)", "x"),
 ]
 

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cellbox.api.faces import Face, Services, load_faces
 from cellbox.interpreter.config import Settings
+from cellbox.interpreter.errors import RuntimeUnavailable
 from cellbox.interpreter.manager import SandboxManager
 
 log = logging.getLogger("cellbox.api")
@@ -45,7 +46,8 @@ class CellboxApp:
             if self._owns_manager:
                 self.services._manager = await SandboxManager.open(self.settings)
         except Exception as exc:
-            log.exception("cellbox could not start")
+            if not isinstance(exc, RuntimeUnavailable):  # a refusal that says why is one line (uvicorn's)
+                log.exception("cellbox could not start")
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
         await send({"type": "lifespan.startup.complete"})

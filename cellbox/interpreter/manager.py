@@ -240,6 +240,17 @@ class SandboxManager:
         if template is not None:
             python = Path(os.path.realpath(template.python))
             visible = [Path("/usr")] + ([template.env_dir.parent] if template.env_dir else [])
+            # the sandbox binds the venv's parent (made searchable then): the dirs above it must
+            # be searchable by other users (a venv in /root is not)
+            closed = _closed_to_others(template.env_dir.parent) if template.env_dir else None
+            if closed is not None:
+                build = f"cellbox template build kernel_image --name default --data-dir {self.settings.data_dir}"
+                return (
+                    f"no 'default' template in {root}, and isolated sandboxes cannot reach this service's own Python "
+                    f"in {template.env_dir} ({closed} is not searchable by other users): `chmod o+x {closed}`, "
+                    f"install cellbox in a venv other users can reach, build a template with `{build}` "
+                    "(kernel_image/ is in the cellbox repository), or serve with --isolation none"
+                )
             if any(python.is_relative_to(v) for v in visible):
                 return None
         return (
@@ -604,3 +615,14 @@ class SandboxManager:
             sandboxes=len(self.sandboxes),
             pool=self.pool.counts(),
         )
+
+
+def _closed_to_others(path: Path) -> Path | None:
+    """The first directory above ``path`` that other users cannot search (None: all can)."""
+    for parent in reversed(path.parents):
+        try:
+            if not os.stat(parent).st_mode & 0o001:
+                return parent
+        except OSError:
+            return parent
+    return None

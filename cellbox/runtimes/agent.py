@@ -49,7 +49,12 @@ adds the user to ``/etc/passwd`` and ``/etc/group`` when the image has no uid 10
 inside is this file (``agent.py sudo ARGS``, bound as ``/usr/local/bin/sudo``): it passes its
 argv, cwd, environment and its stdin/stdout/stderr (SCM_RIGHTS) to the agent over the abstract
 unix socket :data:`SUDO_SOCKET` (private to the sandbox's network namespace), which runs the
-command as root and answers its exit status (no_new_privs makes a setuid sudo inert). Without
+command as root and answers its exit status (no_new_privs makes a setuid sudo inert). When
+sudo's stdin is a terminal (and sudo is in its foreground), the command gets a terminal of its
+own as stdin (stdout, stderr: where those are terminals too) and controlling terminal, with
+the caller's modes and size (a terminal is one session's controlling terminal, and the
+caller's is the caller's session's); sudo puts the caller's terminal in raw mode and relays
+both ways until the command ends, as sudo's ``use_pty`` does. Without
 ``--as-user`` (venv sandboxes, already running as ``user``) a spawn for any other user fails.
 
 Usage: ``python agent.py --socket PATH`` (prints nothing; the socket appearing is readiness:
@@ -78,6 +83,7 @@ import stat
 import struct
 import sys
 import termios
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -838,6 +844,8 @@ class SudoServer:
     (the caller's stdin, stdout, stderr). Then the client may send ``{"signal": N}`` lines
     (forwarded to the command's process group); the agent answers ``{"returncode": N}`` when
     the command ends, or ``{"error": "..."}``. A client that goes away takes its command along.
+    With ``"pty": true`` and a terminal as stdin, the first answer is ``{"pty": true}`` with the
+    master of the command's own terminal (SCM_RIGHTS), which the client relays.
     """
 
     def __init__(self, agent: Agent) -> None:
@@ -851,7 +859,12 @@ class SudoServer:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(self.sock)
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError as exc:  # EMFILE and the like: this sudo fails, not every later one
+                log.warning("sudo: accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
             self.agent.spawn(self.handle(conn), "sudo")
 
     async def handle(self, conn: socket.socket) -> None:
@@ -863,17 +876,26 @@ class SudoServer:
             except (TimeoutError, OSError, ValueError) as exc:
                 await asyncio.to_thread(conn.sendall, json.dumps({"error": f"bad request: {exc}"}).encode() + b"\n")
                 return
+            master = slave = None
             try:
                 env = {str(k): str(v) for k, v in dict(msg.get("env") or {}).items()}
+                ids = self.agent.user_ids(msg.get("user") or "root")
+                stdio = list(fds)
+                if msg.get("pty") and os.isatty(fds[0]):
+                    # a terminal of the command's own, as its controlling terminal (the caller's
+                    # is its session's: a terminal belongs to one session); the caller relays
+                    master, slave = _command_terminal(fds[0], ids)
+                    stdio = [slave] + [slave if os.isatty(fd) else fd for fd in fds[1:]]
                 proc = await asyncio.create_subprocess_exec(
                     *[str(a) for a in msg["argv"]],
                     env=env,
                     cwd=str(msg.get("cwd") or "/"),
-                    stdin=fds[0],
-                    stdout=fds[1],
-                    stderr=fds[2],
+                    stdin=stdio[0],
+                    stdout=stdio[1],
+                    stderr=stdio[2],
                     start_new_session=True,
-                    **_drop_kwargs(self.agent.user_ids(msg.get("user") or "root")),
+                    preexec_fn=Terminal.take if slave is not None else None,
+                    **_drop_kwargs(ids),
                 )
             except (OSError, KeyError, TypeError, ValueError) as exc:
                 reply = {"error": f"{msg.get('argv', ['?'])[0]}: {exc.strerror if isinstance(exc, OSError) else exc}"}
@@ -881,9 +903,16 @@ class SudoServer:
                 await asyncio.to_thread(conn.sendall, json.dumps(reply).encode() + b"\n")
                 return
             finally:
-                for fd in fds:
+                for fd in [*fds, *([slave] if slave is not None else [])]:
                     os.close(fd)
+                if master is not None and proc is None:
+                    os.close(master)
             self.procs.add(proc.pid)
+            if master is not None:
+                try:  # blocking, with the request's timeout: one short message
+                    await asyncio.to_thread(socket.send_fds, conn, [b'{"pty":true}\n'], [master])
+                finally:
+                    os.close(master)
             conn.setblocking(False)
             reader, writer = await asyncio.open_unix_connection(sock=conn)
             signals = self.agent.spawn(self.relay_signals(reader, proc), "sudo-signals")
@@ -917,6 +946,24 @@ class SudoServer:
         for pid in list(self.procs):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
+
+
+def _command_terminal(caller: int, ids: tuple[int, int] | None) -> tuple[int, int]:
+    """A new terminal (master, slave) for a sudo'd command, with the caller's terminal's modes
+    and size; the slave owned by the user the command runs as (None: root)."""
+    master, slave = os.openpty()
+    try:
+        with contextlib.suppress(OSError, termios.error):
+            termios.tcsetattr(slave, termios.TCSANOW, termios.tcgetattr(caller))
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, fcntl.ioctl(caller, termios.TIOCGWINSZ, b"\0" * 8))
+        if ids is not None:
+            os.fchown(slave, *ids)
+    except BaseException:
+        os.close(master)
+        os.close(slave)
+        raise
+    return master, slave
 
 
 def _recv_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
@@ -1118,6 +1165,10 @@ def sudo_main(args: list[str]) -> int:
     except OSError:
         cwd = "/"
     if os.geteuid() == entry.pw_uid == 0:  # already root: nothing to ask
+        # Python ignores SIGPIPE and SIGXFSZ, and exec keeps what is ignored: the command gets
+        # the defaults back (else `sudo yes | head -1` as root ends in "Broken pipe")
+        for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(signum, signal.SIG_DFL)
         try:
             os.chdir(cwd)
             os.execvpe(cmd[0], cmd, env)
@@ -1152,6 +1203,9 @@ def _sudo_request(request: dict[str, Any]) -> int:
         except OSError:
             opened.append(os.open(os.devnull, os.O_RDWR))
             fds.append(opened[-1])
+    use_pty = _foreground_terminal()
+    if use_pty:
+        request["pty"] = True
     payload = json.dumps(request).encode() + b"\n"
     sent = socket.send_fds(sock, [payload], fds)
     if sent < len(payload):
@@ -1166,18 +1220,103 @@ def _sudo_request(request: dict[str, Any]) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, forward)
     data = b""
+    if use_pty:
+        data, got, _flags, _addr = socket.recv_fds(sock, 65536, 1)
+        if got:  # the command's own terminal: relay the caller's to it until the command ends
+            _, _, data = data.partition(b"\n")  # the {"pty": true} line
+            data = _relay_terminal(sock, got[0], data)
     while not data.endswith(b"\n"):
         chunk = sock.recv(65536)
         if not chunk:
             print("sudo: the sandbox's agent went away", file=sys.stderr)
             return 1
         data += chunk
-    reply = json.loads(data)
+    reply = json.loads(data.splitlines()[-1])
     if "error" in reply:
         print(f"sudo: {reply['error']}", file=sys.stderr)
         return 1
     code = int(reply["returncode"])
     return 128 - code if code < 0 else code
+
+
+def _foreground_terminal() -> bool:
+    """Whether sudo's stdin is a terminal it may take over (raw mode) while the command runs:
+    a terminal, and not one whose foreground job is another (``sudo cmd &``)."""
+    if not os.isatty(0):
+        return False
+    try:
+        return os.tcgetpgrp(0) == os.getpgrp()
+    except OSError:  # a terminal, but not this session's controlling one: nobody else's job
+        return True
+
+
+def _relay_terminal(sock: socket.socket, master: int, data: bytes) -> bytes:
+    """Copy the caller's terminal (stdin, in raw mode meanwhile) to the command's terminal
+    ``master`` and its output back, keep its size the caller's, until the agent's reply line
+    arrives on ``sock``; then the output still buffered is read out. Returns what was read
+    from ``sock`` (``data`` first)."""
+    import select
+    import tty
+
+    out = next((fd for fd in (1, 2) if os.isatty(fd)), 0)
+    saved = termios.tcgetattr(0)
+
+    def winch(_signum: int = 0, _frame: Any = None) -> None:
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(master, termios.TIOCSWINSZ, fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))
+
+    previous = signal.signal(signal.SIGWINCH, winch)
+    os.set_blocking(master, False)
+    pending = b""  # typed, not yet taken by the command's terminal
+    reading, master_open = True, True
+    try:
+        tty.setraw(0, termios.TCSANOW)
+        winch()
+        while b"\n" not in data:
+            rlist = [sock] + ([master] if master_open else []) + ([0] if reading and not pending else [])
+            wlist = [master] if pending and master_open else []
+            readable, writable, _ = select.select(rlist, wlist, [])
+            if master in readable:
+                master_open = _copy_output(master, out)
+            if master in writable:
+                with contextlib.suppress(BlockingIOError):
+                    pending = pending[os.write(master, pending) :]
+            if 0 in readable:
+                chunk = os.read(0, 65536)
+                reading = bool(chunk)
+                pending += chunk
+            if sock in readable:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return data
+                data += chunk
+        # the command ended: what it wrote is read until every holder closed the terminal, or
+        # it stayed quiet a moment (a background child may keep it open)
+        deadline = time.monotonic() + 2.0
+        while master_open and (left := deadline - time.monotonic()) > 0:
+            if not select.select([master], [], [], min(0.1, left))[0]:
+                break
+            master_open = _copy_output(master, out)
+        return data
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+        signal.signal(signal.SIGWINCH, previous)
+        os.close(master)
+
+
+def _copy_output(master: int, out: int) -> bool:
+    """Copy what the command's terminal has to ``out``; False once it is closed (EIO)."""
+    try:
+        chunk = os.read(master, 65536)
+    except BlockingIOError:
+        return True
+    except OSError:  # EIO: nothing holds the terminal any more
+        return False
+    view = memoryview(chunk)
+    with contextlib.suppress(OSError):  # a stdin opened read-only (no stdout terminal): the echo is lost
+        while view:
+            view = view[os.write(out, view) :]
+    return bool(chunk)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["sudo"]:

@@ -97,6 +97,73 @@ async def test_user_by_default_root_and_sudo(short_tmp: Path, template: Template
 
 
 @pytest.mark.asyncio
+async def test_sudo_many_times_at_once_and_in_pipes(short_tmp: Path, template: TemplateInfo) -> None:
+    """sudo calls in a row and at once all answer; a sudo'd command in a pipe whose reader
+    left ends by SIGPIPE (status 141), as user and as root (root's sudo execs the command
+    itself, and Python's ignored SIGPIPE must not be inherited: "Broken pipe" otherwise)."""
+    async with rootfs_runtime(short_tmp) as rt:
+        sb = await new_sandbox(rt, "sb_rfmany", template)
+        try:
+            script = (
+                "for j in 1 2 3 4 5 6; do (for i in 1 2 3 4 5 6 7 8; do out=$(sudo echo ok 2>&1); "
+                '[ "$out" = ok ] || echo "FAIL $j.$i: $out"; done) & done; wait; echo all-done'
+            )
+            assert await sh(rt, sb, script) == (0, "all-done\n")
+            pipes = "sudo yes | head -1; echo ${PIPESTATUS[0]}; sudo sh -c 'grep SigIgn /proc/self/status'"
+            for user in (None, "root"):
+                code, out = await sh(rt, sb, pipes, user=user)
+                assert out.splitlines() == ["y", "141", "SigIgn:\t0000000000000000"], (user, out)
+        finally:
+            await rt.destroy_sandbox(sb)
+
+
+@pytest.mark.asyncio
+async def test_sudo_in_a_terminal_gets_a_controlling_terminal(short_tmp: Path, template: TemplateInfo) -> None:
+    """In a PTY, sudo's command has a terminal of its own as its controlling terminal (a
+    terminal belongs to one session: the caller's stays the caller's), relayed to the
+    caller's: its output, what is typed, job-control keys; the caller's modes come back after."""
+    async with rootfs_runtime(short_tmp) as rt:
+        sb = await new_sandbox(rt, "sb_rftty", template)
+        try:
+            agent = await rt.agent(sb)
+            script = (
+                "stty -g > /tmp/modes; tty; sudo tty; sudo sh -c 'exec 3</dev/tty && echo ctty-ok; ps -o tty= -p $$'; "
+                "sudo bash -c 'echo ready; read x; echo got-$x'; "
+                "sudo sh -c 'trap \"echo interrupted; exit 3\" INT; echo ready2; read y'; echo status=$?; "
+                'test "$(stty -g)" = "$(cat /tmp/modes)" && echo modes-restored; '
+                "echo piped | sudo tty; echo piped=$?"
+            )
+            handle = await agent.spawn(
+                ["/bin/bash", "-c", script], rt.process_env(sb, {}), "/home/user", pipes=True, tag="command",
+                pty=(24, 80),
+            )  # fmt: skip
+            out = b""
+            sent: set[bytes] = set()
+            while (item := await handle.output.get()) is not None:
+                out += item[1]
+                # type once sudo's command runs and says so: sudo relays the terminal by then
+                # (before, the caller's terminal is its own: ^C there would interrupt sudo)
+                if b"ready\r\n" in out and b"ready" not in sent:
+                    sent.add(b"ready")
+                    await agent.write_stdin(handle.pid, b"hello\r")
+                if b"ready2\r\n" in out and b"ready2" not in sent:
+                    sent.add(b"ready2")
+                    await agent.write_stdin(handle.pid, b"\x03")  # ^C in the caller's terminal
+            code = await handle.exited
+            lines = out.decode(errors="replace").splitlines()
+            assert code == 0, out
+            ttys = [line for line in lines if line.startswith("/dev/pts/")]
+            assert len(ttys) == 2 and ttys[0] != ttys[1], lines  # the caller's, then the command's own
+            assert "ctty-ok" in lines and ttys[1].removeprefix("/dev/") in [line.strip() for line in lines], lines
+            assert "got-hello" in lines, lines
+            assert "^Cinterrupted" in lines and "status=3" in lines, out  # ^C echoed, then the trap
+            assert "modes-restored" in lines, lines
+            assert lines[-2:] == ["not a tty", "piped=1"], lines  # stdin not a terminal: none is made
+        finally:
+            await rt.destroy_sandbox(sb)
+
+
+@pytest.mark.asyncio
 async def test_root_writes_stay_in_the_sandbox(short_tmp: Path, template: TemplateInfo, rootfs_dir: Path) -> None:
     """apt's world (dpkg -i), /usr/local, /opt, /var, /etc: writable by root, counted on the
     sandbox's disk (ENOSPC past it), invisible to a neighbour and gone in the next sandbox; the
