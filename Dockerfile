@@ -31,11 +31,10 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
 WORKDIR /opt/cellbox
 # Dependencies first (cache), the code last.
 COPY pyproject.toml README.md ./
-COPY kernel_image/ kernel_image/
 COPY cellbox/ cellbox/
 RUN python3 -m venv /opt/cellbox/venv \
     && /opt/cellbox/venv/bin/pip install --no-cache-dir '.[server]' \
-    && /opt/cellbox/venv/bin/cellbox template build kernel_image --name default --data-dir /var/lib/cellbox
+    && /opt/cellbox/venv/bin/cellbox template build --name default --data-dir /var/lib/cellbox
 
 ENV CELLBOX_HOST=0.0.0.0 CELLBOX_PORT=8080 CELLBOX_DATA_DIR=/var/lib/cellbox
 EXPOSE 8080

@@ -566,7 +566,7 @@ def _templates_root(data_dir: Path | None) -> Path:
 
 
 @template.command("build")
-@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("source", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--name", required=True, help="Template name, e.g. 'default'.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="The service's data dir.")
 @click.option(
@@ -586,7 +586,7 @@ def _templates_root(data_dir: Path | None) -> Path:
 @click.option("--build-arg", "build_args", multiple=True, metavar="KEY=VALUE", help="rootfs: a Dockerfile ARG.")
 @click.option("-v", "--verbose", is_flag=True, help="rootfs: print buildah's output as it comes.")
 def template_build(
-    source: Path,
+    source: Path | None,
     name: str,
     data_dir: Path | None,
     kind: str,
@@ -595,9 +595,12 @@ def template_build(
     verbose: bool,
 ) -> None:
     """Build template NAME from SOURCE: a directory with requirements.txt, startup/, template.json
-    (a venv template), or with a Dockerfile (a root file system template)."""
-    from cellbox.interpreter.templates import build_template, template_kind
+    (a venv template), or with a Dockerfile (a root file system template). Without SOURCE: the
+    default template's source shipped with cellbox (the checkout's kernel_image/), e.g.
+    `cellbox template build --name default` after `pip install 'cellbox[server,kernel]'`."""
+    from cellbox.interpreter.templates import KERNEL_IMAGE, build_template, template_kind
 
+    source = source or KERNEL_IMAGE
     root = _templates_root(data_dir)
     with _reported_errors():
         kind = template_kind(source, kind)

@@ -45,9 +45,9 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 
 DATA_DIR=${CELLBOX_DATA_DIR:-/var/lib/cellbox}
-# Rebuild the default template only when kernel_image/ or the build code changed (by content,
-# not mtime: a fresh clone has new mtimes everywhere).
-SRC_HASH=$( (find kernel_image -type f -print0; printf 'cellbox/interpreter/templates.py\0') | sort -z \
+# Rebuild the default template only when its source (cellbox/kernel_image, linked as kernel_image/)
+# or the build code changed (by content, not mtime: a fresh clone has new mtimes everywhere).
+SRC_HASH=$( (find cellbox/kernel_image -type f -print0; printf 'cellbox/interpreter/templates.py\0') | sort -z \
   | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
 TPL="$DATA_DIR/templates/default"
 if [ ! -f "$TPL/template.json" ] || [ "$(cat "$TPL/.source-sha256" 2>/dev/null)" != "$SRC_HASH" ]; then

@@ -67,6 +67,7 @@ class FakeBackend:
         self.sandbox_id = sandbox_id
         self.template = template
         self.home = SANDBOX_HOME
+        self.workdir = SANDBOX_HOME
         self.files: Any = None
         self.on_change: Callable[[], None] = lambda: None
         self.ctxs: dict[str, FakeContext] = {}
@@ -86,7 +87,7 @@ class FakeBackend:
     async def start_context(self, context_id: str, language: str, cwd: str | None) -> ContextInfo:
         if language not in self.template.kernels:
             raise InvalidRequest(f"no {language!r} kernel", field="language")
-        info = ContextInfo(id=context_id, language=language, cwd=cwd or self.home, state=ContextState.IDLE)
+        info = ContextInfo(id=context_id, language=language, cwd=cwd or self.workdir, state=ContextState.IDLE)
         self.ctxs[context_id] = FakeContext(info)
         return info
 

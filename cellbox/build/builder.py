@@ -46,6 +46,7 @@ from cellbox.build.events import BuildEvent, OnEvent
 from cellbox.build.layer import LAYER_PREFIX, LAYER_PYTHON, LAYER_STEPS, Layer, containerfile, pip_wheel, write_context
 from cellbox.egress.hosttrust import HostConfig, read_host_config
 from cellbox.interpreter.errors import Conflict, InvalidRequest, TemplateBuildFailed
+from cellbox.interpreter.templates import KERNEL_IMAGE
 
 __all__ = [
     "BuildResult",
@@ -57,7 +58,7 @@ __all__ = [
     "find_dockerfile",
 ]
 
-DEFAULT_KERNEL_IMAGE = Path(__file__).resolve().parents[2] / "kernel_image"
+DEFAULT_KERNEL_IMAGE = KERNEL_IMAGE  # its startup/ and env go into cellbox's layer of every image
 RETAIN_OLD = 25 * 3600.0  # a replaced tree outlives the longest sandbox timeout (24 h) before deletion
 CA_TARGET = "/etc/ssl/certs/ca-certificates.crt"  # where Debian, Ubuntu and Alpine keep the bundle
 _STEP = re.compile(r"^(?:\[(\d+)/(\d+)\] )?STEP (\d+)/(\d+): (.*)$")

@@ -182,7 +182,7 @@ class Commands:
         backend = self._backend()
         if not req.cmd and req.pty is None:
             raise InvalidRequest("cmd is required (without pty)", field="cmd")
-        cwd = req.cwd or backend.home
+        cwd = req.cwd or backend.workdir
         timeout = req.timeout if req.timeout is not None else self.sandbox.settings.command_timeout
         argv = ["/bin/bash", "-lc", req.cmd] if req.cmd else PTY_SHELL
         size = (req.pty.rows, req.pty.cols) if req.pty is not None else None

@@ -15,6 +15,7 @@ import hmac
 import logging
 import os
 import secrets
+import shlex
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -244,20 +245,24 @@ class SandboxManager:
             # be searchable by other users (a venv in /root is not)
             closed = _closed_to_others(template.env_dir.parent) if template.env_dir else None
             if closed is not None:
-                build = f"cellbox template build kernel_image --name default --data-dir {self.settings.data_dir}"
                 return (
                     f"no 'default' template in {root}, and isolated sandboxes cannot reach this service's own Python "
                     f"in {template.env_dir} ({closed} is not searchable by other users): `chmod o+x {closed}`, "
-                    f"install cellbox in a venv other users can reach, build a template with `{build}` "
-                    "(kernel_image/ is in the cellbox repository), or serve with --isolation none"
+                    f"install cellbox in a venv other users can reach, build the template with "
+                    f"`{self._build_default}`, or serve with --isolation none"
                 )
             if any(python.is_relative_to(v) for v in visible):
                 return None
         return (
             f"no 'default' template in {root}, and isolated sandboxes cannot run this service's own Python: "
-            f"build one with `cellbox template build kernel_image --name default --data-dir {self.settings.data_dir}` "
-            "(kernel_image/ is in the cellbox repository), or serve with --isolation none"
+            f"build it with `{self._build_default}`, or serve with --isolation none"
         )
+
+    @property
+    def _build_default(self) -> str:
+        """The command that builds the default template into this service's data dir: the
+        source ships with cellbox, so it works from a pip install (no checkout needed)."""
+        return f"cellbox template build --name default --data-dir {shlex.quote(str(self.settings.data_dir))}"
 
     async def close(self) -> None:
         """Stop every sandbox's kernels (their records stay, marked lost on next start)."""

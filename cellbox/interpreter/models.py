@@ -412,7 +412,10 @@ class CommandRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     cmd: str = Field(default="", description="The shell command; with `pty` it defaults to an interactive login shell.")
-    cwd: str | None = Field(default=None, description="Working directory; default /home/user.")
+    cwd: str | None = Field(
+        default=None,
+        description="Working directory; default: a rootfs template's WORKDIR, else /home/user.",
+    )
     envs: dict[str, str] = Field(default_factory=dict)
     timeout: float | None = Field(
         default=None, ge=0, description="Seconds until the command's process group is killed; 0: never."

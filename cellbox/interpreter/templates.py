@@ -3,9 +3,10 @@
 A built template is a directory ``TEMPLATES_DIR/<name>/`` holding ``template.json`` and one of:
 
 * kind ``venv`` (``build_template`` below, from a directory like ``kernel_image/`` with a
-  ``requirements.txt``): a Python virtual environment ``venv/`` (ipykernel and the packages
-  users expect) and ``startup/*.py`` files run in every new Python kernel; the sandbox sees the
-  host's read-only /usr under it;
+  ``requirements.txt``; :data:`KERNEL_IMAGE`, shipped in the package, when none is given): a
+  Python virtual environment ``venv/`` (ipykernel and the packages users expect) and
+  ``startup/*.py`` files run in every new Python kernel; the sandbox sees the host's read-only
+  /usr under it;
 * kind ``rootfs`` (:func:`cellbox.build.build_rootfs_template`, from a directory with a
   Dockerfile): a root file system ``rootfs/`` exported from the image buildah built, with
   cellbox's layer in it; ``template.json`` names the interpreter and startup files as paths
@@ -39,6 +40,11 @@ from cellbox.interpreter.models import Limits
 from cellbox.runtimes.specs import KernelSpec, TemplateInfo
 
 log = logging.getLogger("cellbox.templates")
+
+# The default template's source (requirements.txt, startup/, template.json, a Dockerfile), shipped
+# inside the package so `cellbox template build --name default` works from a pip install; the
+# checkout's kernel_image/ is a link to it.
+KERNEL_IMAGE = Path(__file__).resolve().parents[1] / "kernel_image"
 
 PYTHON_KERNEL = KernelSpec("python", ["{python}", "-m", "ipykernel_launcher", "-f", "{connection_file}"])
 BASH_KERNEL = KernelSpec("bash", ["{python}", "-m", "bash_kernel", "-f", "{connection_file}"], interrupt_mode="signal")

@@ -196,6 +196,10 @@ class LocalSandboxBackend:
         self.sandbox_id = self.handle.sandbox_id
         self.template: TemplateInfo = self.handle.template
         self.home = SANDBOX_HOME
+        # where kernels and commands start when no cwd is given: a rootfs template's WORKDIR
+        # (E2B's default cwd is the template's workdir), else the home
+        rootfs_workdir = self.template.workdir if self.template.rootfs is not None else None
+        self.workdir = rootfs_workdir or SANDBOX_HOME
         self.files = AgentFileSystem(self)
 
     def files_as(self, user: str) -> AgentFileSystem:
@@ -229,7 +233,7 @@ class LocalSandboxBackend:
             )
         if len(self.runners) >= self.config.max_contexts_per_sandbox:
             raise InvalidRequest(f"a sandbox may have at most {self.config.max_contexts_per_sandbox} contexts")
-        runner = ContextRunner(self, context_id, spec, cwd)
+        runner = ContextRunner(self, context_id, spec, cwd or self.workdir)
         self.runners[context_id] = runner
         try:
             await runner.start()
@@ -312,7 +316,7 @@ class LocalSandboxBackend:
         env = self.provisioner.process_env(self.handle, envs)
         if pty is not None:
             env.setdefault("TERM", "xterm-256color")
-        handle = await agent.spawn(argv, env, cwd or self.home, pipes=True, tag="command", user=user, pty=pty)
+        handle = await agent.spawn(argv, env, cwd or self.workdir, pipes=True, tag="command", user=user, pty=pty)
         return AgentProcess(handle)
 
     async def resize(self, pid: int, rows: int, cols: int) -> None:

@@ -113,7 +113,8 @@ class SandboxBackend(Protocol):
 
     sandbox_id: str
     template: TemplateInfo
-    home: str  # the user's home (and default cwd) inside the sandbox
+    home: str  # the user's home inside the sandbox
+    workdir: str  # the default cwd of kernels and commands: a rootfs template's WORKDIR, else the home
     files: FileSystem
     # Set by the core: called when the sandbox's contexts change on their own (a kernel died
     # or came back), so the core can persist the record.

@@ -46,6 +46,7 @@ from cellbox.egress import bridge as bridge_module
 from cellbox.interpreter.errors import Conflict, InterpreterError, InvalidRequest, KernelStartFailed, RuntimeUnavailable
 from cellbox.interpreter.models import KernelExit, Limits, NetworkSpec, SandboxUsage
 from cellbox.runtimes import agent as agent_module
+from cellbox.runtimes import sudo as sudo_module
 from cellbox.runtimes.agent_client import AgentClient, ProcessHandle
 from cellbox.runtimes.isolation.cgroups import Cgroup
 from cellbox.runtimes.isolation.disk import DiskHome
@@ -100,6 +101,8 @@ AGENT_SOCKET = "a.sock"
 AGENT_SOCKET_NAMES = (AGENT_SOCKET, AGENT_SOCKET + "~")
 # The egress bridge (stdlib-only, loaded by the agent) and the proxy's socket directory.
 BRIDGE_SOURCE = Path(bridge_module.__file__)
+# sudo's client in rootfs sandboxes (stdlib-only, its own small file: each sudo is a new Python).
+SUDO_SOURCE = Path(sudo_module.__file__)
 EGRESS_DIR = "egress"
 
 # The longest path the runtime puts below its run dir: /<sandbox id>/<dir>/<socket>, with room

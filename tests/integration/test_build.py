@@ -361,6 +361,10 @@ async def test_a_sandbox_from_the_guide_template(guide: Built, short_tmp: Path) 
         try:
             code = "import sklearn, pandas; from sklearn.linear_model import LinearRegression; sklearn.__name__"
             assert main_text(await execute(c, sid, code)) == "'sklearn'"
+            # the image's WORKDIR: where kernels and commands start when no cwd is given
+            assert main_text(await execute(c, sid, "import os; os.getcwd()")) == "'/srv/app'"
+            assert stdout(await run_cmd(c, sid, "pwd")) == "/srv/app\n"
+            assert stdout(await run_cmd(c, sid, "pwd", cwd="/tmp")) == "/tmp\n"  # a cwd given wins
             events = await run_cmd(c, sid, "node -e 'console.log(6 * 7)'; git --version; echo $GUIDE_GREETING")
             lines = stdout(events).splitlines()
             assert lines[0] == "42" and lines[1].startswith("git version") and lines[2] == "hello", events

@@ -5,13 +5,15 @@ A real venv from this checkout's wheel (pip reaches the index for the dependenci
 skips with the reason when it cannot), the real ``cellbox`` console script, run from outside
 the checkout so it imports the installed package. Where sandbox users can reach the venv, kernels
 run on the service's own Python; where they cannot (a venv below a 0700 directory, like one in
-/root), the service refuses to start with one line that names what to do.
+/root), the service refuses to start with one line that names what to do, and that command, run
+in the fresh venv (the template's source ships in the wheel), makes the next start work.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -92,15 +94,12 @@ def serve_argv(venv: Path, data_dir: Path, port: int) -> tuple[list[str], dict[s
     return [*argv, "--data-dir", str(data_dir)], env
 
 
-def test_unreachable_venv_refuses_to_start_with_one_line(fresh_venv: tuple[Path, Path]) -> None:
-    venv, closed = fresh_venv
-    os.chmod(closed, 0o700)
-    data = closed.parent / "data-refused"
+def _refusal(venv: Path, data: Path, cwd: Path) -> str:
+    """The one ERROR line of a start that must refuse (fails the test if it starts instead)."""
     argv, env = serve_argv(venv, data, _free_port())
     proc = subprocess.Popen(
-        argv, env=env, cwd=closed.parent, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+        argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         _, stderr = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:  # it started instead of refusing: stop it as a service is stopped
@@ -110,27 +109,28 @@ def test_unreachable_venv_refuses_to_start_with_one_line(fresh_venv: tuple[Path,
     assert proc.returncode != 0, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("ERROR:") and "startup failed" not in line]
     assert len(errors) == 1 and "Traceback" not in stderr, stderr
-    assert f"`chmod o+x {closed}`" in errors[0] and "`cellbox template build " in errors[0], errors[0]
+    return errors[0]
 
 
-def test_reachable_venv_runs_kernels_on_the_services_python(fresh_venv: tuple[Path, Path]) -> None:
-    venv, closed = fresh_venv
-    os.chmod(closed, 0o711)
+def _serve_and_run(venv: Path, data: Path, cwd: Path) -> str:
+    """Start the service on ``data``, create a sandbox with no template named, run ``1 + 1`` in
+    it; the kernel's ``sys.executable`` and the result, as printed."""
     port = _free_port()
-    argv, env = serve_argv(venv, closed.parent / "data-ok", port)
-    log = (closed.parent / "serve.log").open("w")
-    proc = subprocess.Popen(argv, env=env, cwd=closed.parent, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    argv, env = serve_argv(venv, data, port)
+    log_path = cwd / f"serve-{data.name}.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
             deadline = time.monotonic() + 60
             while True:  # readiness: the service answers /healthz (or exits)
-                assert proc.poll() is None, (closed.parent / "serve.log").read_text()
+                assert proc.poll() is None, log_path.read_text()
                 try:
                     if c.get("/healthz").status_code == 200:
                         break
                 except httpx.TransportError:
                     pass
-                assert time.monotonic() < deadline, (closed.parent / "serve.log").read_text()
+                assert time.monotonic() < deadline, log_path.read_text()
                 time.sleep(0.1)  # polling the service's readiness, bounded above
             r = c.post("/v1/sandboxes", json={})
             assert r.status_code == 201, r.text
@@ -138,8 +138,8 @@ def test_reachable_venv_runs_kernels_on_the_services_python(fresh_venv: tuple[Pa
             code = "import sys; print(sys.executable, 1 + 1)"
             lines = c.post(f"/v1/sandboxes/{sid}/execute", json={"code": code}).text.splitlines()
             out = "".join(e.get("text", "") for e in map(json.loads, lines) if e["type"] == "stdout")
-            assert out.split() == [str(venv / "bin" / "python3"), "2"], lines
             assert c.delete(f"/v1/sandboxes/{sid}").status_code == 204
+            return out
     finally:
         proc.terminate()
         try:
@@ -148,3 +148,44 @@ def test_reachable_venv_runs_kernels_on_the_services_python(fresh_venv: tuple[Pa
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_unreachable_venv_refuses_to_start_with_one_line(fresh_venv: tuple[Path, Path]) -> None:
+    venv, closed = fresh_venv
+    os.chmod(closed, 0o700)
+    error = _refusal(venv, closed.parent / "data-refused", closed.parent)
+    assert f"`chmod o+x {closed}`" in error and "`cellbox template build " in error, error
+    assert "kernel_image" not in error, error  # a pip install has no checkout
+
+
+def test_the_refusals_command_works_from_the_pip_install(fresh_venv: tuple[Path, Path]) -> None:
+    """The command the refusal names, run as written with the fresh venv's ``cellbox`` (no
+    checkout: its cwd is outside it), builds the default template; the next start (the venv
+    still unreachable) serves sandboxes from it."""
+    venv, closed = fresh_venv
+    os.chmod(closed, 0o700)
+    data = closed.parent / "data-built"
+    error = _refusal(venv, data, closed.parent)
+    commands = [c for c in re.findall(r"`([^`]+)`", error) if c.startswith("cellbox template build ")]
+    assert len(commands) == 1, error
+    env = {**os.environ, "PATH": f"{venv / 'bin'}:/usr/bin:/bin"}  # HOME kept: pip's cache
+    env.pop("VIRTUAL_ENV", None)
+    env.pop("PYTHONPATH", None)
+    built = subprocess.run(
+        commands[0], shell=True, env=env, cwd=closed.parent, capture_output=True, text=True, timeout=900,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    unreachable = ("NewConnectionError", "Temporary failure in name resolution", "Network is unreachable")
+    if built.returncode != 0 and any(u in built.stderr + built.stdout for u in unreachable):
+        pytest.skip(f"the package index is unreachable: {built.stderr[-500:]}")
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    assert (data / "templates" / "default" / "template.json").is_file(), built.stdout
+    out = _serve_and_run(venv, data, closed.parent)
+    assert out.split() == [str(data / "templates" / "default" / "venv" / "bin" / "python"), "2"], out
+
+
+def test_reachable_venv_runs_kernels_on_the_services_python(fresh_venv: tuple[Path, Path]) -> None:
+    venv, closed = fresh_venv
+    os.chmod(closed, 0o711)
+    out = _serve_and_run(venv, closed.parent / "data-ok", closed.parent)
+    assert out.split() == [str(venv / "bin" / "python3"), "2"], out

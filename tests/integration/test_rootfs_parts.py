@@ -14,7 +14,7 @@ from cellbox.interpreter.errors import RuntimeUnavailable, ServiceAtCapacity
 from cellbox.runtimes.isolation.bwrap import resolve_in_root
 from cellbox.runtimes.isolation.strategy import _image_user, _is_apt_source
 from cellbox.runtimes.isolation.uids import RANGE_SIZE, UidRangePool
-from cellbox.runtimes.local import AGENT_SOURCE
+from cellbox.runtimes.local import SUDO_SOURCE
 
 
 def test_resolve_in_root_never_leaves_the_root(tmp_path: Path) -> None:
@@ -93,8 +93,9 @@ def test_the_images_apt_sources_are_its_own() -> None:
 
 
 def _sudo(*args: str) -> subprocess.CompletedProcess[str]:
+    """sudo's client as a sandbox's /usr/local/bin/sudo runs it: a bare file, no site."""
     return subprocess.run(
-        [sys.executable, "-I", str(AGENT_SOURCE), "sudo", *args], capture_output=True, text=True, timeout=30
+        [sys.executable, "-I", "-S", str(SUDO_SOURCE), *args], capture_output=True, text=True, timeout=30, cwd="/"
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.integration.helpers import execute, main_text, stdout
+from tests.integration.helpers import execute, main_text, run_cmd, stdout
 from tests.integration.server import RunningServer
 from tests.security.hostile import create
 
@@ -45,6 +45,7 @@ async def test_basics_and_confinement(client: httpx.AsyncClient, iso_server: Run
 
     who = stdout(await execute(client, sid, "import os, getpass; print(os.getuid(), getpass.getuser(), os.getcwd())"))
     assert who.split() == ["1000", "user", "/home/user"]
+    assert stdout(await run_cmd(client, sid, "pwd")) == "/home/user\n"  # a venv template: the home
 
 
 async def test_memory_bomb_kills_only_its_kernel(client: httpx.AsyncClient) -> None:

@@ -306,7 +306,7 @@ async def test_an_isolated_service_with_no_usable_default_template_refuses_to_st
     m = SandboxManager(settings, runtime, store, ArtifactStore(tmp_path / "a"))
     m.templates = HostFallback(tmp_path / "templates")
     try:
-        with pytest.raises(RuntimeUnavailable, match="cellbox template build kernel_image --name default"):
+        with pytest.raises(RuntimeUnavailable, match="`cellbox template build --name default --data-dir "):
             await m.start()
         assert not runtime.started  # refused before anything was set up
         (tmp_path / "templates" / "default").mkdir(parents=True)

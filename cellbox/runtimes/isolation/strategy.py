@@ -67,6 +67,7 @@ from cellbox.runtimes.local import (
     AGENT_SOURCE,
     BRIDGE_SOURCE,
     EGRESS_DIR,
+    SUDO_SOURCE,
     LocalSandbox,
     agent_gone_exit,
     describe_exit,
@@ -83,16 +84,19 @@ log = logging.getLogger("cellbox.runtime.local")
 SANDBOX_AGENT = "/opt/cellbox/agent.py"
 #: Where the egress bridge the agent loads is bound (read-only) inside every sandbox.
 SANDBOX_BRIDGE = "/opt/cellbox/bridge.py"
-#: Where ``sudo`` (the agent in its sudo role) is bound in rootfs sandboxes: first on every
+#: Where ``sudo`` (a shim running sudo's client) is bound in rootfs sandboxes: first on every
 #: user's PATH, and not the package's own /usr/bin/sudo (which apt may replace).
 SANDBOX_SUDO = "/usr/local/bin/sudo"
+#: Where sudo's client (:mod:`cellbox.runtimes.sudo`, stdlib-only) is bound (read-only).
+SANDBOX_SUDO_CLIENT = "/opt/cellbox/sudo.py"
 
 
 def sudo_script(python: str) -> str:
-    """The ``sudo`` of a rootfs sandbox: the agent file, run by the template's Python."""
+    """The ``sudo`` of a rootfs sandbox: sudo's client, run by the template's Python (-S: no
+    site, the client needs the standard library only)."""
     return (
         "#!/bin/sh\n# cellbox: sudo asks the sandbox's agent (no_new_privs makes setuid inert)\n"
-        f'exec {python} -I {SANDBOX_AGENT} sudo "$@"\n'
+        f'exec {python} -I -S {SANDBOX_SUDO_CLIENT} "$@"\n'
     )
 
 
@@ -163,6 +167,7 @@ class BwrapIsolation:
         self.bpf: Path | None = None
         self.agent_file: Path | None = None
         self.bridge_file: Path | None = None
+        self.sudo_file: Path | None = None
 
     def _started(self) -> tuple[CgroupTree, Path, Path]:
         if self.tree is None or self.bpf is None or self.agent_file is None:
@@ -205,6 +210,9 @@ class BwrapIsolation:
         self.bridge_file = config.run_dir / "bridge.py"
         shutil.copyfile(BRIDGE_SOURCE, self.bridge_file)
         os.chmod(self.bridge_file, 0o644)
+        self.sudo_file = config.run_dir / "sudo.py"
+        shutil.copyfile(SUDO_SOURCE, self.sudo_file)
+        os.chmod(self.sudo_file, 0o644)
 
     async def prepare(self, sandbox: LocalSandbox) -> None:
         tree, _, _ = self._started()
@@ -356,7 +364,9 @@ class BwrapIsolation:
         _, bpf, agent_file = self._started()
         template, limits, rootfs, userns = sandbox.template, sandbox.resolved, sandbox.rootfs, sandbox.userns
         assert rootfs is not None and userns is not None
+        assert self.sudo_file is not None
         binds: list[tuple[Path, str]] = [(agent_file, SANDBOX_AGENT), (sandbox.dir / "sudo", SANDBOX_SUDO)]
+        binds.append((self.sudo_file, SANDBOX_SUDO_CLIENT))
         binds += await asyncio.to_thread(self._egress_binds, sandbox)
         egress_args = sandbox.egress_args(f"{SANDBOX_RUN}/{EGRESS_DIR}/egress.sock")
         if egress_args:
