@@ -530,6 +530,17 @@ def test_get_host_and_the_traffic_token(e2b_server: E2BServer) -> None:
             jupyter = {"E2b-Sandbox-Id": sandbox.sandbox_id, "E2b-Sandbox-Port": "49999"}
             assert http.get("/contexts", headers={**jupyter, "e2b-traffic-access-token": token}).status_code == 200
             assert http.get("/contexts", headers={**jupyter, "e2b-traffic-access-token": "not-it"}).status_code == 401
+            # but never envd: a token shared for previews does not run commands or read files
+            envd = {
+                "E2b-Sandbox-Id": sandbox.sandbox_id,
+                "E2b-Sandbox-Port": "49983",
+                "e2b-traffic-access-token": token,
+            }
+            assert http.get("/files", params={"path": "/etc/hostname"}, headers=envd).status_code == 401
+            listed = http.post(
+                "/process.Process/List", headers={**envd, "content-type": "application/json"}, content=b"{}"
+            )
+            assert listed.status_code == 401, listed.text
     finally:
         sandbox.kill()
 

@@ -33,7 +33,14 @@ from cellbox.api.faces.e2b import control, envd, jupyter
 from cellbox.api.faces.e2b.connect import HTTP_STATUS, Code, ConnectError, error_body
 from cellbox.api.faces.e2b.errors import Surface, http_error
 from cellbox.api.faces.e2b.models import SandboxDefaults
-from cellbox.api.faces.e2b.services import SANDBOX_ID_HEADER, TRAFFIC_TOKEN_HEADER, Services, sandbox_target
+from cellbox.api.faces.e2b.services import (
+    ENVD_PORT,
+    JUPYTER_PORT,
+    SANDBOX_ID_HEADER,
+    TRAFFIC_TOKEN_HEADER,
+    Services,
+    sandbox_target,
+)
 from cellbox.api.routes import ports
 from cellbox.interpreter import errors as e
 
@@ -41,8 +48,6 @@ __all__ = ["ENVD_PORT", "FACE", "JUPYTER_PORT", "E2BFace", "is_e2b_request"]
 
 log = logging.getLogger("cellbox.api.e2b")
 
-ENVD_PORT = 49983
-JUPYTER_PORT = 49999
 # Control-plane paths (the native API lives under /v1, so these never clash with it).
 _API_PREFIXES = ("/sandboxes", "/v2/sandboxes")
 

@@ -22,6 +22,8 @@ from cellbox.interpreter.manager import SandboxManager
 from cellbox.interpreter.sandbox import Sandbox
 
 __all__ = [
+    "ENVD_PORT",
+    "JUPYTER_PORT",
     "SANDBOX_ID_HEADER",
     "SANDBOX_PORT_HEADER",
     "TRAFFIC_TOKEN_HEADER",
@@ -30,6 +32,9 @@ __all__ = [
     "services",
 ]
 
+#: envd (commands, files, PTY) and the code-interpreter server, as E2B numbers them.
+ENVD_PORT = 49983
+JUPYTER_PORT = 49999
 SANDBOX_ID_HEADER = "e2b-sandbox-id"
 SANDBOX_PORT_HEADER = "e2b-sandbox-port"
 #: Where the SDKs (and a client of a private sandbox's port) send ``trafficAccessToken``.
@@ -103,14 +108,16 @@ class Services:
             raise InvalidRequest("no sandbox named: send E2b-Sandbox-Id and E2b-Sandbox-Port")
         return found
 
-    async def sandbox_owner(self, conn: HTTPConnection, sandbox_id: str) -> str:
+    async def sandbox_owner(self, conn: HTTPConnection, sandbox_id: str, port: int) -> str:
         """The owner of ``sandbox_id`` according to the request's access token (``X-Access-Token``),
-        else its traffic token (``E2B-Traffic-Access-Token``: what port 49999 may get alone).
-        Public traffic opens no surface of this face: a token it is."""
+        else, on the code-interpreter port only (:data:`JUPYTER_PORT`, where the SDKs send no
+        envd token), its traffic token (``E2B-Traffic-Access-Token``: in E2B as here it opens the
+        sandbox's ports, that one included; never envd, i.e. commands and files). Public traffic
+        opens no surface of this face: a token it is."""
         keys = list(self.settings.api_keys)
         token = conn.headers.get("x-access-token")
         traffic = conn.headers.get(TRAFFIC_TOKEN_HEADER)
-        if token or not traffic:
+        if token or not traffic or port != JUPYTER_PORT:
             return auth.owner_for_token(keys, sandbox_id, token)
         with contextlib.suppress(Unauthorized):
             return auth.owner_for_token(keys, sandbox_id, traffic)  # an access token sent as traffic's
@@ -126,8 +133,8 @@ class Services:
     async def sandbox(self, conn: HTTPConnection) -> tuple[str, Sandbox]:
         """The sandbox a sandbox-surface request is addressed to (live, paused or ended: work
         on one that is not running raises SandboxNotRunning)."""
-        sid, _ = self.target(conn)
-        owner = await self.sandbox_owner(conn, sid)  # authenticate before touching the core
+        sid, port = self.target(conn)
+        owner = await self.sandbox_owner(conn, sid, port)  # authenticate before touching the core
         return sid, await self.manager.get(owner, sid)
 
 
