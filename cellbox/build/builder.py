@@ -328,7 +328,8 @@ def _retire(root: Path, target: Path, retain_old: float) -> None:
     """Move ``target`` (a template's tree being replaced) to ``root/.retired/NAME-SECONDS-XXX``;
     delete the trees retired more than ``retain_old`` seconds ago (the time is in the name)."""
     retired = root / ".retired"
-    retired.mkdir(exist_ok=True)
+    retired.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(retired, 0o700)
     now = time.time()
     moved = None
     if target.exists():
@@ -432,6 +433,10 @@ def build_rootfs_template(
         t0 = time.monotonic()
         staging = root / f"{name}.new-{secrets.token_hex(4)}"
         try:
+            # root's only: an image may hold setuid-root files and device nodes, which host users
+            # must not reach (sandboxes get the tree through an idmapped nosuid,nodev mount)
+            staging.mkdir(mode=0o700)
+            os.chmod(staging, 0o700)
             export_rootfs(buildah, image, staging / "rootfs")
             _drop_mountpoints(staging / "rootfs")
             export_s = time.monotonic() - t0

@@ -214,8 +214,8 @@ class AptCache(VerifiedFiles):
                 self._indexes[sha] = name
 
     def _remember(self, path: str, sha: str) -> None:
-        if len(self._paths) >= _MAX_ENTRIES:
-            return
+        if path not in self._paths and len(self._paths) >= _MAX_ENTRIES:
+            return  # full: known paths still learn their new hashes, new ones wait
         self._paths[path] = sha
         self._known.setdefault(sha, CachedFile(path.rsplit("/", 1)[-1], self.origin + path, sha))
 

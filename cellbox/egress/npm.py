@@ -136,7 +136,7 @@ class NpmCache(VerifiedFiles):
     # -- packuments ----------------------------------------------------------------------------
 
     async def _packument(self, name: str, corgi: bool, head: bool) -> LocalResponse:
-        key = (name.lower(), corgi)
+        key = (name, corgi)  # npm names are case-sensitive (JSONStream, jsonstream)
         lock = self._page_locks.setdefault(key, asyncio.Lock())
         async with lock:  # one upstream fetch per packument, however many sandboxes ask at once
             page = self._pages.get(key)
@@ -161,7 +161,7 @@ class NpmCache(VerifiedFiles):
                 headers["If-Modified-Since"] = stale.validators["last-modified"]
         self.page_fetches += 1
         response = await self.client.get(url, headers=headers)
-        key = (name.lower(), corgi)
+        key = (name, corgi)  # npm names are case-sensitive (JSONStream, jsonstream)
         if response.status_code == 304 and stale is not None:
             stale.fetched = time.monotonic()
             self._pages.move_to_end(key)

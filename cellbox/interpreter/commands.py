@@ -51,6 +51,9 @@ KEEP_FINISHED_SECONDS = 600.0
 KEEP_FINISHED_COUNT = 100
 #: The terminal output a PTY command's log keeps for followers that attach later.
 PTY_REPLAY_BYTES = 1 << 20
+#: What one kept terminal event costs against that budget beyond its bytes (the event object), so
+#: a program writing a byte at a time cannot make the log keep a million events.
+PTY_EVENT_COST = 256
 #: A PTY command without ``cmd``: an interactive login shell (what E2B's ``pty.create`` runs).
 PTY_SHELL = ["/bin/bash", "-i", "-l"]
 
@@ -151,11 +154,11 @@ class CommandLog(EventLog[CommandEvent]):
         if not data:
             return
         self.add(CommandPtyEvent(pid=self.pid, data=base64.b64encode(data).decode()))
-        self.pty_bytes += len(data)
+        self.pty_bytes += len(data) + PTY_EVENT_COST
         drop = 0
         while self.pty_bytes > PTY_REPLAY_BYTES and drop < len(self.events) - 1:
             if isinstance(old := self.events[drop], CommandPtyEvent):
-                self.pty_bytes -= len(old.data) * 3 // 4 - old.data[-2:].count("=")
+                self.pty_bytes -= len(old.data) * 3 // 4 - old.data[-2:].count("=") + PTY_EVENT_COST
             drop += 1
         if drop:
             self.drop_first(drop)

@@ -871,9 +871,17 @@ class SudoServer:
         proc = None
         writer: asyncio.StreamWriter | None = None
         try:
+            recv = asyncio.ensure_future(asyncio.to_thread(_recv_request, conn))
             try:
-                msg, fds = await asyncio.wait_for(asyncio.to_thread(_recv_request, conn), 10.0)
-            except (TimeoutError, OSError, ValueError) as exc:
+                msg, fds = await asyncio.wait_for(asyncio.shield(recv), 10.0)
+            except TimeoutError:  # wake the reading thread, then close what it may still have got
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(Exception):
+                    for fd in (await recv)[1]:
+                        os.close(fd)
+                return
+            except (OSError, ValueError) as exc:
                 await asyncio.to_thread(conn.sendall, json.dumps({"error": f"bad request: {exc}"}).encode() + b"\n")
                 return
             master = slave = None

@@ -35,6 +35,7 @@ import os
 import posixpath
 import shutil
 import signal
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -271,13 +272,22 @@ def _sandbox_cwd(home: Path, cwd: str | None, template: TemplateInfo | None = No
 
 
 def _log_tail(path: Path) -> str:
+    """The end of a log file that sandbox code may have replaced (a kernel's log sits in its
+    socket directory, the sandbox's until it is handed back): never through a symlink, never a
+    FIFO or device (that would block the service), never a second name of another file."""
     try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - _LOG_TAIL_BYTES))
-            return f.read().decode(errors="replace")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return ""
+    with open(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            return ""
+        try:
+            f.seek(max(0, st.st_size - _LOG_TAIL_BYTES))
+            return f.read(_LOG_TAIL_BYTES).decode(errors="replace")
+        except OSError:
+            return ""
 
 
 # -- per-sandbox state -----------------------------------------------------------------------

@@ -107,6 +107,8 @@ def test_guide_dockerfile_builds(guide: Built) -> None:
     assert doc["workdir"] == "/srv/app" and doc["user"] == "user"
     assert doc["cmd"] == ["python3", "-c", "print('hi')"]
     assert doc["startup"] == ["/opt/cellbox/startup/00_images.py", "/opt/cellbox/startup/10_e2b_data.py"]
+    # an image's setuid files and devices are out of host users' reach: the tree is root's only
+    assert (guide.root / "guide").stat().st_mode & 0o777 == 0o700
     rootfs = guide.root / "guide/rootfs"
     # what the guide installed system-wide is importable from the kernel's venv, next to the kernel
     out = _chroot(

@@ -50,6 +50,7 @@ def test_truncation_cuts_at_a_byte_and_flushes() -> None:
 
 def test_terminal_output_is_raw_and_keeps_a_bounded_past(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(commands, "PTY_REPLAY_BYTES", 10)
+    monkeypatch.setattr(commands, "PTY_EVENT_COST", 0)
     clog = CommandLog(7, "sh", "/", max_output_bytes=4, pty=True)  # max_output_bytes is not for terminals
     chunks = [bytes([i]) * 4 for i in range(6)]
     for chunk in chunks:
@@ -65,6 +66,7 @@ def test_terminal_output_is_raw_and_keeps_a_bounded_past(monkeypatch: pytest.Mon
 @pytest.mark.asyncio
 async def test_a_follower_behind_the_dropped_events_skips_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(commands, "PTY_REPLAY_BYTES", 4)
+    monkeypatch.setattr(commands, "PTY_EVENT_COST", 0)
     clog = CommandLog(7, "sh", "/", max_output_bytes=0, pty=True)
     clog.output("pty", b"aaaa")
     live = clog.follow(clog.next_seq - 1)  # only what comes from now on
@@ -76,3 +78,13 @@ async def test_a_follower_behind_the_dropped_events_skips_ahead(monkeypatch: pyt
     got = [await first] + [e async for e in live]
     assert [e.type for e in got] == ["pty", "exit"]
     assert isinstance(got[0], CommandPtyEvent) and base64.b64decode(got[0].data) == b"cccc"
+
+
+def test_a_terminal_written_a_byte_at_a_time_keeps_a_bounded_number_of_events() -> None:
+    clog = CommandLog(7, "sh", "/", max_output_bytes=0, pty=True)
+    writes = 50_000
+    for _ in range(writes):
+        clog.output("pty", b"x")
+    kept = [e for e in clog.events if isinstance(e, CommandPtyEvent)]
+    assert len(kept) <= commands.PTY_REPLAY_BYTES // (1 + commands.PTY_EVENT_COST) + 1
+    assert kept and clog.next_seq == writes  # the newest output is still there

@@ -39,6 +39,7 @@ import contextlib
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
@@ -134,9 +135,11 @@ def _image_user(root: Path, user: str | None) -> tuple[int, int]:
     name, _, group = user.partition(":")
     entries: list[list[str]] = []
     with contextlib.suppress(OSError):
-        fd = os.open(str(root) + resolve_in_root(root, "/etc/passwd"), os.O_RDONLY | os.O_NOFOLLOW)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO must not block us
+        fd = os.open(str(root) + resolve_in_root(root, "/etc/passwd"), flags)
         with open(fd) as f:
-            entries = [line.split(":") for line in f.read(1 << 20).splitlines() if line.count(":") >= 6]
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                entries = [line.split(":") for line in f.read(1 << 20).splitlines() if line.count(":") >= 6]
     for entry in entries:
         if entry[0] == name or (name.isdigit() and entry[2] == name):
             uid, gid = int(entry[2]), int(group) if group.isdigit() else int(entry[3])
