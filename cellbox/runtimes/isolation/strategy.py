@@ -47,6 +47,7 @@ from typing import IO
 from cellbox.interpreter.errors import RuntimeUnavailable
 from cellbox.interpreter.models import KernelExit, SandboxUsage
 from cellbox.runtimes.isolation.bwrap import (
+    BwrapCommand,
     build_bwrap_argv,
     build_rootfs_bwrap_argv,
     resolve_in_root,
@@ -151,6 +152,23 @@ def _image_user(root: Path, user: str | None) -> tuple[int, int]:
     if name.isdigit() and 0 < int(name) < 65534:  # a numeric USER without a passwd entry, as Docker allows
         return int(name), int(group) if group.isdigit() and int(group) < 65534 else int(name)
     raise RuntimeUnavailable(f"the template's user {user!r} is not in its /etc/passwd")
+
+
+async def _launch(cmd: BwrapCommand, preexec: Callable[[], None], log: IO[bytes]) -> asyncio.subprocess.Process:
+    """Start a sandbox's bwrap process: nothing of the service's environment or stdio, its own
+    session, ``preexec`` (cgroup, rlimits, ids) in the child before exec."""
+    with cmd.open() as (argv, fds):
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            pass_fds=fds,
+            cwd="/",
+            env={},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            preexec_fn=preexec,
+        )
 
 
 class BwrapIsolation:
@@ -330,12 +348,8 @@ class BwrapIsolation:
             # the template dir holds the startup (exec) files next to the venv
             binds.append((template.env_dir.parent, str(template.env_dir.parent)))
         binds += await asyncio.to_thread(self._egress_binds, sandbox)
-        egress_args = sandbox.egress_args(f"{SANDBOX_RUN}/{EGRESS_DIR}/egress.sock")
-        if egress_args:
-            egress_args += ["--egress-bridge", SANDBOX_BRIDGE]
-        argv = [str(template.python), *AGENT_PYTHON_FLAGS, SANDBOX_AGENT, "--socket", socket, "--home", SANDBOX_HOME]
         cmd = build_bwrap_argv(
-            argv + egress_args,
+            self._agent_argv(sandbox, socket),
             home=sandbox.home,
             run_dir=sandbox.run,
             etc_dir=sandbox.dir / "etc",
@@ -347,39 +361,22 @@ class BwrapIsolation:
             extra_ro_binds=binds,
         )
         rlimits = Rlimits(nofile=limits.nofile, fsize_bytes=limits.fsize_mb << 20)
-        preexec = make_preexec(sandbox.cgroup, self._uid(sandbox), rlimits)
-        with cmd.open() as (argv, fds):
-            return await asyncio.create_subprocess_exec(
-                *argv,
-                pass_fds=fds,
-                cwd="/",
-                env={},
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-                preexec_fn=preexec,
-            )
+        return await _launch(cmd, make_preexec(sandbox.cgroup, self._uid(sandbox), rlimits), log)
 
     async def _spawn_rootfs_agent(
         self, sandbox: LocalSandbox, socket: str, env: dict[str, str], log: IO[bytes]
     ) -> asyncio.subprocess.Process:
         _, bpf, agent_file = self._started()
-        template, limits, rootfs, userns = sandbox.template, sandbox.resolved, sandbox.rootfs, sandbox.userns
+        limits, rootfs, userns = sandbox.resolved, sandbox.rootfs, sandbox.userns
         assert rootfs is not None and userns is not None
         assert self.sudo_file is not None
         binds: list[tuple[Path, str]] = [(agent_file, SANDBOX_AGENT), (sandbox.dir / "sudo", SANDBOX_SUDO)]
         binds.append((self.sudo_file, SANDBOX_SUDO_CLIENT))
         binds += await asyncio.to_thread(self._egress_binds, sandbox)
-        egress_args = sandbox.egress_args(f"{SANDBOX_RUN}/{EGRESS_DIR}/egress.sock")
-        if egress_args:
-            egress_args += ["--egress-bridge", SANDBOX_BRIDGE]
-        argv = [str(template.python), *AGENT_PYTHON_FLAGS, SANDBOX_AGENT, "--socket", socket, "--home", SANDBOX_HOME]
         uid, gid = sandbox.default_user or (SANDBOX_UID, SANDBOX_GID)
-        argv += ["--as-user", f"{uid}:{gid}"]
         cmd = await asyncio.to_thread(
             build_rootfs_bwrap_argv,
-            argv + egress_args,
+            self._agent_argv(sandbox, socket, "--as-user", f"{uid}:{gid}"),
             root=rootfs.merged,
             home=sandbox.home,
             run_dir=sandbox.run,
@@ -392,19 +389,17 @@ class BwrapIsolation:
             owner=(userns.base, userns.base),
         )
         rlimits = Rlimits(nofile=limits.nofile, fsize_bytes=limits.fsize_mb << 20)
-        preexec = make_preexec(sandbox.cgroup, 0, rlimits, userns_fd=userns.fd)
-        with cmd.open() as (argv, fds):
-            return await asyncio.create_subprocess_exec(
-                *argv,
-                pass_fds=fds,
-                cwd="/",
-                env={},
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-                preexec_fn=preexec,
-            )
+        return await _launch(cmd, make_preexec(sandbox.cgroup, 0, rlimits, userns_fd=userns.fd), log)
+
+    @staticmethod
+    def _agent_argv(sandbox: LocalSandbox, socket: str, *extra: str) -> list[str]:
+        """The agent's command line inside the sandbox, with its egress bridge when it has one."""
+        argv = [str(sandbox.template.python), *AGENT_PYTHON_FLAGS, SANDBOX_AGENT, "--socket", socket]
+        argv += ["--home", SANDBOX_HOME, *extra]
+        egress_args = sandbox.egress_args(f"{SANDBOX_RUN}/{EGRESS_DIR}/egress.sock")
+        if egress_args:
+            egress_args += ["--egress-bridge", SANDBOX_BRIDGE]
+        return argv + egress_args
 
     def _egress_binds(self, sandbox: LocalSandbox) -> list[tuple[Path, str]]:
         """What the sandbox's egress needs bound read-only: the bridge, the host's CA bundle and
