@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from cellbox.egress.proxy import LocalResponse
 from cellbox.interpreter.config import Settings
 
 
@@ -103,3 +104,10 @@ def main_text(events: list[dict[str, Any]]) -> str | None:
         if e["type"] == "result" and e["is_main_result"]:
             return str(e["data"].get("text/plain"))
     return None
+
+
+async def body_of(response: LocalResponse) -> bytes:
+    """The whole body of a response the egress proxy answers itself (bytes or streamed)."""
+    if isinstance(response.body, bytes):
+        return response.body
+    return b"".join([chunk async for chunk in response.body])

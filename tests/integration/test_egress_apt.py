@@ -22,7 +22,8 @@ from cellbox.egress.apt import AptCache, apt_mirrors
 from cellbox.egress.bridge import Bridge
 from cellbox.egress.log import EgressLog
 from cellbox.egress.policy import OperatorPolicy, parse_network
-from cellbox.egress.proxy import EgressProxy, LocalResponse
+from cellbox.egress.proxy import EgressProxy
+from tests.integration.helpers import body_of
 
 pytestmark = pytest.mark.skipif(
     any(shutil.which(tool) is None for tool in ("gpg", "gpgv", "dpkg-deb")), reason="needs gpg, gpgv and dpkg-deb"
@@ -162,12 +163,6 @@ async def server(repo: Repo) -> AsyncIterator[RepoServer]:
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(trust_env=False, timeout=DEADLINE) as http:
         yield http
-
-
-async def body_of(response: LocalResponse) -> bytes:
-    if isinstance(response.body, bytes):
-        return response.body
-    return b"".join([chunk async for chunk in response.body])
 
 
 def test_apt_mirrors_are_the_plain_http_roots() -> None:

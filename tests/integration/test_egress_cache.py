@@ -22,6 +22,7 @@ from cellbox.egress.cache import CACHE_HOST, HTML_TYPE, JSON_TYPE, PackageCache
 from cellbox.egress.log import EgressLog
 from cellbox.egress.policy import parse_network
 from cellbox.egress.proxy import EgressProxy, LocalResponse
+from tests.integration.helpers import body_of
 
 DEADLINE = 10.0
 
@@ -153,12 +154,6 @@ async def index() -> AsyncIterator[IndexServer]:
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(trust_env=False, timeout=DEADLINE) as http:
         yield http
-
-
-async def body_of(response: LocalResponse) -> bytes:
-    if isinstance(response.body, bytes):
-        return response.body
-    return b"".join([chunk async for chunk in response.body])
 
 
 def header(response: LocalResponse, name: str) -> str:

@@ -25,7 +25,8 @@ from cellbox.egress.bridge import Bridge
 from cellbox.egress.log import EgressLog
 from cellbox.egress.npm import CORGI, NPM_CACHE_HOST, NPM_REGISTRY_URL, NpmCache, sha512_of_integrity
 from cellbox.egress.policy import parse_network
-from cellbox.egress.proxy import EgressProxy, LocalResponse
+from cellbox.egress.proxy import EgressProxy
+from tests.integration.helpers import body_of
 
 DEADLINE = 10.0
 
@@ -155,12 +156,6 @@ async def registry() -> AsyncIterator[NpmRegistry]:
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(trust_env=False, timeout=DEADLINE) as http:
         yield http
-
-
-async def body_of(response: LocalResponse) -> bytes:
-    if isinstance(response.body, bytes):
-        return response.body
-    return b"".join([chunk async for chunk in response.body])
 
 
 def test_sha512_of_integrity() -> None:
