@@ -16,6 +16,7 @@ from e2b import CommandExitException, FilesystemEventType, NotFoundException, Sa
 from e2b_code_interpreter import AsyncSandbox
 
 from tests.e2e.conftest import E2BServer
+from tests.integration.helpers import Screen
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
 
@@ -133,24 +134,6 @@ async def test_pause_and_resume_by_connect(e2b_server: E2BServer) -> None:
         assert await resumed.files.read("kept.txt") == "still here"
     finally:
         await sandbox.kill()
-
-
-class Screen:
-    """A PTY's output as ``on_data`` delivers it, and a way to wait for a marker in it."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self._grew = asyncio.Event()
-
-    def feed(self, chunk: bytes) -> None:
-        self.data.extend(chunk)
-        self._grew.set()
-
-    async def until(self, marker: bytes, count: int = 1) -> None:
-        async with asyncio.timeout(60):
-            while self.data.count(marker) < count:
-                self._grew.clear()
-                await self._grew.wait()
 
 
 async def test_async_pty(sbx: AsyncSandbox) -> None:

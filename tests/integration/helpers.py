@@ -111,3 +111,21 @@ async def body_of(response: LocalResponse) -> bytes:
     if isinstance(response.body, bytes):
         return response.body
     return b"".join([chunk async for chunk in response.body])
+
+
+class Screen:
+    """What a terminal printed so far, and a way to wait for a marker in it."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self._grew = asyncio.Event()
+
+    def feed(self, chunk: bytes) -> None:
+        self.data.extend(chunk)
+        self._grew.set()
+
+    async def until(self, marker: bytes, count: int = 1) -> None:
+        async with asyncio.timeout(60):
+            while self.data.count(marker) < count:
+                self._grew.clear()
+                await self._grew.wait()

@@ -8,27 +8,10 @@ import httpx
 import pytest
 
 from cellbox.client import AsyncSandbox, CommandExitError, InvalidRequest, PermissionDenied
+from tests.integration.helpers import Screen
 from tests.integration.server import RunningServer
 
 pytestmark = pytest.mark.asyncio
-
-
-class Screen:
-    """What a terminal printed so far, and a way to wait for a marker in it."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self._grew = asyncio.Event()
-
-    def feed(self, chunk: bytes) -> None:
-        self.data.extend(chunk)
-        self._grew.set()
-
-    async def until(self, marker: bytes, count: int = 1) -> None:
-        async with asyncio.timeout(60):
-            while self.data.count(marker) < count:
-                self._grew.clear()
-                await self._grew.wait()
 
 
 async def test_a_shell_in_a_terminal(server: RunningServer) -> None:
