@@ -7,7 +7,6 @@ its rootfs is the cached test one (``tests/security/rootfs_image.py``).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from cellbox.interpreter.templates import TemplateRegistry
 from cellbox.runtimes.isolation.uids import RANGE_SIZE
 from tests.integration.helpers import bwrap_problem, execute, isolation_settings, main_text, run_cmd, stdout
 from tests.integration.server import run_server
-from tests.security.rootfs_image import PYTHON, cached_rootfs_dir, rootfs_problem
+from tests.security.rootfs_image import PYTHON, rootfs_problem, rootfs_templates_dir
 
 pytestmark = pytest.mark.asyncio
 
@@ -29,14 +28,8 @@ pytestmark = pytest.mark.asyncio
 def templates(short_tmp: Path) -> Path:
     if problem := bwrap_problem() or rootfs_problem():
         pytest.skip(f"rootfs sandboxes cannot be tested here: {problem}")
-    root = short_tmp / "templates"
-    (root / "rf").mkdir(parents=True)
-    os.symlink(cached_rootfs_dir() / "rootfs", root / "rf" / "rootfs")
-    doc = {"rootfs": "rootfs", "python": PYTHON, "env": {}, "workdir": "/home/user", "user": "user", "cmd": []}
-    (root / "rf" / "template.json").write_text(json.dumps(doc))
-    loaded = TemplateRegistry(root).get("rf")
-    if getattr(loaded, "rootfs", None) is None:
-        pytest.skip("the template loader does not read template.json's 'rootfs' yet (cellbox/interpreter/templates.py)")
+    root = rootfs_templates_dir(short_tmp / "templates")
+    assert TemplateRegistry(root).get("rf").rootfs == root / "rf" / "rootfs"  # the loader reads it
     return root
 
 

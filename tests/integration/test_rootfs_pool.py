@@ -8,7 +8,6 @@ Real server, bwrap, mounts (root only); the rootfs is the cached test one.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest_asyncio
 from cellbox.runtimes.isolation.uids import RANGE_SIZE
 from tests.integration.helpers import bwrap_problem, execute, isolation_settings, main_text, run_cmd, stdout
 from tests.integration.server import run_server
-from tests.security.rootfs_image import PYTHON, cached_rootfs_dir, rootfs_problem
+from tests.security.rootfs_image import rootfs_problem, rootfs_templates_dir
 
 pytestmark = pytest.mark.asyncio
 POOL = 2
@@ -43,12 +42,7 @@ def overlay_sandboxes(sandboxes: Path) -> set[str]:
 def templates(short_tmp: Path) -> Path:
     if problem := bwrap_problem() or rootfs_problem():
         pytest.skip(f"rootfs sandboxes cannot be tested here: {problem}")
-    root = short_tmp / "templates"
-    (root / "rf").mkdir(parents=True)
-    os.symlink(cached_rootfs_dir() / "rootfs", root / "rf" / "rootfs")
-    doc = {"rootfs": "rootfs", "python": PYTHON, "env": {}, "workdir": "/home/user", "user": "user", "cmd": []}
-    (root / "rf" / "template.json").write_text(json.dumps(doc))
-    return root
+    return rootfs_templates_dir(short_tmp / "templates")
 
 
 @pytest_asyncio.fixture

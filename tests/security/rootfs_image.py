@@ -110,6 +110,16 @@ def rootfs_template(name: str = "rootfs-test", directory: Path | None = None) ->
     )
 
 
+def rootfs_templates_dir(root: Path, name: str = "rf") -> Path:
+    """A templates directory at ``root`` holding template ``name``: the test rootfs (a link to
+    the cached tree) with the template.json a build writes, for a real server's loader."""
+    (root / name).mkdir(parents=True)
+    os.symlink(cached_rootfs_dir() / "rootfs", root / name / "rootfs")
+    doc = {"rootfs": "rootfs", "python": PYTHON, "env": {}, "workdir": "/home/user", "user": "user", "cmd": []}
+    (root / name / "template.json").write_text(json.dumps(doc))
+    return root
+
+
 def tree_digest(root: Path) -> str:
     """A digest of every path, type, owner, mode, size and mtime under ``root`` (symlinks not
     followed): to show that a template's rootfs was not changed."""
