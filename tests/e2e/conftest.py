@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,22 +113,32 @@ class E2BServer:
     other_key: str  # a second owner's key
 
 
-@pytest.fixture(scope="session")
-def e2b_server() -> Iterator[E2BServer]:
-    base = Path(tempfile.mkdtemp(prefix="cbxe2e", dir="/tmp"))
-    if ISOLATION == "bwrap":
+def server_settings(prefix: str, isolation: str, **overrides: Any) -> Settings:
+    """Settings for an end-to-end server: a fresh data and run dir under /tmp named ``prefix``,
+    this host's templates, and under bwrap a cgroup prefix of its own."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    if isolation == "bwrap":
         os.chmod(base, 0o711)  # sandbox uids must reach their home and ipc dirs below it
-    key, other = new_key(), new_key()
-    settings = Settings(
+        overrides.setdefault("cgroup_prefix", f"{prefix}{os.getpid()}")
+    return Settings(
         data_dir=base / "data",
         run_dir=base / "run",
         templates_dir=Settings().resolved_templates_dir(),
-        isolation=ISOLATION,
+        isolation=isolation,
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="session")
+def e2b_server() -> Iterator[E2BServer]:
+    key, other = new_key(), new_key()
+    settings = server_settings(
+        "cbxe2e",
+        ISOLATION,
         api_keys=[key, other],
         reap_interval=0.5,
         metrics_interval=METRICS_INTERVAL,
         ports_domain=PORTS_DOMAIN,
-        **({"cgroup_prefix": f"cbxe2e{os.getpid()}"} if ISOLATION == "bwrap" else {}),
     )
     server = ServerThread(settings)
     server.start()
@@ -145,4 +156,4 @@ def e2b_server() -> Iterator[E2BServer]:
             else:
                 os.environ[k] = v
         server.stop()
-        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(settings.data_dir.parent, ignore_errors=True)

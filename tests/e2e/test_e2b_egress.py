@@ -18,10 +18,8 @@ import os
 import shutil
 import socket
 import ssl
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -31,10 +29,9 @@ from e2b_code_interpreter import Sandbox
 from cellbox.egress.cache import CACHE_HOST
 from cellbox.egress.hosttrust import read_host_config
 from cellbox.egress.policy import forbidden_reason
-from cellbox.interpreter.config import Settings
 from cellbox.interpreter.manager import SandboxManager
 from cellbox.keys import new_key
-from tests.e2e.conftest import ServerThread
+from tests.e2e.conftest import ServerThread, server_settings
 from tests.e2e.test_e2b_js import run_node_tests
 from tests.integration.server import run_server
 
@@ -122,15 +119,10 @@ def egress_server() -> Iterator[EgressServer]:
             if forbidden_reason(ipaddress.ip_address(info[4][0]))
         }
     )
-    base = Path(tempfile.mkdtemp(prefix="cbxe2n", dir="/tmp"))
-    os.chmod(base, 0o711)  # sandbox uids must reach their home and ipc dirs below it
     key = new_key()
-    settings = Settings(
-        data_dir=base / "data",
-        run_dir=base / "run",
-        templates_dir=Settings().resolved_templates_dir(),
-        isolation="bwrap",
-        cgroup_prefix=f"cbxe2n{os.getpid()}",
+    settings = server_settings(
+        "cbxe2n",
+        "bwrap",
         api_keys=[key],
         egress_allow=hosts,  # whatever a sandbox asks, it reaches the index and nothing else
         egress_permit=[f"{address}/32" for address in special],
@@ -151,7 +143,7 @@ def egress_server() -> Iterator[EgressServer]:
             else:
                 os.environ[k] = v
         server.stop()
-        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(settings.data_dir.parent, ignore_errors=True)
 
 
 def egress_hosts(server: EgressServer, sandbox_id: str) -> set[str]:

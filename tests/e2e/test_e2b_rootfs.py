@@ -13,17 +13,14 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from e2b import SandboxException
 from e2b_code_interpreter import Sandbox
 
-from cellbox.interpreter.config import Settings
 from cellbox.keys import new_key
-from tests.e2e.conftest import ServerThread
+from tests.e2e.conftest import ServerThread, server_settings
 from tests.integration.helpers import bwrap_problem
 from tests.integration.server import run_server
 from tests.security.rootfs_image import cached_rootfs_dir, rootfs_problem, rootfs_template
@@ -51,17 +48,8 @@ class _RootfsServer(ServerThread):
 def rootfs_server() -> Iterator[str]:
     if problem := bwrap_problem() or rootfs_problem():
         pytest.skip(f"rootfs sandboxes cannot be tested here: {problem}")
-    base = Path(tempfile.mkdtemp(prefix="cbxe2r", dir="/tmp"))
-    os.chmod(base, 0o711)  # sandbox uids must reach their home and ipc dirs below it
     key = new_key()
-    settings = Settings(
-        data_dir=base / "data",
-        run_dir=base / "run",
-        templates_dir=Settings().resolved_templates_dir(),
-        isolation="bwrap",
-        cgroup_prefix=f"cbxe2r{os.getpid()}",
-        api_keys=[key],
-    )
+    settings = server_settings("cbxe2r", "bwrap", api_keys=[key])
     server = _RootfsServer(settings)
     server.start()
     saved = {k: os.environ.get(k) for k in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY", "E2B_DOMAIN")}
@@ -76,7 +64,7 @@ def rootfs_server() -> Iterator[str]:
             else:
                 os.environ[k] = v
         server.stop()
-        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(settings.data_dir.parent, ignore_errors=True)
 
 
 def test_commands_and_files_as_user_and_as_root(rootfs_server: str) -> None:
